@@ -1,0 +1,137 @@
+import { MysqlAdapter, sql, type Kysely, type RawBuilder } from 'kysely'
+import { prepare } from '../src/sql.js'
+import {
+  aliased,
+  decodeKeyRow,
+  errorProperty,
+  keyRowColumns,
+  STARTED,
+  type DatabaseErrorKind,
+  type DialectStatements,
+  type IdempotencyDialect,
+} from '../src/dialect.js'
+
+const ERRNO: Readonly<Record<number, DatabaseErrorKind>> = {
+  1213: 'deadlock',
+  1205: 'lock_timeout',
+  1146: 'undefined_table',
+}
+
+const clock = sql`utc_timestamp(3)`
+const later = (ms: RawBuilder<unknown>) => sql`(utc_timestamp(3) + interval ${ms} * 1000 microsecond)`
+const jsonText = (column: RawBuilder<unknown>) => column
+const columns = keyRowColumns({ clock, jsonText })
+
+/** How MySQL and MariaDB differ in bounding a row-lock wait for one statement. */
+export interface MysqlDialectOptions {
+  /**
+   * Bound lock waits per statement with MariaDB's `SET STATEMENT innodb_lock_wait_timeout=N FOR …`
+   * (no extra round trip). When `false`, the session value is set before the statement and
+   * put back after it, which works on MySQL, where `innodb_lock_wait_timeout` cannot be set
+   * per statement. Default: asked of the server once (`SELECT VERSION()`).
+   */
+  readonly statementLockWait?: boolean
+}
+
+/**
+ * MySQL and MariaDB with InnoDB (`mysql2`, or any Kysely dialect built on `MysqlAdapter`).
+ *
+ * The claim is `INSERT IGNORE`: when another transaction holds an uncommitted insert of the
+ * same key, InnoDB makes it wait and then leaves it holding a shared lock on that row. A
+ * plain `SELECT` under REPEATABLE READ would answer from the transaction's snapshot, which
+ * may predate the competing commit, so the row is read with a locking read. It is a shared
+ * one (`LOCK IN SHARE MODE`): every duplicate already holds a shared lock, and asking for
+ * an exclusive one would make them deadlock against each other. A deadlock that InnoDB
+ * still reports (three inserters of a key whose first one rolled back) aborts the whole
+ * transaction; the core reports it as a race.
+ *
+ * `key` and `scope` are `VARBINARY`, so keys compare byte by byte: no case folding and no
+ * trailing-space padding, as the other databases compare them. Responses are `LONGTEXT`,
+ * kept as written (MySQL's `JSON` type would reorder keys).
+ *
+ * ### Examples
+ *
+ * ```ts
+ * createIdempotency({ db, dialect: mysqlDialect({ statementLockWait: false }) })
+ * ```
+ */
+export function mysqlDialect(options: MysqlDialectOptions = {}): IdempotencyDialect {
+  return {
+    name: 'mysql',
+    supports: (adapter) => adapter instanceof MysqlAdapter,
+    clock,
+    later,
+    jsonText,
+    columnTypes: {
+      id: 'bigint',
+      identity: (column) => column.autoIncrement().primaryKey(),
+      scope: sql`varbinary(1020)`,
+      key: sql`varbinary(255)`,
+      text: 'varchar(255)',
+      json: sql`longtext`,
+      time: sql`datetime(3)`,
+    },
+    classify(error) {
+      const errno = errorProperty(error, 'errno')
+      return typeof errno === 'number' ? ERRNO[errno] : undefined
+    },
+    async prepare(db, table) {
+      const statementLockWait = options.statementLockWait ?? (await isMariadb(db))
+      const waitPrefix = (seconds: RawBuilder<unknown>) =>
+        statementLockWait ? sql`set statement innodb_lock_wait_timeout = ${seconds} for ` : sql``
+      const claim = prepare(db, ['scope', 'key', 'fingerprint', 'ttl', 'seconds'], (p) => sql`${waitPrefix(p.seconds)}
+        insert ignore into ${sql.table(table)} (scope, \`key\`, fingerprint, recovery_point, created_at, last_run_at, expires_at)
+        values (${p.scope}, ${p.key}, ${p.fingerprint}, ${sql.lit(STARTED)}, ${clock}, ${clock}, ${later(p.ttl)})`)
+      const latest = prepare(db, ['scope', 'key', 'seconds'], (p) => sql`${waitPrefix(p.seconds)}
+        select ${columns} from ${aliased(table)} where k.scope = ${p.scope} and k.\`key\` = ${p.key} lock in share mode`)
+      const setWait = prepare(db, ['seconds'], (p) => sql`
+        set @kysely_idempotency_wait = @@innodb_lock_wait_timeout, innodb_lock_wait_timeout = ${p.seconds}`)
+      const restoreWait = prepare(db, [], () => sql`set innodb_lock_wait_timeout = @kysely_idempotency_wait`)
+      const pruneBatch = prepare(db, ['limit'], (p) => sql`
+        delete from ${sql.table(table)}
+        where expires_at <= ${clock} and (locked_until is null or locked_until <= ${clock})
+        order by expires_at limit ${p.limit}`)
+
+      const withLockWait = async <T>(db: Kysely<unknown>, wait: number, run: () => Promise<T>): Promise<T> => {
+        await db.executeQuery(setWait.bind({ seconds: toSeconds(wait) }))
+        const result = await run()
+        await db.executeQuery(restoreWait.bind({}))
+        return result
+      }
+      const bounded = <T>(db: Kysely<unknown>, wait: number, run: () => Promise<T>): Promise<T> =>
+        statementLockWait ? run() : withLockWait(db, wait, run)
+
+      const statements: DialectStatements = {
+        async claim(db, values) {
+          const result = await bounded(db, values.wait, () =>
+            db.executeQuery(claim.bind({ ...values, seconds: toSeconds(values.wait) })),
+          )
+          if (result.numAffectedRows === 1n) return { claimed: String(result.insertId) }
+          return { claimed: null, row: undefined }
+        },
+        async latest(db, scope, key, wait) {
+          const { rows } = await bounded(db, wait, () =>
+            db.executeQuery<Record<string, unknown>>(latest.bind({ scope, key, seconds: toSeconds(wait) })),
+          )
+          return rows[0] && decodeKeyRow(rows[0])
+        },
+        withLockWait,
+        async pruneBatch(db, limit) {
+          const result = await db.executeQuery(pruneBatch.bind({ limit }))
+          return Number(result.numAffectedRows ?? 0)
+        },
+      }
+      return statements
+    },
+  }
+}
+
+/** InnoDB lock waits are whole seconds; a wait is never shortened to zero (which means "do not wait"). */
+function toSeconds(ms: number): number {
+  return Math.max(1, Math.ceil(ms / 1000))
+}
+
+async function isMariadb(db: Kysely<unknown>): Promise<boolean> {
+  const { rows } = await db.executeQuery<{ version: string }>(prepare(db, [], () => sql`select version() as version`).bind({}))
+  return /mariadb/i.test(rows[0]?.version ?? '')
+}

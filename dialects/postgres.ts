@@ -1,0 +1,102 @@
+import { PostgresAdapter, sql, type RawBuilder } from 'kysely'
+import { prepare } from '../src/sql.js'
+import {
+  aliased,
+  decodeKeyRow,
+  errorProperty,
+  keyRowColumns,
+  STARTED,
+  type DatabaseErrorKind,
+  type DialectStatements,
+  type IdempotencyDialect,
+} from '../src/dialect.js'
+
+const SQLSTATE: Readonly<Record<string, DatabaseErrorKind>> = {
+  '40001': 'serialization_failure',
+  '40P01': 'deadlock',
+  '55P03': 'lock_timeout',
+  '42P01': 'undefined_table',
+}
+
+const clock = sql`statement_timestamp()`
+const later = (ms: RawBuilder<unknown>) => sql`(statement_timestamp() + ${ms}::double precision * interval '1 millisecond')`
+const jsonText = (column: RawBuilder<unknown>) => sql`${column}::text`
+const columns = keyRowColumns({ clock, jsonText })
+
+/**
+ * PostgreSQL (`pg`, or any Kysely dialect built on `PostgresAdapter`).
+ *
+ * The claim is one statement: `INSERT … ON CONFLICT DO NOTHING` waits for an uncommitted
+ * insert of the same key, so `lock_timeout` is set inside the statement (transaction-local,
+ * through `set_config`) before the insert and put back after it; the same statement also
+ * returns the existing row when it was committed before the statement began, so most
+ * replays inside a transaction cost one round trip too. Under REPEATABLE READ and
+ * SERIALIZABLE, a key committed by a transaction the snapshot cannot see makes the insert
+ * fail with a serialization failure (40001); the core reports it as a race.
+ *
+ * Responses are stored in a `json` column, which keeps the text as written, so a replay
+ * has the first response's key order (`jsonb` would reorder keys).
+ */
+export const postgresDialect: IdempotencyDialect = {
+  name: 'postgres',
+  supports: (adapter) => adapter instanceof PostgresAdapter,
+  clock,
+  later,
+  jsonText,
+  columnTypes: {
+    id: 'bigint',
+    identity: (column) => column.generatedByDefaultAsIdentity().primaryKey(),
+    scope: 'varchar(255)',
+    key: 'varchar(255)',
+    text: 'varchar(255)',
+    json: 'json',
+    time: 'timestamptz',
+  },
+  classify(error) {
+    const code = errorProperty(error, 'code')
+    return typeof code === 'string' ? SQLSTATE[code] : undefined
+  },
+  async prepare(db, table) {
+    const claim = prepare(db, ['scope', 'key', 'fingerprint', 'ttl', 'wait'], (p) => sql`
+      with prev as materialized (select current_setting('lock_timeout') as setting),
+      wait as materialized (select set_config('lock_timeout', ${p.wait}, true) from prev),
+      ins as (
+        insert into ${sql.table(table)} (scope, "key", fingerprint, recovery_point, created_at, last_run_at, expires_at)
+        select ${p.scope}, ${p.key}, ${p.fingerprint}, ${sql.lit(STARTED)}, ${clock}, ${clock}, ${later(p.ttl)} from wait
+        on conflict (scope, "key") do nothing
+        returning id
+      )
+      select ins.id as claimed, set_config('lock_timeout', prev.setting, true) as restored, ${columns}
+      from prev left join ins on true
+      left join ${aliased(table)} on ins.id is null and k.scope = ${p.scope} and k."key" = ${p.key}`)
+    const setWait = prepare(db, ['wait'], (p) => sql`
+      with prev as materialized (select current_setting('lock_timeout') as setting)
+      select prev.setting as setting, set_config('lock_timeout', ${p.wait}, true) from prev`)
+    const restoreWait = prepare(db, ['setting'], (p) => sql`select set_config('lock_timeout', ${p.setting}, true)`)
+    const pruneBatch = prepare(db, ['limit'], (p) => sql`
+      delete from ${sql.table(table)} where id in (
+        select id from ${sql.table(table)}
+        where expires_at <= ${clock} and (locked_until is null or locked_until <= ${clock})
+        order by expires_at limit ${p.limit} for update skip locked)`)
+
+    const statements: DialectStatements = {
+      async claim(db, values) {
+        const { rows } = await db.executeQuery<Record<string, unknown>>(claim.bind({ ...values, wait: String(values.wait) }))
+        const row = rows[0]
+        if (row?.claimed != null) return { claimed: row.claimed as string }
+        return { claimed: null, row: row?.id == null ? undefined : decodeKeyRow(row) }
+      },
+      async withLockWait(db, wait, run) {
+        const { rows } = await db.executeQuery<{ setting: string }>(setWait.bind({ wait: String(wait) }))
+        const result = await run()
+        await db.executeQuery(restoreWait.bind({ setting: rows[0]!.setting }))
+        return result
+      },
+      async pruneBatch(db, limit) {
+        const result = await db.executeQuery(pruneBatch.bind({ limit }))
+        return Number(result.numAffectedRows ?? 0)
+      },
+    }
+    return statements
+  },
+}

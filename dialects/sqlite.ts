@@ -1,0 +1,77 @@
+import { SqliteAdapter, sql, type RawBuilder } from 'kysely'
+import { prepare } from '../src/sql.js'
+import {
+  errorProperty,
+  STARTED,
+  type DialectStatements,
+  type IdempotencyDialect,
+} from '../src/dialect.js'
+
+/** Milliseconds since the Unix epoch on the database clock (SQLite has no timestamp type). */
+const clock = sql`cast((julianday('now') - 2440587.5) * 86400000 as integer)`
+const later = (ms: RawBuilder<unknown>) => sql`(${clock} + ${ms})`
+const jsonText = (column: RawBuilder<unknown>) => column
+
+/**
+ * SQLite (`better-sqlite3`, or any Kysely dialect built on `SqliteAdapter`).
+ *
+ * SQLite has one writer at a time. The claim is the first statement of the transaction and
+ * a write, so it takes the write lock before the transaction has read anything, as
+ * `BEGIN IMMEDIATE` would; a writer that read first would instead fail at its first write
+ * with `SQLITE_BUSY_SNAPSHOT` (reported as a race). How long a writer waits for the lock
+ * is the connection's busy timeout (better-sqlite3's `timeout` option, default 5 s), not
+ * `conflictWait`: changing it per statement would cost two statements per request. Use WAL
+ * mode when several processes share the file.
+ *
+ * Times are integers (milliseconds since the epoch), JSON is `TEXT` kept as written.
+ */
+export const sqliteDialect: IdempotencyDialect = {
+  name: 'sqlite',
+  supports: (adapter) => adapter instanceof SqliteAdapter,
+  clock,
+  later,
+  jsonText,
+  columnTypes: {
+    id: 'integer',
+    identity: (column) => column.primaryKey(),
+    scope: 'text',
+    key: 'text',
+    text: 'text',
+    json: 'text',
+    time: 'integer',
+  },
+  classify(error) {
+    const code = errorProperty(error, 'code')
+    if (typeof code !== 'string') return undefined
+    if (code === 'SQLITE_BUSY_SNAPSHOT') return 'serialization_failure'
+    if (code.startsWith('SQLITE_BUSY') || code.startsWith('SQLITE_LOCKED')) return 'lock_timeout'
+    if (code === 'SQLITE_ERROR' && /no such table/i.test(String((error as Error).message))) return 'undefined_table'
+    return undefined
+  },
+  async prepare(db, table) {
+    const claim = prepare(db, ['scope', 'key', 'fingerprint', 'ttl'], (p) => sql`
+      insert into ${sql.table(table)} (scope, "key", fingerprint, recovery_point, created_at, last_run_at, expires_at)
+      values (${p.scope}, ${p.key}, ${p.fingerprint}, ${sql.lit(STARTED)}, ${clock}, ${clock}, ${later(p.ttl)})
+      on conflict (scope, "key") do nothing
+      returning id`)
+    const pruneBatch = prepare(db, ['limit'], (p) => sql`
+      delete from ${sql.table(table)} where id in (
+        select id from ${sql.table(table)}
+        where expires_at <= ${clock} and (locked_until is null or locked_until <= ${clock})
+        order by expires_at limit ${p.limit})`)
+
+    const statements: DialectStatements = {
+      async claim(db, values) {
+        const { rows } = await db.executeQuery<{ id: number }>(claim.bind(values))
+        if (rows[0]) return { claimed: rows[0].id }
+        return { claimed: null, row: undefined }
+      },
+      withLockWait: (_db, _wait, run) => run(),
+      async pruneBatch(db, limit) {
+        const result = await db.executeQuery(pruneBatch.bind({ limit }))
+        return Number(result.numAffectedRows ?? 0)
+      },
+    }
+    return statements
+  },
+}

@@ -1,0 +1,134 @@
+import { sql, type ColumnDataType, type ColumnDefinitionBuilder, type DialectAdapter, type Expression, type Kysely, type RawBuilder } from 'kysely'
+
+/** A column type as Kysely's schema builder takes it. */
+export type DataTypeExpression = ColumnDataType | Expression<unknown>
+
+/** Database errors the library reacts to, as each dialect module classifies them. */
+export type DatabaseErrorKind =
+  /** A concurrent transaction committed something this one depended on (retryable). */
+  | 'serialization_failure'
+  /** The database broke a lock cycle by aborting this transaction (retryable). */
+  | 'deadlock'
+  /** A lock was not granted within the configured wait. */
+  | 'lock_timeout'
+  /** The idempotency table does not exist. */
+  | 'undefined_table'
+
+/** The surrogate key of a row, exactly as the driver returned it. */
+export type RowId = string | number
+
+/** The state of one key as the database has it. */
+export interface KeyRow {
+  readonly id: RowId
+  readonly fingerprint: string
+  readonly recoveryPoint: string
+  /** The stored response as JSON text; `null` until finished. */
+  readonly response: string | null
+  /** `expires_at` has passed on the database clock. */
+  readonly expired: boolean
+  /** An atomic-phases attempt holds a lock that has not expired on the database clock. */
+  readonly locked: boolean
+}
+
+/** The outcome of trying to insert a key: either it is ours, or here is what is there. */
+export type Claim =
+  | { readonly claimed: RowId }
+  /** `row` is absent when the competing row is not visible yet to the claim statement. */
+  | { readonly claimed: null; readonly row: KeyRow | undefined }
+
+/** Values every claim needs. */
+export interface ClaimValues {
+  readonly scope: string
+  readonly key: string
+  readonly fingerprint: string
+  /** Lifetime of the key in milliseconds. */
+  readonly ttl: number
+  /** How long to wait for a concurrent holder of the same key, in milliseconds. */
+  readonly wait: number
+}
+
+/** The statements a dialect writes itself, compiled for one table. */
+export interface DialectStatements {
+  /**
+   * Inserts the key, waiting at most `wait` ms for an uncommitted insert of the same key
+   * by another transaction. When the key exists, returns the row if the statement can see it.
+   */
+  claim(db: Kysely<unknown>, values: ClaimValues): Promise<Claim>
+  /**
+   * Reads the latest committed version of a key inside the current transaction, when a plain
+   * read would not (a snapshot that predates the competing commit). Without it, the plain
+   * read is used.
+   */
+  latest?(db: Kysely<unknown>, scope: string, key: string, wait: number): Promise<KeyRow | undefined>
+  /** Runs `statements` with row-lock waits bounded to `wait` ms, then restores the setting. */
+  withLockWait<T>(db: Kysely<unknown>, wait: number, statements: () => Promise<T>): Promise<T>
+  /** Deletes up to `limit` expired, unlocked rows; returns how many. */
+  pruneBatch(db: Kysely<unknown>, limit: number): Promise<number>
+}
+
+/** Column types of the idempotency table in one dialect. */
+export interface ColumnTypes {
+  readonly id: DataTypeExpression
+  /** Makes the id column a generated primary key. */
+  identity(column: ColumnDefinitionBuilder): ColumnDefinitionBuilder
+  readonly scope: DataTypeExpression
+  readonly key: DataTypeExpression
+  readonly text: DataTypeExpression
+  readonly json: DataTypeExpression
+  readonly time: DataTypeExpression
+}
+
+/**
+ * Everything that differs between databases, in one object per dialect (see `dialects/`).
+ * The core never asks which database it talks to; it asks the dialect.
+ */
+export interface IdempotencyDialect {
+  /** For messages only. */
+  readonly name: string
+  /** Whether this module fits the adapter of a Kysely instance. */
+  supports(adapter: DialectAdapter): boolean
+  /** The database clock, in the representation of `ColumnTypes.time`. */
+  readonly clock: RawBuilder<unknown>
+  /** The database clock plus `ms` milliseconds. */
+  later(ms: RawBuilder<unknown>): RawBuilder<unknown>
+  /** A JSON column as JSON text, whatever the driver would parse it into. */
+  jsonText(column: RawBuilder<unknown>): RawBuilder<unknown>
+  readonly columnTypes: ColumnTypes
+  /** Compiles the dialect's statements for `table` (may ask the server what it is, once). */
+  prepare(db: Kysely<unknown>, table: string): Promise<DialectStatements>
+  /** Classifies a driver error, or returns `undefined` for anything the library does not handle. */
+  classify(error: unknown): DatabaseErrorKind | undefined
+}
+
+export const STARTED = 'started'
+export const FINISHED = 'finished'
+
+/** The table under its statement alias `k`, which {@link keyRowColumns} refers to. */
+export function aliased(table: string): RawBuilder<unknown> {
+  return sql`${sql.table(table)} as k`
+}
+
+/** The select list every statement that reads a key uses; decode rows with {@link decodeKeyRow}. */
+export function keyRowColumns(dialect: Pick<IdempotencyDialect, 'clock' | 'jsonText'>): RawBuilder<unknown> {
+  const now = dialect.clock
+  return sql`k.id as id, k.fingerprint as fingerprint, k.recovery_point as point,
+    ${dialect.jsonText(sql.ref('k.response'))} as response,
+    case when k.expires_at <= ${now} then 1 else 0 end as expired,
+    case when k.lock_token is not null and k.locked_until > ${now} then 1 else 0 end as locked`
+}
+
+export function decodeKeyRow(row: Readonly<Record<string, unknown>>): KeyRow {
+  return {
+    id: row.id as RowId,
+    fingerprint: String(row.fingerprint),
+    recoveryPoint: String(row.point),
+    response: row.response == null ? null : String(row.response),
+    expired: Number(row.expired) === 1,
+    locked: Number(row.locked) === 1,
+  }
+}
+
+/** The error's own code property, or `undefined`; drivers put SQLSTATEs and names there. */
+export function errorProperty(error: unknown, name: 'code' | 'errno'): unknown {
+  return typeof error === 'object' && error !== null && name in error ? (error as Record<string, unknown>)[name] : undefined
+}

@@ -1,0 +1,106 @@
+/**
+ * Base class of every error this library throws on purpose.
+ *
+ * `code` is stable and safe to branch on; `status` is the HTTP status a server should
+ * answer with. Errors from the database or from your own function are never wrapped
+ * into this class unless the library can say something more useful about them; the
+ * original error is then kept as `cause`.
+ *
+ * ### Examples
+ *
+ * ```ts
+ * import { IdempotencyError } from 'kysely-idempotency'
+ *
+ * try {
+ *   await idempotency.transaction(key, charge)
+ * } catch (err) {
+ *   if (err instanceof IdempotencyError) res.status(err.status).json({ error: err.code })
+ *   else throw err
+ * }
+ * ```
+ */
+export class IdempotencyError extends Error {
+  readonly code: string
+  readonly status: number
+
+  constructor(code: string, status: number, message: string, options?: { cause?: unknown }) {
+    super(message, options)
+    this.code = code
+    this.status = status
+    this.name = new.target.name
+  }
+}
+
+/** The idempotency key or scope is malformed (HTTP 400). Nothing was run or stored. */
+export class InvalidIdempotencyKeyError extends IdempotencyError {
+  constructor(message: string) {
+    super('invalid_key', 400, message)
+  }
+}
+
+/** Why an {@link IdempotencyConflictError} was raised. */
+export type ConflictReason =
+  /** Another attempt with the same key is still running and did not finish within `conflictWait`. */
+  | 'in_flight'
+  /**
+   * A concurrent attempt with the same key committed while this transaction was running, and
+   * the database refused to continue (serialization failure, deadlock, SQLITE_BUSY). The
+   * transaction is lost; a retry gets the stored response.
+   */
+  | 'race'
+  /** The key belongs to an unfinished atomic-phases flow; resume it with `run` and the same key. */
+  | 'unfinished_flow'
+
+/**
+ * Another attempt holds the same key (HTTP 409). Retry later; nothing of this attempt was
+ * stored. When it is thrown inside your own transaction, roll that transaction back.
+ */
+export class IdempotencyConflictError extends IdempotencyError {
+  readonly reason: ConflictReason
+  /** Seconds after which a retry is likely to succeed (for a `Retry-After` header). */
+  readonly retryAfter: number
+
+  constructor(reason: ConflictReason, message: string, options: { retryAfter: number; cause?: unknown }) {
+    super('conflict', 409, message, { cause: options.cause })
+    this.reason = reason
+    this.retryAfter = options.retryAfter
+  }
+}
+
+/** The key was already used with a different request (HTTP 422). Nothing was run. */
+export class IdempotencyKeyReuseError extends IdempotencyError {
+  constructor(message: string) {
+    super('key_reuse', 422, message)
+  }
+}
+
+/**
+ * An atomic-phases attempt lost its lock to another attempt that took the key over
+ * (HTTP 409). The phase that noticed it was rolled back.
+ */
+export class IdempotencyLockLostError extends IdempotencyError {
+  constructor(message: string) {
+    super('lock_lost', 409, message)
+  }
+}
+
+/**
+ * A result or request that JSON cannot represent faithfully (BigInt, function, symbol,
+ * cycle, NaN or Infinity) was given to the library (HTTP 500: a bug in the calling code).
+ * When it is a result, the transaction is rolled back and nothing is stored.
+ */
+export class IdempotencySerializationError extends IdempotencyError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('unserializable', 500, message, options)
+  }
+}
+
+/**
+ * The library cannot work with the database as configured (HTTP 500): the table is missing,
+ * the table name is not a plain identifier, or the Kysely dialect is not supported.
+ */
+export class IdempotencySetupError extends IdempotencyError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('setup', 500, message, options)
+  }
+}

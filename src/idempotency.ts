@@ -1,0 +1,202 @@
+import type { DialectAdapter, IsolationLevel, Kysely, MigrationResultSet, Transaction } from 'kysely'
+import { migrateTable } from '../migrations/index.js'
+import { Core, type Execution, type Settings } from './core.js'
+import type { IdempotencyDialect } from './dialect.js'
+import { checkTableName, DEFAULT_TABLE, detectDialect } from './detect.js'
+import { normalizeKey, type IdempotencyKeyInput } from './request.js'
+
+/** Settings that apply per call as well as per instance. */
+export interface CallOptions {
+  /** How long a finished key stays replayable, in milliseconds. Default 24 hours. */
+  readonly ttl?: number
+  /**
+   * How long a claim waits for another in-flight attempt with the same key before giving up
+   * with `IdempotencyConflictError`, in milliseconds. Default 5000. MySQL/MariaDB round it up
+   * to whole seconds; SQLite waits for the connection's busy timeout instead.
+   */
+  readonly conflictWait?: number
+}
+
+/** Options of {@link createIdempotency}. */
+export interface IdempotencyOptions<DB> extends CallOptions {
+  /** The Kysely instance whose database holds the idempotency table. */
+  readonly db: Kysely<DB>
+  /** Name of the idempotency table: a plain identifier. Default `idempotency_keys`. */
+  readonly tableName?: string
+  /**
+   * How long an atomic-phases attempt owns a key before another attempt may take it over,
+   * in milliseconds. Default 30000.
+   */
+  readonly lockTimeout?: number
+  /**
+   * How many times {@link Idempotency.transaction} runs the transaction when it fails with a
+   * serialization failure, a deadlock or a race on the key. Default 5.
+   */
+  readonly maxAttempts?: number
+  /** The database module to use. Default: chosen from the Kysely instance's adapter. */
+  readonly dialect?: IdempotencyDialect
+}
+
+/** Options of {@link Idempotency.transaction}. */
+export interface TransactionOptions extends CallOptions {
+  /** Isolation level of the library-owned transaction. Default: the database's. */
+  readonly isolationLevel?: IsolationLevel
+}
+
+/** Options of {@link Idempotency.prune}. */
+export interface PruneOptions {
+  /** Rows deleted per statement, so that no statement holds many locks. Default 1000. */
+  readonly batchSize?: number
+}
+
+/** An idempotency store bound to one Kysely instance and one table; see {@link createIdempotency}. */
+export interface Idempotency<DB> {
+  /** The table this instance uses. */
+  readonly tableName: string
+  /** The database module in use. */
+  readonly dialect: IdempotencyDialect
+
+  /**
+   * Runs `fn` at most once per key inside your transaction `trx`, and returns its value;
+   * a later call with the same key returns the stored value instead (a JSON round trip of it).
+   * The key claim, `fn`'s writes and the stored result commit or roll back together with
+   * `trx`. If this throws, roll `trx` back.
+   *
+   * ### Examples
+   *
+   * ```ts
+   * const order = await db.transaction().execute((trx) =>
+   *   idempotency.withIdempotency(trx, { key, scope: userId, request: body }, (trx) =>
+   *     trx.insertInto('orders').values(body).returningAll().executeTakeFirstOrThrow()))
+   * ```
+   */
+  withIdempotency<T>(trx: Transaction<DB>, key: IdempotencyKeyInput, fn: (trx: Transaction<DB>) => Promise<T>, options?: CallOptions): Promise<T>
+
+  /** {@link withIdempotency}, also telling whether the value was replayed. */
+  execute<T>(trx: Transaction<DB>, key: IdempotencyKeyInput, fn: (trx: Transaction<DB>) => Promise<T>, options?: CallOptions): Promise<Execution<T>>
+
+  /**
+   * Like {@link withIdempotency} in a transaction the library opens: a replay is answered by
+   * one read before any transaction starts; serialization failures and deadlocks are retried
+   * with jittered back-off (so `fn` may run more than once, each time in a transaction that
+   * was rolled back: keep its side effects inside the database).
+   *
+   * ### Examples
+   *
+   * ```ts
+   * const charge = await idempotency.transaction({ key, scope: accountId, request: body }, (trx) =>
+   *   trx.insertInto('charges').values(body).returningAll().executeTakeFirstOrThrow())
+   * ```
+   */
+  transaction<T>(key: IdempotencyKeyInput, fn: (trx: Transaction<DB>) => Promise<T>, options?: TransactionOptions): Promise<T>
+
+  /** {@link transaction}, also telling whether the value was replayed. */
+  executeTransaction<T>(key: IdempotencyKeyInput, fn: (trx: Transaction<DB>) => Promise<T>, options?: TransactionOptions): Promise<Execution<T>>
+
+  /**
+   * Brings the table to the latest schema, recording applied migrations in its own table
+   * (`<tableName>_migration`). Safe to call from several processes at once.
+   */
+  migrate(): Promise<MigrationResultSet>
+
+  /** Deletes expired rows that no attempt holds, in batches; returns how many were deleted. */
+  prune(options?: PruneOptions): Promise<number>
+}
+
+const DEFAULTS = { ttl: 24 * 60 * 60 * 1000, conflictWait: 5000, lockTimeout: 30_000, maxAttempts: 5, batchSize: 1000 }
+
+/**
+ * Creates an idempotency store for one Kysely instance and table.
+ *
+ * ### Examples
+ *
+ * ```ts
+ * import { createIdempotency } from 'kysely-idempotency'
+ *
+ * const idempotency = createIdempotency({ db })
+ * await idempotency.migrate()
+ * const result = await idempotency.transaction({ key: 'order-42', request: body }, (trx) => createOrder(trx, body))
+ * ```
+ */
+export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempotency<DB> {
+  const db = options.db
+  const tableName = checkTableName(options.tableName ?? DEFAULT_TABLE)
+  const dialect = options.dialect ?? detectDialect(db as unknown as Kysely<unknown>)
+  const core = new Core(dialect, tableName)
+  const base = resolveSettings(DEFAULTS, options)
+  positive('lockTimeout', options.lockTimeout ?? DEFAULTS.lockTimeout)
+  const settings = (call: TransactionOptions = {}): Settings => ({ ...resolveSettings(base, call), isolationLevel: call.isolationLevel })
+  const execute = <T>(trx: Transaction<DB>, key: IdempotencyKeyInput, fn: (trx: Transaction<DB>) => Promise<T>, call?: CallOptions) =>
+    core.execute(requireTransaction(trx), normalizeKey(key), fn, settings(call))
+  const executeTransaction = <T>(key: IdempotencyKeyInput, fn: (trx: Transaction<DB>) => Promise<T>, call?: TransactionOptions) =>
+    core.transaction(db, normalizeKey(key), fn, settings(call))
+
+  return {
+    tableName,
+    dialect,
+    execute,
+    executeTransaction,
+    withIdempotency: async (trx, key, fn, call) => (await execute(trx, key, fn, call)).value,
+    transaction: async (key, fn, call) => (await executeTransaction(key, fn, call)).value,
+    migrate: () => migrateTable(db as unknown as Kysely<unknown>, tableName, dialect),
+    prune: (prune = {}) => core.prune(db as unknown as Kysely<unknown>, positive('batchSize', prune.batchSize ?? DEFAULTS.batchSize)),
+  }
+}
+
+/** Options of the free {@link withIdempotency} function. */
+export interface WithIdempotencyOptions extends CallOptions {
+  /** Name of the idempotency table. Default `idempotency_keys`. */
+  readonly tableName?: string
+}
+
+const shared = new WeakMap<DialectAdapter, Map<string, Core>>()
+
+/**
+ * {@link Idempotency.withIdempotency} without creating an instance first: runs `fn` at most
+ * once per key inside `trx`, using the table `idempotency_keys` unless told otherwise. The
+ * dialect is chosen from the transaction's adapter.
+ *
+ * ### Examples
+ *
+ * ```ts
+ * import { withIdempotency } from 'kysely-idempotency'
+ *
+ * await db.transaction().execute((trx) =>
+ *   withIdempotency(trx, req.get('Idempotency-Key') ?? '', (trx) => createOrder(trx, body)))
+ * ```
+ */
+export async function withIdempotency<DB, T>(
+  trx: Transaction<DB>,
+  key: IdempotencyKeyInput,
+  fn: (trx: Transaction<DB>) => Promise<T>,
+  options: WithIdempotencyOptions = {},
+): Promise<T> {
+  const adapter = requireTransaction(trx).getExecutor().adapter
+  const tableName = checkTableName(options.tableName ?? DEFAULT_TABLE)
+  let cores = shared.get(adapter)
+  if (!cores) shared.set(adapter, (cores = new Map()))
+  let core = cores.get(tableName)
+  if (!core) cores.set(tableName, (core = new Core(detectDialect(trx as unknown as Kysely<unknown>), tableName)))
+  const normalized = normalizeKey(key)
+  return (await core.execute(trx, normalized, fn, resolveSettings(DEFAULTS, options))).value
+}
+
+function requireTransaction<DB>(trx: Transaction<DB>): Transaction<DB> {
+  if (!trx?.isTransaction) {
+    throw new TypeError('withIdempotency needs a transaction (db.transaction().execute((trx) => ...)); use idempotency.transaction() to let the library open one.')
+  }
+  return trx
+}
+
+function resolveSettings(base: Settings, options: CallOptions & { readonly maxAttempts?: number }): Settings {
+  return {
+    ttl: positive('ttl', options.ttl ?? base.ttl),
+    conflictWait: positive('conflictWait', options.conflictWait ?? base.conflictWait),
+    maxAttempts: positive('maxAttempts', options.maxAttempts ?? base.maxAttempts),
+  }
+}
+
+function positive(name: string, value: number): number {
+  if (!Number.isSafeInteger(value) || value <= 0) throw new RangeError(`The option ${name} must be a positive integer, got ${value}.`)
+  return value
+}

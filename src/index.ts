@@ -1,0 +1,22 @@
+export { createIdempotency, withIdempotency } from './idempotency.js'
+export type { CallOptions, Idempotency, IdempotencyOptions, PruneOptions, TransactionOptions, WithIdempotencyOptions } from './idempotency.js'
+export type { Execution } from './core.js'
+export {
+  IdempotencyConflictError,
+  IdempotencyError,
+  IdempotencyKeyReuseError,
+  IdempotencyLockLostError,
+  IdempotencySerializationError,
+  IdempotencySetupError,
+  InvalidIdempotencyKeyError,
+} from './errors.js'
+export type { ConflictReason } from './errors.js'
+export { canonicalJson, fingerprint } from './request.js'
+export type { IdempotencyKeyInput, JsonValue } from './request.js'
+export type { ColumnTypes, DatabaseErrorKind, IdempotencyDialect } from './dialect.js'
+export { postgresDialect } from '../dialects/postgres.js'
+export { mysqlDialect } from '../dialects/mysql.js'
+export type { MysqlDialectOptions } from '../dialects/mysql.js'
+export { sqliteDialect } from '../dialects/sqlite.js'
+export { idempotencyMigrations, migrationTables } from '../migrations/index.js'
+export type { IdempotencyMigrationsOptions } from '../migrations/index.js'
