@@ -1,0 +1,211 @@
+import { sql } from 'kysely'
+import { afterEach, beforeEach, describe, expect, it } from 'vitest'
+import {
+  createIdempotency,
+  IdempotencyConflictError,
+  IdempotencyKeyReuseError,
+  IdempotencySerializationError,
+  IdempotencySetupError,
+  InvalidIdempotencyKeyError,
+  withIdempotency,
+} from '../src/index.js'
+import { gate, openFixture, selectedTargets, type Fixture } from './support/harness.js'
+import { sleep } from './support/util.js'
+
+for (const target of selectedTargets()) {
+  describe(`conformance: ${target.id}`, () => {
+    let fx: Fixture
+    beforeEach(async () => {
+      fx = await openFixture(target)
+    })
+    afterEach(async () => {
+      await fx.close()
+    })
+
+    const once = (key: string, value: unknown = { ok: key }) => async (trx: Parameters<Fixture['effect']>[0]) => {
+      await fx.effect(trx, key)
+      return value
+    }
+
+    it('runs once and replays the stored value, telling the replay apart', async () => {
+      const request = { amount: 100, currency: 'EUR' }
+      const value = { id: 7, zeta: 'last', alpha: ['first', null, true, 1.5] }
+      const first = await fx.idempotency.executeTransaction({ key: 'k', request }, once('k', value))
+      const again = await fx.idempotency.executeTransaction({ key: 'k', request: { currency: 'EUR', amount: 100 } }, once('k'))
+      const inside = await fx.db.transaction().execute((trx) => fx.idempotency.execute(trx, { key: 'k', request }, once('k')))
+      expect(first).toEqual({ value, replayed: false })
+      expect(again).toEqual({ value, replayed: true })
+      expect(inside).toEqual({ value, replayed: true })
+      expect(JSON.stringify(again.value)).toBe(JSON.stringify(value))
+      expect(await fx.effects('k')).toBe(1)
+    })
+
+    it('stores a first execution inside the caller transaction and replays it there', async () => {
+      const run = () => fx.db.transaction().execute((trx) => fx.idempotency.withIdempotency(trx, 'in-trx', once('in-trx', 'done')))
+      expect(await run()).toBe('done')
+      expect(await run()).toBe('done')
+      expect(await fx.effects('in-trx')).toBe(1)
+    })
+
+    it('refuses a key reused for a different request, running nothing', async () => {
+      await fx.idempotency.transaction({ key: 'reuse', request: { a: 1 } }, once('reuse'))
+      const reused = fx.idempotency.transaction({ key: 'reuse', request: { a: 2 } }, once('reuse'))
+      await expect(reused).rejects.toBeInstanceOf(IdempotencyKeyReuseError)
+      await expect(reused).rejects.toMatchObject({ status: 422, code: 'key_reuse', name: 'IdempotencyKeyReuseError' })
+      const inside = fx.db.transaction().execute((trx) => fx.idempotency.withIdempotency(trx, { key: 'reuse', request: { a: 2 } }, once('reuse')))
+      await expect(inside).rejects.toBeInstanceOf(IdempotencyKeyReuseError)
+      expect(await fx.effects('reuse')).toBe(1)
+    })
+
+    it('keeps scopes apart: the same key in another scope runs', async () => {
+      await fx.idempotency.transaction({ key: 'shared', scope: 'tenant-a' }, once('shared', 'a'))
+      const b = await fx.idempotency.executeTransaction({ key: 'shared', scope: 'tenant-b' }, once('shared', 'b'))
+      expect(b).toEqual({ value: 'b', replayed: false })
+      expect(await fx.effects('shared')).toBe(2)
+    })
+
+    it('compares keys byte for byte: case and trailing spaces make different keys', async () => {
+      for (const key of ['abc', 'ABC', 'abc ', ' abc']) {
+        expect(await fx.idempotency.executeTransaction(key, once(key, key))).toEqual({ value: key, replayed: false })
+      }
+      expect(await fx.rows()).toBe(4)
+    })
+
+    it('stores nothing when the function throws, so a retry runs afresh', async () => {
+      const failing = fx.idempotency.transaction('fails', async (trx) => {
+        await fx.effect(trx, 'fails')
+        throw new Error('card declined')
+      })
+      await expect(failing).rejects.toThrow('card declined')
+      expect(await fx.rows()).toBe(0)
+      expect(await fx.idempotency.executeTransaction('fails', once('fails', 1))).toEqual({ value: 1, replayed: false })
+      expect(await fx.effects('fails')).toBe(1)
+    })
+
+    it.each([
+      ['empty', ''],
+      ['256 characters', 'x'.repeat(256)],
+      ['a control character', 'abc\n'],
+      ['DEL', 'abc\x7f'],
+      ['non-ASCII', 'clé'],
+    ])('rejects a key that is %s before touching anything', async (_, key) => {
+      let ran = false
+      const run = () => fx.idempotency.transaction(key, async () => (ran = true))
+      await expect(run()).rejects.toBeInstanceOf(InvalidIdempotencyKeyError)
+      await expect(run()).rejects.toMatchObject({ status: 400, code: 'invalid_key' })
+      expect(ran).toBe(false)
+      expect(await fx.rows()).toBe(0)
+    })
+
+    it('accepts a 255-character key of every printable character', async () => {
+      const printable = Array.from({ length: 95 }, (_, i) => String.fromCharCode(0x20 + i)).join('')
+      const key = printable.repeat(3).slice(0, 255)
+      expect(await fx.idempotency.executeTransaction(key, once(key, 1))).toEqual({ value: 1, replayed: false })
+      expect(await fx.idempotency.executeTransaction(key, once(key, 2))).toEqual({ value: 1, replayed: true })
+    })
+
+    it.each([
+      ['a BigInt', () => ({ amount: 10n })],
+      ['a function', () => ({ callback: () => 1 })],
+      ['a cycle', () => { const o: Record<string, unknown> = {}; o.self = o; return o }],
+      ['NaN', () => ({ ratio: Number.NaN })],
+    ])('rolls back when the result holds %s', async (_, make) => {
+      const run = fx.idempotency.transaction('odd', async (trx) => {
+        await fx.effect(trx, 'odd')
+        return make()
+      })
+      await expect(run).rejects.toBeInstanceOf(IdempotencySerializationError)
+      expect(await fx.rows()).toBe(0)
+      expect(await fx.effects()).toBe(0)
+    })
+
+    it('stores undefined as null and honours toJSON', async () => {
+      expect(await fx.idempotency.transaction('void', async () => undefined)).toBeUndefined()
+      expect(await fx.idempotency.transaction('void', async () => 1)).toBeNull()
+      const at = new Date('2026-01-02T03:04:05.678Z')
+      await fx.idempotency.transaction('date', async () => ({ at }))
+      expect(await fx.idempotency.transaction('date', async () => 0)).toEqual({ at: at.toISOString() })
+    })
+
+    it('runs again once the key has expired, even for another request', async () => {
+      const short = fx.with({ ttl: 200 })
+      await short.transaction('ttl', once('ttl', 1))
+      expect(await short.executeTransaction('ttl', once('ttl', 2))).toEqual({ value: 1, replayed: true })
+      await sleep(400)
+      expect(await short.executeTransaction('ttl', once('ttl', 3))).toEqual({ value: 3, replayed: false })
+      await sleep(400)
+      const inside = await fx.db.transaction().execute((trx) => short.execute(trx, { key: 'ttl', request: 'other' }, once('ttl', 4)))
+      expect(inside).toEqual({ value: 4, replayed: false })
+      expect(await fx.effects('ttl')).toBe(3)
+      expect(await fx.rows()).toBe(1)
+    })
+
+    it('prunes only expired rows, in batches', async () => {
+      const short = fx.with({ ttl: 100 })
+      for (let i = 0; i < 7; i++) await short.transaction(`old-${i}`, async () => i)
+      await fx.idempotency.transaction('fresh', async () => 'kept')
+      await sleep(250)
+      expect(await fx.idempotency.prune({ batchSize: 3 })).toBe(7)
+      expect(await fx.rows()).toBe(1)
+      expect(await fx.idempotency.transaction('fresh', async () => 'new')).toBe('kept')
+      expect(await fx.idempotency.prune()).toBe(0)
+    })
+
+    it('answers 409 while the same key is in flight, and replays once it commits', async () => {
+      const hold = gate()
+      const claimed = gate()
+      const first = fx.idempotency.transaction('busy', async (trx) => {
+        await fx.effect(trx, 'busy')
+        claimed.open()
+        await hold.promise
+        return 'first'
+      })
+      await claimed.promise
+      if (target.database !== 'sqlite') {
+        const impatient = fx.with({ conflictWait: 300 })
+        const started = Date.now()
+        const second = impatient.transaction('busy', once('busy'))
+        await expect(second).rejects.toBeInstanceOf(IdempotencyConflictError)
+        await expect(second).rejects.toMatchObject({ status: 409, reason: 'in_flight' })
+        expect(Date.now() - started).toBeLessThan(4000)
+      }
+      const patient = fx.idempotency.executeTransaction('busy', once('busy'))
+      await sleep(100)
+      hold.open()
+      expect(await first).toBe('first')
+      expect(await patient).toEqual({ value: 'first', replayed: true })
+      expect(await fx.effects('busy')).toBe(1)
+    })
+
+    it('leaves the session lock-wait setting as it found it inside the function', async () => {
+      const setting = {
+        postgres: sql<{ v: string }>`select current_setting('lock_timeout') as v`,
+        mysql: sql<{ v: string }>`select @@innodb_lock_wait_timeout as v`,
+        sqlite: sql<{ v: string }>`select 1 as v`,
+      }[target.database]
+      const before = (await fx.db.transaction().execute((trx) => setting.execute(trx))).rows[0]!.v
+      const inside = await fx.idempotency.transaction('setting', async (trx) => (await setting.execute(trx)).rows[0]!.v, { conflictWait: 2000 })
+      expect(String(inside)).toBe(String(before))
+    })
+
+    it('needs a transaction for withIdempotency', async () => {
+      const notTrx = fx.db as unknown as Parameters<typeof fx.idempotency.withIdempotency>[0]
+      await expect(fx.idempotency.withIdempotency(notTrx, 'k', async () => 1)).rejects.toBeInstanceOf(TypeError)
+    })
+
+    it('offers withIdempotency as a free function with its own table option', async () => {
+      const run = () => fx.db.transaction().execute((trx) => withIdempotency(trx, 'free', once('free', 'x'), { tableName: fx.table }))
+      expect(await run()).toBe('x')
+      expect(await run()).toBe('x')
+      expect(await fx.effects('free')).toBe(1)
+    })
+
+    it('names a missing table and a malformed table name clearly', async () => {
+      const missing = createIdempotency({ db: fx.db, tableName: 'no_such_table', ...(target.dialect ? { dialect: target.dialect() } : {}) })
+      await expect(missing.transaction('k', async () => 1)).rejects.toBeInstanceOf(IdempotencySetupError)
+      await expect(missing.transaction('k', async () => 1)).rejects.toThrow(/no_such_table.*migrate/)
+      expect(() => createIdempotency({ db: fx.db, tableName: 'keys; drop table x' })).toThrow(IdempotencySetupError)
+      expect(() => createIdempotency({ db: fx.db, ttl: 0 })).toThrow(RangeError)
+    })
+  })
+}

@@ -1,0 +1,58 @@
+import { Kysely, MysqlDialect, PostgresDialect, SqliteDialect, sql } from 'kysely'
+import Database from 'better-sqlite3'
+import { createPool } from 'mysql2'
+import pg from 'pg'
+import { mysqlDialect, type IdempotencyDialect } from '../../src/index.js'
+
+/** A database the conformance suite runs against. */
+export type DatabaseName = 'postgres' | 'mysql' | 'sqlite'
+
+/**
+ * One row of the conformance matrix: a database, and optionally a dialect module forced
+ * instead of the detected one (to cover the MySQL path without per-statement lock waits).
+ */
+export interface Target {
+  readonly id: string
+  readonly database: DatabaseName
+  readonly dialect?: () => IdempotencyDialect
+}
+
+export const ALL_TARGETS: readonly Target[] = [
+  { id: 'postgres', database: 'postgres' },
+  { id: 'mysql', database: 'mysql' },
+  { id: 'mysql-session-wait', database: 'mysql', dialect: () => mysqlDialect({ statementLockWait: false }) },
+  { id: 'sqlite', database: 'sqlite' },
+]
+
+/** Where each server database is, as found by the global setup (SQLite needs no server). */
+export type Locations = Partial<Record<Exclude<DatabaseName, 'sqlite'>, string>>
+
+/** Opens a Kysely instance. For SQLite, `location` is a file path; the file is put in WAL mode. */
+export function openDatabase(database: DatabaseName, location: string, poolSize = 30): Kysely<any> {
+  switch (database) {
+    case 'postgres': {
+      const pool = new pg.Pool({ connectionString: location, max: poolSize })
+      // A backend killed under a checked-out client also emits 'error' on that client; the
+      // failing query already reports it, so the event only needs a listener.
+      pool.on('connect', (client) => client.on('error', () => {}))
+      return new Kysely({ dialect: new PostgresDialect({ pool }) })
+    }
+    case 'mysql':
+      return new Kysely({ dialect: new MysqlDialect({ pool: createPool({ uri: location, connectionLimit: poolSize }) }) })
+    case 'sqlite': {
+      const file = new Database(location, { timeout: 5000 })
+      file.pragma('journal_mode = WAL')
+      return new Kysely({ dialect: new SqliteDialect({ database: file }) })
+    }
+  }
+}
+
+/** Resolves to nothing when the server answers a query, else rejects with the driver's error. */
+export async function ping(database: DatabaseName, location: string): Promise<void> {
+  const db = openDatabase(database, location, 1)
+  try {
+    await sql`select 1`.execute(db)
+  } finally {
+    await db.destroy()
+  }
+}

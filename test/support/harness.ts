@@ -1,0 +1,133 @@
+import { spawn } from 'node:child_process'
+import { mkdtempSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { sql, type Kysely, type Transaction } from 'kysely'
+import { inject } from 'vitest'
+import { createIdempotency, migrationTables, type Idempotency, type IdempotencyOptions } from '../../src/index.js'
+import { ALL_TARGETS, openDatabase, type Target } from './databases.js'
+import type { WorkerArgs } from './util.js'
+
+/** The targets this run covers (all, or those picked with KIDEM_TARGETS). */
+export function selectedTargets(): readonly Target[] {
+  const ids = inject('targets')
+  return ALL_TARGETS.filter((t) => ids.includes(t.id))
+}
+
+/** One database and a fresh idempotency table (with a side-effect table beside it) for one test. */
+export interface Fixture {
+  readonly target: Target
+  /** Connection string, or the SQLite file path. */
+  readonly location: string
+  readonly db: Kysely<any>
+  readonly table: string
+  readonly idempotency: Idempotency<any>
+  /** Records one side effect of `key` in the transaction. */
+  effect(trx: Transaction<any>, key: string): Promise<void>
+  /** Reads from the database in `trx`, so that its snapshot is taken before what follows. */
+  snapshot(trx: Transaction<any>): Promise<void>
+  /** How many side effects of `key` are committed. */
+  effects(key?: string): Promise<number>
+  /** How many rows the idempotency table holds. */
+  rows(): Promise<number>
+  /** Another idempotency instance on the same database and table. */
+  with(options: Omit<IdempotencyOptions<any>, 'db'>): Idempotency<any>
+  close(): Promise<void>
+}
+
+export async function openFixture(target: Target, options: Omit<IdempotencyOptions<any>, 'db'> = {}): Promise<Fixture> {
+  const dir = target.database === 'sqlite' ? mkdtempSync(join(tmpdir(), 'kidem-')) : undefined
+  const location = dir ? join(dir, 'test.db') : inject('locations')[target.database as 'postgres' | 'mysql']!
+  const db = openDatabase(target.database, location)
+  const table = `t_${Math.random().toString(36).slice(2, 10)}`
+  const effectsTable = `${table}_fx`
+  const make = (more: Omit<IdempotencyOptions<any>, 'db'>) =>
+    createIdempotency({ db, tableName: table, ...(target.dialect ? { dialect: target.dialect() } : {}), ...more })
+  const idempotency = make(options)
+  await idempotency.migrate()
+  await db.schema.createTable(effectsTable).addColumn('k', 'varchar(255)', (c) => c.notNull()).execute()
+  return {
+    target,
+    location,
+    db,
+    table,
+    idempotency,
+    with: make,
+    async effect(trx, key) {
+      await trx.insertInto(effectsTable).values({ k: key }).execute()
+    },
+    async snapshot(trx) {
+      await trx.selectFrom(effectsTable).select('k').limit(1).execute()
+    },
+    async effects(key) {
+      let query = db.selectFrom(effectsTable).select((eb) => eb.fn.countAll<number | string>().as('n'))
+      if (key !== undefined) query = query.where('k', '=', key)
+      return Number((await query.executeTakeFirstOrThrow()).n)
+    },
+    async rows() {
+      const { n } = await db.selectFrom(table).select((eb) => eb.fn.countAll<number | string>().as('n')).executeTakeFirstOrThrow()
+      return Number(n)
+    },
+    async close() {
+      const { migrationTableName, migrationLockTableName } = migrationTables(table)
+      for (const t of [table, effectsTable, migrationTableName, migrationLockTableName]) {
+        await db.schema.dropTable(t).ifExists().execute()
+      }
+      await db.destroy()
+      if (dir) rmSync(dir, { recursive: true, force: true })
+    },
+  }
+}
+
+/** A promise with its resolver, to hold a function open until the test lets it go. */
+export function gate(): { promise: Promise<void>; open(): void } {
+  let open!: () => void
+  const promise = new Promise<void>((resolve) => (open = resolve))
+  return { promise, open }
+}
+
+export interface Worker {
+  /** Resolves with everything the child printed once it exits. */
+  readonly done: Promise<{ code: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string }>
+  /** Resolves when the child prints `line`. */
+  printed(line: string): Promise<void>
+  kill(signal: NodeJS.Signals): void
+}
+
+export function startWorker(args: WorkerArgs): Worker {
+  const child = spawn(process.execPath, ['--import', 'tsx', join(import.meta.dirname, '../fixtures/worker.ts'), JSON.stringify(args)], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+  })
+  let stdout = ''
+  let stderr = ''
+  const waiters: Array<{ line: string; resolve: () => void }> = []
+  child.stdout.on('data', (chunk: Buffer) => {
+    stdout += chunk.toString()
+    for (const w of waiters) if (stdout.split('\n').includes(w.line)) w.resolve()
+  })
+  child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()))
+  const done = new Promise<{ code: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string }>((resolve) =>
+    child.on('exit', (code, signal) => resolve({ code, signal, stdout, stderr })),
+  )
+  return {
+    done,
+    printed: (line) =>
+      new Promise<void>((resolve, reject) => {
+        waiters.push({ line, resolve })
+        void done.then((r) => reject(new Error(`worker exited (${r.code ?? r.signal}) before printing ${line}: ${r.stderr}`)))
+      }),
+    kill: (signal) => child.kill(signal),
+  }
+}
+
+/** The database session id of the connection `trx` runs on, and how to end it from elsewhere. */
+export const sessions = {
+  postgres: {
+    id: async (trx: Transaction<any>) => (await sql<{ id: number }>`select pg_backend_pid() as id`.execute(trx)).rows[0]!.id,
+    kill: (db: Kysely<any>, id: number) => sql`select pg_terminate_backend(${id})`.execute(db),
+  },
+  mysql: {
+    id: async (trx: Transaction<any>) => Number((await sql<{ id: number }>`select connection_id() as id`.execute(trx)).rows[0]!.id),
+    kill: (db: Kysely<any>, id: number) => sql`kill ${sql.lit(id)}`.execute(db),
+  },
+}
