@@ -83,6 +83,30 @@ for (const target of selectedTargets()) {
       })
     }
 
+    it('hands the key to one waiting duplicate when the first attempt rolls back', async () => {
+      let first = true
+      const answers = await Promise.all(
+        Array.from({ length: 30 }, () =>
+          answer(
+            fx.idempotency.executeTransaction('rollback', async (trx) => {
+              await fx.effect(trx, 'rollback')
+              if (first) {
+                first = false
+                await sleep(100)
+                throw new Error('first attempt fails')
+              }
+              await sleep(20)
+              return 'second'
+            }),
+          ),
+        ),
+      )
+      // InnoDB makes the waiters deadlock on the freed key; transaction() retries those.
+      expect(answers.filter((a) => 'error' in a)).toEqual([{ error: 'Error' }])
+      expectOneOutcome(answers.filter((a) => !('error' in a)), 'second')
+      expect(await fx.effects('rollback')).toBe(1)
+    })
+
     it('runs duplicates from 4 processes at once exactly once', async () => {
       const startAt = Date.now() + 1500
       const workers = Array.from({ length: 4 }, () =>
