@@ -177,7 +177,7 @@ for (const target of selectedTargets()) {
       expect(await fx.effects('busy')).toBe(1)
     })
 
-    it('leaves the session lock-wait setting as it found it inside the function', async () => {
+    it('leaves the session lock-wait setting as it found it, inside the function and after a replay', async () => {
       const setting = {
         postgres: sql<{ v: string }>`select current_setting('lock_timeout') as v`,
         mysql: sql<{ v: string }>`select @@innodb_lock_wait_timeout as v`,
@@ -186,6 +186,11 @@ for (const target of selectedTargets()) {
       const before = (await fx.db.transaction().execute((trx) => setting.execute(trx))).rows[0]!.v
       const inside = await fx.idempotency.transaction('setting', async (trx) => (await setting.execute(trx)).rows[0]!.v, { conflictWait: 2000 })
       expect(String(inside)).toBe(String(before))
+      const afterReplay = await fx.db.transaction().execute(async (trx) => {
+        await fx.idempotency.withIdempotency(trx, 'setting', async () => 'unused', { conflictWait: 2000 })
+        return (await setting.execute(trx)).rows[0]!.v
+      })
+      expect(String(afterReplay)).toBe(String(before))
     })
 
     it('needs a transaction for withIdempotency', async () => {
