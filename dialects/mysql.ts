@@ -5,7 +5,9 @@ import {
   decodeKeyRow,
   errorProperty,
   keyRowColumns,
-  STARTED,
+  CLAIM_SLOTS,
+  insertedColumns,
+  insertedValues,
   type DatabaseErrorKind,
   type DialectStatements,
   type IdempotencyDialect,
@@ -20,6 +22,7 @@ const ERRNO: Readonly<Record<number, DatabaseErrorKind>> = {
 const clock = sql`utc_timestamp(3)`
 const later = (ms: RawBuilder<unknown>) => sql`(utc_timestamp(3) + interval ${ms} * 1000 microsecond)`
 const jsonText = (column: RawBuilder<unknown>) => column
+const elapsed = (column: RawBuilder<unknown>) => sql`(timestampdiff(microsecond, ${column}, utc_timestamp(3)) div 1000)`
 const columns = keyRowColumns({ clock, jsonText })
 
 /** How MySQL and MariaDB differ in bounding a row-lock wait for one statement. */
@@ -61,6 +64,7 @@ export function mysqlDialect(options: MysqlDialectOptions = {}): IdempotencyDial
     supports: (adapter) => adapter instanceof MysqlAdapter,
     clock,
     later,
+    elapsed,
     jsonText,
     columnTypes: {
       id: 'bigint',
@@ -79,11 +83,12 @@ export function mysqlDialect(options: MysqlDialectOptions = {}): IdempotencyDial
       const statementLockWait = options.statementLockWait ?? (await isMariadb(db))
       const waitPrefix = (seconds: RawBuilder<unknown>) =>
         statementLockWait ? sql`set statement innodb_lock_wait_timeout = ${seconds} for ` : sql``
-      const claim = prepare(db, ['scope', 'key', 'fingerprint', 'ttl', 'seconds'], (p) => sql`${waitPrefix(p.seconds)}
-        insert ignore into ${sql.table(table)} (scope, \`key\`, fingerprint, recovery_point, created_at, last_run_at, expires_at)
-        values (${p.scope}, ${p.key}, ${p.fingerprint}, ${sql.lit(STARTED)}, ${clock}, ${clock}, ${later(p.ttl)})`)
+      const claim = prepare(db, [...CLAIM_SLOTS, 'seconds'], (p) => sql`${waitPrefix(p.seconds)}
+        insert ignore into ${sql.table(table)} ${insertedColumns} values (${insertedValues({ clock, later }, p)})`)
       const latest = prepare(db, ['scope', 'key', 'seconds'], (p) => sql`${waitPrefix(p.seconds)}
         select ${columns} from ${aliased(table)} where k.scope = ${p.scope} and k.\`key\` = ${p.key} lock in share mode`)
+      const lock = prepare(db, ['scope', 'key', 'seconds'], (p) => sql`${waitPrefix(p.seconds)}
+        select ${columns} from ${aliased(table)} where k.scope = ${p.scope} and k.\`key\` = ${p.key} for update`)
       const setWait = prepare(db, ['seconds'], (p) => sql`
         set @kysely_idempotency_wait = @@innodb_lock_wait_timeout, innodb_lock_wait_timeout = ${p.seconds}`)
       const restoreWait = prepare(db, [], () => sql`set innodb_lock_wait_timeout = @kysely_idempotency_wait`)
@@ -112,6 +117,12 @@ export function mysqlDialect(options: MysqlDialectOptions = {}): IdempotencyDial
         async latest(db, scope, key, wait) {
           const { rows } = await bounded(db, wait, () =>
             db.executeQuery<Record<string, unknown>>(latest.bind({ scope, key, seconds: toSeconds(wait) })),
+          )
+          return rows[0] && decodeKeyRow(rows[0])
+        },
+        async lock(db, scope, key, wait) {
+          const { rows } = await bounded(db, wait, () =>
+            db.executeQuery<Record<string, unknown>>(lock.bind({ scope, key, seconds: toSeconds(wait) })),
           )
           return rows[0] && decodeKeyRow(rows[0])
         },

@@ -5,7 +5,9 @@ import {
   decodeKeyRow,
   errorProperty,
   keyRowColumns,
-  STARTED,
+  CLAIM_SLOTS,
+  insertedColumns,
+  insertedValues,
   type DatabaseErrorKind,
   type DialectStatements,
   type IdempotencyDialect,
@@ -21,6 +23,7 @@ const SQLSTATE: Readonly<Record<string, DatabaseErrorKind>> = {
 const clock = sql`statement_timestamp()`
 const later = (ms: RawBuilder<unknown>) => sql`(statement_timestamp() + ${ms}::double precision * interval '1 millisecond')`
 const jsonText = (column: RawBuilder<unknown>) => sql`${column}::text`
+const elapsed = (column: RawBuilder<unknown>) => sql`(extract(epoch from statement_timestamp() - ${column}) * 1000)::bigint`
 const columns = keyRowColumns({ clock, jsonText })
 
 /**
@@ -42,6 +45,7 @@ export const postgresDialect: IdempotencyDialect = {
   supports: (adapter) => adapter instanceof PostgresAdapter,
   clock,
   later,
+  elapsed,
   jsonText,
   columnTypes: {
     id: 'bigint',
@@ -57,18 +61,20 @@ export const postgresDialect: IdempotencyDialect = {
     return typeof code === 'string' ? SQLSTATE[code] : undefined
   },
   async prepare(db, table) {
-    const claim = prepare(db, ['scope', 'key', 'fingerprint', 'ttl', 'wait'], (p) => sql`
+    const claim = prepare(db, [...CLAIM_SLOTS, 'wait'], (p) => sql`
       with prev as materialized (select current_setting('lock_timeout') as setting),
       wait as materialized (select set_config('lock_timeout', ${p.wait}, true) from prev),
       ins as (
-        insert into ${sql.table(table)} (scope, "key", fingerprint, recovery_point, created_at, last_run_at, expires_at)
-        select ${p.scope}, ${p.key}, ${p.fingerprint}, ${sql.lit(STARTED)}, ${clock}, ${clock}, ${later(p.ttl)} from wait
+        insert into ${sql.table(table)} ${insertedColumns}
+        select ${insertedValues({ clock, later }, p)} from wait
         on conflict (scope, "key") do nothing
         returning id
       )
       select ins.id as claimed, set_config('lock_timeout', prev.setting, true) as restored, ${columns}
       from prev left join ins on true
       left join ${aliased(table)} on ins.id is null and k.scope = ${p.scope} and k."key" = ${p.key}`)
+    const lock = prepare(db, ['scope', 'key'], (p) => sql`
+      select ${columns} from ${aliased(table)} where k.scope = ${p.scope} and k."key" = ${p.key} for update`)
     const setWait = prepare(db, ['wait'], (p) => sql`
       with prev as materialized (select current_setting('lock_timeout') as setting)
       select prev.setting as setting, set_config('lock_timeout', ${p.wait}, true) from prev`)
@@ -85,6 +91,10 @@ export const postgresDialect: IdempotencyDialect = {
         const row = rows[0]
         if (row?.claimed != null) return { claimed: row.claimed as string }
         return { claimed: null, row: row?.id == null ? undefined : decodeKeyRow(row) }
+      },
+      async lock(db, scope, key, wait) {
+        const { rows } = await statements.withLockWait(db, wait, () => db.executeQuery<Record<string, unknown>>(lock.bind({ scope, key })))
+        return rows[0] && decodeKeyRow(rows[0])
       },
       async withLockWait(db, wait, run) {
         const { rows } = await db.executeQuery<{ setting: string }>(setWait.bind({ wait: String(wait) }))

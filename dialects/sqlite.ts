@@ -1,8 +1,13 @@
 import { SqliteAdapter, sql, type RawBuilder } from 'kysely'
 import { prepare } from '../src/sql.js'
 import {
+  aliased,
+  CLAIM_SLOTS,
+  decodeKeyRow,
   errorProperty,
-  STARTED,
+  insertedColumns,
+  insertedValues,
+  keyRowColumns,
   type DialectStatements,
   type IdempotencyDialect,
 } from '../src/dialect.js'
@@ -11,6 +16,7 @@ import {
 const clock = sql`cast((julianday('now') - 2440587.5) * 86400000 as integer)`
 const later = (ms: RawBuilder<unknown>) => sql`(${clock} + ${ms})`
 const jsonText = (column: RawBuilder<unknown>) => column
+const elapsed = (column: RawBuilder<unknown>) => sql`(${clock} - ${column})`
 
 /**
  * SQLite (`better-sqlite3`, or any Kysely dialect built on `SqliteAdapter`).
@@ -30,6 +36,7 @@ export const sqliteDialect: IdempotencyDialect = {
   supports: (adapter) => adapter instanceof SqliteAdapter,
   clock,
   later,
+  elapsed,
   jsonText,
   columnTypes: {
     id: 'integer',
@@ -49,11 +56,15 @@ export const sqliteDialect: IdempotencyDialect = {
     return undefined
   },
   async prepare(db, table) {
-    const claim = prepare(db, ['scope', 'key', 'fingerprint', 'ttl'], (p) => sql`
-      insert into ${sql.table(table)} (scope, "key", fingerprint, recovery_point, created_at, last_run_at, expires_at)
-      values (${p.scope}, ${p.key}, ${p.fingerprint}, ${sql.lit(STARTED)}, ${clock}, ${clock}, ${later(p.ttl)})
+    const claim = prepare(db, CLAIM_SLOTS, (p) => sql`
+      insert into ${sql.table(table)} ${insertedColumns} values (${insertedValues({ clock, later }, p)})
       on conflict (scope, "key") do nothing
       returning id`)
+    // A write statement takes the write lock even when it changes no row.
+    const writeLock = prepare(db, ['scope', 'key'], (p) => sql`
+      update ${sql.table(table)} set id = id where scope = ${p.scope} and "key" = ${p.key}`)
+    const read = prepare(db, ['scope', 'key'], (p) => sql`
+      select ${keyRowColumns({ clock, jsonText })} from ${aliased(table)} where k.scope = ${p.scope} and k."key" = ${p.key}`)
     const pruneBatch = prepare(db, ['limit'], (p) => sql`
       delete from ${sql.table(table)} where id in (
         select id from ${sql.table(table)}
@@ -65,6 +76,11 @@ export const sqliteDialect: IdempotencyDialect = {
         const { rows } = await db.executeQuery<{ id: number }>(claim.bind(values))
         if (rows[0]) return { claimed: rows[0].id }
         return { claimed: null, row: undefined }
+      },
+      async lock(db, scope, key) {
+        await db.executeQuery(writeLock.bind({ scope, key }))
+        const { rows } = await db.executeQuery<Record<string, unknown>>(read.bind({ scope, key }))
+        return rows[0] && decodeKeyRow(rows[0])
       },
       withLockWait: (_db, _wait, run) => run(),
       async pruneBatch(db, limit) {

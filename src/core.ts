@@ -1,19 +1,8 @@
-import { sql, type IsolationLevel, type Kysely, type Transaction } from 'kysely'
-import {
-  aliased,
-  decodeKeyRow,
-  FINISHED,
-  keyRowColumns,
-  STARTED,
-  type ClaimValues,
-  type DialectStatements,
-  type IdempotencyDialect,
-  type KeyRow,
-  type RowId,
-} from './dialect.js'
+import type { IsolationLevel, Kysely, Transaction } from 'kysely'
+import { FINISHED, type ClaimValues, type IdempotencyDialect, type KeyRow } from './dialect.js'
 import { IdempotencyConflictError, IdempotencyKeyReuseError, IdempotencySetupError } from './errors.js'
 import { serializeResult, type NormalizedKey } from './request.js'
-import { prepare } from './sql.js'
+import { prepareStatements, type Statements } from './statements.js'
 
 /** What an idempotent execution gave: the value, and whether it was replayed from storage. */
 export interface Execution<T> {
@@ -31,13 +20,7 @@ export interface Settings {
   readonly isolationLevel?: IsolationLevel
 }
 
-interface Statements extends Required<DialectStatements> {
-  lookup(db: Kysely<unknown>, scope: string, key: string): Promise<KeyRow | undefined>
-  reclaim(db: Kysely<unknown>, id: RowId, values: ClaimValues): Promise<boolean>
-  finish(db: Kysely<unknown>, id: RowId, response: string): Promise<void>
-}
-
-const EXPIRED = Symbol('expired')
+export const EXPIRED = Symbol('expired')
 /** Claim rounds before giving up when rows keep vanishing or being reclaimed under us. */
 const CLAIM_ROUNDS = 3
 
@@ -58,17 +41,17 @@ export class Core {
   /** Runs `fn` once per key inside `trx`, or returns the stored result. */
   async execute<T, DB>(trx: Transaction<DB>, key: NormalizedKey, fn: (trx: Transaction<DB>) => Promise<T>, settings: Settings): Promise<Execution<T>> {
     const db = trx.withoutPlugins() as unknown as Kysely<unknown>
-    const s = await this.#prepared(db)
-    const values: ClaimValues = { ...key, ttl: settings.ttl, wait: settings.conflictWait }
+    const s = await this.statements(db)
+    const values: ClaimValues = { ...key, ttl: settings.ttl, wait: settings.conflictWait, token: null, lease: null, phases: null }
     for (let round = 1; ; round++) {
-      const claim = await this.#guard(settings, () => s.claim(db, values))
+      const claim = await this.guard(settings, () => s.claim(db, values))
       let id = claim.claimed
       if (claim.claimed === null) {
-        const row = claim.row ?? (await this.#guard(settings, () => s.latest(db, key.scope, key.key, settings.conflictWait)))
+        const row = claim.row ?? (await this.guard(settings, () => s.latest(db, key.scope, key.key, settings.conflictWait)))
         if (row) {
-          const verdict = this.#decide(row, key, settings)
+          const verdict = this.decide(row, key, settings)
           if (verdict !== EXPIRED) return { value: verdict.value as T, replayed: true }
-          if (await this.#guard(settings, () => s.reclaim(db, row.id, values))) id = row.id
+          if (await this.guard(settings, () => s.reclaim(db, row.id, values))) id = row.id
         }
       }
       if (id !== null) {
@@ -90,19 +73,29 @@ export class Core {
    */
   async transaction<T, DB>(db: Kysely<DB>, key: NormalizedKey, fn: (trx: Transaction<DB>) => Promise<T>, settings: Settings): Promise<Execution<T>> {
     const plain = db.withoutPlugins() as unknown as Kysely<unknown>
-    const s = await this.#prepared(plain)
-    const row = await this.#guard(settings, () => s.lookup(plain, key.scope, key.key))
+    const s = await this.statements(plain)
+    const row = await this.guard(settings, () => s.lookup(plain, key.scope, key.key))
     if (row) {
-      const verdict = this.#decide(row, key, settings)
+      const verdict = this.decide(row, key, settings)
       if (verdict !== EXPIRED) return { value: verdict.value as T, replayed: true }
     }
-    for (let attempt = 1; ; attempt++) {
+    return this.retrying(settings, () => {
+      const builder = settings.isolationLevel ? db.transaction().setIsolationLevel(settings.isolationLevel) : db.transaction()
+      return builder.execute((trx) => this.execute(trx, key, fn, settings))
+    })
+  }
+
+  /**
+   * Runs `attempt` (a whole transaction) again while it fails with a race (serialization
+   * failure, deadlock, a key changing under it), up to `maxAttempts` times, with jittered back-off.
+   */
+  async retrying<T>(settings: Settings, attempt: () => Promise<T>): Promise<T> {
+    for (let n = 1; ; n++) {
       try {
-        const builder = settings.isolationLevel ? db.transaction().setIsolationLevel(settings.isolationLevel) : db.transaction()
-        return await builder.execute((trx) => this.execute(trx, key, fn, settings))
+        return await attempt()
       } catch (error) {
-        if (attempt >= settings.maxAttempts || !this.#retryable(error)) throw error
-        await backOff(attempt)
+        if (n >= settings.maxAttempts || !this.#retryable(error)) throw error
+        await backOff(n)
       }
     }
   }
@@ -110,58 +103,29 @@ export class Core {
   /** Deletes expired, unlocked rows in batches of `batchSize`; returns how many. */
   async prune(db: Kysely<unknown>, batchSize: number): Promise<number> {
     const plain = db.withoutPlugins()
-    const s = await this.#prepared(plain)
+    const s = await this.statements(plain)
     let total = 0
     for (;;) {
-      const deleted = await this.#guard(undefined, () => s.pruneBatch(plain, batchSize))
+      const deleted = await this.guard(undefined, () => s.pruneBatch(plain, batchSize))
       total += deleted
       if (deleted < batchSize) return total
     }
   }
 
-  #prepared(db: Kysely<unknown>): Promise<Statements> {
-    this.#statements ??= this.#prepare(db).catch((error: unknown) => {
+  /** The table's statements, compiled on first use. */
+  statements(db: Kysely<unknown>): Promise<Statements> {
+    this.#statements ??= this.guard(undefined, () => prepareStatements(db, this.#dialect, this.#table)).catch((error: unknown) => {
       this.#statements = undefined
       throw error
     })
     return this.#statements
   }
 
-  async #prepare(db: Kysely<unknown>): Promise<Statements> {
-    const dialect = this.#dialect
-    const table = this.#table
-    const own = await this.#guard(undefined, () => dialect.prepare(db, table))
-    const now = dialect.clock
-    const lookup = prepare(db, ['scope', 'key'], (p) => sql`
-      select ${keyRowColumns(dialect)} from ${aliased(table)} where k.scope = ${p.scope} and ${sql.ref('k.key')} = ${p.key}`)
-    const reclaim = prepare(db, ['id', 'fingerprint', 'ttl'], (p) => sql`
-      update ${sql.table(table)} set fingerprint = ${p.fingerprint}, recovery_point = ${sql.lit(STARTED)},
-        phase_results = null, response = null, lock_token = null, locked_until = null,
-        created_at = ${now}, last_run_at = ${now}, expires_at = ${dialect.later(p.ttl)}
-      where id = ${p.id} and expires_at <= ${now}`)
-    const finish = prepare(db, ['id', 'response'], (p) => sql`
-      update ${sql.table(table)} set response = ${p.response}, recovery_point = ${sql.lit(FINISHED)}, last_run_at = ${now}
-      where id = ${p.id}`)
-    const read = async (db: Kysely<unknown>, scope: string, key: string) => {
-      const { rows } = await db.executeQuery<Record<string, unknown>>(lookup.bind({ scope, key }))
-      return rows[0] && decodeKeyRow(rows[0])
-    }
-    return {
-      ...own,
-      lookup: read,
-      latest: own.latest ?? read,
-      reclaim: (db, id, values) =>
-        own.withLockWait(db, values.wait, async () => {
-          const result = await db.executeQuery(reclaim.bind({ id, fingerprint: values.fingerprint, ttl: values.ttl }))
-          return result.numAffectedRows === 1n
-        }),
-      async finish(db, id, response) {
-        await db.executeQuery(finish.bind({ id, response }))
-      },
-    }
-  }
-
-  #decide(row: KeyRow, key: NormalizedKey, settings: Settings): { value: unknown } | typeof EXPIRED {
+  /**
+   * What an existing row means for a new attempt: its stored response, {@link EXPIRED} when
+   * the key may start over, or the error the caller gets.
+   */
+  decide(row: KeyRow, key: NormalizedKey, settings: Settings): { value: unknown } | typeof EXPIRED {
     if (row.expired) return EXPIRED
     if (row.fingerprint !== key.fingerprint) {
       throw new IdempotencyKeyReuseError(
@@ -182,7 +146,7 @@ export class Core {
   }
 
   /** Turns the database errors the library understands into errors that say what happened. */
-  async #guard<T>(settings: Settings | undefined, statement: () => Promise<T>): Promise<T> {
+  async guard<T>(settings: Settings | undefined, statement: () => Promise<T>): Promise<T> {
     try {
       return await statement()
     } catch (error) {

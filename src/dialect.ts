@@ -28,6 +28,10 @@ export interface KeyRow {
   readonly expired: boolean
   /** An atomic-phases attempt holds a lock that has not expired on the database clock. */
   readonly locked: boolean
+  /** The lock token of the atomic-phases attempt that holds or last held the key, if any. */
+  readonly token: string | null
+  /** `phase_results` as JSON text; `null` for keys of single-transaction calls. */
+  readonly phases: string | null
 }
 
 /** The outcome of trying to insert a key: either it is ours, or here is what is there. */
@@ -45,6 +49,12 @@ export interface ClaimValues {
   readonly ttl: number
   /** How long to wait for a concurrent holder of the same key, in milliseconds. */
   readonly wait: number
+  /** Atomic phases only: the new attempt's lock token, else `null`. */
+  readonly token: string | null
+  /** Atomic phases only: how long the lock lasts, in milliseconds, else `null`. */
+  readonly lease: number | null
+  /** Atomic phases only: the initial `phase_results` JSON text, else `null`. */
+  readonly phases: string | null
 }
 
 /** The statements a dialect writes itself, compiled for one table. */
@@ -60,6 +70,12 @@ export interface DialectStatements {
    * read is used.
    */
   latest?(db: Kysely<unknown>, scope: string, key: string, wait: number): Promise<KeyRow | undefined>
+  /**
+   * Reads the latest committed version of a key and locks it until the transaction ends, so
+   * that nothing else changes it in between (SQLite: takes the database's write lock). Waits
+   * at most `wait` ms for another holder.
+   */
+  lock(db: Kysely<unknown>, scope: string, key: string, wait: number): Promise<KeyRow | undefined>
   /** Runs `statements` with row-lock waits bounded to `wait` ms, then restores the setting. */
   withLockWait<T>(db: Kysely<unknown>, wait: number, statements: () => Promise<T>): Promise<T>
   /** Deletes up to `limit` expired, unlocked rows; returns how many. */
@@ -91,6 +107,8 @@ export interface IdempotencyDialect {
   readonly clock: RawBuilder<unknown>
   /** The database clock plus `ms` milliseconds. */
   later(ms: RawBuilder<unknown>): RawBuilder<unknown>
+  /** Milliseconds from the time in `column` to the database clock's now, as a number. */
+  elapsed(column: RawBuilder<unknown>): RawBuilder<unknown>
   /** A JSON column as JSON text, whatever the driver would parse it into. */
   jsonText(column: RawBuilder<unknown>): RawBuilder<unknown>
   readonly columnTypes: ColumnTypes
@@ -114,7 +132,8 @@ export function keyRowColumns(dialect: Pick<IdempotencyDialect, 'clock' | 'jsonT
   return sql`k.id as id, k.fingerprint as fingerprint, k.recovery_point as point,
     ${dialect.jsonText(sql.ref('k.response'))} as response,
     case when k.expires_at <= ${now} then 1 else 0 end as expired,
-    case when k.lock_token is not null and k.locked_until > ${now} then 1 else 0 end as locked`
+    case when k.lock_token is not null and k.locked_until > ${now} then 1 else 0 end as locked,
+    k.lock_token as token, ${dialect.jsonText(sql.ref('k.phase_results'))} as phases`
 }
 
 export function decodeKeyRow(row: Readonly<Record<string, unknown>>): KeyRow {
@@ -125,10 +144,28 @@ export function decodeKeyRow(row: Readonly<Record<string, unknown>>): KeyRow {
     response: row.response == null ? null : String(row.response),
     expired: Number(row.expired) === 1,
     locked: Number(row.locked) === 1,
+    token: row.token == null ? null : String(row.token),
+    phases: row.phases == null ? null : String(row.phases),
   }
 }
 
 /** The error's own code property, or `undefined`; drivers put SQLSTATEs and names there. */
 export function errorProperty(error: unknown, name: 'code' | 'errno'): unknown {
   return typeof error === 'object' && error !== null && name in error ? (error as Record<string, unknown>)[name] : undefined
+}
+
+/** The slots of a claim statement that {@link insertedColumns} and {@link insertedValues} use. */
+export const CLAIM_SLOTS = ['scope', 'key', 'fingerprint', 'ttl', 'token', 'lease', 'phases'] as const
+export type ClaimSlot = (typeof CLAIM_SLOTS)[number]
+
+/** The column list of a claim's insert, in the order of {@link insertedValues}. */
+export const insertedColumns = sql`(scope, ${sql.ref('key')}, fingerprint, recovery_point, phase_results, lock_token, locked_until, created_at, last_run_at, expires_at)`
+
+/** The values of a claim's insert, without parentheses (for `values (…)` or `select …`). */
+export function insertedValues(
+  dialect: Pick<IdempotencyDialect, 'clock' | 'later'>,
+  p: Readonly<Record<ClaimSlot, RawBuilder<unknown>>>,
+): RawBuilder<unknown> {
+  const now = dialect.clock
+  return sql`${p.scope}, ${p.key}, ${p.fingerprint}, ${sql.lit(STARTED)}, ${p.phases}, ${p.token}, ${dialect.later(p.lease)}, ${now}, ${now}, ${dialect.later(p.ttl)}`
 }

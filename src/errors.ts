@@ -104,3 +104,15 @@ export class IdempotencySetupError extends IdempotencyError {
     super('setup', 500, message, options)
   }
 }
+
+/**
+ * An atomic-phases flow was called in a way that cannot be resumed safely (HTTP 500: a bug or
+ * a deploy that changed the flow): an invalid or repeated phase name, phases called in a
+ * different order than the recorded ones, phases called concurrently, or used after the flow
+ * ended. The lock is released and the recorded phases are kept.
+ */
+export class IdempotencyFlowError extends IdempotencyError {
+  constructor(message: string) {
+    super('invalid_flow', 500, message)
+  }
+}

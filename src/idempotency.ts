@@ -1,6 +1,7 @@
 import type { DialectAdapter, IsolationLevel, Kysely, MigrationResultSet, Transaction } from 'kysely'
 import { migrateTable } from '../migrations/index.js'
 import { Core, type Execution, type Settings } from './core.js'
+import { Phases, type AbandonedFlow, type Flow } from './phases.js'
 import type { IdempotencyDialect } from './dialect.js'
 import { checkTableName, DEFAULT_TABLE, detectDialect } from './detect.js'
 import { normalizeKey, type IdempotencyKeyInput } from './request.js'
@@ -41,6 +42,23 @@ export interface IdempotencyOptions<DB> extends CallOptions {
 export interface TransactionOptions extends CallOptions {
   /** Isolation level of the library-owned transaction. Default: the database's. */
   readonly isolationLevel?: IsolationLevel
+}
+
+/** Options of {@link Idempotency.run}. */
+export interface RunOptions extends CallOptions {
+  /**
+   * How long this attempt owns the key before another attempt may take it over, in
+   * milliseconds; renewed at every recorded phase and step. Default: the instance's `lockTimeout`.
+   */
+  readonly lockTimeout?: number
+}
+
+/** Options of {@link Idempotency.abandoned}. */
+export interface AbandonedOptions {
+  /** Only flows that recorded nothing for at least this many milliseconds. Default 0. */
+  readonly olderThan?: number
+  /** At most this many flows, those idle longest first. Default 100. */
+  readonly limit?: number
 }
 
 /** Options of {@link Idempotency.prune}. */
@@ -94,6 +112,41 @@ export interface Idempotency<DB> {
   executeTransaction<T>(key: IdempotencyKeyInput, fn: (trx: Transaction<DB>) => Promise<T>, options?: TransactionOptions): Promise<Execution<T>>
 
   /**
+   * Runs a flow of atomic phases at most once per key, for work that cannot fit in one
+   * transaction (a call to a payment provider between two database phases). Each
+   * `flow.phase` commits its own transaction together with a recovery point; each
+   * `flow.step` runs outside any transaction and records its value. An attempt that stops
+   * (throws, crashes, loses its lock) leaves the recorded phases behind, and the next call
+   * with the same key resumes after the last one. Returning finishes the key: the value is
+   * stored and replayed to every later call.
+   *
+   * Throws `IdempotencyConflictError` while another attempt holds the key, and
+   * `IdempotencyLockLostError` when this attempt's lock expired and another took over.
+   *
+   * ### Examples
+   *
+   * ```ts
+   * const ride = await idempotency.run({ key, scope: userId, request: body }, async (flow) => {
+   *   const r = await flow.phase('ride_created', (trx) => insertRide(trx, body))
+   *   const charge = await flow.step('charge_created', () =>
+   *     payments.charge({ amount: r.amount }, { idempotencyKey: flow.stepKey('charge_created') }))
+   *   await flow.phase('ride_charged', (trx) => markCharged(trx, r.id, charge.id))
+   *   return { status: 201, body: r }
+   * })
+   * ```
+   */
+  run<T>(key: IdempotencyKeyInput, flow: (flow: Flow<DB, T>) => Promise<T>, options?: RunOptions): Promise<T>
+
+  /** {@link run}, also telling whether the value was replayed. */
+  executeRun<T>(key: IdempotencyKeyInput, flow: (flow: Flow<DB, T>) => Promise<T>, options?: RunOptions): Promise<Execution<T>>
+
+  /**
+   * Lists unfinished atomic-phases flows whose lock expired (their process crashed or gave
+   * up), idle longest first. Resume one by calling {@link run} with its scope, key and request.
+   */
+  abandoned(options?: AbandonedOptions): Promise<AbandonedFlow[]>
+
+  /**
    * Brings the table to the latest schema, recording applied migrations in its own table
    * (`<tableName>_migration`). Safe to call from several processes at once.
    */
@@ -103,7 +156,7 @@ export interface Idempotency<DB> {
   prune(options?: PruneOptions): Promise<number>
 }
 
-const DEFAULTS = { ttl: 24 * 60 * 60 * 1000, conflictWait: 5000, lockTimeout: 30_000, maxAttempts: 5, batchSize: 1000 }
+const DEFAULTS = { ttl: 24 * 60 * 60 * 1000, conflictWait: 5000, lockTimeout: 30_000, maxAttempts: 5, batchSize: 1000, abandonedLimit: 100 }
 
 /**
  * Creates an idempotency store for one Kysely instance and table.
@@ -123,13 +176,16 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
   const tableName = checkTableName(options.tableName ?? DEFAULT_TABLE)
   const dialect = options.dialect ?? detectDialect(db as unknown as Kysely<unknown>)
   const core = new Core(dialect, tableName)
+  const phases = new Phases(core)
   const base = resolveSettings(DEFAULTS, options)
-  positive('lockTimeout', options.lockTimeout ?? DEFAULTS.lockTimeout)
+  const lockTimeout = positive('lockTimeout', options.lockTimeout ?? DEFAULTS.lockTimeout)
   const settings = (call: TransactionOptions = {}): Settings => ({ ...resolveSettings(base, call), isolationLevel: call.isolationLevel })
   const execute = <T>(trx: Transaction<DB>, key: IdempotencyKeyInput, fn: (trx: Transaction<DB>) => Promise<T>, call?: CallOptions) =>
     core.execute(requireTransaction(trx), normalizeKey(key), fn, settings(call))
   const executeTransaction = <T>(key: IdempotencyKeyInput, fn: (trx: Transaction<DB>) => Promise<T>, call?: TransactionOptions) =>
     core.transaction(db, normalizeKey(key), fn, settings(call))
+  const executeRun = <T>(key: IdempotencyKeyInput, flow: (flow: Flow<DB, T>) => Promise<T>, call: RunOptions = {}) =>
+    phases.run(db, normalizeKey(key), flow, { ...settings(call), lockTimeout: positive('lockTimeout', call.lockTimeout ?? lockTimeout) })
 
   return {
     tableName,
@@ -138,6 +194,14 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
     executeTransaction,
     withIdempotency: async (trx, key, fn, call) => (await execute(trx, key, fn, call)).value,
     transaction: async (key, fn, call) => (await executeTransaction(key, fn, call)).value,
+    executeRun,
+    run: async (key, flow, call) => (await executeRun(key, flow, call)).value,
+    abandoned: (call = {}) =>
+      phases.abandoned(
+        db as unknown as Kysely<unknown>,
+        nonNegative('olderThan', call.olderThan ?? 0),
+        positive('limit', call.limit ?? DEFAULTS.abandonedLimit),
+      ),
     migrate: () => migrateTable(db as unknown as Kysely<unknown>, tableName, dialect),
     prune: (prune = {}) => core.prune(db as unknown as Kysely<unknown>, positive('batchSize', prune.batchSize ?? DEFAULTS.batchSize)),
   }
@@ -198,5 +262,10 @@ function resolveSettings(base: Settings, options: CallOptions & { readonly maxAt
 
 function positive(name: string, value: number): number {
   if (!Number.isSafeInteger(value) || value <= 0) throw new RangeError(`The option ${name} must be a positive integer, got ${value}.`)
+  return value
+}
+
+function nonNegative(name: string, value: number): number {
+  if (!Number.isSafeInteger(value) || value < 0) throw new RangeError(`The option ${name} must be an integer of at least 0, got ${value}.`)
   return value
 }

@@ -1,9 +1,20 @@
 export { createIdempotency, withIdempotency } from './idempotency.js'
-export type { CallOptions, Idempotency, IdempotencyOptions, PruneOptions, TransactionOptions, WithIdempotencyOptions } from './idempotency.js'
+export type {
+  AbandonedOptions,
+  CallOptions,
+  Idempotency,
+  IdempotencyOptions,
+  PruneOptions,
+  RunOptions,
+  TransactionOptions,
+  WithIdempotencyOptions,
+} from './idempotency.js'
+export type { AbandonedFlow, Flow } from './phases.js'
 export type { Execution } from './core.js'
 export {
   IdempotencyConflictError,
   IdempotencyError,
+  IdempotencyFlowError,
   IdempotencyKeyReuseError,
   IdempotencyLockLostError,
   IdempotencySerializationError,

@@ -32,6 +32,8 @@ export interface NormalizedKey {
   readonly scope: string
   readonly key: string
   readonly fingerprint: string
+  /** The canonical JSON text of the request. */
+  readonly request: string
 }
 
 const KEY_PATTERN = /^[\x20-\x7e]{1,255}$/
@@ -48,7 +50,8 @@ export function normalizeKey(input: IdempotencyKeyInput): NormalizedKey {
       `The idempotency scope must be a string of at most ${MAX_SCOPE_LENGTH} characters without NUL or lone surrogates.`,
     )
   }
-  return { scope, key, fingerprint: fingerprint(request) }
+  const canonical = canonicalJson(request)
+  return { scope, key, fingerprint: sha256(canonical), request: canonical }
 }
 
 function describeBadKey(key: unknown): string {
@@ -70,7 +73,11 @@ function describeBadKey(key: unknown): string {
  * ```
  */
 export function fingerprint(request: unknown): string {
-  return createHash('sha256').update(canonicalJson(request)).digest('hex')
+  return sha256(canonicalJson(request))
+}
+
+function sha256(text: string): string {
+  return createHash('sha256').update(text).digest('hex')
 }
 
 /** Canonical JSON text of a value, with the same strictness as stored results. */

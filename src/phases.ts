@@ -1,0 +1,347 @@
+import { randomBytes } from 'node:crypto'
+import type { Kysely, Transaction } from 'kysely'
+import { EXPIRED, type Core, type Execution, type Settings } from './core.js'
+import { FINISHED, STARTED, type KeyRow } from './dialect.js'
+import { IdempotencyConflictError, IdempotencyFlowError, IdempotencyLockLostError } from './errors.js'
+import { serializeResult, type JsonValue, type NormalizedKey } from './request.js'
+import type { Lease, Statements } from './statements.js'
+
+/**
+ * The handle an atomic-phases flow receives from {@link Idempotency.run}: it runs each phase
+ * or step at most once per key, across attempts and processes.
+ */
+export interface Flow<DB, T> {
+  /** The client's idempotency key. */
+  readonly key: string
+  /** The scope of the key. */
+  readonly scope: string
+  /** 1 for the first attempt at this key, 2 for the first resume, and so on. */
+  readonly attempt: number
+  /** The recovery point this attempt started from: `started` or the last recorded phase or step. */
+  readonly resumedFrom: string
+
+  /**
+   * Runs `fn` in its own transaction and records its value with it; on a resume where the
+   * phase is already recorded, returns the recorded value and runs nothing. The value is
+   * always returned as a JSON round trip, so the code after a phase sees the same thing on
+   * the first attempt and on a resume.
+   *
+   * Throws `IdempotencyLockLostError` (and rolls the phase back) when another attempt took
+   * the key over.
+   *
+   * ### Examples
+   *
+   * ```ts
+   * const ride = await flow.phase('ride_created', (trx) =>
+   *   trx.insertInto('rides').values({ origin, target }).returningAll().executeTakeFirstOrThrow())
+   * ```
+   */
+  phase<V>(name: string, fn: (trx: Transaction<DB>) => Promise<V>): Promise<V>
+
+  /**
+   * Runs `fn` outside any transaction (for a call to another system) and then records its
+   * value, fenced like a phase. If the process dies between the call and the record, the
+   * call runs again on resume: make it idempotent with {@link stepKey}.
+   *
+   * ### Examples
+   *
+   * ```ts
+   * const charge = await flow.step('charge_created', () =>
+   *   stripe.paymentIntents.create({ amount, currency: 'usd' }, { idempotencyKey: flow.stepKey('charge_created') }))
+   * ```
+   */
+  step<V>(name: string, fn: () => Promise<V>): Promise<V>
+
+  /**
+   * A key for the foreign call of step `name`, the same in every attempt and process that
+   * works on this key, and different after the key expires and is used again.
+   */
+  stepKey(name: string): string
+
+  /**
+   * Finishes the key now with `response` as the stored response (a deterministic failure,
+   * such as a declined card), so that retries replay it instead of resuming. It throws to
+   * end the flow; a phase it is called in rolls back. `run` then returns `response`.
+   */
+  fail(response: T): never
+}
+
+/** An unfinished atomic-phases flow whose lock has expired; see {@link Idempotency.abandoned}. */
+export interface AbandonedFlow {
+  readonly scope: string
+  readonly key: string
+  /** The last recorded phase or step, or `started`. */
+  readonly recoveryPoint: string
+  /** The `request` given to `run`, to re-drive the flow with. */
+  readonly request: JsonValue
+  /** How many attempts worked on the flow. */
+  readonly attempts: number
+  /** Milliseconds since the key was first claimed. */
+  readonly age: number
+  /** Milliseconds since an attempt last recorded anything. */
+  readonly idle: number
+}
+
+/** Settings of one `run`. */
+export interface FlowSettings extends Settings {
+  readonly lockTimeout: number
+}
+
+/** `phase_results`: the flow's own members start with `$`, phase names with a letter. */
+interface PhaseMap {
+  readonly $flow: string
+  readonly $attempt: number
+  readonly $request: JsonValue
+  readonly [name: string]: JsonValue
+}
+
+const NAME = /^[A-Za-z][A-Za-z0-9_.:-]{0,99}$/
+const CLAIM_ROUNDS = 3
+
+class Failure<T> extends Error {
+  constructor(
+    readonly owner: object,
+    readonly response: T,
+  ) {
+    super('flow.fail() was called outside of the flow that owns it.')
+  }
+}
+
+/** The atomic-phases algorithm on top of a {@link Core}. */
+export class Phases {
+  readonly #core: Core
+
+  constructor(core: Core) {
+    this.#core = core
+  }
+
+  async run<T, DB>(db: Kysely<DB>, key: NormalizedKey, body: (flow: Flow<DB, T>) => Promise<T>, settings: FlowSettings): Promise<Execution<T>> {
+    const core = this.#core
+    const plain = db.withoutPlugins() as unknown as Kysely<unknown>
+    const s = await core.statements(plain)
+    const seen = await core.guard(settings, () => s.lookup(plain, key.scope, key.key))
+    if (seen && !resumable(seen, key)) {
+      const verdict = core.decide(seen, key, settings)
+      if (verdict !== EXPIRED) return { value: verdict.value as T, replayed: true }
+    }
+    const claim = await core.retrying(settings, () =>
+      plain.transaction().execute((trx) => this.#claim(trx, s, key, settings)),
+    )
+    if ('value' in claim) return { value: claim.value as T, replayed: true }
+    const attempt = new Attempt<DB, T>(db, core, s, key, claim.lease, claim.phases, settings)
+    return { value: await attempt.run(body), replayed: false }
+  }
+
+  async abandoned(db: Kysely<unknown>, olderThan: number, limit: number): Promise<AbandonedFlow[]> {
+    const plain = db.withoutPlugins()
+    const s = await this.#core.statements(plain)
+    const rows = await this.#core.guard(undefined, () => s.abandoned(plain, olderThan, limit))
+    return rows.map((row) => {
+      const phases = JSON.parse(String(row.phases)) as PhaseMap
+      return {
+        scope: text(row.scope),
+        key: text(row.key),
+        recoveryPoint: String(row.point),
+        request: phases.$request,
+        attempts: phases.$attempt,
+        age: Number(row.age),
+        idle: Number(row.idle),
+      }
+    })
+  }
+
+  /** In one short transaction: a new row, a takeover of a stopped attempt, or a replay. */
+  async #claim(
+    trx: Kysely<unknown>,
+    s: Statements,
+    key: NormalizedKey,
+    settings: FlowSettings,
+  ): Promise<{ lease: Lease; phases: PhaseMap } | { value: unknown }> {
+    const core = this.#core
+    const renewal = (phases: PhaseMap) => ({ lease: settings.lockTimeout, ttl: settings.ttl, phases: JSON.stringify(phases) })
+    for (let round = 1; round <= CLAIM_ROUNDS; round++) {
+      const row = await core.guard(settings, () => s.lock(trx, key.scope, key.key, settings.conflictWait))
+      const token = randomBytes(16).toString('hex')
+      if (!row) {
+        const phases = fresh(key)
+        const claim = await core.guard(settings, () =>
+          s.claim(trx, { ...key, wait: settings.conflictWait, token, ...renewal(phases) }),
+        )
+        if (claim.claimed !== null) return { lease: { id: claim.claimed, token }, phases }
+        continue
+      }
+      if (resumable(row, key)) {
+        const previous = row.phases === null ? fresh(key) : (JSON.parse(row.phases) as PhaseMap)
+        const phases = { ...previous, $attempt: previous.$attempt + 1 }
+        if (await s.takeOver(trx, row.id, row.token, { id: row.id, token }, renewal(phases))) return { lease: { id: row.id, token }, phases }
+        continue
+      }
+      const verdict = core.decide(row, key, settings)
+      if (verdict !== EXPIRED) return verdict
+      const phases = fresh(key)
+      const values = { ...key, wait: settings.conflictWait, token, ...renewal(phases) }
+      if (await core.guard(settings, () => s.reclaim(trx, row.id, values))) return { lease: { id: row.id, token }, phases }
+    }
+    throw new IdempotencyConflictError('race', 'The key kept changing under concurrent requests; retry the request.', {
+      retryAfter: Math.max(1, Math.ceil(settings.conflictWait / 1000)),
+    })
+  }
+}
+
+/** One attempt's run of a flow body while it holds the lock. */
+class Attempt<DB, T> {
+  readonly #db: Kysely<DB>
+  readonly #plain: Kysely<unknown>
+  readonly #core: Core
+  readonly #s: Statements
+  readonly #key: NormalizedKey
+  readonly #lease: Lease
+  readonly #settings: FlowSettings
+  readonly #recorded: readonly string[]
+  #phases: PhaseMap
+  #position = 0
+  readonly #called = new Set<string>()
+  #busy = false
+  #ended = false
+
+  constructor(db: Kysely<DB>, core: Core, s: Statements, key: NormalizedKey, lease: Lease, phases: PhaseMap, settings: FlowSettings) {
+    this.#db = db
+    this.#plain = db.withoutPlugins() as unknown as Kysely<unknown>
+    this.#core = core
+    this.#s = s
+    this.#key = key
+    this.#lease = lease
+    this.#phases = phases
+    this.#settings = settings
+    this.#recorded = Object.keys(phases).filter((name) => !name.startsWith('$'))
+  }
+
+  async run(body: (flow: Flow<DB, T>) => Promise<T>): Promise<T> {
+    try {
+      let value: T
+      try {
+        value = await body(this.#flow())
+        const missed = this.#recorded[this.#position]
+        if (missed !== undefined) {
+          throw new IdempotencyFlowError(`The flow returned before reaching "${missed}", which an earlier attempt recorded; a resume must call the recorded phases in the same order.`)
+        }
+      } catch (error) {
+        if (!(error instanceof Failure) || error.owner !== this) throw error
+        value = error.response as T
+      }
+      await this.#complete(serializeResult(value))
+      return value
+    } catch (error) {
+      if (!(error instanceof IdempotencyLockLostError)) {
+        // The lease runs out by itself if this fails, so the original error is the one to report.
+        await this.#s.release(this.#plain, this.#lease).catch(() => undefined)
+      }
+      throw error
+    } finally {
+      this.#ended = true
+    }
+  }
+
+  #flow(): Flow<DB, T> {
+    const key = this.#key
+    const flowId = this.#phases.$flow
+    return {
+      key: key.key,
+      scope: key.scope,
+      attempt: this.#phases.$attempt,
+      resumedFrom: this.#recorded.at(-1) ?? STARTED,
+      phase: (name, fn) => this.#perform(name, () => this.#phase(name, fn)),
+      step: (name, fn) => this.#perform(name, () => this.#step(name, fn)),
+      stepKey: (name) => `${flowId}.${checkName(name)}`,
+      fail: (response) => {
+        throw new Failure(this, response)
+      },
+    }
+  }
+
+  /** Checks the call against the recorded order; returns the recorded value or runs `perform`. */
+  async #perform<V>(name: string, perform: () => Promise<V>): Promise<V> {
+    checkName(name)
+    if (this.#ended) throw new IdempotencyFlowError(`"${name}" was called after the flow ended.`)
+    if (this.#busy) throw new IdempotencyFlowError(`"${name}" was called while another phase or step was running; await each one before the next.`)
+    if (this.#called.has(name)) throw new IdempotencyFlowError(`The phase or step name "${name}" is used twice in one flow; names must be unique.`)
+    this.#called.add(name)
+    const expected = this.#recorded[this.#position++]
+    if (expected !== undefined) {
+      if (expected !== name) {
+        throw new IdempotencyFlowError(`The flow called "${name}" where an earlier attempt recorded "${expected}"; a resume must call the recorded phases in the same order.`)
+      }
+      return this.#phases[name] as V
+    }
+    this.#busy = true
+    try {
+      return await perform()
+    } finally {
+      this.#busy = false
+    }
+  }
+
+  async #phase<V>(name: string, fn: (trx: Transaction<DB>) => Promise<V>): Promise<V> {
+    const core = this.#core
+    const s = this.#s
+    const settings = this.#settings
+    const recorded = await core.retrying(settings, () =>
+      this.#db.transaction().execute(async (trx) => {
+        const own = trx.withoutPlugins() as unknown as Kysely<unknown>
+        const held = await core.guard(settings, () => s.withLockWait(own, settings.conflictWait, () => s.fence(own, this.#lease)))
+        if (!held) throw this.#lost(name)
+        return this.#record(own, name, await fn(trx))
+      }),
+    )
+    this.#phases = recorded.phases
+    return recorded.value as V
+  }
+
+  async #step<V>(name: string, fn: () => Promise<V>): Promise<V> {
+    const recorded = await this.#record(this.#plain, name, await fn())
+    this.#phases = recorded.phases
+    return recorded.value as V
+  }
+
+  async #record(db: Kysely<unknown>, name: string, value: unknown): Promise<{ value: unknown; phases: PhaseMap }> {
+    const stored = JSON.parse(serializeResult(value)) as JsonValue
+    const phases: PhaseMap = { ...this.#phases, [name]: stored }
+    const renewal = { lease: this.#settings.lockTimeout, ttl: this.#settings.ttl, phases: JSON.stringify(phases) }
+    if (!(await this.#core.guard(this.#settings, () => this.#s.record(db, this.#lease, name, renewal)))) throw this.#lost(name)
+    return { value: stored, phases }
+  }
+
+  async #complete(response: string): Promise<void> {
+    const settings = this.#settings
+    if (!(await this.#core.guard(settings, () => this.#s.complete(this.#plain, this.#lease, response, settings.ttl)))) throw this.#lost(FINISHED)
+  }
+
+  #lost(name: string): IdempotencyLockLostError {
+    return new IdempotencyLockLostError(
+      `Another attempt took over the idempotency key "${this.#key.key}" after this attempt's lock expired, so "${name}" was not recorded; raise lockTimeout above the slowest step.`,
+    )
+  }
+}
+
+/** A row that `run` continues: same request, not finished or expired, nobody holding it. */
+function resumable(row: KeyRow, key: NormalizedKey): boolean {
+  return !row.expired && !row.locked && row.fingerprint === key.fingerprint && row.recoveryPoint !== FINISHED
+}
+
+function fresh(key: NormalizedKey): PhaseMap {
+  return { $flow: randomBytes(16).toString('base64url'), $attempt: 1, $request: JSON.parse(key.request) as JsonValue }
+}
+
+function checkName(name: string): string {
+  if (typeof name !== 'string' || !NAME.test(name) || name === STARTED || name === FINISHED) {
+    throw new IdempotencyFlowError(
+      `${JSON.stringify(name)} is not a valid phase or step name: use 1 to 100 letters, digits, "_", ".", ":" or "-", starting with a letter, other than "started" and "finished".`,
+    )
+  }
+  return name
+}
+
+/** MySQL returns `VARBINARY` columns as bytes. */
+function text(value: unknown): string {
+  return value instanceof Uint8Array ? new TextDecoder().decode(value) : String(value)
+}

@@ -1,0 +1,132 @@
+import { sql, type Kysely } from 'kysely'
+import {
+  aliased,
+  decodeKeyRow,
+  FINISHED,
+  keyRowColumns,
+  STARTED,
+  type ClaimValues,
+  type DialectStatements,
+  type IdempotencyDialect,
+  type KeyRow,
+  type RowId,
+} from './dialect.js'
+import { prepare } from './sql.js'
+
+/** An unfinished atomic-phases row whose lock expired, as {@link Statements.abandoned} reads it. */
+export interface AbandonedRow {
+  readonly scope: unknown
+  readonly key: unknown
+  readonly point: unknown
+  readonly phases: unknown
+  readonly age: unknown
+  readonly idle: unknown
+}
+
+/** A lock held by one atomic-phases attempt: the row and the attempt's token. */
+export interface Lease {
+  readonly id: RowId
+  readonly token: string
+}
+
+/** New lock values for a takeover or a recorded phase. */
+export interface Renewal {
+  /** Milliseconds the lock lasts from now. */
+  readonly lease: number
+  /** Milliseconds the key lives from now. */
+  readonly ttl: number
+  /** The whole `phase_results` JSON text. */
+  readonly phases: string
+}
+
+/**
+ * Every statement the library sends for one table: the dialect's own, plus the ones that are
+ * the same everywhere once the dialect supplies its clock and JSON handling.
+ */
+export interface Statements extends Required<DialectStatements> {
+  lookup(db: Kysely<unknown>, scope: string, key: string): Promise<KeyRow | undefined>
+  /** Restarts an expired key for a new request; `false` if it is no longer expired. */
+  reclaim(db: Kysely<unknown>, id: RowId, values: ClaimValues): Promise<boolean>
+  finish(db: Kysely<unknown>, id: RowId, response: string): Promise<void>
+  /** Gives the lock of an unfinished key to a new attempt; `false` if `previous` no longer holds it. */
+  takeOver(db: Kysely<unknown>, id: RowId, previous: string | null, lease: Lease, renewal: Renewal): Promise<boolean>
+  /** Row-locks the key for the current transaction if `lease` still holds it. */
+  fence(db: Kysely<unknown>, lease: Lease): Promise<boolean>
+  /** Records a phase and extends the lock, if `lease` still holds it. */
+  record(db: Kysely<unknown>, lease: Lease, point: string, renewal: Renewal): Promise<boolean>
+  /** Stores the response and clears the lock, if `lease` still holds it. */
+  complete(db: Kysely<unknown>, lease: Lease, response: string, ttl: number): Promise<boolean>
+  /** Clears the lock so that a retry resumes at once, if `lease` still holds it. */
+  release(db: Kysely<unknown>, lease: Lease): Promise<void>
+  abandoned(db: Kysely<unknown>, idleFor: number, limit: number): Promise<readonly AbandonedRow[]>
+}
+
+/** Compiles every statement for `table` once. */
+export async function prepareStatements(db: Kysely<unknown>, dialect: IdempotencyDialect, table: string): Promise<Statements> {
+  const own = await dialect.prepare(db, table)
+  const now = dialect.clock
+  const later = dialect.later
+  const ours = (p: { id: unknown; token: unknown }) => sql`id = ${p.id} and lock_token = ${p.token}`
+  const lookup = prepare(db, ['scope', 'key'], (p) => sql`
+    select ${keyRowColumns(dialect)} from ${aliased(table)} where k.scope = ${p.scope} and ${sql.ref('k.key')} = ${p.key}`)
+  const reclaim = prepare(db, ['id', 'fingerprint', 'ttl', 'token', 'lease', 'phases'], (p) => sql`
+    update ${sql.table(table)} set fingerprint = ${p.fingerprint}, recovery_point = ${sql.lit(STARTED)},
+      phase_results = ${p.phases}, response = null, lock_token = ${p.token}, locked_until = ${later(p.lease)},
+      created_at = ${now}, last_run_at = ${now}, expires_at = ${later(p.ttl)}
+    where id = ${p.id} and expires_at <= ${now}`)
+  const finish = prepare(db, ['id', 'response'], (p) => sql`
+    update ${sql.table(table)} set response = ${p.response}, recovery_point = ${sql.lit(FINISHED)}, last_run_at = ${now}
+    where id = ${p.id}`)
+  const takeOver = prepare(db, ['id', 'previous', 'token', 'lease', 'ttl', 'phases'], (p) => sql`
+    update ${sql.table(table)} set lock_token = ${p.token}, locked_until = ${later(p.lease)}, phase_results = ${p.phases},
+      last_run_at = ${now}, expires_at = ${later(p.ttl)}
+    where id = ${p.id} and recovery_point <> ${sql.lit(FINISHED)}
+      and (lock_token = ${p.previous} or (lock_token is null and ${p.previous} is null))
+      and (locked_until is null or locked_until <= ${now})`)
+  const fence = prepare(db, ['id', 'token'], (p) => sql`
+    update ${sql.table(table)} set last_run_at = ${now} where ${ours(p)}`)
+  const record = prepare(db, ['id', 'token', 'point', 'lease', 'ttl', 'phases'], (p) => sql`
+    update ${sql.table(table)} set phase_results = ${p.phases}, recovery_point = ${p.point},
+      locked_until = ${later(p.lease)}, last_run_at = ${now}, expires_at = ${later(p.ttl)}
+    where ${ours(p)}`)
+  const complete = prepare(db, ['id', 'token', 'response', 'ttl'], (p) => sql`
+    update ${sql.table(table)} set response = ${p.response}, recovery_point = ${sql.lit(FINISHED)},
+      lock_token = null, locked_until = null, last_run_at = ${now}, expires_at = ${later(p.ttl)}
+    where ${ours(p)}`)
+  const release = prepare(db, ['id', 'token'], (p) => sql`
+    update ${sql.table(table)} set lock_token = null, locked_until = null where ${ours(p)}`)
+  const idle = dialect.elapsed(sql.ref('last_run_at'))
+  const abandoned = prepare(db, ['idle', 'limit'], (p) => sql`
+    select scope, ${sql.ref('key')} as ${sql.ref('key')}, recovery_point as point, ${dialect.jsonText(sql.ref('phase_results'))} as phases,
+      ${dialect.elapsed(sql.ref('created_at'))} as age, ${idle} as idle
+    from ${sql.table(table)}
+    where recovery_point <> ${sql.lit(FINISHED)} and phase_results is not null and expires_at > ${now}
+      and (locked_until is null or locked_until <= ${now}) and ${idle} >= ${p.idle}
+    order by last_run_at limit ${p.limit}`)
+
+  const changed = async (db: Kysely<unknown>, query: ReturnType<typeof fence.bind>) => (await db.executeQuery(query)).numAffectedRows === 1n
+  const read = async (db: Kysely<unknown>, scope: string, key: string) => {
+    const { rows } = await db.executeQuery<Record<string, unknown>>(lookup.bind({ scope, key }))
+    return rows[0] && decodeKeyRow(rows[0])
+  }
+  return {
+    ...own,
+    lookup: read,
+    latest: own.latest ?? read,
+    reclaim: (db, id, values) => own.withLockWait(db, values.wait, () => changed(db, reclaim.bind({ ...values, id }))),
+    async finish(db, id, response) {
+      await db.executeQuery(finish.bind({ id, response }))
+    },
+    takeOver: (db, id, previous, lease, renewal) => changed(db, takeOver.bind({ ...renewal, id, previous, token: lease.token })),
+    fence: (db, lease) => changed(db, fence.bind(lease)),
+    record: (db, lease, point, renewal) => changed(db, record.bind({ ...lease, ...renewal, point })),
+    complete: (db, lease, response, ttl) => changed(db, complete.bind({ ...lease, response, ttl })),
+    async release(db, lease) {
+      await db.executeQuery(release.bind(lease))
+    },
+    async abandoned(db, idleFor, limit) {
+      const { rows } = await db.executeQuery<AbandonedRow>(abandoned.bind({ idle: idleFor, limit }))
+      return rows
+    },
+  }
+}
