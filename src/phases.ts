@@ -288,7 +288,9 @@ class Attempt<DB, T> {
     const recorded = await core.retrying(settings, () =>
       this.#db.transaction().execute(async (trx) => {
         const own = trx.withoutPlugins() as unknown as Kysely<unknown>
-        const held = await core.guard(settings, () => s.withLockWait(own, settings.conflictWait, () => s.fence(own, this.#lease)))
+        const held = await core.guard(settings, () =>
+          s.withLockWait(own, settings.conflictWait, () => s.fence(own, this.#lease, settings.lockTimeout)),
+        )
         if (!held) throw this.#lost(name)
         return this.#record(own, name, await fn(trx))
       }),
@@ -298,6 +300,10 @@ class Attempt<DB, T> {
   }
 
   async #step<V>(name: string, fn: () => Promise<V>): Promise<V> {
+    // A stalled attempt that lost its lock finds out before calling the other system again,
+    // and a live one gets a whole lease for the call.
+    const held = await this.#core.guard(this.#settings, () => this.#s.fence(this.#plain, this.#lease, this.#settings.lockTimeout))
+    if (!held) throw this.#lost(name)
     const recorded = await this.#record(this.#plain, name, await fn())
     this.#phases = recorded.phases
     return recorded.value as V

@@ -50,8 +50,11 @@ export interface Statements extends Required<DialectStatements> {
   finish(db: Kysely<unknown>, id: RowId, response: string): Promise<void>
   /** Gives the lock of an unfinished key to a new attempt; `false` if `previous` no longer holds it. */
   takeOver(db: Kysely<unknown>, id: RowId, previous: string | null, lease: Lease, renewal: Renewal): Promise<boolean>
-  /** Row-locks the key for the current transaction if `lease` still holds it. */
-  fence(db: Kysely<unknown>, lease: Lease): Promise<boolean>
+  /**
+   * Checks that `lease` still holds the key and extends its lock by `duration` ms; inside a
+   * transaction, the row stays locked until it ends.
+   */
+  fence(db: Kysely<unknown>, lease: Lease, duration: number): Promise<boolean>
   /** Records a phase and extends the lock, if `lease` still holds it. */
   record(db: Kysely<unknown>, lease: Lease, point: string, renewal: Renewal): Promise<boolean>
   /** Stores the response and clears the lock, if `lease` still holds it. */
@@ -81,10 +84,10 @@ export async function prepareStatements(db: Kysely<unknown>, dialect: Idempotenc
     update ${sql.table(table)} set lock_token = ${p.token}, locked_until = ${later(p.lease)}, phase_results = ${p.phases},
       last_run_at = ${now}, expires_at = ${later(p.ttl)}
     where id = ${p.id} and recovery_point <> ${sql.lit(FINISHED)}
-      and (lock_token = ${p.previous} or (lock_token is null and ${p.previous} is null))
+      and coalesce(lock_token, '') = coalesce(${p.previous}, '')
       and (locked_until is null or locked_until <= ${now})`)
-  const fence = prepare(db, ['id', 'token'], (p) => sql`
-    update ${sql.table(table)} set last_run_at = ${now} where ${ours(p)}`)
+  const fence = prepare(db, ['id', 'token', 'lease'], (p) => sql`
+    update ${sql.table(table)} set locked_until = ${later(p.lease)}, last_run_at = ${now} where ${ours(p)}`)
   const record = prepare(db, ['id', 'token', 'point', 'lease', 'ttl', 'phases'], (p) => sql`
     update ${sql.table(table)} set phase_results = ${p.phases}, recovery_point = ${p.point},
       locked_until = ${later(p.lease)}, last_run_at = ${now}, expires_at = ${later(p.ttl)}
@@ -118,7 +121,7 @@ export async function prepareStatements(db: Kysely<unknown>, dialect: Idempotenc
       await db.executeQuery(finish.bind({ id, response }))
     },
     takeOver: (db, id, previous, lease, renewal) => changed(db, takeOver.bind({ ...renewal, id, previous, token: lease.token })),
-    fence: (db, lease) => changed(db, fence.bind(lease)),
+    fence: (db, lease, duration) => changed(db, fence.bind({ ...lease, lease: duration })),
     record: (db, lease, point, renewal) => changed(db, record.bind({ ...lease, ...renewal, point })),
     complete: (db, lease, response, ttl) => changed(db, complete.bind({ ...lease, response, ttl })),
     async release(db, lease) {

@@ -1,24 +1,7 @@
 import type { IsolationLevel } from 'kysely'
 import { afterEach, beforeEach, describe, expect, it } from 'vitest'
-import { IdempotencyConflictError } from '../src/index.js'
-import { openFixture, selectedTargets, startWorker, type Fixture } from './support/harness.js'
+import { expectOneOutcome, openFixture, selectedTargets, startWorker, type Fixture } from './support/harness.js'
 import { answer, sleep, type Answer } from './support/util.js'
-
-/**
- * Exactly one answer is the first execution, and every other is a replay of its value; the
- * only errors tolerated are 409s for the `reasons` given (none unless a test says so).
- */
-function expectOneOutcome(answers: Answer[], value: unknown, reasons: string[] = []): void {
-  for (const a of answers) {
-    if ('error' in a) {
-      expect(a.error, JSON.stringify(a)).toBe(IdempotencyConflictError.name)
-      expect(reasons, JSON.stringify(a)).toContain(a.reason)
-    } else {
-      expect(a.value).toEqual(value)
-    }
-  }
-  expect(answers.filter((a) => 'replayed' in a && !a.replayed)).toHaveLength(1)
-}
 
 for (const target of selectedTargets()) {
   describe(`concurrency: ${target.id}`, () => {

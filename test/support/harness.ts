@@ -3,10 +3,10 @@ import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { sql, type Kysely, type Transaction } from 'kysely'
-import { inject } from 'vitest'
-import { createIdempotency, migrationTables, type Idempotency, type IdempotencyOptions } from '../../src/index.js'
+import { expect, inject } from 'vitest'
+import { createIdempotency, IdempotencyConflictError, migrationTables, type Idempotency, type IdempotencyOptions } from '../../src/index.js'
 import { ALL_TARGETS, openDatabase, type Target } from './databases.js'
-import type { WorkerArgs } from './util.js'
+import type { Answer, WorkerArgs } from './util.js'
 
 /** The targets this run covers (all, or those picked with KIDEM_TARGETS). */
 export function selectedTargets(): readonly Target[] {
@@ -21,6 +21,8 @@ export interface Fixture {
   readonly location: string
   readonly db: Kysely<any>
   readonly table: string
+  /** The side-effect table: one column `k`. */
+  readonly effectsTable: string
   readonly idempotency: Idempotency<any>
   /** Records one side effect of `key` in the transaction. */
   effect(trx: Transaction<any>, key: string): Promise<void>
@@ -51,6 +53,7 @@ export async function openFixture(target: Target, options: Omit<IdempotencyOptio
     location,
     db,
     table,
+    effectsTable,
     idempotency,
     with: make,
     async effect(trx, key) {
@@ -113,6 +116,7 @@ export function startWorker(args: WorkerArgs): Worker {
     done,
     printed: (line) =>
       new Promise<void>((resolve, reject) => {
+        if (stdout.split('\n').includes(line)) resolve()
         waiters.push({ line, resolve })
         void done.then((r) => reject(new Error(`worker exited (${r.code ?? r.signal}) before printing ${line}: ${r.stderr}`)))
       }),
@@ -130,4 +134,20 @@ export const sessions = {
     id: async (trx: Transaction<any>) => Number((await sql<{ id: number }>`select connection_id() as id`.execute(trx)).rows[0]!.id),
     kill: (db: Kysely<any>, id: number) => sql`kill ${sql.lit(id)}`.execute(db),
   },
+}
+
+/**
+ * Exactly one answer is the first execution, and every other is a replay of its value; the
+ * only errors tolerated are 409s for the `reasons` given (none unless a test says so).
+ */
+export function expectOneOutcome(answers: Answer[], value: unknown, reasons: string[] = []): void {
+  for (const a of answers) {
+    if ('error' in a) {
+      expect(a.error, JSON.stringify(a)).toBe(IdempotencyConflictError.name)
+      expect(reasons, JSON.stringify(a)).toContain(a.reason)
+    } else {
+      expect(a.value).toEqual(value)
+    }
+  }
+  expect(answers.filter((a) => 'replayed' in a && !a.replayed)).toHaveLength(1)
 }

@@ -20,9 +20,14 @@ export interface WorkerArgs {
   readonly target: string
   readonly location: string
   readonly table: string
-  readonly action: 'storm' | 'hold' | 'migrate'
+  readonly action: 'storm' | 'hold' | 'migrate' | 'ride'
   readonly key?: string
   readonly count?: number
+  /** `ride`: where to print `at:<point>` and then wait to be killed, or stall for `stall` ms. */
+  readonly stopAt?: string
+  readonly stall?: number
+  /** `ride`: the lock timeout of the flow, in milliseconds. */
+  readonly lockTimeout?: number
   /** Epoch ms at which to start, so that several processes fire together. */
   readonly startAt?: number
 }
