@@ -99,7 +99,15 @@ export function mysqlDialect(options: MysqlDialectOptions = {}): IdempotencyDial
 
       const withLockWait = async <T>(db: Kysely<unknown>, wait: number, run: () => Promise<T>): Promise<T> => {
         await db.executeQuery(setWait.bind({ seconds: toSeconds(wait) }))
-        const result = await run()
+        let result: T
+        try {
+          result = await run()
+        } catch (error) {
+          // The session outlives the transaction: put the setting back before the connection
+          // returns to the pool, and report the statement's own error.
+          await db.executeQuery(restoreWait.bind({})).catch(() => undefined)
+          throw error
+        }
         await db.executeQuery(restoreWait.bind({}))
         return result
       }

@@ -124,9 +124,12 @@ export class Phases {
       const verdict = core.decide(seen, key, settings)
       if (verdict !== EXPIRED) return { value: verdict.value as T, replayed: true }
     }
-    const claim = await core.retrying(settings, () =>
-      plain.transaction().execute((trx) => this.#claim(trx, s, key, settings)),
-    )
+    // A new key is claimed by its insert alone, outside any transaction: on InnoDB, a locking
+    // read of an absent row takes gap locks that make concurrent first claims deadlock. One
+    // connection, because a dialect may bound the insert's lock wait with session settings.
+    const claim =
+      (!seen && (await plain.connection().execute((conn) => this.#insert(conn, s, key, settings)))) ||
+      (await core.retrying(settings, () => plain.transaction().execute((trx) => this.#claim(trx, s, key, settings))))
     if ('value' in claim) return { value: claim.value as T, replayed: true }
     const attempt = new Attempt<DB, T>(db, core, s, key, claim.lease, claim.phases, settings)
     return { value: await attempt.run(body), replayed: false }
@@ -150,6 +153,14 @@ export class Phases {
     })
   }
 
+  /** Inserts the key with a new lock; `undefined` if it exists. */
+  async #insert(db: Kysely<unknown>, s: Statements, key: NormalizedKey, settings: FlowSettings): Promise<{ lease: Lease; phases: PhaseMap } | undefined> {
+    const token = randomBytes(16).toString('hex')
+    const phases = fresh(key)
+    const claim = await this.#core.guard(settings, () => s.claim(db, { ...key, wait: settings.conflictWait, token, ...renewal(settings, phases) }))
+    return claim.claimed === null ? undefined : { lease: { id: claim.claimed, token }, phases }
+  }
+
   /** In one short transaction: a new row, a takeover of a stopped attempt, or a replay. */
   async #claim(
     trx: Kysely<unknown>,
@@ -158,28 +169,24 @@ export class Phases {
     settings: FlowSettings,
   ): Promise<{ lease: Lease; phases: PhaseMap } | { value: unknown }> {
     const core = this.#core
-    const renewal = (phases: PhaseMap) => ({ lease: settings.lockTimeout, ttl: settings.ttl, phases: JSON.stringify(phases) })
     for (let round = 1; round <= CLAIM_ROUNDS; round++) {
       const row = await core.guard(settings, () => s.lock(trx, key.scope, key.key, settings.conflictWait))
-      const token = randomBytes(16).toString('hex')
       if (!row) {
-        const phases = fresh(key)
-        const claim = await core.guard(settings, () =>
-          s.claim(trx, { ...key, wait: settings.conflictWait, token, ...renewal(phases) }),
-        )
-        if (claim.claimed !== null) return { lease: { id: claim.claimed, token }, phases }
+        const claim = await this.#insert(trx, s, key, settings)
+        if (claim) return claim
         continue
       }
+      const token = randomBytes(16).toString('hex')
       if (resumable(row, key)) {
         const previous = row.phases === null ? fresh(key) : (JSON.parse(row.phases) as PhaseMap)
         const phases = { ...previous, $attempt: previous.$attempt + 1 }
-        if (await s.takeOver(trx, row.id, row.token, { id: row.id, token }, renewal(phases))) return { lease: { id: row.id, token }, phases }
+        if (await s.takeOver(trx, row.id, row.token, { id: row.id, token }, renewal(settings, phases))) return { lease: { id: row.id, token }, phases }
         continue
       }
       const verdict = core.decide(row, key, settings)
       if (verdict !== EXPIRED) return verdict
       const phases = fresh(key)
-      const values = { ...key, wait: settings.conflictWait, token, ...renewal(phases) }
+      const values = { ...key, wait: settings.conflictWait, token, ...renewal(settings, phases) }
       if (await core.guard(settings, () => s.reclaim(trx, row.id, values))) return { lease: { id: row.id, token }, phases }
     }
     throw new IdempotencyConflictError('race', 'The key kept changing under concurrent requests; retry the request.', {
@@ -312,8 +319,8 @@ class Attempt<DB, T> {
   async #record(db: Kysely<unknown>, name: string, value: unknown): Promise<{ value: unknown; phases: PhaseMap }> {
     const stored = JSON.parse(serializeResult(value)) as JsonValue
     const phases: PhaseMap = { ...this.#phases, [name]: stored }
-    const renewal = { lease: this.#settings.lockTimeout, ttl: this.#settings.ttl, phases: JSON.stringify(phases) }
-    if (!(await this.#core.guard(this.#settings, () => this.#s.record(db, this.#lease, name, renewal)))) throw this.#lost(name)
+    const recorded = () => this.#s.record(db, this.#lease, name, renewal(this.#settings, phases))
+    if (!(await this.#core.guard(this.#settings, recorded))) throw this.#lost(name)
     return { value: stored, phases }
   }
 
@@ -327,6 +334,10 @@ class Attempt<DB, T> {
       `Another attempt took over the idempotency key "${this.#key.key}" after this attempt's lock expired, so "${name}" was not recorded; raise lockTimeout above the slowest step.`,
     )
   }
+}
+
+function renewal(settings: FlowSettings, phases: PhaseMap) {
+  return { lease: settings.lockTimeout, ttl: settings.ttl, phases: JSON.stringify(phases) }
 }
 
 /** A row that `run` continues: same request, not finished or expired, nobody holding it. */

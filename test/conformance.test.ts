@@ -193,6 +193,31 @@ for (const target of selectedTargets()) {
       expect(String(afterReplay)).toBe(String(before))
     })
 
+    // SQLite has one connection per file here: a second transaction would wait for the first.
+    if (target.database !== 'sqlite') it('leaves the session lock-wait setting as it found it after a conflict', async () => {
+      const setting = {
+        postgres: sql<{ v: string }>`select current_setting('lock_timeout') as v`,
+        mysql: sql<{ v: string }>`select @@innodb_lock_wait_timeout as v`,
+      }[target.database as 'postgres' | 'mysql']
+      const held = gate()
+      const release = gate()
+      const holder = fx.idempotency.transaction('held', async () => {
+        held.open()
+        await release.promise
+        return 'held'
+      })
+      await held.promise
+      const [before, after] = await fx.db.connection().execute(async (conn) => {
+        const before = (await setting.execute(conn)).rows[0]!.v
+        const conflict = conn.transaction().execute((trx) => fx.idempotency.withIdempotency(trx, 'held', async () => 'no', { conflictWait: 1000 }))
+        await expect(conflict).rejects.toMatchObject({ reason: 'in_flight' })
+        return [before, (await setting.execute(conn)).rows[0]!.v]
+      })
+      release.open()
+      expect(await holder).toBe('held')
+      expect(String(after)).toBe(String(before))
+    })
+
     it('needs a transaction for withIdempotency', async () => {
       const notTrx = fx.db as unknown as Parameters<typeof fx.idempotency.withIdempotency>[0]
       await expect(fx.idempotency.withIdempotency(notTrx, 'k', async () => 1)).rejects.toBeInstanceOf(TypeError)

@@ -27,9 +27,11 @@ await idempotency.migrate()
 const first = await idempotency.executeTransaction({ key: 'k', request: 1 }, async () => ({ ok: true }))
 const again = await idempotency.executeTransaction({ key: 'k', request: 1 }, async () => ({ ok: false }))
 const reuse = await idempotency.transaction({ key: 'k', request: 2 }, async () => 0).catch((e) => e instanceof IdempotencyKeyReuseError)
+const flow = async (flow) => (await flow.phase('one', async () => 1)) + (await flow.step('two', async () => 2))
+const phases = [await idempotency.executeRun('f', flow), await idempotency.executeRun('f', flow)]
 for (const t of [tableName, tableName + '_migration', tableName + '_migration_lock']) await db.schema.dropTable(t).execute()
 await db.destroy()
-console.log(JSON.stringify({ first, again, reuse }))
+console.log(JSON.stringify({ first, again, reuse, phases }))
 `
 
 describe('the packed package', () => {
@@ -67,6 +69,11 @@ describe('the packed package', () => {
   it.each(databases)('works from a consumer project on %s', (database) => {
     const location = database === 'sqlite' ? join(project, 'consumer.db') : inject('locations')[database]!
     const result = JSON.parse(run(join(project, 'consumer.mjs'), [database, location], project))
-    expect(result).toEqual({ first: { value: { ok: true }, replayed: false }, again: { value: { ok: true }, replayed: true }, reuse: true })
+    expect(result).toEqual({
+      first: { value: { ok: true }, replayed: false },
+      again: { value: { ok: true }, replayed: true },
+      reuse: true,
+      phases: [{ value: 3, replayed: false }, { value: 3, replayed: true }],
+    })
   })
 })

@@ -40,6 +40,15 @@ for (const target of selectedTargets()) {
         .executeTakeFirstOrThrow()
     }
 
+    /** One answer ran the flow, the others replayed it or met it in flight; each effect happened once. */
+    async function expectRideOnce(answers: Answer[], key: string) {
+      const first = answers.find((a): a is { value: unknown; replayed: boolean } => 'replayed' in a && !a.replayed)
+      expectOneOutcome(answers, first?.value, ['in_flight'])
+      const counts = await rideCounts(key)
+      expect(counts).toMatchObject({ ride: 1, charged: 1 })
+      expect(counts.calls).toHaveLength(1)
+    }
+
     /** Waits until `abandoned()` lists `key`, that is until its lock has expired. */
     async function abandonedEntry(key: string) {
       for (let i = 0; i < 100; i++) {
@@ -257,11 +266,21 @@ for (const target of selectedTargets()) {
     it('runs every phase once under 50 concurrent calls with one key', async () => {
       const slow = (key: string) => ride(key, () => sleep(10))
       const answers = await Promise.all(Array.from({ length: 50 }, () => answer(fx.idempotency.executeRun('storm', slow('storm')))))
-      const first = answers.find((a): a is { value: unknown; replayed: boolean } => 'replayed' in a && !a.replayed)
-      expectOneOutcome(answers, first?.value, ['in_flight'])
-      const counts = await rideCounts('storm')
-      expect(counts).toMatchObject({ ride: 1, charged: 1 })
-      expect(counts.calls).toHaveLength(1)
+      await expectRideOnce(answers, 'storm')
+    })
+
+    it('resumes a stopped flow once under 50 concurrent retries', async () => {
+      await expect(
+        fx.idempotency.run(
+          'resume-storm',
+          ride('resume-storm', async (point) => {
+            if (point === 'ride_created') throw new Error('stop')
+          }),
+        ),
+      ).rejects.toThrow('stop')
+      const slow = ride('resume-storm', () => sleep(10))
+      const answers = await Promise.all(Array.from({ length: 50 }, () => answer(fx.idempotency.executeRun('resume-storm', slow))))
+      await expectRideOnce(answers, 'resume-storm')
     })
 
     it('runs every phase once when 4 processes run the same key at once', async () => {
@@ -273,15 +292,12 @@ for (const target of selectedTargets()) {
         expect(r.code, r.stderr).toBe(0)
         return JSON.parse(r.stdout.trim().split('\n').at(-1)!) as Answer[]
       })
-      const first = answers.find((a): a is { value: unknown; replayed: boolean } => 'replayed' in a && !a.replayed)
-      expectOneOutcome(answers, first?.value, ['in_flight'])
-      const counts = await rideCounts('multi')
-      expect(counts).toMatchObject({ ride: 1, charged: 1 })
-      expect(counts.calls).toHaveLength(1)
+      await expectRideOnce(answers, 'multi')
     })
 
     const recoveryPoints: Record<RidePoint, string> = {
       begun: 'started',
+      creating_ride: 'started',
       ride_created: 'ride_created',
       charge_called: 'ride_created',
       charge_created: 'charge_created',
@@ -289,17 +305,23 @@ for (const target of selectedTargets()) {
     }
 
     it('completes exactly once after a process is killed (SIGKILL) at each phase boundary', async () => {
-      const points = Object.keys(recoveryPoints) as RidePoint[]
-      const workers = points.map((point) => {
-        const worker = startWorker({ target: target.id, location: fx.location, table: fx.table, action: 'ride', key: `kill-${point}`, stopAt: point, lockTimeout: 1500 })
-        return { point, key: `kill-${point}`, worker }
-      })
-      for (const { point, worker } of workers) await worker.printed(`at:${point}`)
-      for (const { worker } of workers) worker.kill('SIGKILL')
-      for (const { point, key, worker } of workers) {
-        expect((await worker.done).signal).toBe('SIGKILL')
-        await expect(fx.idempotency.run(key, ride(key)), `${point}: a retry during the lease`).rejects.toMatchObject({ reason: 'in_flight' })
+      // Each process is killed where it stopped; a retry while its lease lasts gets a 409.
+      const kill = async (points: RidePoint[]) => {
+        const workers = points.map((point) => {
+          const key = `kill-${point}`
+          return { point, key, worker: startWorker({ target: target.id, location: fx.location, table: fx.table, action: 'ride', key, stopAt: point, lockTimeout: 1500 }) }
+        })
+        for (const { point, worker } of workers) await worker.printed(`at:${point}`)
+        for (const { worker } of workers) worker.kill('SIGKILL')
+        for (const { point, key, worker } of workers) {
+          expect((await worker.done).signal).toBe('SIGKILL')
+          await expect(fx.idempotency.run(key, ride(key)), `${point}: a retry during the lease`).rejects.toMatchObject({ reason: 'in_flight' })
+        }
+        return workers
       }
+      // A process stopped inside a phase holds its transaction open; on SQLite that blocks
+      // every other writer, so it goes first, alone.
+      const workers = [...(await kill(['creating_ride'])), ...(await kill(['begun', 'ride_created', 'charge_called', 'charge_created', 'ride_charged']))]
       for (const { point, key } of workers) {
         expect((await abandonedEntry(key)).recoveryPoint, point).toBe(recoveryPoints[point])
         const resumed = await fx.idempotency.executeRun(key, ride(key))
@@ -318,7 +340,7 @@ for (const target of selectedTargets()) {
       const stalls: RidePoint[] = ['ride_created', 'charge_created']
       const workers = stalls.map((point) => {
         const key = `stall-${point}`
-        const worker = startWorker({ target: target.id, location: fx.location, table: fx.table, action: 'ride', key, stopAt: point, stall: 5000, lockTimeout: 1000 })
+        const worker = startWorker({ target: target.id, location: fx.location, table: fx.table, action: 'ride', key, stopAt: point, stall: 3000, lockTimeout: 1000 })
         return { point, key, worker }
       })
       for (const { point, worker } of workers) await worker.printed(`at:${point}`)

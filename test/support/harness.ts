@@ -72,6 +72,7 @@ export async function openFixture(target: Target, options: Omit<IdempotencyOptio
       return Number(n)
     },
     async close() {
+      await Promise.all([...children].map((child) => new Promise((resolve) => child.once('exit', resolve).kill('SIGKILL'))))
       const { migrationTableName, migrationLockTableName } = migrationTables(table)
       for (const t of [table, effectsTable, migrationTableName, migrationLockTableName]) {
         await db.schema.dropTable(t).ifExists().execute()
@@ -97,6 +98,9 @@ export interface Worker {
   kill(signal: NodeJS.Signals): void
 }
 
+/** Children still running; a fixture kills them when it closes, so a failed test leaves none behind. */
+const children = new Set<ReturnType<typeof spawn>>()
+
 export function startWorker(args: WorkerArgs): Worker {
   const child = spawn(process.execPath, ['--import', 'tsx', join(import.meta.dirname, '../fixtures/worker.ts'), JSON.stringify(args)], {
     stdio: ['ignore', 'pipe', 'pipe'],
@@ -109,8 +113,12 @@ export function startWorker(args: WorkerArgs): Worker {
     for (const w of waiters) if (stdout.split('\n').includes(w.line)) w.resolve()
   })
   child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()))
+  children.add(child)
   const done = new Promise<{ code: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string }>((resolve) =>
-    child.on('exit', (code, signal) => resolve({ code, signal, stdout, stderr })),
+    child.on('exit', (code, signal) => {
+      children.delete(child)
+      resolve({ code, signal, stdout, stderr })
+    }),
   )
   return {
     done,

@@ -7,7 +7,7 @@ import type { Kysely } from 'kysely'
 import type { Flow } from '../../src/index.js'
 
 /** Where a test may stop or stall the flow. */
-export type RidePoint = 'begun' | 'ride_created' | 'charge_called' | 'charge_created' | 'ride_charged'
+export type RidePoint = 'begun' | 'creating_ride' | 'ride_created' | 'charge_called' | 'charge_created' | 'ride_charged'
 
 export interface Ride {
   readonly status: number
@@ -28,6 +28,7 @@ export function rideFlow(db: Kysely<any>, effectsTable: string, key: string, at:
     await at('begun')
     const ride = await flow.phase('ride_created', async (trx) => {
       await trx.insertInto(effectsTable).values({ k: names.ride }).execute()
+      await at('creating_ride')
       return { id: `ride-${key}` }
     })
     await at('ride_created')
