@@ -2,6 +2,7 @@ import type { DialectAdapter, IsolationLevel, Kysely, MigrationResultSet, Transa
 import { migrateTable } from '../migrations/index.js'
 import { Core, type Execution, type Settings } from './core.js'
 import { Phases, type AbandonedFlow, type Flow } from './phases.js'
+import type { KeyCounts } from './statements.js'
 import type { IdempotencyDialect } from './dialect.js'
 import { checkTableName, DEFAULT_TABLE, detectDialect } from './detect.js'
 import { normalizeKey, type IdempotencyKeyInput } from './request.js'
@@ -146,6 +147,9 @@ export interface Idempotency<DB> {
    */
   abandoned(options?: AbandonedOptions): Promise<AbandonedFlow[]>
 
+  /** How many keys the table holds in each state, for monitoring. */
+  counts(): Promise<KeyCounts>
+
   /**
    * Brings the table to the latest schema, recording applied migrations in its own table
    * (`<tableName>_migration`). Safe to call from several processes at once.
@@ -202,6 +206,11 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
         nonNegative('olderThan', call.olderThan ?? 0),
         positive('limit', call.limit ?? DEFAULTS.abandonedLimit),
       ),
+    counts: async () => {
+      const plain = (db as unknown as Kysely<unknown>).withoutPlugins()
+      const s = await core.statements(plain)
+      return core.guard(undefined, () => s.counts(plain))
+    },
     migrate: () => migrateTable(db as unknown as Kysely<unknown>, tableName, dialect),
     prune: (prune = {}) => core.prune(db as unknown as Kysely<unknown>, positive('batchSize', prune.batchSize ?? DEFAULTS.batchSize)),
   }

@@ -10,6 +10,7 @@ export type {
   WithIdempotencyOptions,
 } from './idempotency.js'
 export type { AbandonedFlow, Flow } from './phases.js'
+export type { KeyCounts } from './statements.js'
 export type { Execution } from './core.js'
 export {
   IdempotencyConflictError,

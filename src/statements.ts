@@ -1,4 +1,4 @@
-import { sql, type Kysely } from 'kysely'
+import { sql, type Kysely, type RawBuilder } from 'kysely'
 import {
   aliased,
   decodeKeyRow,
@@ -62,6 +62,19 @@ export interface Statements extends Required<DialectStatements> {
   /** Clears the lock so that a retry resumes at once, if `lease` still holds it. */
   release(db: Kysely<unknown>, lease: Lease): Promise<void>
   abandoned(db: Kysely<unknown>, idleFor: number, limit: number): Promise<readonly AbandonedRow[]>
+  counts(db: Kysely<unknown>): Promise<KeyCounts>
+}
+
+/** How many keys the table holds in each state; see {@link Statements.counts}. */
+export interface KeyCounts {
+  /** Unfinished atomic-phases flows an attempt holds. */
+  readonly live: number
+  /** Finished keys still replayable. */
+  readonly finished: number
+  /** Keys past their lifetime, waiting for `prune`. */
+  readonly expired: number
+  /** Unfinished atomic-phases flows whose lock expired or was released. */
+  readonly abandoned: number
 }
 
 /** Compiles every statement for `table` once. */
@@ -107,6 +120,17 @@ export async function prepareStatements(db: Kysely<unknown>, dialect: Idempotenc
       and (locked_until is null or locked_until <= ${now}) and ${idle} >= ${p.idle}
     order by last_run_at limit ${p.limit}`)
 
+  const unexpired = sql`expires_at > ${now}`
+  const unfinished = sql`${unexpired} and recovery_point <> ${sql.lit(FINISHED)}`
+  const held = sql`lock_token is not null and locked_until > ${now}`
+  const count = (condition: RawBuilder<unknown>) => sql`coalesce(sum(case when ${condition} then 1 else 0 end), 0)`
+  const counts = prepare(db, [], () => sql`
+    select ${count(sql`${unfinished} and ${held}`)} as live,
+      ${count(sql`${unexpired} and recovery_point = ${sql.lit(FINISHED)}`)} as finished,
+      ${count(sql`expires_at <= ${now}`)} as expired,
+      ${count(sql`${unfinished} and not (${held})`)} as abandoned
+    from ${sql.table(table)}`)
+
   const changed = async (db: Kysely<unknown>, query: ReturnType<typeof fence.bind>) => (await db.executeQuery(query)).numAffectedRows === 1n
   const read = async (db: Kysely<unknown>, scope: string, key: string) => {
     const { rows } = await db.executeQuery<Record<string, unknown>>(lookup.bind({ scope, key }))
@@ -126,6 +150,11 @@ export async function prepareStatements(db: Kysely<unknown>, dialect: Idempotenc
     complete: (db, lease, response, ttl) => changed(db, complete.bind({ ...lease, response, ttl })),
     async release(db, lease) {
       await db.executeQuery(release.bind(lease))
+    },
+    async counts(db) {
+      const { rows } = await db.executeQuery<Record<keyof KeyCounts, unknown>>(counts.bind({}))
+      const row = rows[0]
+      return { live: Number(row?.live), finished: Number(row?.finished), expired: Number(row?.expired), abandoned: Number(row?.abandoned) }
     },
     async abandoned(db, idleFor, limit) {
       const { rows } = await db.executeQuery<AbandonedRow>(abandoned.bind({ idle: idleFor, limit }))

@@ -1,5 +1,5 @@
 import { execFileSync } from 'node:child_process'
-import { mkdirSync, mkdtempSync, readdirSync, rmSync, symlinkSync, writeFileSync } from 'node:fs'
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
@@ -42,8 +42,9 @@ describe('the packed package', () => {
     const installed = join(project, 'node_modules', 'kysely-idempotency')
     mkdirSync(installed, { recursive: true })
     execFileSync('tar', ['-xzf', join(project, tarball), '-C', installed, '--strip-components=1'])
-    // Installing from the registry would need the network; the peers are linked from this checkout.
-    for (const peer of ['kysely', 'pg', 'mysql2', 'better-sqlite3']) {
+    // Installing from the registry would need the network; the peers and the CLI's parser are
+    // linked from this checkout.
+    for (const peer of ['kysely', 'pg', 'mysql2', 'better-sqlite3', 'citty']) {
       symlinkSync(join(root, 'node_modules', peer), join(project, 'node_modules', peer))
     }
     writeFileSync(join(project, 'package.json'), JSON.stringify({ type: 'module', private: true }))
@@ -56,6 +57,13 @@ describe('the packed package', () => {
     expect(files).toContain(join('dist', 'src', 'index.js'))
     expect(files).toContain(join('dist', 'src', 'index.d.ts'))
     expect(files.some((f) => f.includes('test'))).toBe(false)
+  })
+
+  it('runs the command-line tool named in bin', () => {
+    const installed = join(project, 'node_modules', 'kysely-idempotency')
+    const { bin } = JSON.parse(readFileSync(join(installed, 'package.json'), 'utf8')) as { bin: Record<string, string> }
+    const output = run(join(installed, bin['kysely-idempotency']!), ['sql', '--dialect', 'sqlite'], project)
+    expect(output).toMatch(/^create table "idempotency_keys"/)
   })
 
   it('runs the README quick start', () => {

@@ -1,0 +1,44 @@
+import type { Kysely } from 'kysely'
+import { checkTableName } from '../src/detect.js'
+import { createIdempotency, type Idempotency } from '../src/idempotency.js'
+import { connect } from './connect.js'
+import { CliError, describe } from './errors.js'
+
+/** Arguments every command that connects takes. */
+export const connectionArgs = {
+  url: {
+    type: 'string',
+    description: 'Database URL: postgres://…, mysql://…, mariadb://…, sqlite:PATH or a *.db path (default: $DATABASE_URL)',
+    valueHint: 'url',
+  },
+  table: { type: 'string', description: 'Name of the idempotency table', default: 'idempotency_keys', valueHint: 'name' },
+  debug: { type: 'boolean', description: 'Show the stack trace of an error', default: false },
+} as const
+
+/** What a command gets once connected. */
+export interface Opened {
+  readonly db: Kysely<unknown>
+  readonly table: string
+  readonly idempotency: Idempotency<unknown>
+}
+
+/**
+ * Checks the table name before connecting, connects, runs `command` and always closes the
+ * connection; database errors come out as one line naming the database. `create`: a SQLite
+ * file may be created (only `migrate` should).
+ */
+export async function withDatabase<T>(
+  args: { url?: string | undefined; table: string },
+  options: { create: boolean },
+  command: (opened: Opened) => Promise<T>,
+): Promise<T> {
+  const table = checkTableName(args.table)
+  const { db, label } = await connect(args.url, options)
+  try {
+    return await command({ db, table, idempotency: createIdempotency({ db, tableName: table }) })
+  } catch (error) {
+    throw new CliError(describe(error, label), { cause: error })
+  } finally {
+    await db.destroy().catch(() => undefined)
+  }
+}

@@ -1,0 +1,77 @@
+import { defineCommand } from 'citty'
+import {
+  Kysely,
+  MysqlAdapter,
+  MysqlIntrospector,
+  MysqlQueryCompiler,
+  PostgresAdapter,
+  PostgresIntrospector,
+  PostgresQueryCompiler,
+  SqliteAdapter,
+  SqliteIntrospector,
+  SqliteQueryCompiler,
+  type CompiledQuery,
+  type DatabaseConnection,
+  type Driver,
+  type QueryResult,
+} from 'kysely'
+import { mysqlDialect } from '../../dialects/mysql.js'
+import { postgresDialect } from '../../dialects/postgres.js'
+import { sqliteDialect } from '../../dialects/sqlite.js'
+import { idempotencyMigrations } from '../../migrations/index.js'
+import { checkTableName, DEFAULT_TABLE } from '../../src/detect.js'
+import { CliError } from '../errors.js'
+
+const DIALECTS = {
+  postgres: { module: postgresDialect, adapter: PostgresAdapter, compiler: PostgresQueryCompiler, introspector: PostgresIntrospector },
+  mysql: { module: mysqlDialect(), adapter: MysqlAdapter, compiler: MysqlQueryCompiler, introspector: MysqlIntrospector },
+  sqlite: { module: sqliteDialect, adapter: SqliteAdapter, compiler: SqliteQueryCompiler, introspector: SqliteIntrospector },
+}
+
+export const sqlCommand = defineCommand({
+  meta: { name: 'sql', description: 'Print the DDL of the idempotency table without connecting (for Prisma, Flyway, Atlas…)' },
+  args: {
+    dialect: { type: 'enum', options: Object.keys(DIALECTS), description: 'Database to write the DDL for', required: true },
+    table: { type: 'string', description: 'Name of the idempotency table', default: DEFAULT_TABLE, valueHint: 'name' },
+    debug: { type: 'boolean', description: 'Show the stack trace of an error', default: false },
+  },
+  async run({ args }) {
+    const chosen = DIALECTS[args.dialect as keyof typeof DIALECTS]
+    if (!chosen) throw new CliError(`Choose the database with --dialect ${Object.keys(DIALECTS).join('|')}.`)
+    for (const statement of await ddl(chosen, checkTableName(args.table))) console.log(`${statement};`)
+  },
+})
+
+/** The statements the migrations run, compiled for one database by a Kysely that never connects. */
+async function ddl(chosen: (typeof DIALECTS)[keyof typeof DIALECTS], table: string): Promise<string[]> {
+  const statements: string[] = []
+  const connection: DatabaseConnection = {
+    async executeQuery<R>(query: CompiledQuery): Promise<QueryResult<R>> {
+      statements.push(query.sql)
+      return { rows: [] }
+    },
+    streamQuery: () => {
+      throw new Error('Printing DDL does not stream.')
+    },
+  }
+  const driver: Driver = {
+    init: async () => {},
+    acquireConnection: async () => connection,
+    beginTransaction: async () => {},
+    commitTransaction: async () => {},
+    rollbackTransaction: async () => {},
+    releaseConnection: async () => {},
+    destroy: async () => {},
+  }
+  const db = new Kysely<unknown>({
+    dialect: {
+      createAdapter: () => new chosen.adapter(),
+      createDriver: () => driver,
+      createIntrospector: (db) => new chosen.introspector(db),
+      createQueryCompiler: () => new chosen.compiler(),
+    },
+  })
+  const migrations = await idempotencyMigrations({ tableName: table, dialect: chosen.module }).getMigrations()
+  for (const name of Object.keys(migrations).sort()) await migrations[name]!.up(db)
+  return statements
+}

@@ -1,0 +1,29 @@
+import { IdempotencyError } from '../src/errors.js'
+
+/** An error whose message is all the user needs to see. */
+export class CliError extends Error {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options)
+    this.name = 'CliError'
+  }
+}
+
+const UNREACHABLE = new Set(['ECONNREFUSED', 'ENOTFOUND', 'ETIMEDOUT', 'EHOSTUNREACH', 'ECONNRESET', 'EAI_AGAIN'])
+/** Postgres SQLSTATEs and MySQL errnos that mean the server refused who we are or what we asked for. */
+const REFUSED = new Set<unknown>(['28P01', '28000', '3D000', 1044, 1045, 1049])
+
+/** One line that says what went wrong, for any error a command can meet. */
+export function describe(error: unknown, database?: string): string {
+  if (error instanceof CliError || error instanceof IdempotencyError) return error.message
+  const e = error as { code?: unknown; errno?: unknown; message?: unknown; errors?: unknown[] }
+  const code = e?.code ?? (e?.errors?.[0] as { code?: unknown } | undefined)?.code
+  const where = database ? ` ${database}` : ' the database'
+  if (typeof code === 'string' && UNREACHABLE.has(code)) return `Cannot reach${where} (${code}); is the server running and the URL right?`
+  const message = firstLine(e?.message)
+  if (REFUSED.has(code) || REFUSED.has(e?.errno)) return `The server refused the connection to${where}: ${message}`
+  return message || String(error)
+}
+
+function firstLine(message: unknown): string {
+  return typeof message === 'string' ? (message.split('\n')[0] ?? '').trim() : ''
+}
