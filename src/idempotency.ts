@@ -70,6 +70,8 @@ export interface PruneOptions {
 
 /** An idempotency store bound to one Kysely instance and one table; see {@link createIdempotency}. */
 export interface Idempotency<DB> {
+  /** The Kysely instance the store was created with. */
+  readonly db: Kysely<DB>
   /** The table this instance uses. */
   readonly tableName: string
   /** The database module in use. */
@@ -192,6 +194,7 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
     phases.run(db, normalizeKey(key), flow, { ...settings(call), lockTimeout: positive('lockTimeout', call.lockTimeout ?? lockTimeout) })
 
   return {
+    db,
     tableName,
     dialect,
     execute,

@@ -27,8 +27,11 @@ export const ALL_TARGETS: readonly Target[] = [
 /** Where each server database is, as found by the global setup (SQLite needs no server). */
 export type Locations = Partial<Record<Exclude<DatabaseName, 'sqlite'>, string>>
 
-/** Opens a Kysely instance. For SQLite, `location` is a file path; the file is put in WAL mode. */
-export function openDatabase(database: DatabaseName, location: string, poolSize = 30): Kysely<any> {
+/**
+ * Opens a Kysely instance. For SQLite, `location` is a file path; the file is put in WAL mode
+ * and a writer waits `busyTimeout` ms for the write lock.
+ */
+export function openDatabase(database: DatabaseName, location: string, poolSize = 30, busyTimeout = 5000): Kysely<any> {
   switch (database) {
     case 'postgres': {
       const pool = new pg.Pool({ connectionString: location, max: poolSize })
@@ -40,7 +43,7 @@ export function openDatabase(database: DatabaseName, location: string, poolSize 
     case 'mysql':
       return new Kysely({ dialect: new MysqlDialect({ pool: createPool({ uri: location, connectionLimit: poolSize }) }) })
     case 'sqlite': {
-      const file = new Database(location, { timeout: 5000 })
+      const file = new Database(location, { timeout: busyTimeout })
       file.pragma('journal_mode = WAL')
       return new Kysely({ dialect: new SqliteDialect({ database: file }) })
     }

@@ -1,0 +1,289 @@
+import type { AddressInfo } from 'node:net'
+import type { Server } from 'node:http'
+import express5 from 'express'
+import express4 from 'express4'
+import Stripe from 'stripe'
+import { afterEach, beforeEach, describe, expect, it } from 'vitest'
+import { idempotent, idempotentFlow, UNSCOPED, type HttpResult, type IdempotentRequest } from '../express/index.js'
+import { createIdempotency, type Idempotency } from '../src/index.js'
+import { openDatabase } from './support/databases.js'
+import { gate, openFixture, selectedTargets, type Fixture } from './support/harness.js'
+
+const EXPRESS = { 'express 5': express5, 'express 4': express4 }
+
+interface Charge {
+  readonly id?: string
+  readonly amount?: number
+  readonly behave?: 'throw' | '503' | 'hold' | 'cookie' | 'huge'
+}
+
+for (const target of selectedTargets()) {
+  for (const [version, express] of Object.entries(EXPRESS)) {
+    describe(`express helper: ${target.id}, ${version}`, () => {
+      let fx: Fixture
+      let server: Server
+      let base: string
+      const held = { entered: gate(), release: gate() }
+
+      /** The test API: its routes record each side effect in the fixture's effects table. */
+      function build(idempotency: Idempotency<any>) {
+        const app = express()
+        app.use(express.json(), express.urlencoded({ extended: true }))
+        // A client whose first answer is lost: the response is committed, then the socket dies.
+        // The stripe SDK's calls lose their first answer the same way, and retry with the same key.
+        const dropped = new Set<string>()
+        app.use((req, res, next) => {
+          const sdkKey = req.path === '/v1/customers' ? req.get('idempotency-key') : undefined
+          const drop = req.get('x-drop') === 'after-commit' || (sdkKey !== undefined && !dropped.has(sdkKey))
+          if (sdkKey) dropped.add(sdkKey)
+          if (drop) res.json = () => (req.socket.destroy(), res)
+          next()
+        })
+        const charge = async (req: IdempotentRequest, trx: Parameters<Fixture['effect']>[0]): Promise<HttpResult> => {
+          const body = (req.body ?? {}) as Charge
+          await fx.effect(trx, `charge:${body.id}`)
+          if (body.behave === 'throw') throw new Error('handler failed')
+          if (body.behave === 'hold') {
+            held.entered.open()
+            await held.release.promise
+          }
+          if (body.behave === '503') return { status: 503, body: { error: 'try later' } }
+          if (body.behave === 'huge') return { status: 201, body: { padding: 'x'.repeat(2048) } }
+          const headers = { Location: `/charges/${body.id}`, ...(body.behave === 'cookie' ? { 'Set-Cookie': 'session=abc' } : {}) }
+          return { status: 201, body: { id: body.id ?? null, amount: body.amount ?? null, at: Math.random() }, headers }
+        }
+        const scope = (req: { get(name: string): string | undefined }) => req.get('x-user') ?? 'anonymous'
+        app.post('/charges', idempotent(idempotency, { scope, required: true }, charge))
+        app.post('/optional', idempotent(idempotency, { scope }, charge))
+        app.get('/charges', idempotent(idempotency, { scope, required: true }, charge))
+        app.post('/small', idempotent(idempotency, { scope, maxStoredBytes: 1024 }, charge))
+        app.post('/fingerprint', idempotent(idempotency, { scope: UNSCOPED, ignoreBodyFields: ['sentAt'], fingerprintHeaders: ['X-Currency'] }, charge))
+        app.post(
+          '/rides',
+          idempotentFlow(idempotency, { scope }, async (req, flow) => {
+            const body = req.body as { id: string; behave?: string }
+            const ride = await flow.phase('ride_created', async (trx) => (await fx.effect(trx, `ride:${body.id}`), { id: body.id }))
+            const paid = await flow.step('charge_created', async () => ({ charge: flow.stepKey('charge_created') }))
+            if (body.behave === '503') return { status: 503, body: { error: 'provider down' } }
+            if (body.behave === 'decline') flow.fail({ status: 402, body: { error: 'card declined' } })
+            return { status: 201, body: { ...ride, ...paid } }
+          }),
+        )
+        app.post(
+          '/v1/customers',
+          idempotent(idempotency, { scope: (req) => req.get('authorization') ?? '' }, async (req, trx) => {
+            const { email } = req.body as { email: string }
+            await fx.effect(trx, `customer:${email}`)
+            return { status: 200, body: { id: `cus_${Math.random().toString(36).slice(2)}`, object: 'customer', email } }
+          }),
+        )
+        app.use((err: Error, _req: unknown, res: { status(n: number): { json(b: unknown): void } }, _next: unknown) => {
+          res.status(500).json({ error: err.message })
+        })
+        return app
+      }
+
+      async function listen(app: ReturnType<typeof build>): Promise<Server> {
+        const server = app.listen(0, '127.0.0.1')
+        await new Promise((resolve) => server.once('listening', resolve))
+        return server
+      }
+
+      beforeEach(async () => {
+        fx = await openFixture(target, { conflictWait: 500 })
+        held.entered = gate()
+        held.release = gate()
+        server = await listen(build(fx.idempotency))
+        base = `http://127.0.0.1:${(server.address() as AddressInfo).port}`
+      })
+      afterEach(async () => {
+        held.release.open()
+        server.closeAllConnections()
+        await new Promise((resolve) => server.close(resolve))
+        await fx.close()
+      })
+
+      const post = (path: string, body: unknown, headers: Record<string, string> = {}) =>
+        fetch(`${base}${path}`, { method: 'POST', headers: { 'content-type': 'application/json', ...headers }, body: JSON.stringify(body) })
+
+      async function expectProblem(response: Response, status: number, code: string) {
+        expect(response.status).toBe(status)
+        expect(response.headers.get('content-type')).toMatch(/^application\/problem\+json/)
+        const problem = (await response.json()) as Record<string, unknown>
+        expect(problem).toMatchObject({ type: `urn:kysely-idempotency:${code}`, status })
+        expect(problem.title).toEqual(expect.any(String))
+        expect(problem.detail).toEqual(expect.any(String))
+        return problem
+      }
+
+      it('stores the first answer and replays status, body and headers with Idempotency-Replayed', async () => {
+        const first = await post('/charges', { id: 'c1', amount: 5 }, { 'Idempotency-Key': 'k1' })
+        expect(first.status).toBe(201)
+        expect(first.headers.get('location')).toBe('/charges/c1')
+        expect(first.headers.get('idempotency-replayed')).toBeNull()
+        const body = await first.json()
+        const again = await post('/charges', { id: 'c1', amount: 5 }, { 'Idempotency-Key': 'k1' })
+        expect(again.status).toBe(201)
+        expect(again.headers.get('location')).toBe('/charges/c1')
+        expect(again.headers.get('idempotency-replayed')).toBe('true')
+        expect(await again.json()).toEqual(body)
+        expect(await fx.effects('charge:c1')).toBe(1)
+      })
+
+      it('runs 50 concurrent identical requests once', async () => {
+        const responses = await Promise.all(Array.from({ length: 50 }, () => post('/charges', { id: 'storm' }, { 'Idempotency-Key': 'storm' })))
+        const bodies = new Set<string>()
+        for (const r of responses) {
+          if (r.status === 409) {
+            expect(r.headers.get('retry-after')).toMatch(/^\d+$/)
+            await expectProblem(r, 409, 'conflict')
+          } else {
+            expect(r.status).toBe(201)
+            bodies.add(await r.text())
+          }
+        }
+        expect(bodies.size).toBe(1)
+        expect(await fx.effects('charge:storm')).toBe(1)
+      })
+
+      it('answers a missing or malformed key with 400 before running anything', async () => {
+        await expectProblem(await post('/charges', { id: 'none' }), 400, 'missing_key')
+        for (const key of ['""', 'x'.repeat(256), '"abc', 'a\tb', '"a"b"']) {
+          await expectProblem(await post('/charges', { id: 'bad' }, { 'Idempotency-Key': key }), 400, 'invalid_key')
+        }
+        expect(await fx.effects()).toBe(0)
+      })
+
+      it('treats the quoted Structured-Field form and the bare form as the same key', async () => {
+        expect((await post('/charges', { id: 'q' }, { 'Idempotency-Key': '"quoted-key"' })).status).toBe(201)
+        const bare = await post('/charges', { id: 'q' }, { 'Idempotency-Key': 'quoted-key' })
+        expect(bare.headers.get('idempotency-replayed')).toBe('true')
+        const escaped = await post('/charges', { id: 'e' }, { 'Idempotency-Key': '"a\\"b"' })
+        expect(escaped.status).toBe(201)
+        expect((await post('/charges', { id: 'e' }, { 'Idempotency-Key': 'a"b' })).headers.get('idempotency-replayed')).toBe('true')
+        expect(await fx.effects()).toBe(2)
+      })
+
+      it('answers 409 with Retry-After while the same key is in flight', async () => {
+        // A second app process with its own connection (SQLite: its own handle on the file).
+        const db = openDatabase(target.database, fx.location, 2, 300)
+        const other = await listen(build(createIdempotency({ db, tableName: fx.table, conflictWait: 500, ...(target.dialect ? { dialect: target.dialect() } : {}) })))
+        try {
+          const first = post('/charges', { id: 'slow', behave: 'hold' }, { 'Idempotency-Key': 'slow' })
+          await held.entered.promise
+          const url = `http://127.0.0.1:${(other.address() as AddressInfo).port}/charges`
+          const second = await fetch(url, { method: 'POST', headers: { 'content-type': 'application/json', 'Idempotency-Key': 'slow' }, body: JSON.stringify({ id: 'slow', behave: 'hold' }) })
+          expect(second.headers.get('retry-after')).toBe('1')
+          await expectProblem(second, 409, 'conflict')
+          held.release.open()
+          expect((await first).status).toBe(201)
+        } finally {
+          other.closeAllConnections()
+          await new Promise((resolve) => other.close(resolve))
+          await db.destroy()
+        }
+      })
+
+      it('answers 422 to the same key with another request', async () => {
+        await post('/charges', { id: 'r', amount: 1 }, { 'Idempotency-Key': 'reuse' })
+        await expectProblem(await post('/charges', { id: 'r', amount: 2 }, { 'Idempotency-Key': 'reuse' }), 422, 'key_reuse')
+        expect(await fx.effects('charge:r')).toBe(1)
+      })
+
+      it('keeps scopes apart: the same key from two users runs twice', async () => {
+        const a = await post('/charges', { id: 's' }, { 'Idempotency-Key': 'shared', 'x-user': 'alice' })
+        const b = await post('/charges', { id: 's' }, { 'Idempotency-Key': 'shared', 'x-user': 'bob' })
+        expect(b.headers.get('idempotency-replayed')).toBeNull()
+        expect(await a.text()).not.toBe(await b.text())
+        expect(await fx.effects('charge:s')).toBe(2)
+      })
+
+      it('passes a thrown error to Express and stores nothing, so a retry runs', async () => {
+        const failed = await post('/charges', { id: 't', behave: 'throw' }, { 'Idempotency-Key': 'throws' })
+        expect(failed.status).toBe(500)
+        expect(await failed.json()).toEqual({ error: 'handler failed' })
+        expect(await fx.effects('charge:t')).toBe(0)
+        expect(await fx.rows()).toBe(0)
+      })
+
+      it('sends a returned 5xx without storing it and rolls its writes back', async () => {
+        const failed = await post('/charges', { id: 'u', behave: '503' }, { 'Idempotency-Key': 'unavailable' })
+        expect(failed.status).toBe(503)
+        expect(await failed.json()).toEqual({ error: 'try later' })
+        expect(await fx.effects('charge:u')).toBe(0)
+        const retry = await post('/charges', { id: 'u', behave: '503' }, { 'Idempotency-Key': 'unavailable' })
+        expect(retry.headers.get('idempotency-replayed')).toBeNull()
+      })
+
+      it('gives a client whose first answer was lost after the commit the stored answer', async () => {
+        await expect(post('/charges', { id: 'd' }, { 'Idempotency-Key': 'dropped', 'x-drop': 'after-commit' })).rejects.toThrow()
+        const retry = await post('/charges', { id: 'd' }, { 'Idempotency-Key': 'dropped' })
+        expect(retry.status).toBe(201)
+        expect(retry.headers.get('idempotency-replayed')).toBe('true')
+        expect(await fx.effects('charge:d')).toBe(1)
+      })
+
+      it('leaves other methods and key-less optional requests alone', async () => {
+        for (let i = 0; i < 2; i++) {
+          const r = await fetch(`${base}/charges`, { headers: { 'Idempotency-Key': 'get' } })
+          expect(r.status).toBe(201)
+          expect((await post('/optional', { id: 'o' })).headers.get('idempotency-replayed')).toBeNull()
+        }
+        expect(await fx.effects('charge:undefined')).toBe(2)
+        expect(await fx.effects('charge:o')).toBe(2)
+        expect(await fx.rows()).toBe(0)
+      })
+
+      it('does not persist Set-Cookie, and refuses to store a response over the size limit', async () => {
+        const first = await post('/charges', { id: 'cookie', behave: 'cookie' }, { 'Idempotency-Key': 'cookie' })
+        expect(first.headers.get('set-cookie')).toBe('session=abc')
+        const again = await post('/charges', { id: 'cookie', behave: 'cookie' }, { 'Idempotency-Key': 'cookie' })
+        expect(again.headers.get('idempotency-replayed')).toBe('true')
+        expect(again.headers.get('set-cookie')).toBeNull()
+
+        await expectProblem(await post('/small', { id: 'huge', behave: 'huge' }, { 'Idempotency-Key': 'huge' }), 500, 'response_too_large')
+        expect(await fx.effects('charge:huge')).toBe(0)
+      })
+
+      it('fingerprints form bodies, chosen headers and all but ignored fields', async () => {
+        const form = (amount: string) =>
+          fetch(`${base}/fingerprint`, { method: 'POST', headers: { 'Idempotency-Key': 'form' }, body: new URLSearchParams({ id: 'f', amount }) })
+        expect((await form('1')).status).toBe(201)
+        expect((await form('1')).headers.get('idempotency-replayed')).toBe('true')
+        expect((await form('2')).status).toBe(422)
+
+        const json = (sentAt: number, currency: string) => post('/fingerprint', { id: 'g', sentAt }, { 'Idempotency-Key': 'json', 'X-Currency': currency })
+        expect((await json(1, 'eur')).status).toBe(201)
+        expect((await json(2, 'eur')).headers.get('idempotency-replayed')).toBe('true')
+        expect((await json(3, 'usd')).status).toBe(422)
+      })
+
+      it('runs atomic-phase flows: replay, 5xx resumes later, fail() is replayed', async () => {
+        const ride = (id: string, behave?: string) => post('/rides', { id, behave }, { 'Idempotency-Key': `ride-${id}` })
+        const first = await ride('r1')
+        expect(first.status).toBe(201)
+        const again = await ride('r1')
+        expect(again.headers.get('idempotency-replayed')).toBe('true')
+        expect(await again.json()).toEqual(await first.json())
+
+        expect((await ride('r2', '503')).status).toBe(503)
+        expect((await ride('r2', '503')).headers.get('idempotency-replayed')).toBeNull()
+        expect(await fx.effects('ride:r2')).toBe(1)
+
+        expect((await ride('r3', 'decline')).status).toBe(402)
+        const declined = await ride('r3', 'decline')
+        expect(declined.status).toBe(402)
+        expect(declined.headers.get('idempotency-replayed')).toBe('true')
+      })
+
+      it('gives one side effect per call of the official stripe SDK, which retries dropped connections and 409s', async () => {
+        const { port } = server.address() as AddressInfo
+        const stripe = new Stripe('sk_test_local', { host: '127.0.0.1', port, protocol: 'http', maxNetworkRetries: 3 })
+        const emails = Array.from({ length: 6 }, (_, i) => `c${i}@example.com`)
+        const customers = await Promise.all(emails.map((email) => stripe.customers.create({ email })))
+        expect(customers.map((c) => c.email)).toEqual(emails)
+        for (const email of emails) expect(await fx.effects(`customer:${email}`)).toBe(1)
+      })
+    })
+  }
+}
