@@ -1,4 +1,4 @@
-import { Kysely, MysqlDialect, PostgresDialect, SqliteDialect, type Dialect } from 'kysely'
+import { Kysely, MysqlDialect, PostgresDialect, SqliteDialect, type Dialect, type MysqlPool } from 'kysely'
 import { CliError } from './errors.js'
 
 /** A database the CLI opened, and how to name it in messages without its password. */
@@ -24,7 +24,10 @@ export async function connect(url: string | undefined, options: { create: boolea
     dialect = new PostgresDialect({ pool: new pg.default.Pool({ connectionString: location, max: 1 }) })
   } else if (scheme === 'mysql' || scheme === 'mariadb') {
     const mysql = await driver<typeof import('mysql2')>('mysql2')
-    dialect = new MysqlDialect({ pool: mysql.createPool({ uri: location.replace(/^mariadb:/i, 'mysql:'), connectionLimit: 1 }) })
+    const pool = mysql.createPool({ uri: location.replace(/^mariadb:/i, 'mysql:'), connectionLimit: 1 })
+    // Recent mysql2 types its query values as a mutable array, which Kysely 0.27's MysqlPool
+    // interface rejects; the call is the same at run time.
+    dialect = new MysqlDialect({ pool: pool as unknown as MysqlPool })
   } else if (scheme === 'sqlite' || (scheme === undefined && /\.(db|sqlite3?)$/i.test(location)) || /^[a-z]:[\\/]/i.test(location)) {
     const path = scheme === 'sqlite' ? location.replace(/^sqlite:(\/\/)?/i, '') : location
     const Database = (await driver<{ default: typeof import('better-sqlite3') }>('better-sqlite3')).default

@@ -8,6 +8,7 @@ import {
   type IdempotencyError,
 } from '../src/errors.js'
 import type { Idempotency, RunOptions, TransactionOptions } from '../src/idempotency.js'
+import type { Execution } from '../src/core.js'
 import type { Flow } from '../src/phases.js'
 import { serializeResult, type JsonValue } from '../src/request.js'
 
@@ -107,25 +108,8 @@ export function idempotent<DB, Req extends IdempotentRequest = IdempotentRequest
   const settings = { ttl, conflictWait, isolationLevel }
   const route = configure(options)
   return route.handle(
-    (req) =>
-      idempotency.db.transaction().execute(async (trx) => {
-        const result = route.check(await handler(req, trx))
-        if (result.status >= 500) throw new Unstored(result)
-        return result
-      }),
-    async (req, key) => {
-      let sent: HttpResult | undefined
-      const execution = await idempotency.executeTransaction(
-        key,
-        async (trx) => {
-          sent = route.check(await handler(req, trx))
-          if (sent.status >= 500) throw new Unstored(sent)
-          return route.stored(sent)
-        },
-        settings,
-      )
-      return { result: execution.replayed || !sent ? execution.value : sent, replayed: execution.replayed }
-    },
+    (req) => idempotency.db.transaction().execute(async (trx) => route.sendable(await handler(req, trx))),
+    (req, key) => route.once((fn) => idempotency.executeTransaction(key, fn, settings), (trx: Transaction<DB>) => handler(req, trx)),
   )
 }
 
@@ -153,24 +137,8 @@ export function idempotentFlow<DB, Req extends IdempotentRequest = IdempotentReq
   const settings = { ttl, conflictWait, lockTimeout }
   const route = configure(options)
   return route.handle(
-    async (req) => {
-      const result = route.check(await handler(req, directFlow(idempotency)))
-      if (result.status >= 500) throw new Unstored(result)
-      return result
-    },
-    async (req, key) => {
-      let sent: HttpResult | undefined
-      const execution = await idempotency.executeRun(
-        key,
-        async (flow: Flow<DB, HttpResult>) => {
-          sent = route.check(await handler(req, flow))
-          if (sent.status >= 500) throw new Unstored(sent)
-          return route.stored(sent)
-        },
-        settings,
-      )
-      return { result: execution.replayed || !sent ? execution.value : sent, replayed: execution.replayed }
-    },
+    async (req) => route.sendable(await handler(req, directFlow(idempotency))),
+    (req, key) => route.once((fn) => idempotency.executeRun(key, fn, settings), (flow: Flow<DB, HttpResult>) => handler(req, flow)),
   )
 }
 
@@ -215,24 +183,44 @@ function configure<Req extends IdempotentRequest>(options: IdempotentOptions<Req
     headers: Object.fromEntries(fingerprintHeaders.map((h) => [h, req.get(h) ?? null])),
   })
 
+  /** Validates a handler's answer; a 5xx is thrown so that its writes roll back, and is then sent. */
+  const sendable = (result: HttpResult): HttpResult => {
+    if (typeof result !== 'object' || result === null || !Number.isInteger(result.status) || result.status < 100 || result.status > 599) {
+      throw new TypeError('An idempotent handler must return { status, body?, headers? } with an HTTP status code.')
+    }
+    if (result.status >= 500) throw new Unstored(result)
+    return result
+  }
+
+  /** What is kept for replays: the result without `Set-Cookie` (unless allowed), within the size limit. */
+  const stored = (result: HttpResult): HttpResult => {
+    const headers = Object.fromEntries(
+      Object.entries(result.headers ?? {}).filter(([name]) => persistSetCookie || name.toLowerCase() !== 'set-cookie'),
+    )
+    const kept = { status: result.status, headers, ...(result.body === undefined ? {} : { body: result.body }) }
+    const bytes = Buffer.byteLength(serializeResult(kept))
+    if (bytes > maxStoredBytes) {
+      throw new ResponseTooLarge(`The response is ${bytes} bytes, more than maxStoredBytes (${maxStoredBytes}); it was not stored and the request's writes were rolled back.`)
+    }
+    return kept
+  }
+
   return {
-    check(result: HttpResult): HttpResult {
-      if (typeof result !== 'object' || result === null || !Number.isInteger(result.status) || result.status < 100 || result.status > 599) {
-        throw new TypeError('An idempotent handler must return { status, body?, headers? } with an HTTP status code.')
-      }
-      return result
-    },
-    /** What is kept for replays: the result without `Set-Cookie` (unless allowed), within the size limit. */
-    stored(result: HttpResult): HttpResult {
-      const headers = Object.fromEntries(
-        Object.entries(result.headers ?? {}).filter(([name]) => persistSetCookie || name.toLowerCase() !== 'set-cookie'),
-      )
-      const stored = { status: result.status, headers, ...(result.body === undefined ? {} : { body: result.body }) }
-      const bytes = Buffer.byteLength(serializeResult(stored))
-      if (bytes > maxStoredBytes) {
-        throw new ResponseTooLarge(`The response is ${bytes} bytes, more than maxStoredBytes (${maxStoredBytes}); it was not stored and the request's writes were rolled back.`)
-      }
-      return stored
+    sendable,
+    /**
+     * Runs `handler` through `execute` (a keyed transaction or flow) and returns what to send:
+     * the stored answer on a replay, else the handler's own (its Set-Cookie included).
+     */
+    async once<C>(
+      execute: (fn: (context: C) => Promise<HttpResult>) => Promise<Execution<HttpResult>>,
+      handler: (context: C) => Promise<HttpResult>,
+    ): Promise<{ result: HttpResult; replayed: boolean }> {
+      let sent: HttpResult | undefined
+      const execution = await execute(async (context) => {
+        sent = sendable(await handler(context))
+        return stored(sent)
+      })
+      return { result: execution.replayed || !sent ? execution.value : sent, replayed: execution.replayed }
     },
     handle(
       direct: (req: Req) => Promise<HttpResult>,

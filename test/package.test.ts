@@ -44,7 +44,7 @@ describe('the packed package', () => {
     execFileSync('tar', ['-xzf', join(project, tarball), '-C', installed, '--strip-components=1'])
     // Installing from the registry would need the network; the peers and the CLI's parser are
     // linked from this checkout.
-    for (const peer of ['kysely', 'pg', 'mysql2', 'better-sqlite3', 'citty']) {
+    for (const peer of ['kysely', 'pg', 'mysql2', 'better-sqlite3', 'express', 'citty']) {
       symlinkSync(join(root, 'node_modules', peer), join(project, 'node_modules', peer))
     }
     writeFileSync(join(project, 'package.json'), JSON.stringify({ type: 'module', private: true }))
@@ -64,6 +64,11 @@ describe('the packed package', () => {
     const { bin } = JSON.parse(readFileSync(join(installed, 'package.json'), 'utf8')) as { bin: Record<string, string> }
     const output = run(join(installed, bin['kysely-idempotency']!), ['sql', '--dialect', 'sqlite'], project)
     expect(output).toMatch(/^create table "idempotency_keys"/)
+  })
+
+  it('runs the demo API and its self-test', () => {
+    const output = run(join(project, 'node_modules', 'kysely-idempotency', 'examples', 'demo.mjs'), ['--selftest'], project)
+    expect(output).toContain('selftest passed: one charge per key and customer')
   })
 
   it('runs the README quick start', () => {
