@@ -25,15 +25,21 @@ const later = (ms: RawBuilder<unknown>) => sql`(statement_timestamp() + ${ms}::d
 const jsonText = (column: RawBuilder<unknown>) => sql`${column}::text`
 const elapsed = (column: RawBuilder<unknown>) => sql`(extract(epoch from statement_timestamp() - ${column}) * 1000)::bigint`
 const columns = keyRowColumns({ clock, jsonText })
+/** Where the claim keeps the caller's lock_timeout until it is put back. */
+const PARKED = sql.lit('kysely_idempotency.lock_timeout')
+// Outside a transaction (an autocommit claim) the parked value is gone by the next
+// statement, and so is the claim's own setting: then the current value stays.
+const restore = sql`set_config('lock_timeout', coalesce(nullif(current_setting(${PARKED}, true), ''), current_setting('lock_timeout')), true)`
 
 /**
  * PostgreSQL (`pg`, or any Kysely dialect built on `PostgresAdapter`).
  *
- * The claim is one statement: `INSERT … ON CONFLICT DO NOTHING` waits for an uncommitted
- * insert of the same key, so `lock_timeout` is set inside the statement (transaction-local,
- * through `set_config`) before the insert and put back after it; the same statement also
- * returns the existing row when it was committed before the statement began, so most
- * replays inside a transaction cost one round trip too. Under REPEATABLE READ and
+ * The claim is one plain statement: `INSERT … ON CONFLICT DO NOTHING` waits for an
+ * uncommitted insert of the same key, so its `WHERE` sets `lock_timeout` (transaction-local,
+ * through `set_config`) before the insert and its `RETURNING` puts the caller's value back.
+ * When the key exists nothing is returned; a second statement puts the value back and reads
+ * the row, which a new statement sees once the competing transaction committed. A first
+ * execution pays one cheap statement; only duplicates pay the second. Under REPEATABLE READ and
  * SERIALIZABLE, a key committed by a transaction the snapshot cannot see makes the insert
  * fail with a serialization failure (40001); the core reports it as a race.
  *
@@ -61,18 +67,18 @@ export const postgresDialect: IdempotencyDialect = {
     return typeof code === 'string' ? SQLSTATE[code] : undefined
   },
   async prepare(db, table) {
+    // The previous lock_timeout is parked in a transaction-local custom setting: the argument
+    // of the outer set_config is evaluated first, so the order is fixed without a CTE (whose
+    // planning costs more than the insert itself).
     const claim = prepare(db, [...CLAIM_SLOTS, 'wait'], (p) => sql`
-      with prev as materialized (select current_setting('lock_timeout') as setting),
-      wait as materialized (select set_config('lock_timeout', ${p.wait}, true) from prev),
-      ins as (
-        insert into ${sql.table(table)} ${insertedColumns}
-        select ${insertedValues({ clock, later }, p)} from wait
-        on conflict (scope, "key") do nothing
-        returning id
-      )
-      select ins.id as claimed, set_config('lock_timeout', prev.setting, true) as restored, ${columns}
-      from prev left join ins on true
-      left join ${aliased(table)} on ins.id is null and k.scope = ${p.scope} and k."key" = ${p.key}`)
+      insert into ${sql.table(table)} ${insertedColumns}
+      select ${insertedValues({ clock, later }, p)}
+      where set_config('lock_timeout', ${p.wait} || left(set_config(${PARKED}, current_setting('lock_timeout'), true), 0), true) is not null
+      on conflict (scope, "key") do nothing
+      returning id, ${restore} as restored`)
+    const existing = prepare(db, ['scope', 'key'], (p) => sql`
+      select ${columns} from (select ${restore} as restored) as r
+      left join ${aliased(table)} on k.scope = ${p.scope} and k."key" = ${p.key}`)
     const lock = prepare(db, ['scope', 'key'], (p) => sql`
       select ${columns} from ${aliased(table)} where k.scope = ${p.scope} and k."key" = ${p.key} for update`)
     const setWait = prepare(db, ['wait'], (p) => sql`
@@ -87,9 +93,10 @@ export const postgresDialect: IdempotencyDialect = {
 
     const statements: DialectStatements = {
       async claim(db, values) {
-        const { rows } = await db.executeQuery<Record<string, unknown>>(claim.bind({ ...values, wait: String(values.wait) }))
-        const row = rows[0]
-        if (row?.claimed != null) return { claimed: row.claimed as string }
+        const { rows } = await db.executeQuery<{ id: string }>(claim.bind({ ...values, wait: String(values.wait) }))
+        if (rows[0]) return { claimed: rows[0].id }
+        const found = await db.executeQuery<Record<string, unknown>>(existing.bind(values))
+        const row = found.rows[0]
         return { claimed: null, row: row?.id == null ? undefined : decodeKeyRow(row) }
       },
       async lock(db, scope, key, wait) {

@@ -193,6 +193,18 @@ for (const target of selectedTargets()) {
       expect(String(afterReplay)).toBe(String(before))
     })
 
+    if (target.database === 'postgres') it("puts back a lock_timeout the caller set in its transaction", async () => {
+      const setting = sql<{ v: string }>`select current_setting('lock_timeout') as v`
+      const run = () =>
+        fx.db.transaction().execute(async (trx) => {
+          await sql`set local lock_timeout = '7s'`.execute(trx)
+          const inside = await fx.idempotency.withIdempotency(trx, 'caller-setting', async (t) => (await setting.execute(t)).rows[0]!.v)
+          return [inside, (await setting.execute(trx)).rows[0]!.v]
+        })
+      expect(await run()).toEqual(['7s', '7s'])
+      expect(await run()).toEqual(['7s', '7s'])
+    })
+
     // SQLite has one connection per file here: a second transaction would wait for the first.
     if (target.database !== 'sqlite') it('leaves the session lock-wait setting as it found it after a conflict', async () => {
       const setting = {

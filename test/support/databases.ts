@@ -1,4 +1,4 @@
-import { Kysely, MysqlDialect, PostgresDialect, SqliteDialect, sql } from 'kysely'
+import { Kysely, MysqlDialect, PostgresDialect, SqliteDialect, sql, type KyselyConfig } from 'kysely'
 import Database from 'better-sqlite3'
 import { createPool } from 'mysql2'
 import pg from 'pg'
@@ -29,23 +29,23 @@ export type Locations = Partial<Record<Exclude<DatabaseName, 'sqlite'>, string>>
 
 /**
  * Opens a Kysely instance. For SQLite, `location` is a file path; the file is put in WAL mode
- * and a writer waits `busyTimeout` ms for the write lock.
+ * and a writer waits `busyTimeout` ms for the write lock. `log` sees every statement, BEGIN and COMMIT included.
  */
-export function openDatabase(database: DatabaseName, location: string, poolSize = 30, busyTimeout = 5000): Kysely<any> {
+export function openDatabase(database: DatabaseName, location: string, poolSize = 30, busyTimeout = 5000, log?: KyselyConfig['log']): Kysely<any> {
   switch (database) {
     case 'postgres': {
       const pool = new pg.Pool({ connectionString: location, max: poolSize })
       // A backend killed under a checked-out client also emits 'error' on that client; the
       // failing query already reports it, so the event only needs a listener.
       pool.on('connect', (client) => client.on('error', () => {}))
-      return new Kysely({ dialect: new PostgresDialect({ pool }) })
+      return new Kysely({ dialect: new PostgresDialect({ pool }), log })
     }
     case 'mysql':
-      return new Kysely({ dialect: new MysqlDialect({ pool: createPool({ uri: location, connectionLimit: poolSize }) }) })
+      return new Kysely({ dialect: new MysqlDialect({ pool: createPool({ uri: location, connectionLimit: poolSize }) }), log })
     case 'sqlite': {
       const file = new Database(location, { timeout: busyTimeout })
       file.pragma('journal_mode = WAL')
-      return new Kysely({ dialect: new SqliteDialect({ database: file }) })
+      return new Kysely({ dialect: new SqliteDialect({ database: file }), log })
     }
   }
 }

@@ -1,0 +1,109 @@
+import { writeFileSync } from 'node:fs'
+import { availableParallelism, cpus, totalmem } from 'node:os'
+import { parseArgs } from 'node:util'
+import { sql } from 'kysely'
+import { measureRoutes, startServer, storm, type RouteFigures, type StormFigures } from './http.js'
+import { openBench, type Bench } from './support.js'
+import { measureTransactions, PATHS, type PathName, type TransactionFigures } from './transactions.js'
+
+const usage = `npm run bench -- [--json FILE] [--seconds N] [--rounds N] [--only postgres,mysql,sqlite] [--skip-http]
+  Measures, on each database: a bare three-insert transaction against the same transaction
+  through kysely-idempotency (first executions and replays), the Express route against a plain
+  one and a Redis-based peer (Postgres), and a duplicate storm. KIDEM_PG_URL, KIDEM_MYSQL_URL
+  and KIDEM_REDIS_URL say where the servers are (default: the local ones).`
+
+const { values } = parseArgs({
+  options: {
+    json: { type: 'string' },
+    seconds: { type: 'string', default: '3' },
+    rounds: { type: 'string', default: '3' },
+    only: { type: 'string', default: 'postgres,mysql,sqlite' },
+    'skip-http': { type: 'boolean', default: false },
+    help: { type: 'boolean', default: false },
+  },
+})
+if (values.help) {
+  console.log(usage)
+  process.exit(0)
+}
+const seconds = Number(values.seconds)
+const rounds = Number(values.rounds)
+const databases = values.only.split(',').map((name) => name.trim())
+for (const name of databases) {
+  if (name !== 'postgres' && name !== 'mysql' && name !== 'sqlite') throw new Error(`--only takes postgres, mysql and sqlite, not "${name}".\n${usage}`)
+}
+const selected = databases as Array<'postgres' | 'mysql' | 'sqlite'>
+const redisUrl = process.env.KIDEM_REDIS_URL ?? 'redis://127.0.0.1:6379'
+
+const fmt = (n: number, digits = 0) => n.toFixed(digits).padStart(8)
+const machine = {
+  cpus: availableParallelism(),
+  cpu: cpus()[0]?.model ?? 'unknown',
+  memoryGiB: Math.round(totalmem() / 2 ** 30),
+  node: process.version,
+  servers: {} as Record<string, string>,
+}
+const transactions: TransactionFigures[] = []
+const http: RouteFigures[] = []
+const storms: StormFigures[] = []
+
+console.log(`kysely-idempotency benchmark: ${machine.cpus} cores (${machine.cpu}), Node ${machine.node}, ${seconds} s × ${rounds} rounds per path\n`)
+for (const database of selected) {
+  // SQLite has one writer: more clients would only queue on its lock.
+  const clients = database === 'sqlite' ? 1 : 8
+  const bench = await openBench(database, clients)
+  try {
+    machine.servers[database] = await serverVersion(bench)
+    const figures = await measureTransactions(bench, clients, seconds, rounds)
+    transactions.push(figures)
+    console.log(`${database} ${machine.servers[database]}, ${clients} client${clients > 1 ? 's' : ''}`)
+    for (const name of Object.keys(PATHS) as PathName[]) {
+      const sent = figures.statements[name]
+      console.log(`  ${PATHS[name].padEnd(58)}${fmt(figures.opsPerSecond[name])} ops/s  ${String(sent.length).padStart(2)} statements: ${sent.join(' ')}`)
+    }
+    const { firstToBare, insideToBare, replayToBare } = figures.ratios
+    console.log(`  b/a ${firstToBare.toFixed(2)}   b'/a ${insideToBare.toFixed(2)}   c/a ${replayToBare.toFixed(2)}\n`)
+
+    if (!values['skip-http']) {
+      await bench.reset()
+      const server = await startServer(bench, clients, database === 'postgres' ? redisUrl : undefined)
+      try {
+        if (database === 'postgres') {
+          console.log(`Express on ${database}, autocannon with 8 connections, ${seconds} s × ${rounds} rounds per route`)
+          for (const r of await measureRoutes(server, 8, seconds, rounds)) {
+            http.push(r)
+            const failures = r.non2xx + r.errors ? `  (${r.non2xx} non-2xx, ${r.errors} errors)` : ''
+            console.log(`  ${r.route.padEnd(58)}${fmt(r.requestsPerSecond)} req/s  p50 ${fmt(r.p50, 1)} ms  p99 ${fmt(r.p99, 1)} ms${failures}`)
+          }
+          console.log()
+        }
+        const s = await storm(bench, server, 1000, 100, 50)
+        storms.push(s)
+        const statuses = Object.entries(s.statuses).map(([status, n]) => `${n}× ${status}`).join(', ')
+        const verdict = s.sideEffects === s.keys ? 'one per key' : `EXPECTED ${s.keys}`
+        console.log(`Duplicate storm on ${database}: ${s.requests} requests over ${s.keys} keys at concurrency ${s.concurrency}`)
+        console.log(`  drained in ${s.drainMs.toFixed(0)} ms; ${statuses}; ${s.replayed} replayed; ${s.sideEffects} orders (${verdict})\n`)
+      } finally {
+        await server.stop()
+      }
+    }
+  } finally {
+    await bench.close()
+  }
+}
+
+if (values.json) {
+  writeFileSync(values.json, `${JSON.stringify({ date: new Date().toISOString(), machine, seconds, rounds, transactions, http, storms }, null, 2)}\n`)
+  console.log(`Figures written to ${values.json}`)
+}
+if (storms.some((s) => s.sideEffects !== s.keys)) {
+  console.error('A duplicate storm made a different number of orders than it had keys.')
+  process.exitCode = 1
+}
+
+async function serverVersion(bench: Bench): Promise<string> {
+  const query = bench.database === 'sqlite' ? sql<{ v: string }>`select 'SQLite ' || sqlite_version() as v` : sql<{ v: string }>`select version() as v`
+  const { rows } = await query.execute(bench.db)
+  const text = rows[0]?.v ?? ''
+  return bench.database === 'postgres' ? (/PostgreSQL [\d.]+/.exec(text)?.[0] ?? text) : bench.database === 'mysql' ? `MySQL/MariaDB ${text}` : text
+}

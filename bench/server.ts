@@ -1,0 +1,71 @@
+import express, { type Request, type Response } from 'express'
+import { Idempotency as PeerIdempotency } from '@node-idempotency/core'
+import { RedisStorageAdapter } from '@node-idempotency/storage-adapter-redis'
+import { createIdempotency } from '../src/index.js'
+import { idempotent } from '../express/index.js'
+import { openDatabase, type DatabaseName } from '../test/support/databases.js'
+import { KEYS_TABLE, placeOrder, type BenchDB } from './support.js'
+
+/**
+ * The HTTP side of the benchmark, run in its own process so that the load generator does not
+ * share its event loop: `node server.js DATABASE LOCATION POOL [REDIS_URL]`. It sends its port
+ * to the parent over IPC. Every route runs the same three-insert transaction.
+ */
+const [database, location, pool, redisUrl] = process.argv.slice(2) as [DatabaseName, string, string, string | undefined]
+const db = openDatabase(database, location, Number(pool)) as import('kysely').Kysely<BenchDB>
+const idempotency = createIdempotency({ db, tableName: KEYS_TABLE })
+const customer = (req: Request) => req.get('X-Customer') ?? 'bench'
+
+const app = express()
+app.use(express.json())
+
+app.post('/plain', async (req, res, next) => {
+  try {
+    res.status(201).json(await db.transaction().execute((trx) => placeOrder(trx, customer(req), req.body.amount)))
+  } catch (error) {
+    next(error)
+  }
+})
+
+app.post(
+  '/idempotent',
+  idempotent(idempotency, { scope: customer }, async (req, trx) => ({ status: 201, body: await placeOrder(trx, customer(req), req.body.amount) })),
+)
+
+app.get('/orders/count', async (_req, res) => {
+  const row = await db.selectFrom('bench_orders').select((eb) => eb.fn.countAll<number | string | bigint>().as('n')).executeTakeFirstOrThrow()
+  res.json({ count: Number(row.n) })
+})
+
+if (redisUrl) {
+  // @node-idempotency/express is not on the npm registry this project can reach; this is the
+  // middleware its core package documents: onRequest before the handler, onResponse after.
+  const storage = new RedisStorageAdapter({ url: redisUrl })
+  await storage.connect()
+  const peer = new PeerIdempotency(storage, { cacheTTLMS: 24 * 3600 * 1000 })
+  app.post('/peer', async (req: Request, res: Response, next) => {
+    const params = { headers: req.headers, path: req.path, body: req.body as Record<string, unknown>, method: req.method }
+    try {
+      const stored = await peer.onRequest<unknown, unknown>(params)
+      if (stored) {
+        res.status(Number(stored.additional?.status ?? 200)).json(stored.body)
+        return
+      }
+    } catch (error) {
+      res.status((error as { code?: string }).code === 'REQUEST_IN_PROGRESS' ? 409 : 422).json({ error: (error as Error).message })
+      return
+    }
+    try {
+      const order = await db.transaction().execute((trx) => placeOrder(trx, customer(req), req.body.amount))
+      await peer.onResponse(params, { body: order, additional: { status: 201 } })
+      res.status(201).json(order)
+    } catch (error) {
+      next(error)
+    }
+  })
+}
+
+const server = app.listen(0, '127.0.0.1', () => {
+  const address = server.address()
+  process.send?.({ port: typeof address === 'object' && address ? address.port : 0 })
+})

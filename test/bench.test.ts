@@ -1,0 +1,32 @@
+import { execFileSync } from 'node:child_process'
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
+import { createRequire } from 'node:module'
+import { tmpdir } from 'node:os'
+import { join, resolve } from 'node:path'
+import { afterAll, describe, expect, it } from 'vitest'
+
+const root = resolve(import.meta.dirname, '..')
+const tsc = createRequire(import.meta.url).resolve('typescript/bin/tsc')
+const dir = mkdtempSync(join(tmpdir(), 'kidem-bench-'))
+
+// Speed is not asserted here (it is what `npm run bench` reports); this keeps the benchmark
+// running and checks what it counts: the statements of each path and the storm's side effects.
+describe('npm run bench (a short run on SQLite)', () => {
+  afterAll(() => rmSync(dir, { recursive: true, force: true }))
+
+  it('counts the statements of each path and one order per key in the duplicate storm', () => {
+    execFileSync(process.execPath, [tsc, '-p', 'tsconfig.bench.json'], { cwd: root, stdio: 'pipe' })
+    const file = join(dir, 'figures.json')
+    const args = ['build/bench/index.js', '--only', 'sqlite', '--seconds', '0.2', '--rounds', '1', '--json', file]
+    execFileSync(process.execPath, args, { cwd: root, stdio: 'pipe' })
+    const figures = JSON.parse(readFileSync(file, 'utf8'))
+    expect(figures.transactions[0].statements).toEqual({
+      bare: ['begin', 'insert', 'insert', 'insert', 'commit'],
+      first: ['select[key]', 'begin', 'insert[key]', 'insert', 'insert', 'insert', 'update[key]', 'commit'],
+      inside: ['begin', 'insert[key]', 'insert', 'insert', 'insert', 'update[key]', 'commit'],
+      replay: ['select[key]'],
+    })
+    for (const ops of Object.values(figures.transactions[0].opsPerSecond)) expect(ops).toBeGreaterThan(0)
+    expect(figures.storms[0]).toMatchObject({ requests: 1000, keys: 100, sideEffects: 100, replayed: 900 })
+  }, 120_000)
+})
