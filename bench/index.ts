@@ -59,7 +59,8 @@ for (const database of selected) {
     console.log(`${database} ${machine.servers[database]}, ${clients} client${clients > 1 ? 's' : ''}`)
     for (const name of Object.keys(PATHS) as PathName[]) {
       const sent = figures.statements[name]
-      console.log(`  ${PATHS[name].padEnd(58)}${fmt(figures.opsPerSecond[name])} ops/s  ${String(sent.length).padStart(2)} statements: ${sent.join(' ')}`)
+      const spread = `${Math.round(Math.min(...figures.rounds[name]))}–${Math.round(Math.max(...figures.rounds[name]))}`.padStart(12)
+      console.log(`  ${PATHS[name].padEnd(58)}${fmt(figures.opsPerSecond[name])} ops/s ${spread}  ${String(sent.length).padStart(2)} statements: ${sent.join(' ')}`)
     }
     const { firstToBare, insideToBare, replayToBare } = figures.ratios
     console.log(`  b/a ${firstToBare.toFixed(2)}   b'/a ${insideToBare.toFixed(2)}   c/a ${replayToBare.toFixed(2)}\n`)

@@ -1,4 +1,5 @@
 import express, { type Request, type Response } from 'express'
+import type { Kysely } from 'kysely'
 import { Idempotency as PeerIdempotency } from '@node-idempotency/core'
 import { RedisStorageAdapter } from '@node-idempotency/storage-adapter-redis'
 import { createIdempotency } from '../src/index.js'
@@ -12,7 +13,7 @@ import { KEYS_TABLE, placeOrder, type BenchDB } from './support.js'
  * to the parent over IPC. Every route runs the same three-insert transaction.
  */
 const [database, location, pool, redisUrl] = process.argv.slice(2) as [DatabaseName, string, string, string | undefined]
-const db = openDatabase(database, location, Number(pool)) as import('kysely').Kysely<BenchDB>
+const db = openDatabase(database, location, Number(pool)) as Kysely<BenchDB>
 const idempotency = createIdempotency({ db, tableName: KEYS_TABLE })
 const customer = (req: Request) => req.get('X-Customer') ?? 'bench'
 

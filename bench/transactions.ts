@@ -17,6 +17,8 @@ export interface TransactionFigures {
   readonly clients: number
   /** Calls per second, the mean over the rounds. */
   readonly opsPerSecond: Record<PathName, number>
+  /** Calls per second in each round, to show how much the machine wandered. */
+  readonly rounds: Record<PathName, number[]>
   readonly ratios: { readonly firstToBare: number; readonly insideToBare: number; readonly replayToBare: number }
   /** What one call of each path sends, in order. */
   readonly statements: Record<PathName, string[]>
@@ -44,15 +46,16 @@ export async function measureTransactions(bench: Bench, clients: number, seconds
   }
   const names = Object.keys(PATHS) as PathName[]
   for (const name of names) await throughput(clients, 500, (client, n) => ops[name](client, n, -1))
-  const totals = Object.fromEntries(names.map((name) => [name, 0])) as Record<PathName, number>
+  const perRound = Object.fromEntries(names.map((name) => [name, [] as number[]])) as Record<PathName, number[]>
   for (let round = 0; round < rounds; round++) {
-    for (const name of names) totals[name] += await throughput(clients, seconds * 1000, (client, n) => ops[name](client, n, round))
+    for (const name of names) perRound[name].push(await throughput(clients, seconds * 1000, (client, n) => ops[name](client, n, round)))
   }
-  const opsPerSecond = Object.fromEntries(names.map((name) => [name, totals[name] / rounds])) as Record<PathName, number>
+  const opsPerSecond = Object.fromEntries(names.map((name) => [name, perRound[name].reduce((a, b) => a + b, 0) / rounds])) as Record<PathName, number>
   return {
     database: bench.database,
     clients,
     opsPerSecond,
+    rounds: perRound,
     ratios: {
       firstToBare: opsPerSecond.first / opsPerSecond.bare,
       insideToBare: opsPerSecond.inside / opsPerSecond.bare,

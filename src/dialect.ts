@@ -126,13 +126,17 @@ export function aliased(table: string): RawBuilder<unknown> {
   return sql`${sql.table(table)} as k`
 }
 
-/** The select list every statement that reads a key uses; decode rows with {@link decodeKeyRow}. */
+/**
+ * The select list every statement that reads a key uses; decode rows with {@link decodeKeyRow}.
+ * The two flags are bare comparisons (a boolean on Postgres, 1/0/NULL elsewhere), not `CASE`,
+ * which costs SQLite more to prepare than the rest of the statement, on every read.
+ */
 export function keyRowColumns(dialect: Pick<IdempotencyDialect, 'clock' | 'jsonText'>): RawBuilder<unknown> {
   const now = dialect.clock
   return sql`k.id as id, k.fingerprint as fingerprint, k.recovery_point as point,
     ${dialect.jsonText(sql.ref('k.response'))} as response,
-    case when k.expires_at <= ${now} then 1 else 0 end as expired,
-    case when k.lock_token is not null and k.locked_until > ${now} then 1 else 0 end as locked,
+    k.expires_at <= ${now} as expired,
+    k.lock_token is not null and k.locked_until > ${now} as locked,
     k.lock_token as token, ${dialect.jsonText(sql.ref('k.phase_results'))} as phases`
 }
 
