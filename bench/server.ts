@@ -33,11 +33,6 @@ app.post(
   idempotent(idempotency, { scope: customer }, async (req, trx) => ({ status: 201, body: await placeOrder(trx, customer(req), req.body.amount) })),
 )
 
-app.get('/orders/count', async (_req, res) => {
-  const row = await db.selectFrom('bench_orders').select((eb) => eb.fn.countAll<number | string | bigint>().as('n')).executeTakeFirstOrThrow()
-  res.json({ count: Number(row.n) })
-})
-
 if (redisUrl) {
   // @node-idempotency/express is not on the npm registry this project can reach; this is the
   // middleware its core package documents: onRequest before the handler, onResponse after.

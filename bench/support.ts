@@ -5,7 +5,7 @@ import { dirname, join } from 'node:path'
 import { sql, type Kysely, type Transaction } from 'kysely'
 import { createIdempotency, type Idempotency } from '../src/index.js'
 import { migrationTables } from '../migrations/index.js'
-import { openDatabase, ping, type DatabaseName } from '../test/support/databases.js'
+import { openDatabase, ping, SERVER_LOCATIONS, type DatabaseName } from '../test/support/databases.js'
 
 /** The idempotency table of the benchmark, apart from any table an application uses. */
 export const KEYS_TABLE = 'bench_keys'
@@ -16,12 +16,6 @@ export interface BenchDB {
   bench_order_lines: { order_id: string; sku: string; quantity: number }
   bench_ledger: { order_id: string; account: string; amount: number }
 }
-
-/** Where each database is: the env var, else the local default (as the tests find them, without containers). */
-const SERVERS = {
-  postgres: { env: 'KIDEM_PG_URL', local: 'postgres://postgres@127.0.0.1:5432/test' },
-  mysql: { env: 'KIDEM_MYSQL_URL', local: 'mysql://root@127.0.0.1:3306/test' },
-} as const
 
 /** A database under benchmark: a fresh schema, the idempotency store, and a way to leave nothing behind. */
 export interface Bench {
@@ -76,8 +70,9 @@ export async function placeOrder(trx: Transaction<BenchDB>, customer: string, am
   return { id, amount }
 }
 
+/** The env var's server, else the local default (as the tests find them, without containers). */
 async function locate(database: Exclude<DatabaseName, 'sqlite'>): Promise<string> {
-  const { env, local } = SERVERS[database]
+  const { env, local } = SERVER_LOCATIONS[database]
   const location = process.env[env] ?? local
   try {
     await ping(database, location)

@@ -1,5 +1,5 @@
 import type { TestProject } from 'vitest/node'
-import { ALL_TARGETS, ping, type DatabaseName, type Locations } from './support/databases.js'
+import { ALL_TARGETS, ping, SERVER_LOCATIONS, type DatabaseName, type Locations } from './support/databases.js'
 
 declare module 'vitest' {
   export interface ProvidedContext {
@@ -19,8 +19,7 @@ interface Server {
 const SERVERS: readonly Server[] = [
   {
     database: 'postgres',
-    env: 'KIDEM_PG_URL',
-    local: 'postgres://postgres@127.0.0.1:5432/test',
+    ...SERVER_LOCATIONS.postgres,
     image: 'postgres:15',
     async start(image) {
       const { GenericContainer, Wait } = await import('testcontainers')
@@ -35,8 +34,7 @@ const SERVERS: readonly Server[] = [
   },
   {
     database: 'mysql',
-    env: 'KIDEM_MYSQL_URL',
-    local: 'mysql://root@127.0.0.1:3306/test',
+    ...SERVER_LOCATIONS.mysql,
     image: 'mariadb:10.11',
     async start(image) {
       const { GenericContainer, Wait } = await import('testcontainers')

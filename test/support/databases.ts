@@ -24,6 +24,12 @@ export const ALL_TARGETS: readonly Target[] = [
   { id: 'sqlite', database: 'sqlite' },
 ]
 
+/** Where a server database is looked for: its env var, else the local default. */
+export const SERVER_LOCATIONS = {
+  postgres: { env: 'KIDEM_PG_URL', local: 'postgres://postgres@127.0.0.1:5432/test' },
+  mysql: { env: 'KIDEM_MYSQL_URL', local: 'mysql://root@127.0.0.1:3306/test' },
+} as const
+
 /** Where each server database is, as found by the global setup (SQLite needs no server). */
 export type Locations = Partial<Record<Exclude<DatabaseName, 'sqlite'>, string>>
 
