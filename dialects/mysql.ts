@@ -13,6 +13,9 @@ import {
   type IdempotencyDialect,
 } from '../src/dialect.js'
 
+/** `ER_DUP_ENTRY`: the key exists; the insert still waited for and locked the existing row. */
+const DUPLICATE_KEY = 1062
+
 const ERRNO: Readonly<Record<number, DatabaseErrorKind>> = {
   1213: 'deadlock',
   1205: 'lock_timeout',
@@ -39,8 +42,10 @@ export interface MysqlDialectOptions {
 /**
  * MySQL and MariaDB with InnoDB (`mysql2`, or any Kysely dialect built on `MysqlAdapter`).
  *
- * The claim is `INSERT IGNORE`: when another transaction holds an uncommitted insert of the
- * same key, InnoDB makes it wait and then leaves it holding a shared lock on that row. A
+ * The claim is a plain `INSERT` whose duplicate-key error (1062) means "the key exists": when
+ * another transaction holds an uncommitted insert of the same key, InnoDB makes it wait and then
+ * leaves it holding a shared lock on that row; the error rolls back that statement only. (Not
+ * `INSERT IGNORE`, which also turns invalid values into warnings and stores something else.) A
  * plain `SELECT` under REPEATABLE READ would answer from the transaction's snapshot, which
  * may predate the competing commit, so the row is read with a locking read. It is a shared
  * one (`LOCK IN SHARE MODE`): every duplicate already holds a shared lock, and asking for
@@ -50,7 +55,8 @@ export interface MysqlDialectOptions {
  *
  * `key` and `scope` are `VARBINARY`, so keys compare byte by byte: no case folding and no
  * trailing-space padding, as the other databases compare them. Responses are `LONGTEXT`,
- * kept as written (MySQL's `JSON` type would reorder keys).
+ * kept as written (MySQL's `JSON` type would reorder keys). The table is `utf8mb4` with a
+ * binary collation whatever the database's default, so any Unicode text is stored as sent.
  *
  * ### Examples
  *
@@ -75,6 +81,11 @@ export function mysqlDialect(options: MysqlDialectOptions = {}): IdempotencyDial
       json: sql`longtext`,
       time: sql`datetime(3)`,
     },
+    upgrades: {
+      async unicode(db, table) {
+        await sql`alter table ${sql.table(table)} convert to character set utf8mb4 collate utf8mb4_bin`.execute(db)
+      },
+    },
     classify(error) {
       const errno = errorProperty(error, 'errno')
       return typeof errno === 'number' ? ERRNO[errno] : undefined
@@ -84,7 +95,7 @@ export function mysqlDialect(options: MysqlDialectOptions = {}): IdempotencyDial
       const waitPrefix = (seconds: RawBuilder<unknown>) =>
         statementLockWait ? sql`set statement innodb_lock_wait_timeout = ${seconds} for ` : sql``
       const claim = prepare(db, [...CLAIM_SLOTS, 'seconds'], (p) => sql`${waitPrefix(p.seconds)}
-        insert ignore into ${sql.table(table)} ${insertedColumns} values (${insertedValues({ clock, later }, p)})`)
+        insert into ${sql.table(table)} ${insertedColumns} values (${insertedValues({ clock, later }, p)})`)
       const latest = prepare(db, ['scope', 'key', 'seconds'], (p) => sql`${waitPrefix(p.seconds)}
         select ${columns} from ${aliased(table)} where k.scope = ${p.scope} and k.\`key\` = ${p.key} lock in share mode`)
       const lock = prepare(db, ['scope', 'key', 'seconds'], (p) => sql`${waitPrefix(p.seconds)}
@@ -116,11 +127,13 @@ export function mysqlDialect(options: MysqlDialectOptions = {}): IdempotencyDial
 
       const statements: DialectStatements = {
         async claim(db, values) {
-          const result = await bounded(db, values.wait, () =>
-            db.executeQuery(claim.bind({ ...values, seconds: toSeconds(values.wait) })),
-          )
-          if (result.numAffectedRows === 1n) return { claimed: String(result.insertId) }
-          return { claimed: null, row: undefined }
+          try {
+            const result = await bounded(db, values.wait, () => db.executeQuery(claim.bind({ ...values, seconds: toSeconds(values.wait) })))
+            return { claimed: String(result.insertId) }
+          } catch (error) {
+            if (errorProperty(error, 'errno') === DUPLICATE_KEY) return { claimed: null, row: undefined }
+            throw error
+          }
         },
         async latest(db, scope, key, wait) {
           const { rows } = await bounded(db, wait, () =>

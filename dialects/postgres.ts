@@ -62,6 +62,7 @@ export const postgresDialect: IdempotencyDialect = {
     json: 'json',
     time: 'timestamptz',
   },
+  upgrades: {},
   classify(error) {
     const code = errorProperty(error, 'code')
     return typeof code === 'string' ? SQLSTATE[code] : undefined

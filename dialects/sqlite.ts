@@ -47,6 +47,7 @@ export const sqliteDialect: IdempotencyDialect = {
     json: 'text',
     time: 'integer',
   },
+  upgrades: {},
   classify(error) {
     const code = errorProperty(error, 'code')
     if (typeof code !== 'string') return undefined

@@ -54,6 +54,18 @@ export function idempotencyMigrations(options: IdempotencyMigrationsOptions = {}
         await db.schema.dropTable(table).execute()
       },
     },
+    // Stored values name the codec that wrote them (rows from before hold plain JSON, codec
+    // null); MySQL tables become utf8mb4 with a binary collation whatever the database default.
+    [`kysely_idempotency_${table}_0002_codec`]: {
+      async up(db: Kysely<unknown>) {
+        const dialect = options.dialect ?? detectDialect(db)
+        await db.schema.alterTable(table).addColumn('codec', dialect.columnTypes.text).execute()
+        await dialect.upgrades.unicode?.(db, table)
+      },
+      async down(db: Kysely<unknown>) {
+        await db.schema.alterTable(table).dropColumn('codec').execute()
+      },
+    },
   }
   return { getMigrations: async () => migrations }
 }

@@ -1,12 +1,13 @@
 import type { IsolationLevel, Kysely, Transaction } from 'kysely'
-import { FINISHED, type ClaimValues, type IdempotencyDialect, type KeyRow } from './dialect.js'
+import type { ValueStore } from './codec.js'
+import { FINISHED, STARTED, type ClaimValues, type IdempotencyDialect, type KeyRow } from './dialect.js'
 import { IdempotencyConflictError, IdempotencyKeyReuseError, IdempotencySetupError } from './errors.js'
-import { serializeResult, type NormalizedKey } from './request.js'
+import type { NormalizedKey } from './request.js'
 import { prepareStatements, type Statements } from './statements.js'
 
 /** What an idempotent execution gave: the value, and whether it was replayed from storage. */
 export interface Execution<T> {
-  /** `fn`'s value on a first execution; the stored value (a JSON round trip of it) on a replay. */
+  /** `fn`'s value on a first execution; on a replay, the stored value, decoded: an equal value of the same types. */
   readonly value: T
   /** `true` when `fn` did not run because the key was already finished. */
   readonly replayed: boolean
@@ -21,8 +22,17 @@ export interface Settings {
 }
 
 export const EXPIRED = Symbol('expired')
+/** A single-transaction claim committed without its response (see {@link Core.judge}). */
+const STRANDED = Symbol('stranded')
 /** Claim rounds before giving up when rows keep vanishing or being reclaimed under us. */
 const CLAIM_ROUNDS = 3
+/**
+ * Keys (table, scope, key) whose single-transaction function runs in this process right now,
+ * across instances, to tell a nested call with the same key from a stranded key.
+ */
+const running = new Set<string>()
+/** Attempts at one prune batch that the database aborts (deadlock with requests on the same rows). */
+const PRUNE_ATTEMPTS = 5
 
 /**
  * The idempotency algorithm for one table, independent of the database: every difference
@@ -31,32 +41,42 @@ const CLAIM_ROUNDS = 3
 export class Core {
   readonly #dialect: IdempotencyDialect
   readonly #table: string
+  /** How this instance stores values. */
+  readonly values: ValueStore
   #statements: Promise<Statements> | undefined
 
-  constructor(dialect: IdempotencyDialect, table: string) {
+  constructor(dialect: IdempotencyDialect, table: string, values: ValueStore) {
     this.#dialect = dialect
     this.#table = table
+    this.values = values
   }
 
   /** Runs `fn` once per key inside `trx`, or returns the stored result. */
   async execute<T, DB>(trx: Transaction<DB>, key: NormalizedKey, fn: (trx: Transaction<DB>) => Promise<T>, settings: Settings): Promise<Execution<T>> {
     const db = trx.withoutPlugins() as unknown as Kysely<unknown>
     const s = await this.statements(db)
-    const values: ClaimValues = { ...key, ttl: settings.ttl, wait: settings.conflictWait, token: null, lease: null, phases: null }
+    const values: ClaimValues = { ...key, expiresIn: settings.ttl, wait: settings.conflictWait, token: null, lease: null, phases: null, codec: null }
     for (let round = 1; ; round++) {
       const claim = await this.guard(settings, () => s.claim(db, values))
       let id = claim.claimed
       if (claim.claimed === null) {
         const row = claim.row ?? (await this.guard(settings, () => s.latest(db, key.scope, key.key, settings.conflictWait)))
         if (row) {
-          const verdict = this.decide(row, key, settings)
+          const verdict = await this.judge(db, s, row, key, settings)
           if (verdict !== EXPIRED) return { value: verdict.value as T, replayed: true }
           if (await this.guard(settings, () => s.reclaim(db, row.id, values))) id = row.id
         }
       }
       if (id !== null) {
-        const value = await fn(trx)
-        await s.finish(db, id, serializeResult(value))
+        const entry = this.#runningEntry(key)
+        running.add(entry)
+        let value: T
+        try {
+          value = await fn(trx)
+        } finally {
+          running.delete(entry)
+        }
+        await s.finish(db, id, this.values.encode(value), settings.ttl)
         return { value, replayed: false }
       }
       if (round === CLAIM_ROUNDS) {
@@ -76,7 +96,7 @@ export class Core {
     const s = await this.statements(plain)
     const row = await this.guard(settings, () => s.lookup(plain, key.scope, key.key))
     if (row) {
-      const verdict = this.decide(row, key, settings)
+      const verdict = await this.judge(plain, s, row, key, settings)
       if (verdict !== EXPIRED) return { value: verdict.value as T, replayed: true }
     }
     return this.retrying(settings, () => {
@@ -100,15 +120,37 @@ export class Core {
     }
   }
 
-  /** Deletes expired, unlocked rows in batches of `batchSize`; returns how many. */
+  /**
+   * Deletes expired, unlocked rows in batches of `batchSize`; returns how many. A batch the
+   * database aborts because requests lock the same rows (a deadlock, a lock wait) is tried again.
+   */
   async prune(db: Kysely<unknown>, batchSize: number): Promise<number> {
     const plain = db.withoutPlugins()
     const s = await this.statements(plain)
     let total = 0
     for (;;) {
-      const deleted = await this.guard(undefined, () => s.pruneBatch(plain, batchSize))
+      const deleted = await this.#pruneBatch(plain, s, batchSize)
       total += deleted
       if (deleted < batchSize) return total
+    }
+  }
+
+  async #pruneBatch(db: Kysely<unknown>, s: Statements, batchSize: number): Promise<number> {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await this.guard(undefined, () => s.pruneBatch(db, batchSize))
+      } catch (error) {
+        if (!(error instanceof IdempotencyConflictError)) throw error
+        if (attempt < PRUNE_ATTEMPTS) {
+          await backOff(attempt)
+          continue
+        }
+        throw new IdempotencyConflictError(
+          'race',
+          `Pruning "${this.#table}" was stopped by the database ${attempt} times in a row while requests were using the same rows (${(error.cause as Error | undefined)?.message ?? 'lock conflict'}); run prune again later.`,
+          { retryAfter: 1, cause: error.cause },
+        )
+      }
     }
   }
 
@@ -125,14 +167,37 @@ export class Core {
    * What an existing row means for a new attempt: its stored response, {@link EXPIRED} when
    * the key may start over, or the error the caller gets.
    */
-  decide(row: KeyRow, key: NormalizedKey, settings: Settings): { value: unknown } | typeof EXPIRED {
-    if (row.expired) return EXPIRED
+  async judge(db: Kysely<unknown>, s: Statements, row: KeyRow, key: NormalizedKey, settings: Settings): Promise<{ value: unknown } | typeof EXPIRED> {
+    const verdict = this.#decide(row, key, settings)
+    if (verdict !== STRANDED) return verdict
+    const remaining = await this.guard(settings, () => s.remaining(db, row.id))
+    throw new IdempotencyConflictError(
+      'stranded',
+      `The idempotency key "${key.key}" was claimed by a transaction that committed without storing a response (withIdempotency or its ` +
+        `function threw, and the transaction was committed instead of rolled back), so the key cannot be used until it expires in ` +
+        `${Math.ceil(remaining / 1000)} s. Roll the transaction back whenever withIdempotency throws.`,
+      { retryAfter: Math.max(1, Math.ceil(remaining / 1000)) },
+    )
+  }
+
+  #decide(row: KeyRow, key: NormalizedKey, settings: Settings): { value: unknown } | typeof EXPIRED | typeof STRANDED {
+    if (row.expired && !row.locked) return EXPIRED
     if (row.fingerprint !== key.fingerprint) {
       throw new IdempotencyKeyReuseError(
         `The idempotency key "${key.key}" was already used for a different request; send a new key for a new request.`,
       )
     }
-    if (row.recoveryPoint === FINISHED) return { value: JSON.parse(row.response ?? 'null') }
+    if (row.recoveryPoint === FINISHED) return { value: this.values.decode(row.response ?? 'null', row.codec) }
+    if (row.phases === null && !row.locked && row.recoveryPoint === STARTED) {
+      // A single-transaction claim is visible before its response only to its own transaction,
+      // or after a commit that should have been a rollback.
+      if (!running.has(this.#runningEntry(key))) return STRANDED
+      throw new IdempotencyConflictError(
+        'nested',
+        `The idempotency key "${key.key}" is already in use by an enclosing call in this transaction: a call with the same key is nested inside its own function. Give the inner call a key of its own.`,
+        { retryAfter: retryAfter(settings) },
+      )
+    }
     if (row.locked) {
       throw new IdempotencyConflictError('in_flight', `A request with the idempotency key "${key.key}" is still in progress; retry later.`, {
         retryAfter: retryAfter(settings),
@@ -143,6 +208,10 @@ export class Core {
       `The idempotency key "${key.key}" belongs to an unfinished flow stopped at "${row.recoveryPoint}"; resume it with idempotency.run() and the same key.`,
       { retryAfter: retryAfter(settings) },
     )
+  }
+
+  #runningEntry(key: NormalizedKey): string {
+    return `${this.#table}\0${key.scope}\0${key.key}`
   }
 
   /** Turns the database errors the library understands into errors that say what happened. */

@@ -22,15 +22,17 @@ export interface KeyRow {
   readonly id: RowId
   readonly fingerprint: string
   readonly recoveryPoint: string
-  /** The stored response as JSON text; `null` until finished. */
+  /** The stored response as text for the codec; `null` until finished. */
   readonly response: string | null
+  /** The codec that wrote `response` and `phases`; `null` for rows written before codecs (plain JSON). */
+  readonly codec: string | null
   /** `expires_at` has passed on the database clock. */
   readonly expired: boolean
   /** An atomic-phases attempt holds a lock that has not expired on the database clock. */
   readonly locked: boolean
   /** The lock token of the atomic-phases attempt that holds or last held the key, if any. */
   readonly token: string | null
-  /** `phase_results` as JSON text; `null` for keys of single-transaction calls. */
+  /** `phase_results` as text for the codec; `null` for keys of single-transaction calls. */
   readonly phases: string | null
 }
 
@@ -45,16 +47,18 @@ export interface ClaimValues {
   readonly scope: string
   readonly key: string
   readonly fingerprint: string
-  /** Lifetime of the key in milliseconds. */
-  readonly ttl: number
+  /** Milliseconds from now until the key expires. */
+  readonly expiresIn: number
   /** How long to wait for a concurrent holder of the same key, in milliseconds. */
   readonly wait: number
   /** Atomic phases only: the new attempt's lock token, else `null`. */
   readonly token: string | null
   /** Atomic phases only: how long the lock lasts, in milliseconds, else `null`. */
   readonly lease: number | null
-  /** Atomic phases only: the initial `phase_results` JSON text, else `null`. */
+  /** Atomic phases only: the initial `phase_results` text, else `null`. */
   readonly phases: string | null
+  /** Atomic phases only: the codec that wrote `phases`, else `null`. */
+  readonly codec: string | null
 }
 
 /** The statements a dialect writes itself, compiled for one table. */
@@ -80,6 +84,15 @@ export interface DialectStatements {
   withLockWait<T>(db: Kysely<unknown>, wait: number, statements: () => Promise<T>): Promise<T>
   /** Deletes up to `limit` expired, unlocked rows; returns how many. */
   pruneBatch(db: Kysely<unknown>, limit: number): Promise<number>
+}
+
+/** What a dialect does to the table beyond the portable schema, per migration. */
+export interface TableUpgrades {
+  /**
+   * Migration 0002: makes every text column store any Unicode text and compare bytes exactly,
+   * whatever the database's defaults (MySQL: `utf8mb4` with a binary collation).
+   */
+  unicode?(db: Kysely<unknown>, table: string): Promise<void>
 }
 
 /** Column types of the idempotency table in one dialect. */
@@ -112,6 +125,8 @@ export interface IdempotencyDialect {
   /** A JSON column as JSON text, whatever the driver would parse it into. */
   jsonText(column: RawBuilder<unknown>): RawBuilder<unknown>
   readonly columnTypes: ColumnTypes
+  /** Table changes this database needs beyond the portable schema. */
+  readonly upgrades: TableUpgrades
   /** Compiles the dialect's statements for `table` (may ask the server what it is, once). */
   prepare(db: Kysely<unknown>, table: string): Promise<DialectStatements>
   /** Classifies a driver error, or returns `undefined` for anything the library does not handle. */
@@ -134,7 +149,7 @@ export function aliased(table: string): RawBuilder<unknown> {
 export function keyRowColumns(dialect: Pick<IdempotencyDialect, 'clock' | 'jsonText'>): RawBuilder<unknown> {
   const now = dialect.clock
   return sql`k.id as id, k.fingerprint as fingerprint, k.recovery_point as point,
-    ${dialect.jsonText(sql.ref('k.response'))} as response,
+    ${dialect.jsonText(sql.ref('k.response'))} as response, k.codec as codec,
     k.expires_at <= ${now} as expired,
     k.lock_token is not null and k.locked_until > ${now} as locked,
     k.lock_token as token, ${dialect.jsonText(sql.ref('k.phase_results'))} as phases`
@@ -146,6 +161,7 @@ export function decodeKeyRow(row: Readonly<Record<string, unknown>>): KeyRow {
     fingerprint: String(row.fingerprint),
     recoveryPoint: String(row.point),
     response: row.response == null ? null : String(row.response),
+    codec: row.codec == null ? null : String(row.codec),
     expired: Number(row.expired) === 1,
     locked: Number(row.locked) === 1,
     token: row.token == null ? null : String(row.token),
@@ -159,11 +175,11 @@ export function errorProperty(error: unknown, name: 'code' | 'errno'): unknown {
 }
 
 /** The slots of a claim statement that {@link insertedColumns} and {@link insertedValues} use. */
-export const CLAIM_SLOTS = ['scope', 'key', 'fingerprint', 'ttl', 'token', 'lease', 'phases'] as const
+export const CLAIM_SLOTS = ['scope', 'key', 'fingerprint', 'expiresIn', 'token', 'lease', 'phases', 'codec'] as const
 export type ClaimSlot = (typeof CLAIM_SLOTS)[number]
 
 /** The column list of a claim's insert, in the order of {@link insertedValues}. */
-export const insertedColumns = sql`(scope, ${sql.ref('key')}, fingerprint, recovery_point, phase_results, lock_token, locked_until, created_at, last_run_at, expires_at)`
+export const insertedColumns = sql`(scope, ${sql.ref('key')}, fingerprint, recovery_point, phase_results, codec, lock_token, locked_until, created_at, last_run_at, expires_at)`
 
 /** The values of a claim's insert, without parentheses (for `values (…)` or `select …`). */
 export function insertedValues(
@@ -171,5 +187,5 @@ export function insertedValues(
   p: Readonly<Record<ClaimSlot, RawBuilder<unknown>>>,
 ): RawBuilder<unknown> {
   const now = dialect.clock
-  return sql`${p.scope}, ${p.key}, ${p.fingerprint}, ${sql.lit(STARTED)}, ${p.phases}, ${p.token}, ${dialect.later(p.lease)}, ${now}, ${now}, ${dialect.later(p.ttl)}`
+  return sql`${p.scope}, ${p.key}, ${p.fingerprint}, ${sql.lit(STARTED)}, ${p.phases}, ${p.codec}, ${p.token}, ${dialect.later(p.lease)}, ${now}, ${now}, ${dialect.later(p.expiresIn)}`
 }

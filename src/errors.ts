@@ -50,6 +50,17 @@ export type ConflictReason =
   | 'race'
   /** The key belongs to an unfinished atomic-phases flow; resume it with `run` and the same key. */
   | 'unfinished_flow'
+  /**
+   * The key is claimed by an enclosing call in the same transaction: a call with the same key is
+   * nested inside its own function. Give the inner call a key of its own.
+   */
+  | 'nested'
+  /**
+   * A transaction committed the key's claim without a response (it was committed after
+   * `withIdempotency` or its function threw, instead of rolled back). The key cannot be used
+   * until it expires; `retryAfter` says when.
+   */
+  | 'stranded'
 
 /**
  * Another attempt holds the same key (HTTP 409). Retry later; nothing of this attempt was

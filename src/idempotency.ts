@@ -1,5 +1,6 @@
 import type { DialectAdapter, IsolationLevel, Kysely, MigrationResultSet, Transaction } from 'kysely'
 import { migrateTable } from '../migrations/index.js'
+import { ValueStore, type Codec, type Storable } from './codec.js'
 import { Core, type Execution, type Settings } from './core.js'
 import { Phases, type AbandonedFlow, type Flow } from './phases.js'
 import type { KeyCounts } from './statements.js'
@@ -9,12 +10,16 @@ import { normalizeKey, type IdempotencyKeyInput } from './request.js'
 
 /** Settings that apply per call as well as per instance. */
 export interface CallOptions {
-  /** How long a finished key stays replayable, in milliseconds. Default 24 hours. */
+  /**
+   * How long a key stays replayable after it finished, in milliseconds; a key an attempt still
+   * holds never expires. Default 24 hours; at most 10 years.
+   */
   readonly ttl?: number
   /**
    * How long a claim waits for another in-flight attempt with the same key before giving up
-   * with `IdempotencyConflictError`, in milliseconds. Default 5000. MySQL/MariaDB round it up
-   * to whole seconds; SQLite waits for the connection's busy timeout instead.
+   * with `IdempotencyConflictError`, in milliseconds. Default 5000; at most 1 hour.
+   * MySQL/MariaDB round it up to whole seconds; SQLite waits for the connection's busy timeout
+   * instead.
    */
   readonly conflictWait?: number
 }
@@ -27,16 +32,21 @@ export interface IdempotencyOptions<DB> extends CallOptions {
   readonly tableName?: string
   /**
    * How long an atomic-phases attempt owns a key before another attempt may take it over,
-   * in milliseconds. Default 30000.
+   * in milliseconds. Default 30000; at most 24 hours.
    */
   readonly lockTimeout?: number
   /**
    * How many times {@link Idempotency.transaction} runs the transaction when it fails with a
-   * serialization failure, a deadlock or a race on the key. Default 5.
+   * serialization failure, a deadlock or a race on the key. Default 5; at most 100.
    */
   readonly maxAttempts?: number
   /** The database module to use. Default: chosen from the Kysely instance's adapter. */
   readonly dialect?: IdempotencyDialect
+  /**
+   * How stored values (results, phase and step values) are written and read back. Default
+   * {@link defaultCodec}; replace it, e.g., to encrypt stored responses (see {@link Codec}).
+   */
+  readonly codec?: Codec
 }
 
 /** Options of {@link Idempotency.transaction}. */
@@ -49,7 +59,8 @@ export interface TransactionOptions extends CallOptions {
 export interface RunOptions extends CallOptions {
   /**
    * How long this attempt owns the key before another attempt may take it over, in
-   * milliseconds; renewed at every recorded phase and step. Default: the instance's `lockTimeout`.
+   * milliseconds; renewed at every recorded phase and step. Default: the instance's
+   * `lockTimeout`; at most 24 hours.
    */
   readonly lockTimeout?: number
 }
@@ -58,13 +69,13 @@ export interface RunOptions extends CallOptions {
 export interface AbandonedOptions {
   /** Only flows that recorded nothing for at least this many milliseconds. Default 0. */
   readonly olderThan?: number
-  /** At most this many flows, those idle longest first. Default 100. */
+  /** At most this many flows, those idle longest first. Default 100; at most 10000. */
   readonly limit?: number
 }
 
 /** Options of {@link Idempotency.prune}. */
 export interface PruneOptions {
-  /** Rows deleted per statement, so that no statement holds many locks. Default 1000. */
+  /** Rows deleted per statement, so that no statement holds many locks. Default 1000; at most 100000. */
   readonly batchSize?: number
 }
 
@@ -79,9 +90,10 @@ export interface Idempotency<DB> {
 
   /**
    * Runs `fn` at most once per key inside your transaction `trx`, and returns its value;
-   * a later call with the same key returns the stored value instead (a JSON round trip of it).
-   * The key claim, `fn`'s writes and the stored result commit or roll back together with
-   * `trx`. If this throws, roll `trx` back.
+   * a later call with the same key returns the stored value instead: an equal value of the
+   * same types (a `Date` stays a `Date`, a `bigint` a `bigint`), rebuilt by the codec. The key
+   * claim, `fn`'s writes and the stored result commit or roll back together with `trx`. If this
+   * throws, roll `trx` back. A value the codec refuses throws `IdempotencySerializationError`.
    *
    * ### Examples
    *
@@ -91,10 +103,15 @@ export interface Idempotency<DB> {
    *     trx.insertInto('orders').values(body).returningAll().executeTakeFirstOrThrow()))
    * ```
    */
-  withIdempotency<T>(trx: Transaction<DB>, key: IdempotencyKeyInput, fn: (trx: Transaction<DB>) => Promise<T>, options?: CallOptions): Promise<T>
+  withIdempotency<T>(trx: Transaction<DB>, key: IdempotencyKeyInput, fn: (trx: Transaction<DB>) => Promise<T & Storable<T>>, options?: CallOptions): Promise<T>
 
   /** {@link withIdempotency}, also telling whether the value was replayed. */
-  execute<T>(trx: Transaction<DB>, key: IdempotencyKeyInput, fn: (trx: Transaction<DB>) => Promise<T>, options?: CallOptions): Promise<Execution<T>>
+  execute<T>(
+    trx: Transaction<DB>,
+    key: IdempotencyKeyInput,
+    fn: (trx: Transaction<DB>) => Promise<T & Storable<T>>,
+    options?: CallOptions,
+  ): Promise<Execution<T>>
 
   /**
    * Like {@link withIdempotency} in a transaction the library opens: a replay is answered by
@@ -109,10 +126,14 @@ export interface Idempotency<DB> {
    *   trx.insertInto('charges').values(body).returningAll().executeTakeFirstOrThrow())
    * ```
    */
-  transaction<T>(key: IdempotencyKeyInput, fn: (trx: Transaction<DB>) => Promise<T>, options?: TransactionOptions): Promise<T>
+  transaction<T>(key: IdempotencyKeyInput, fn: (trx: Transaction<DB>) => Promise<T & Storable<T>>, options?: TransactionOptions): Promise<T>
 
   /** {@link transaction}, also telling whether the value was replayed. */
-  executeTransaction<T>(key: IdempotencyKeyInput, fn: (trx: Transaction<DB>) => Promise<T>, options?: TransactionOptions): Promise<Execution<T>>
+  executeTransaction<T>(
+    key: IdempotencyKeyInput,
+    fn: (trx: Transaction<DB>) => Promise<T & Storable<T>>,
+    options?: TransactionOptions,
+  ): Promise<Execution<T>>
 
   /**
    * Runs a flow of atomic phases at most once per key, for work that cannot fit in one
@@ -138,13 +159,13 @@ export interface Idempotency<DB> {
    * })
    * ```
    */
-  run<T>(key: IdempotencyKeyInput, flow: (flow: Flow<DB, T>) => Promise<T>, options?: RunOptions): Promise<T>
+  run<T>(key: IdempotencyKeyInput, flow: (flow: Flow<DB, T>) => Promise<T & Storable<T>>, options?: RunOptions): Promise<T>
 
   /** {@link run}, also telling whether the value was replayed. */
-  executeRun<T>(key: IdempotencyKeyInput, flow: (flow: Flow<DB, T>) => Promise<T>, options?: RunOptions): Promise<Execution<T>>
+  executeRun<T>(key: IdempotencyKeyInput, flow: (flow: Flow<DB, T>) => Promise<T & Storable<T>>, options?: RunOptions): Promise<Execution<T>>
 
   /**
-   * Lists unfinished atomic-phases flows whose lock expired (their process crashed or gave
+   * Lists unfinished atomic-phases flows that no attempt holds (their process crashed or gave
    * up), idle longest first. Resume one by calling {@link run} with its scope, key and request.
    */
   abandoned(options?: AbandonedOptions): Promise<AbandonedFlow[]>
@@ -165,7 +186,8 @@ export interface Idempotency<DB> {
 const DEFAULTS = { ttl: 24 * 60 * 60 * 1000, conflictWait: 5000, lockTimeout: 30_000, maxAttempts: 5, batchSize: 1000, abandonedLimit: 100 }
 
 /**
- * Creates an idempotency store for one Kysely instance and table.
+ * Creates an idempotency store for one Kysely instance and table. Bad options throw here;
+ * every method reports bad input as a rejected promise.
  *
  * ### Examples
  *
@@ -179,19 +201,21 @@ const DEFAULTS = { ttl: 24 * 60 * 60 * 1000, conflictWait: 5000, lockTimeout: 30
  */
 export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempotency<DB> {
   const db = options.db
+  const plain = db as unknown as Kysely<unknown>
   const tableName = checkTableName(options.tableName ?? DEFAULT_TABLE)
-  const dialect = options.dialect ?? detectDialect(db as unknown as Kysely<unknown>)
-  const core = new Core(dialect, tableName)
+  const dialect = options.dialect ?? detectDialect(plain)
+  const core = new Core(dialect, tableName, new ValueStore(options.codec))
   const phases = new Phases(core)
   const base = resolveSettings(DEFAULTS, options)
-  const lockTimeout = positive('lockTimeout', options.lockTimeout ?? DEFAULTS.lockTimeout)
+  const lockTimeout = bounded('lockTimeout', options.lockTimeout ?? DEFAULTS.lockTimeout)
   const settings = (call: TransactionOptions = {}): Settings => ({ ...resolveSettings(base, call), isolationLevel: call.isolationLevel })
-  const execute = <T>(trx: Transaction<DB>, key: IdempotencyKeyInput, fn: (trx: Transaction<DB>) => Promise<T>, call?: CallOptions) =>
+  // Every method is async, so that bad input (a missing key, a bad option) rejects instead of throwing.
+  const execute = async <T>(trx: Transaction<DB>, key: IdempotencyKeyInput, fn: (trx: Transaction<DB>) => Promise<T>, call?: CallOptions) =>
     core.execute(requireTransaction(trx), normalizeKey(key), fn, settings(call))
-  const executeTransaction = <T>(key: IdempotencyKeyInput, fn: (trx: Transaction<DB>) => Promise<T>, call?: TransactionOptions) =>
+  const executeTransaction = async <T>(key: IdempotencyKeyInput, fn: (trx: Transaction<DB>) => Promise<T>, call?: TransactionOptions) =>
     core.transaction(db, normalizeKey(key), fn, settings(call))
-  const executeRun = <T>(key: IdempotencyKeyInput, flow: (flow: Flow<DB, T>) => Promise<T>, call: RunOptions = {}) =>
-    phases.run(db, normalizeKey(key), flow, { ...settings(call), lockTimeout: positive('lockTimeout', call.lockTimeout ?? lockTimeout) })
+  const executeRun = async <T>(key: IdempotencyKeyInput, flow: (flow: Flow<DB, T>) => Promise<T>, call: RunOptions = {}) =>
+    phases.run(db, normalizeKey(key), flow, { ...settings(call), lockTimeout: bounded('lockTimeout', call.lockTimeout ?? lockTimeout) })
 
   return {
     db,
@@ -203,23 +227,18 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
     transaction: async (key, fn, call) => (await executeTransaction(key, fn, call)).value,
     executeRun,
     run: async (key, flow, call) => (await executeRun(key, flow, call)).value,
-    abandoned: (call = {}) =>
-      phases.abandoned(
-        db as unknown as Kysely<unknown>,
-        nonNegative('olderThan', call.olderThan ?? 0),
-        positive('limit', call.limit ?? DEFAULTS.abandonedLimit),
-      ),
+    abandoned: async (call = {}) =>
+      phases.abandoned(plain, bounded('olderThan', call.olderThan ?? 0), bounded('limit', call.limit ?? DEFAULTS.abandonedLimit)),
     counts: async () => {
-      const plain = (db as unknown as Kysely<unknown>).withoutPlugins()
-      const s = await core.statements(plain)
-      return core.guard(undefined, () => s.counts(plain))
+      const s = await core.statements(plain.withoutPlugins())
+      return core.guard(undefined, () => s.counts(plain.withoutPlugins()))
     },
-    migrate: () => migrateTable(db as unknown as Kysely<unknown>, tableName, dialect),
-    prune: (prune = {}) => core.prune(db as unknown as Kysely<unknown>, positive('batchSize', prune.batchSize ?? DEFAULTS.batchSize)),
+    migrate: () => migrateTable(plain, tableName, dialect),
+    prune: async (prune = {}) => core.prune(plain, bounded('batchSize', prune.batchSize ?? DEFAULTS.batchSize)),
   }
 }
 
-/** Options of the free {@link withIdempotency} function. */
+/** Options of the free {@link withIdempotency} function, which uses the default codec. */
 export interface WithIdempotencyOptions extends CallOptions {
   /** Name of the idempotency table. Default `idempotency_keys`. */
   readonly tableName?: string
@@ -244,7 +263,7 @@ const shared = new WeakMap<DialectAdapter, Map<string, Core>>()
 export async function withIdempotency<DB, T>(
   trx: Transaction<DB>,
   key: IdempotencyKeyInput,
-  fn: (trx: Transaction<DB>) => Promise<T>,
+  fn: (trx: Transaction<DB>) => Promise<T & Storable<T>>,
   options: WithIdempotencyOptions = {},
 ): Promise<T> {
   const adapter = requireTransaction(trx).getExecutor().adapter
@@ -252,7 +271,7 @@ export async function withIdempotency<DB, T>(
   let cores = shared.get(adapter)
   if (!cores) shared.set(adapter, (cores = new Map()))
   let core = cores.get(tableName)
-  if (!core) cores.set(tableName, (core = new Core(detectDialect(trx as unknown as Kysely<unknown>), tableName)))
+  if (!core) cores.set(tableName, (core = new Core(detectDialect(trx as unknown as Kysely<unknown>), tableName, new ValueStore())))
   const normalized = normalizeKey(key)
   return (await core.execute(trx, normalized, fn, resolveSettings(DEFAULTS, options))).value
 }
@@ -266,18 +285,33 @@ function requireTransaction<DB>(trx: Transaction<DB>): Transaction<DB> {
 
 function resolveSettings(base: Settings, options: CallOptions & { readonly maxAttempts?: number }): Settings {
   return {
-    ttl: positive('ttl', options.ttl ?? base.ttl),
-    conflictWait: positive('conflictWait', options.conflictWait ?? base.conflictWait),
-    maxAttempts: positive('maxAttempts', options.maxAttempts ?? base.maxAttempts),
+    ttl: bounded('ttl', options.ttl ?? base.ttl),
+    conflictWait: bounded('conflictWait', options.conflictWait ?? base.conflictWait),
+    maxAttempts: bounded('maxAttempts', options.maxAttempts ?? base.maxAttempts),
   }
 }
 
-function positive(name: string, value: number): number {
-  if (!Number.isSafeInteger(value) || value <= 0) throw new RangeError(`The option ${name} must be a positive integer, got ${value}.`)
-  return value
-}
+const HOUR = 60 * 60 * 1000
+const DAY = 24 * HOUR
+/**
+ * Integer options and their ranges. The upper bounds keep every time the database computes
+ * from them representable (MySQL's DATETIME ends in 9999) and catch unit mistakes (seconds
+ * for milliseconds would still fit; microseconds would not).
+ */
+const BOUNDS = {
+  ttl: { min: 1, max: 3650 * DAY, label: '10 years' },
+  conflictWait: { min: 1, max: HOUR, label: '1 hour' },
+  lockTimeout: { min: 1, max: DAY, label: '24 hours' },
+  maxAttempts: { min: 1, max: 100, label: '' },
+  batchSize: { min: 1, max: 100_000, label: '' },
+  limit: { min: 1, max: 10_000, label: '' },
+  olderThan: { min: 0, max: 3650 * DAY, label: '10 years' },
+} as const
 
-function nonNegative(name: string, value: number): number {
-  if (!Number.isSafeInteger(value) || value < 0) throw new RangeError(`The option ${name} must be an integer of at least 0, got ${value}.`)
+function bounded(name: keyof typeof BOUNDS, value: unknown): number {
+  const { min, max, label } = BOUNDS[name]
+  if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < min || value > max) {
+    throw new RangeError(`The option ${name} must be an integer from ${min} to ${max}${label ? ` (${label})` : ''}, got ${String(value)}.`)
+  }
   return value
 }

@@ -1,10 +1,11 @@
 import { randomBytes } from 'node:crypto'
 import type { Kysely, Transaction } from 'kysely'
+import type { Storable, ValueStore } from './codec.js'
 import { EXPIRED, type Core, type Execution, type Settings } from './core.js'
 import { FINISHED, STARTED, type KeyRow } from './dialect.js'
 import { IdempotencyConflictError, IdempotencyFlowError, IdempotencyLockLostError } from './errors.js'
-import { serializeResult, type JsonValue, type NormalizedKey } from './request.js'
-import type { Lease, Statements } from './statements.js'
+import type { NormalizedKey } from './request.js'
+import type { Extension, Lease, Renewal, Statements } from './statements.js'
 
 /**
  * The handle an atomic-phases flow receives from {@link Idempotency.run}: it runs each phase
@@ -22,9 +23,9 @@ export interface Flow<DB, T> {
 
   /**
    * Runs `fn` in its own transaction and records its value with it; on a resume where the
-   * phase is already recorded, returns the recorded value and runs nothing. The value is
-   * always returned as a JSON round trip, so the code after a phase sees the same thing on
-   * the first attempt and on a resume.
+   * phase is already recorded, returns the recorded value (decoded: equal, same types) and runs
+   * nothing, whatever the flow does around the call. A value the codec refuses rolls the phase
+   * back with `IdempotencySerializationError`.
    *
    * Throws `IdempotencyLockLostError` (and rolls the phase back) when another attempt took
    * the key over.
@@ -36,7 +37,7 @@ export interface Flow<DB, T> {
    *   trx.insertInto('rides').values({ origin, target }).returningAll().executeTakeFirstOrThrow())
    * ```
    */
-  phase<V>(name: string, fn: (trx: Transaction<DB>) => Promise<V>): Promise<V>
+  phase<V>(name: string, fn: (trx: Transaction<DB>) => Promise<V & Storable<V>>): Promise<V>
 
   /**
    * Runs `fn` outside any transaction (for a call to another system) and then records its
@@ -50,7 +51,7 @@ export interface Flow<DB, T> {
    *   stripe.paymentIntents.create({ amount, currency: 'usd' }, { idempotencyKey: flow.stepKey('charge_created') }))
    * ```
    */
-  step<V>(name: string, fn: () => Promise<V>): Promise<V>
+  step<V>(name: string, fn: () => Promise<V & Storable<V>>): Promise<V>
 
   /**
    * A key for the foreign call of step `name`, the same in every attempt and process that
@@ -72,8 +73,8 @@ export interface AbandonedFlow {
   readonly key: string
   /** The last recorded phase or step, or `started`. */
   readonly recoveryPoint: string
-  /** The `request` given to `run`, to re-drive the flow with. */
-  readonly request: JsonValue
+  /** The `request` given to `run` (decoded), to re-drive the flow with. */
+  readonly request: unknown
   /** How many attempts worked on the flow. */
   readonly attempts: number
   /** Milliseconds since the key was first claimed. */
@@ -87,12 +88,22 @@ export interface FlowSettings extends Settings {
   readonly lockTimeout: number
 }
 
-/** `phase_results`: the flow's own members start with `$`, phase names with a letter. */
-interface PhaseMap {
+/** What `phase_results` holds for a flow, written by the instance's codec. */
+interface FlowState {
+  /** Random id the step keys derive from; a new one when the key starts over for a new request. */
+  readonly flow: string
+  readonly attempt: number
+  readonly request: unknown
+  /** Recorded phases and steps with their values, in the order they were recorded. */
+  readonly phases: ReadonlyArray<readonly [string, unknown]>
+}
+
+/** `phase_results` as version 0.1.0 wrote it: plain JSON, phase names beside the flow's `$` members. */
+interface LegacyPhaseMap {
   readonly $flow: string
   readonly $attempt: number
-  readonly $request: JsonValue
-  readonly [name: string]: JsonValue
+  readonly $request: unknown
+  readonly [name: string]: unknown
 }
 
 const NAME = /^[A-Za-z][A-Za-z0-9_.:-]{0,99}$/
@@ -121,7 +132,7 @@ export class Phases {
     const s = await core.statements(plain)
     const seen = await core.guard(settings, () => s.lookup(plain, key.scope, key.key))
     if (seen && !resumable(seen, key)) {
-      const verdict = core.decide(seen, key, settings)
+      const verdict = await core.judge(plain, s, seen, key, settings)
       if (verdict !== EXPIRED) return { value: verdict.value as T, replayed: true }
     }
     // A new key is claimed by its insert alone, outside any transaction: on InnoDB, a locking
@@ -131,7 +142,7 @@ export class Phases {
       (!seen && (await plain.connection().execute((conn) => this.#insert(conn, s, key, settings)))) ||
       (await core.retrying(settings, () => plain.transaction().execute((trx) => this.#claim(trx, s, key, settings))))
     if ('value' in claim) return { value: claim.value as T, replayed: true }
-    const attempt = new Attempt<DB, T>(db, core, s, key, claim.lease, claim.phases, settings)
+    const attempt = new Attempt<DB, T>(db, core, s, key, claim.lease, claim.state, settings)
     return { value: await attempt.run(body), replayed: false }
   }
 
@@ -140,13 +151,13 @@ export class Phases {
     const s = await this.#core.statements(plain)
     const rows = await this.#core.guard(undefined, () => s.abandoned(plain, olderThan, limit))
     return rows.map((row) => {
-      const phases = JSON.parse(String(row.phases)) as PhaseMap
+      const state = readState(this.#core.values, String(row.phases), row.codec == null ? null : String(row.codec))
       return {
         scope: text(row.scope),
         key: text(row.key),
         recoveryPoint: String(row.point),
-        request: phases.$request,
-        attempts: phases.$attempt,
+        request: state.request,
+        attempts: state.attempt,
         age: Number(row.age),
         idle: Number(row.idle),
       }
@@ -154,11 +165,13 @@ export class Phases {
   }
 
   /** Inserts the key with a new lock; `undefined` if it exists. */
-  async #insert(db: Kysely<unknown>, s: Statements, key: NormalizedKey, settings: FlowSettings): Promise<{ lease: Lease; phases: PhaseMap } | undefined> {
-    const token = randomBytes(16).toString('hex')
-    const phases = fresh(key)
-    const claim = await this.#core.guard(settings, () => s.claim(db, { ...key, wait: settings.conflictWait, token, ...renewal(settings, phases) }))
-    return claim.claimed === null ? undefined : { lease: { id: claim.claimed, token }, phases }
+  async #insert(db: Kysely<unknown>, s: Statements, key: NormalizedKey, settings: FlowSettings): Promise<{ lease: Lease; state: FlowState } | undefined> {
+    const token = newToken()
+    const state = fresh(key)
+    const { phases, ...extension } = renewal(this.#core.values, settings, state)
+    const values = { ...key, ...extension, wait: settings.conflictWait, token, phases: phases.text, codec: phases.codec }
+    const claim = await this.#core.guard(settings, () => s.claim(db, values))
+    return claim.claimed === null ? undefined : { lease: { id: claim.claimed, token }, state }
   }
 
   /** In one short transaction: a new row, a takeover of a stopped attempt, or a replay. */
@@ -167,7 +180,7 @@ export class Phases {
     s: Statements,
     key: NormalizedKey,
     settings: FlowSettings,
-  ): Promise<{ lease: Lease; phases: PhaseMap } | { value: unknown }> {
+  ): Promise<{ lease: Lease; state: FlowState } | { value: unknown }> {
     const core = this.#core
     for (let round = 1; round <= CLAIM_ROUNDS; round++) {
       const row = await core.guard(settings, () => s.lock(trx, key.scope, key.key, settings.conflictWait))
@@ -176,18 +189,19 @@ export class Phases {
         if (claim) return claim
         continue
       }
-      const token = randomBytes(16).toString('hex')
+      const token = newToken()
       if (resumable(row, key)) {
-        const previous = row.phases === null ? fresh(key) : (JSON.parse(row.phases) as PhaseMap)
-        const phases = { ...previous, $attempt: previous.$attempt + 1 }
-        if (await s.takeOver(trx, row.id, row.token, { id: row.id, token }, renewal(settings, phases))) return { lease: { id: row.id, token }, phases }
+        const previous = readState(core.values, row.phases!, row.codec)
+        const state = { ...previous, attempt: previous.attempt + 1 }
+        if (await s.takeOver(trx, row.id, row.token, { id: row.id, token }, renewal(core.values, settings, state))) return { lease: { id: row.id, token }, state }
         continue
       }
-      const verdict = core.decide(row, key, settings)
+      const verdict = await core.judge(trx, s, row, key, settings)
       if (verdict !== EXPIRED) return verdict
-      const phases = fresh(key)
-      const values = { ...key, wait: settings.conflictWait, token, ...renewal(settings, phases) }
-      if (await core.guard(settings, () => s.reclaim(trx, row.id, values))) return { lease: { id: row.id, token }, phases }
+      const state = fresh(key)
+      const { phases, ...extension } = renewal(core.values, settings, state)
+      const values = { ...key, ...extension, wait: settings.conflictWait, token, phases: phases.text, codec: phases.codec }
+      if (await core.guard(settings, () => s.reclaim(trx, row.id, values))) return { lease: { id: row.id, token }, state }
     }
     throw new IdempotencyConflictError('race', 'The key kept changing under concurrent requests; retry the request.', {
       retryAfter: Math.max(1, Math.ceil(settings.conflictWait / 1000)),
@@ -204,23 +218,32 @@ class Attempt<DB, T> {
   readonly #key: NormalizedKey
   readonly #lease: Lease
   readonly #settings: FlowSettings
-  readonly #recorded: readonly string[]
-  #phases: PhaseMap
+  /** What earlier attempts recorded, and in which order. */
+  readonly #recorded: ReadonlyMap<string, unknown>
+  readonly #order: readonly string[]
+  #state: FlowState
+  /** How many of the recorded names this attempt has met, in order. */
   #position = 0
   readonly #called = new Set<string>()
   #busy = false
   #ended = false
+  /**
+   * What ended this attempt early (an order violation, a lost lock): every later call on the
+   * flow rejects with it, and the attempt does not finish the key even if the flow swallowed it.
+   */
+  #broken: IdempotencyFlowError | IdempotencyLockLostError | undefined
 
-  constructor(db: Kysely<DB>, core: Core, s: Statements, key: NormalizedKey, lease: Lease, phases: PhaseMap, settings: FlowSettings) {
+  constructor(db: Kysely<DB>, core: Core, s: Statements, key: NormalizedKey, lease: Lease, state: FlowState, settings: FlowSettings) {
     this.#db = db
     this.#plain = db.withoutPlugins() as unknown as Kysely<unknown>
     this.#core = core
     this.#s = s
     this.#key = key
     this.#lease = lease
-    this.#phases = phases
+    this.#state = state
     this.#settings = settings
-    this.#recorded = Object.keys(phases).filter((name) => !name.startsWith('$'))
+    this.#recorded = new Map(state.phases)
+    this.#order = state.phases.map(([name]) => name)
   }
 
   async run(body: (flow: Flow<DB, T>) => Promise<T>): Promise<T> {
@@ -228,22 +251,24 @@ class Attempt<DB, T> {
       let value: T
       try {
         value = await body(this.#flow())
-        const missed = this.#recorded[this.#position]
-        if (missed !== undefined) {
-          throw new IdempotencyFlowError(`The flow returned before reaching "${missed}", which an earlier attempt recorded; a resume must call the recorded phases in the same order.`)
+        const missed = this.#order[this.#position]
+        if (missed !== undefined && !this.#broken) {
+          this.#break(new IdempotencyFlowError(`The flow returned before reaching "${missed}", which an earlier attempt recorded; a resume must call the recorded phases in the same order.`))
         }
       } catch (error) {
-        if (!(error instanceof Failure) || error.owner !== this) throw error
+        if (this.#broken || !(error instanceof Failure) || error.owner !== this) throw error
         value = error.response as T
       }
-      await this.#complete(serializeResult(value))
+      if (this.#broken) throw this.#broken
+      await this.#complete(value)
       return value
     } catch (error) {
-      if (!(error instanceof IdempotencyLockLostError)) {
+      const reported = this.#broken ?? error
+      if (!(reported instanceof IdempotencyLockLostError)) {
         // The lease runs out by itself if this fails, so the original error is the one to report.
-        await this.#s.release(this.#plain, this.#lease).catch(() => undefined)
+        await this.#s.release(this.#plain, this.#lease, this.#settings.ttl).catch(() => undefined)
       }
-      throw error
+      throw reported
     } finally {
       this.#ended = true
     }
@@ -251,12 +276,12 @@ class Attempt<DB, T> {
 
   #flow(): Flow<DB, T> {
     const key = this.#key
-    const flowId = this.#phases.$flow
+    const flowId = this.#state.flow
     return {
       key: key.key,
       scope: key.scope,
-      attempt: this.#phases.$attempt,
-      resumedFrom: this.#recorded.at(-1) ?? STARTED,
+      attempt: this.#state.attempt,
+      resumedFrom: this.#order.at(-1) ?? STARTED,
       phase: (name, fn) => this.#perform(name, () => this.#phase(name, fn)),
       step: (name, fn) => this.#perform(name, () => this.#step(name, fn)),
       stepKey: (name) => `${flowId}.${checkName(name)}`,
@@ -268,24 +293,52 @@ class Attempt<DB, T> {
 
   /** Checks the call against the recorded order; returns the recorded value or runs `perform`. */
   async #perform<V>(name: string, perform: () => Promise<V>): Promise<V> {
-    checkName(name)
     if (this.#ended) throw new IdempotencyFlowError(`"${name}" was called after the flow ended.`)
-    if (this.#busy) throw new IdempotencyFlowError(`"${name}" was called while another phase or step was running; await each one before the next.`)
-    if (this.#called.has(name)) throw new IdempotencyFlowError(`The phase or step name "${name}" is used twice in one flow; names must be unique.`)
-    this.#called.add(name)
-    const expected = this.#recorded[this.#position++]
-    if (expected !== undefined) {
-      if (expected !== name) {
-        throw new IdempotencyFlowError(`The flow called "${name}" where an earlier attempt recorded "${expected}"; a resume must call the recorded phases in the same order.`)
-      }
-      return this.#phases[name] as V
-    }
+    if (this.#broken) throw this.#broken
+    const recorded = this.#admit(name)
+    if (recorded) return recorded.value as V
     this.#busy = true
     try {
       return await perform()
+    } catch (error) {
+      if (error instanceof IdempotencyLockLostError) this.#break(error)
+      throw error
     } finally {
       this.#busy = false
     }
+  }
+
+  /**
+   * Decides whether `name` may run now: its recorded value when an earlier attempt recorded it
+   * at this position, `undefined` when it is new. Anything else breaks the attempt.
+   */
+  #admit(name: string): { value: unknown } | undefined {
+    try {
+      checkName(name)
+    } catch (error) {
+      throw this.#break(error as IdempotencyFlowError)
+    }
+    if (this.#busy) throw this.#break(new IdempotencyFlowError(`"${name}" was called while another phase or step was running; await each one before the next.`))
+    if (this.#called.has(name)) throw this.#break(new IdempotencyFlowError(`The phase or step name "${name}" is used twice in one flow; names must be unique.`))
+    this.#called.add(name)
+    const expected = this.#order[this.#position]
+    if (expected === undefined) return undefined
+    if (expected !== name) {
+      throw this.#break(
+        new IdempotencyFlowError(
+          this.#recorded.has(name)
+            ? `The flow called "${name}" where an earlier attempt recorded "${expected}"; a resume must call the recorded phases in the same order. Nothing more runs in this attempt.`
+            : `The flow called "${name}" before "${expected}", which an earlier attempt recorded first; a resume must call the recorded phases in the same order. Nothing more runs in this attempt.`,
+        ),
+      )
+    }
+    this.#position++
+    return { value: this.#recorded.get(name) }
+  }
+
+  #break<E extends IdempotencyFlowError | IdempotencyLockLostError>(error: E): E {
+    this.#broken ??= error
+    return error
   }
 
   async #phase<V>(name: string, fn: (trx: Transaction<DB>) => Promise<V>): Promise<V> {
@@ -296,36 +349,38 @@ class Attempt<DB, T> {
       this.#db.transaction().execute(async (trx) => {
         const own = trx.withoutPlugins() as unknown as Kysely<unknown>
         const held = await core.guard(settings, () =>
-          s.withLockWait(own, settings.conflictWait, () => s.fence(own, this.#lease, settings.lockTimeout)),
+          s.withLockWait(own, settings.conflictWait, () => s.fence(own, this.#lease, extension(settings))),
         )
         if (!held) throw this.#lost(name)
-        return this.#record(own, name, await fn(trx))
+        const value = await fn(trx)
+        return { value, state: await this.#record(own, name, value) }
       }),
     )
-    this.#phases = recorded.phases
-    return recorded.value as V
+    this.#state = recorded.state
+    return recorded.value
   }
 
   async #step<V>(name: string, fn: () => Promise<V>): Promise<V> {
     // A stalled attempt that lost its lock finds out before calling the other system again,
     // and a live one gets a whole lease for the call.
-    const held = await this.#core.guard(this.#settings, () => this.#s.fence(this.#plain, this.#lease, this.#settings.lockTimeout))
+    const held = await this.#core.guard(this.#settings, () => this.#s.fence(this.#plain, this.#lease, extension(this.#settings)))
     if (!held) throw this.#lost(name)
-    const recorded = await this.#record(this.#plain, name, await fn())
-    this.#phases = recorded.phases
-    return recorded.value as V
+    const value = await fn()
+    this.#state = await this.#record(this.#plain, name, value)
+    return value
   }
 
-  async #record(db: Kysely<unknown>, name: string, value: unknown): Promise<{ value: unknown; phases: PhaseMap }> {
-    const stored = JSON.parse(serializeResult(value)) as JsonValue
-    const phases: PhaseMap = { ...this.#phases, [name]: stored }
-    const recorded = () => this.#s.record(db, this.#lease, name, renewal(this.#settings, phases))
-    if (!(await this.#core.guard(this.#settings, recorded))) throw this.#lost(name)
-    return { value: stored, phases }
+  /** Records `value` under `name` (fenced) and returns the new state; the caller adopts it once committed. */
+  async #record(db: Kysely<unknown>, name: string, value: unknown): Promise<FlowState> {
+    const state: FlowState = { ...this.#state, phases: [...this.#state.phases, [name, value]] }
+    const r = renewal(this.#core.values, this.#settings, state)
+    if (!(await this.#core.guard(this.#settings, () => this.#s.record(db, this.#lease, name, r)))) throw this.#lost(name)
+    return state
   }
 
-  async #complete(response: string): Promise<void> {
+  async #complete(value: T): Promise<void> {
     const settings = this.#settings
+    const response = this.#core.values.encode(value)
     if (!(await this.#core.guard(settings, () => this.#s.complete(this.#plain, this.#lease, response, settings.ttl)))) throw this.#lost(FINISHED)
   }
 
@@ -336,17 +391,34 @@ class Attempt<DB, T> {
   }
 }
 
-function renewal(settings: FlowSettings, phases: PhaseMap) {
-  return { lease: settings.lockTimeout, ttl: settings.ttl, phases: JSON.stringify(phases) }
+/** The lock and lifetime a flow's statements set: a held key outlives its lock by `ttl`. */
+function extension(settings: FlowSettings): Extension {
+  return { lease: settings.lockTimeout, expiresIn: settings.lockTimeout + settings.ttl }
 }
 
-/** A row that `run` continues: same request, not finished or expired, nobody holding it. */
+function renewal(values: ValueStore, settings: FlowSettings, state: FlowState): Renewal {
+  return { ...extension(settings), phases: values.encode(state) }
+}
+
+/** Reads `phase_results`, whichever version wrote it. */
+function readState(values: ValueStore, text: string, codec: string | null): FlowState {
+  const stored = values.decode(text, codec)
+  if (codec !== null) return stored as FlowState
+  const { $flow, $attempt, $request, ...phases } = stored as LegacyPhaseMap
+  return { flow: $flow, attempt: $attempt, request: $request, phases: Object.entries(phases) }
+}
+
+/** A row that `run` continues: a flow's, same request, not finished or expired, nobody holding it. */
 function resumable(row: KeyRow, key: NormalizedKey): boolean {
-  return !row.expired && !row.locked && row.fingerprint === key.fingerprint && row.recoveryPoint !== FINISHED
+  return !row.expired && !row.locked && row.phases !== null && row.fingerprint === key.fingerprint && row.recoveryPoint !== FINISHED
 }
 
-function fresh(key: NormalizedKey): PhaseMap {
-  return { $flow: randomBytes(16).toString('base64url'), $attempt: 1, $request: JSON.parse(key.request) as JsonValue }
+function fresh(key: NormalizedKey): FlowState {
+  return { flow: randomBytes(16).toString('base64url'), attempt: 1, request: key.request, phases: [] }
+}
+
+function newToken(): string {
+  return randomBytes(16).toString('hex')
 }
 
 function checkName(name: string): string {

@@ -11,6 +11,7 @@ import {
   type KeyRow,
   type RowId,
 } from './dialect.js'
+import type { Encoded } from './codec.js'
 import { prepare } from './sql.js'
 
 /** An unfinished atomic-phases row whose lock expired, as {@link Statements.abandoned} reads it. */
@@ -19,6 +20,7 @@ export interface AbandonedRow {
   readonly key: unknown
   readonly point: unknown
   readonly phases: unknown
+  readonly codec: unknown
   readonly age: unknown
   readonly idle: unknown
 }
@@ -29,14 +31,18 @@ export interface Lease {
   readonly token: string
 }
 
-/** New lock values for a takeover or a recorded phase. */
-export interface Renewal {
-  /** Milliseconds the lock lasts from now. */
+/** How far a lock and the key's life are pushed from now, in milliseconds. */
+export interface Extension {
+  /** Milliseconds the lock lasts. */
   readonly lease: number
-  /** Milliseconds the key lives from now. */
-  readonly ttl: number
-  /** The whole `phase_results` JSON text. */
-  readonly phases: string
+  /** Milliseconds until the key expires; at least `lease`, so that a held key never expires. */
+  readonly expiresIn: number
+}
+
+/** New lock values and flow state for a takeover or a recorded phase. */
+export interface Renewal extends Extension {
+  /** The whole `phase_results`, encoded. */
+  readonly phases: Encoded
 }
 
 /**
@@ -45,22 +51,28 @@ export interface Renewal {
  */
 export interface Statements extends Required<DialectStatements> {
   lookup(db: Kysely<unknown>, scope: string, key: string): Promise<KeyRow | undefined>
-  /** Restarts an expired key for a new request; `false` if it is no longer expired. */
+  /** Restarts an expired key that nobody holds for a new request; `false` if that is no longer so. */
   reclaim(db: Kysely<unknown>, id: RowId, values: ClaimValues): Promise<boolean>
-  finish(db: Kysely<unknown>, id: RowId, response: string): Promise<void>
+  /** Stores a single-transaction response; the key lives `ttl` ms from now. */
+  finish(db: Kysely<unknown>, id: RowId, response: Encoded, ttl: number): Promise<void>
+  /** Milliseconds until the key expires, on the database clock. */
+  remaining(db: Kysely<unknown>, id: RowId): Promise<number>
   /** Gives the lock of an unfinished key to a new attempt; `false` if `previous` no longer holds it. */
   takeOver(db: Kysely<unknown>, id: RowId, previous: string | null, lease: Lease, renewal: Renewal): Promise<boolean>
   /**
-   * Checks that `lease` still holds the key and extends its lock by `duration` ms; inside a
-   * transaction, the row stays locked until it ends.
+   * Checks that `lease` still holds the key and extends its lock; inside a transaction, the row
+   * stays locked until it ends.
    */
-  fence(db: Kysely<unknown>, lease: Lease, duration: number): Promise<boolean>
+  fence(db: Kysely<unknown>, lease: Lease, extension: Extension): Promise<boolean>
   /** Records a phase and extends the lock, if `lease` still holds it. */
   record(db: Kysely<unknown>, lease: Lease, point: string, renewal: Renewal): Promise<boolean>
-  /** Stores the response and clears the lock, if `lease` still holds it. */
-  complete(db: Kysely<unknown>, lease: Lease, response: string, ttl: number): Promise<boolean>
-  /** Clears the lock so that a retry resumes at once, if `lease` still holds it. */
-  release(db: Kysely<unknown>, lease: Lease): Promise<void>
+  /** Stores the response and clears the lock, if `lease` still holds it; the key lives `ttl` ms from now. */
+  complete(db: Kysely<unknown>, lease: Lease, response: Encoded, ttl: number): Promise<boolean>
+  /**
+   * Clears the lock so that a retry resumes at once, if `lease` still holds it; the unfinished
+   * key then lives `ttl` ms from now.
+   */
+  release(db: Kysely<unknown>, lease: Lease, ttl: number): Promise<void>
   abandoned(db: Kysely<unknown>, idleFor: number, limit: number): Promise<readonly AbandonedRow[]>
   counts(db: Kysely<unknown>): Promise<KeyCounts>
 }
@@ -85,39 +97,43 @@ export async function prepareStatements(db: Kysely<unknown>, dialect: Idempotenc
   const ours = (p: { id: unknown; token: unknown }) => sql`id = ${p.id} and lock_token = ${p.token}`
   const lookup = prepare(db, ['scope', 'key'], (p) => sql`
     select ${keyRowColumns(dialect)} from ${aliased(table)} where k.scope = ${p.scope} and ${sql.ref('k.key')} = ${p.key}`)
-  const reclaim = prepare(db, ['id', 'fingerprint', 'ttl', 'token', 'lease', 'phases'], (p) => sql`
+  const unheld = sql`(locked_until is null or locked_until <= ${now})`
+  const reclaim = prepare(db, ['id', 'fingerprint', 'expiresIn', 'token', 'lease', 'phases', 'codec'], (p) => sql`
     update ${sql.table(table)} set fingerprint = ${p.fingerprint}, recovery_point = ${sql.lit(STARTED)},
-      phase_results = ${p.phases}, response = null, lock_token = ${p.token}, locked_until = ${later(p.lease)},
-      created_at = ${now}, last_run_at = ${now}, expires_at = ${later(p.ttl)}
-    where id = ${p.id} and expires_at <= ${now}`)
-  const finish = prepare(db, ['id', 'response'], (p) => sql`
-    update ${sql.table(table)} set response = ${p.response}, recovery_point = ${sql.lit(FINISHED)}, last_run_at = ${now}
-    where id = ${p.id}`)
-  const takeOver = prepare(db, ['id', 'previous', 'token', 'lease', 'ttl', 'phases'], (p) => sql`
-    update ${sql.table(table)} set lock_token = ${p.token}, locked_until = ${later(p.lease)}, phase_results = ${p.phases},
+      phase_results = ${p.phases}, codec = ${p.codec}, response = null, lock_token = ${p.token}, locked_until = ${later(p.lease)},
+      created_at = ${now}, last_run_at = ${now}, expires_at = ${later(p.expiresIn)}
+    where id = ${p.id} and expires_at <= ${now} and ${unheld}`)
+  const finish = prepare(db, ['id', 'response', 'codec', 'ttl'], (p) => sql`
+    update ${sql.table(table)} set response = ${p.response}, codec = ${p.codec}, recovery_point = ${sql.lit(FINISHED)},
       last_run_at = ${now}, expires_at = ${later(p.ttl)}
+    where id = ${p.id}`)
+  const remaining = prepare(db, ['id'], (p) => sql`
+    select ${dialect.elapsed(sql.ref('expires_at'))} as elapsed from ${sql.table(table)} where id = ${p.id}`)
+  const takeOver = prepare(db, ['id', 'previous', 'token', 'lease', 'expiresIn', 'phases', 'codec'], (p) => sql`
+    update ${sql.table(table)} set lock_token = ${p.token}, locked_until = ${later(p.lease)}, phase_results = ${p.phases},
+      codec = ${p.codec}, last_run_at = ${now}, expires_at = ${later(p.expiresIn)}
     where id = ${p.id} and recovery_point <> ${sql.lit(FINISHED)}
-      and coalesce(lock_token, '') = coalesce(${p.previous}, '')
-      and (locked_until is null or locked_until <= ${now})`)
-  const fence = prepare(db, ['id', 'token', 'lease'], (p) => sql`
-    update ${sql.table(table)} set locked_until = ${later(p.lease)}, last_run_at = ${now} where ${ours(p)}`)
-  const record = prepare(db, ['id', 'token', 'point', 'lease', 'ttl', 'phases'], (p) => sql`
-    update ${sql.table(table)} set phase_results = ${p.phases}, recovery_point = ${p.point},
-      locked_until = ${later(p.lease)}, last_run_at = ${now}, expires_at = ${later(p.ttl)}
+      and coalesce(lock_token, '') = coalesce(${p.previous}, '') and ${unheld}`)
+  const fence = prepare(db, ['id', 'token', 'lease', 'expiresIn'], (p) => sql`
+    update ${sql.table(table)} set locked_until = ${later(p.lease)}, last_run_at = ${now}, expires_at = ${later(p.expiresIn)}
     where ${ours(p)}`)
-  const complete = prepare(db, ['id', 'token', 'response', 'ttl'], (p) => sql`
-    update ${sql.table(table)} set response = ${p.response}, recovery_point = ${sql.lit(FINISHED)},
+  const record = prepare(db, ['id', 'token', 'point', 'lease', 'expiresIn', 'phases', 'codec'], (p) => sql`
+    update ${sql.table(table)} set phase_results = ${p.phases}, codec = ${p.codec}, recovery_point = ${p.point},
+      locked_until = ${later(p.lease)}, last_run_at = ${now}, expires_at = ${later(p.expiresIn)}
+    where ${ours(p)}`)
+  const complete = prepare(db, ['id', 'token', 'response', 'codec', 'ttl'], (p) => sql`
+    update ${sql.table(table)} set response = ${p.response}, codec = ${p.codec}, recovery_point = ${sql.lit(FINISHED)},
       lock_token = null, locked_until = null, last_run_at = ${now}, expires_at = ${later(p.ttl)}
     where ${ours(p)}`)
-  const release = prepare(db, ['id', 'token'], (p) => sql`
-    update ${sql.table(table)} set lock_token = null, locked_until = null where ${ours(p)}`)
+  const release = prepare(db, ['id', 'token', 'ttl'], (p) => sql`
+    update ${sql.table(table)} set lock_token = null, locked_until = null, expires_at = ${later(p.ttl)} where ${ours(p)}`)
   const idle = dialect.elapsed(sql.ref('last_run_at'))
   const abandoned = prepare(db, ['idle', 'limit'], (p) => sql`
     select scope, ${sql.ref('key')} as ${sql.ref('key')}, recovery_point as point, ${dialect.jsonText(sql.ref('phase_results'))} as phases,
-      ${dialect.elapsed(sql.ref('created_at'))} as age, ${idle} as idle
+      codec, ${dialect.elapsed(sql.ref('created_at'))} as age, ${idle} as idle
     from ${sql.table(table)}
     where recovery_point <> ${sql.lit(FINISHED)} and phase_results is not null and expires_at > ${now}
-      and (locked_until is null or locked_until <= ${now}) and ${idle} >= ${p.idle}
+      and ${unheld} and ${idle} >= ${p.idle}
     order by last_run_at limit ${p.limit}`)
 
   const unexpired = sql`expires_at > ${now}`
@@ -141,15 +157,21 @@ export async function prepareStatements(db: Kysely<unknown>, dialect: Idempotenc
     lookup: read,
     latest: own.latest ?? read,
     reclaim: (db, id, values) => own.withLockWait(db, values.wait, () => changed(db, reclaim.bind({ ...values, id }))),
-    async finish(db, id, response) {
-      await db.executeQuery(finish.bind({ id, response }))
+    async finish(db, id, response, ttl) {
+      await db.executeQuery(finish.bind({ id, response: response.text, codec: response.codec, ttl }))
     },
-    takeOver: (db, id, previous, lease, renewal) => changed(db, takeOver.bind({ ...renewal, id, previous, token: lease.token })),
-    fence: (db, lease, duration) => changed(db, fence.bind({ ...lease, lease: duration })),
-    record: (db, lease, point, renewal) => changed(db, record.bind({ ...lease, ...renewal, point })),
-    complete: (db, lease, response, ttl) => changed(db, complete.bind({ ...lease, response, ttl })),
-    async release(db, lease) {
-      await db.executeQuery(release.bind(lease))
+    async remaining(db, id) {
+      const { rows } = await db.executeQuery<{ elapsed: unknown }>(remaining.bind({ id }))
+      return -Number(rows[0]?.elapsed ?? 0)
+    },
+    takeOver: (db, id, previous, lease, renewal) =>
+      changed(db, takeOver.bind({ ...renewal, id, previous, token: lease.token, phases: renewal.phases.text, codec: renewal.phases.codec })),
+    fence: (db, lease, extension) => changed(db, fence.bind({ ...lease, ...extension })),
+    record: (db, lease, point, renewal) =>
+      changed(db, record.bind({ ...lease, ...renewal, point, phases: renewal.phases.text, codec: renewal.phases.codec })),
+    complete: (db, lease, response, ttl) => changed(db, complete.bind({ ...lease, response: response.text, codec: response.codec, ttl })),
+    async release(db, lease, ttl) {
+      await db.executeQuery(release.bind({ ...lease, ttl }))
     },
     async counts(db) {
       const { rows } = await db.executeQuery<Record<keyof KeyCounts, unknown>>(counts.bind({}))

@@ -57,6 +57,7 @@ describe.each(databases)('the CLI on %s', (database: DatabaseName) => {
     const both = await Promise.all([cli(['migrate', '--url', url(), '--table', table]), cli(['migrate', '--url', url(), '--table', table])])
     for (const r of both) expect(r.code, r.stderr).toBe(0)
     expect(both.map((r) => r.stdout).join('')).toContain(`[✓] kysely_idempotency_${table}_0001_create`)
+    expect(both.map((r) => r.stdout).join('')).toContain(`[✓] kysely_idempotency_${table}_0002_codec`)
     expect((await cli(['migrate', '--url', url(), '--table', table])).stdout).toContain('already up to date')
 
     const db = openDatabase(database, location())
@@ -89,6 +90,7 @@ describe.each(databases)('the CLI on %s', (database: DatabaseName) => {
     const pruned = await cli(['prune', '--url', url(), '--table', table, '--batch', '1'])
     expect(pruned.stdout).toContain(`Deleted 1 expired key from "${table}".`)
 
+    expect((await cli(['down', '--url', url(), '--table', table])).stdout).toContain(`[✓] kysely_idempotency_${table}_0002_codec undone`)
     const down = await cli(['down', '--url', url(), '--table', table])
     expect(down.stdout).toContain(`[✓] kysely_idempotency_${table}_0001_create undone`)
     const after = await cli(['status', '--url', url(), '--table', table])
@@ -107,13 +109,17 @@ describe.each(databases)('the CLI on %s', (database: DatabaseName) => {
 
 describe('the CLI without a database', () => {
   it('prints the DDL for each dialect without connecting', async () => {
-    const dialects = { postgres: /"phase_results" json/, mysql: /`key` varbinary\(255\)/, sqlite: /"expires_at" integer not null/ }
-    for (const [dialect, pattern] of Object.entries(dialects)) {
+    const dialects = {
+      postgres: [/"phase_results" json/, /alter table "keys" add column "codec" varchar\(255\);\n$/],
+      mysql: [/`key` varbinary\(255\)/, /alter table `keys` convert to character set utf8mb4 collate utf8mb4_bin;\n$/],
+      sqlite: [/"expires_at" integer not null/, /alter table "keys" add column "codec" text;\n$/],
+    }
+    for (const [dialect, patterns] of Object.entries(dialects)) {
       const r = await cli(['sql', '--dialect', dialect, '--table', 'keys'])
       expect(r.code, r.stderr).toBe(0)
       expect(r.stdout).toMatch(/^create table "?`?keys/)
-      expect(r.stdout).toMatch(pattern)
-      expect(r.stdout).toMatch(/create index .keys_expires_at. on .keys. \(.expires_at.\);\n$/)
+      expect(r.stdout).toMatch(/create index .keys_expires_at. on .keys. \(.expires_at.\);\n/)
+      for (const pattern of patterns) expect(r.stdout).toMatch(pattern)
     }
   })
 

@@ -105,26 +105,18 @@ for (const target of selectedTargets()) {
     })
 
     it.each([
-      ['a BigInt', () => ({ amount: 10n })],
       ['a function', () => ({ callback: () => 1 })],
-      ['a cycle', () => { const o: Record<string, unknown> = {}; o.self = o; return o }],
-      ['NaN', () => ({ ratio: Number.NaN })],
+      ['a symbol', () => ({ tag: Symbol('x') })],
+      ['a class instance', () => ({ at: new URL('https://example.com') })],
+      ['a sparse array', () => [1, , 3]],
     ])('rolls back when the result holds %s', async (_, make) => {
       const run = fx.idempotency.transaction('odd', async (trx) => {
         await fx.effect(trx, 'odd')
-        return make()
+        return make() as unknown
       })
       await expect(run).rejects.toBeInstanceOf(IdempotencySerializationError)
       expect(await fx.rows()).toBe(0)
       expect(await fx.effects()).toBe(0)
-    })
-
-    it('stores undefined as null and honours toJSON', async () => {
-      expect(await fx.idempotency.transaction('void', async () => undefined)).toBeUndefined()
-      expect(await fx.idempotency.transaction('void', async () => 1)).toBeNull()
-      const at = new Date('2026-01-02T03:04:05.678Z')
-      await fx.idempotency.transaction('date', async () => ({ at }))
-      expect(await fx.idempotency.transaction('date', async () => 0)).toEqual({ at: at.toISOString() })
     })
 
     it('runs again once the key has expired, even for another request', async () => {

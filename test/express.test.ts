@@ -36,7 +36,7 @@ for (const target of selectedTargets()) {
           const sdkKey = req.path === '/v1/customers' ? req.get('idempotency-key') : undefined
           const drop = req.get('x-drop') === 'after-commit' || (sdkKey !== undefined && !dropped.has(sdkKey))
           if (sdkKey) dropped.add(sdkKey)
-          if (drop) res.json = () => (req.socket.destroy(), res)
+          if (drop) res.send = () => (req.socket.destroy(), res)
           next()
         })
         const charge = async (req: IdempotentRequest, trx: Parameters<Fixture['effect']>[0]): Promise<HttpResult> => {

@@ -34,6 +34,19 @@ await db.destroy()
 console.log(JSON.stringify({ first, again, reuse, phases }))
 `
 
+/** `names` and, transitively, the packages they depend on. */
+function withDependencies(names: string[]): string[] {
+  const found = new Set<string>()
+  const visit = (name: string) => {
+    if (found.has(name)) return
+    found.add(name)
+    const manifest = JSON.parse(readFileSync(join(root, 'node_modules', name, 'package.json'), 'utf8')) as { dependencies?: Record<string, string> }
+    for (const dependency of Object.keys(manifest.dependencies ?? {})) visit(dependency)
+  }
+  names.forEach(visit)
+  return [...found]
+}
+
 describe('the packed package', () => {
   let project: string
   beforeAll(() => {
@@ -42,10 +55,11 @@ describe('the packed package', () => {
     const installed = join(project, 'node_modules', 'kysely-idempotency')
     mkdirSync(installed, { recursive: true })
     execFileSync('tar', ['-xzf', join(project, tarball), '-C', installed, '--strip-components=1'])
-    // Installing from the registry would need the network; the peers and the CLI's parser are
-    // linked from this checkout.
-    for (const peer of ['kysely', 'pg', 'mysql2', 'better-sqlite3', 'express', 'citty']) {
-      symlinkSync(join(root, 'node_modules', peer), join(project, 'node_modules', peer))
+    // Installing from the registry would need the network; the peers and the runtime
+    // dependencies (with theirs) are linked from this checkout.
+    const { dependencies } = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')) as { dependencies: Record<string, string> }
+    for (const name of new Set(['kysely', 'pg', 'mysql2', 'better-sqlite3', 'express', ...withDependencies(Object.keys(dependencies))])) {
+      symlinkSync(join(root, 'node_modules', name), join(project, 'node_modules', name))
     }
     writeFileSync(join(project, 'package.json'), JSON.stringify({ type: 'module', private: true }))
     writeFileSync(join(project, 'consumer.mjs'), CONSUMER)

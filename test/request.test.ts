@@ -1,7 +1,11 @@
+import { deepStrictEqual } from 'node:assert/strict'
+import { isDeepStrictEqual } from 'node:util'
 import fc from 'fast-check'
+import { InsertResult, UpdateResult } from 'kysely'
 import { describe, expect, it } from 'vitest'
 import {
   canonicalJson,
+  defaultCodec,
   fingerprint,
   IdempotencyConflictError,
   IdempotencyError,
@@ -13,15 +17,6 @@ import {
 import { normalizeKey } from '../src/request.js'
 
 const printable = fc.string({ unit: fc.integer({ min: 0x20, max: 0x7e }).map((c) => String.fromCharCode(c)), minLength: 1, maxLength: 255 })
-
-/** Rebuilds a JSON value with every object's keys in a shuffled order. */
-function shuffleKeys(value: unknown, seed: number): unknown {
-  if (Array.isArray(value)) return value.map((v) => shuffleKeys(v, seed))
-  if (value === null || typeof value !== 'object') return value
-  const entries = Object.entries(value)
-  const order = entries.map((_, i) => i).sort((a, b) => ((a * 7919 + seed) % 97) - ((b * 7919 + seed) % 97))
-  return Object.fromEntries(order.map((i) => [entries[i]![0], shuffleKeys(entries[i]![1], seed)]))
-}
 
 describe('keys', () => {
   it('accepts every string of 1 to 255 printable ASCII characters', () => {
@@ -52,40 +47,131 @@ describe('keys', () => {
   })
 })
 
-describe('fingerprints', () => {
-  it('are equal for equal JSON values whatever the key order', () => {
+/** Values of every kind the codec keeps, nested; `bare` adds objects without a prototype. */
+function values(options: { bare: boolean; unit?: 'grapheme-ascii' | 'binary' }) {
+  const text = fc.string({ unit: options.unit ?? 'grapheme-ascii', maxLength: 8 })
+  const leaf = fc.oneof(
+    text,
+    fc.double(),
+    fc.integer(),
+    fc.boolean(),
+    fc.constant(null),
+    fc.constant(undefined),
+    fc.bigInt(),
+    fc.date({ noInvalidDate: true }),
+    fc.uint8Array({ maxLength: 4 }).map((a) => Buffer.from(a)),
+    fc.uint8Array({ maxLength: 4 }),
+    fc.float64Array({ maxLength: 3 }),
+    fc.bigInt64Array({ maxLength: 2 }),
+    fc.tuple(fc.bigInt(), fc.option(fc.bigInt(), { nil: undefined })).map(([a, b]) => new UpdateResult(a, b)),
+    fc.tuple(fc.option(fc.bigInt(), { nil: undefined }), fc.option(fc.bigInt(), { nil: undefined })).map(([a, b]) => new InsertResult(a, b)),
+  )
+  return fc.letrec((tie) => ({
+    value: fc.oneof({ depthSize: 'small', withCrossShrink: true }, leaf, tie('array'), tie('object'), tie('map'), tie('set')),
+    array: fc.array(tie('value'), { maxLength: 4 }),
+    object: fc.dictionary(fc.oneof(text, fc.constantFrom('__proto__', 'constructor', 'prototype')), tie('value'), {
+      maxKeys: 4,
+      noNullPrototype: !options.bare,
+    }),
+    map: fc.array(fc.tuple(tie('value'), tie('value')), { maxLength: 3 }).map((entries) => new Map(entries)),
+    set: fc.array(tie('value'), { maxLength: 3 }).map((members) => new Set(members)),
+  })).value
+}
+
+/** An equal value built differently: object keys, Map entries and Set members in another order. */
+function reorder(value: unknown, seed: number): unknown {
+  const shuffle = <T>(items: T[]): T[] => items.map((item, i) => ({ item, rank: (i * 7919 + seed) % 97 })).sort((a, b) => a.rank - b.rank).map((x) => x.item)
+  if (Array.isArray(value)) return value.map((v) => reorder(v, seed))
+  if (value instanceof Map) return new Map(shuffle([...value].map(([k, v]) => [reorder(k, seed), reorder(v, seed)] as const)))
+  if (value instanceof Set) return new Set(shuffle([...value].map((v) => reorder(v, seed))))
+  if (value === null || typeof value !== 'object' || Object.getPrototypeOf(value) !== Object.prototype) return value
+  const copy: Record<string, unknown> = {}
+  for (const [k, v] of shuffle(Object.entries(value))) Object.defineProperty(copy, k, { value: reorder(v, seed), enumerable: true, writable: true, configurable: true })
+  return copy
+}
+
+describe('the codec', () => {
+  it('gives back an equal value of the same types for every value it keeps', () => {
     fc.assert(
-      fc.property(fc.jsonValue(), fc.nat(), (value, seed) => {
-        expect(fingerprint(shuffleKeys(value, seed))).toBe(fingerprint(value))
+      fc.property(values({ bare: true, unit: 'binary' }), (value) => {
+        deepStrictEqual(defaultCodec.decode(defaultCodec.encode(value)), value)
+      }),
+      { numRuns: 500 },
+    )
+  })
+
+  it('writes JSON, the value itself when it is plain JSON', () => {
+    fc.assert(
+      fc.property(fc.jsonValue(), (value) => {
+        expect(JSON.parse(defaultCodec.encode(value))).toEqual({ json: JSON.parse(JSON.stringify(value)), ...(hasNegativeZero(value) ? { meta: expect.anything() } : {}) })
       }),
     )
   })
 
-  it('are canonical JSON that parses back to the same value (as JSON knows it: -0 is 0)', () => {
+  it('names where a value it refuses sits', () => {
+    expect(() => defaultCodec.encode({ order: { items: [1, () => 2] } })).toThrow(/^The value at order\.items\[1\] is a function/)
+    expect(() => defaultCodec.encode(new Map([['k', Symbol('s')]]))).toThrow(/^The value at \{value 0\} is a symbol/)
+    expect(() => defaultCodec.encode({ 'a b': new URL('https://x') })).toThrow(/^The value at \["a b"\] is a URL, which cannot be rebuilt/)
+  })
+})
+
+function hasNegativeZero(value: unknown): boolean {
+  if (Object.is(value, -0)) return true
+  if (Array.isArray(value)) return value.some(hasNegativeZero)
+  return value !== null && typeof value === 'object' && Object.values(value).some(hasNegativeZero)
+}
+
+describe('fingerprints', () => {
+  it('are equal for equal values, whatever the order of keys, entries and members', () => {
     fc.assert(
-      fc.property(fc.jsonValue(), (value) => {
+      fc.property(values({ bare: false }), fc.nat(), (value, seed) => {
+        expect(fingerprint(reorder(value, seed))).toBe(fingerprint(value))
+      }),
+    )
+  })
+
+  it('differ whenever the values differ', () => {
+    fc.assert(
+      fc.property(values({ bare: false }), values({ bare: false }), (a, b) => {
+        fc.pre(!isDeepStrictEqual(a, b))
+        expect(fingerprint(a)).not.toBe(fingerprint(b))
+      }),
+      { numRuns: 500 },
+    )
+    const pairs: Array<[unknown, unknown]> = [
+      [JSON.parse('{"__proto__": {"admin": true}}'), {}],
+      [JSON.parse('{"__proto__": 1}'), JSON.parse('{"__proto__": 2}')],
+      [new Set([1]), new Set([2])],
+      [new Map([['a', 1]]), new Map([['a', 2]])],
+      [new Map([['a', 1]]), {}],
+      [-0, 0],
+      [{ a: undefined }, {}],
+      [1n, 1],
+      [new Date(0), '1970-01-01T00:00:00.000Z'],
+      [Buffer.from('a'), new Uint8Array([97])],
+      [{ a: '1' }, { a: 1 }],
+    ]
+    for (const [a, b] of pairs) expect(fingerprint(a), `${canonicalJson(a)} vs ${canonicalJson(b)}`).not.toBe(fingerprint(b))
+  })
+
+  it('are unchanged for JSON values: SHA-256 of sorted, compact JSON', () => {
+    fc.assert(
+      fc.property(fc.jsonValue().filter((v) => !hasNegativeZero(v)), (value) => {
         expect(JSON.parse(canonicalJson(value))).toStrictEqual(JSON.parse(JSON.stringify(value)))
       }),
     )
-  })
-
-  it('differ for different values', () => {
-    fc.assert(
-      fc.property(fc.jsonValue(), fc.jsonValue(), (a, b) => {
-        fc.pre(canonicalJson(a) !== canonicalJson(b))
-        expect(fingerprint(a)).not.toBe(fingerprint(b))
-      }),
-    )
-  })
-
-  it('are SHA-256 hex of sorted, compact JSON', () => {
     expect(canonicalJson({ b: [1, { d: 1, c: 2 }], a: 'x' })).toBe('{"a":"x","b":[1,{"c":2,"d":1}]}')
     expect(fingerprint(null)).toBe('74234e98afe7498fb5daf1f36ac2d78acc339464f950703b8c019892f982b90b')
+    expect(canonicalJson(Object.assign(Object.create(null) as object, { b: 1, a: 2 }))).toBe('{"a":2,"b":1}')
   })
 
-  it('refuse requests JSON cannot hold', () => {
-    expect(() => fingerprint({ n: 1n })).toThrow(IdempotencySerializationError)
-    expect(() => fingerprint({ n: Infinity })).toThrow(IdempotencySerializationError)
+  it('refuse requests the codec cannot keep, and cycles', () => {
+    const cycle: Record<string, unknown> = {}
+    cycle.self = cycle
+    for (const request of [{ f: () => 1 }, { s: Symbol('s') }, new URL('https://x'), cycle]) {
+      expect(() => fingerprint(request)).toThrow(IdempotencySerializationError)
+      expect(() => normalizeKey({ key: 'k', request })).toThrow(IdempotencySerializationError)
+    }
   })
 })
 

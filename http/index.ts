@@ -1,0 +1,334 @@
+/**
+ * The HTTP behaviour every framework adapter shares (SPEC §5): reading the key, the scope and
+ * the fingerprint, what is stored and replayed, and how errors are answered. An adapter maps its
+ * framework's request onto {@link RequestFacts} and sends the {@link Answer}s it gets back.
+ */
+import { randomUUID } from 'node:crypto'
+import type { Transaction } from 'kysely'
+import type { Execution } from '../src/core.js'
+import {
+  IdempotencyConflictError,
+  IdempotencyKeyReuseError,
+  IdempotencyLockLostError,
+  IdempotencySerializationError,
+  IdempotencySetupError,
+  InvalidIdempotencyKeyError,
+  type IdempotencyError,
+} from '../src/errors.js'
+import type { Idempotency, RunOptions, TransactionOptions } from '../src/idempotency.js'
+import type { Flow } from '../src/phases.js'
+
+/** A route's answer: stored with the key in the same transaction, then sent. */
+export interface HttpResult {
+  readonly status: number
+  /**
+   * The body: a `Buffer`/`Uint8Array` is sent as it is; a string too when `headers` set a
+   * `Content-Type`; anything else is sent as JSON (`application/json; charset=utf-8`). A
+   * replay sends the same bytes.
+   */
+  readonly body?: unknown
+  readonly headers?: Readonly<Record<string, string | readonly string[]>>
+}
+
+/** An answer as it is sent and stored: status, headers, and the body's exact bytes. */
+export interface Answer {
+  readonly status: number
+  readonly headers: Readonly<Record<string, string | readonly string[]>>
+  /** Text (UTF-8) when the handler gave text or JSON, bytes otherwise; absent without a body. */
+  readonly body?: string | Buffer
+}
+
+/**
+ * Passed as `scope` to say that keys are global to the route. Any client that guesses or
+ * reuses another client's key then receives that client's stored response: use it only
+ * when there is a single client or keys are unguessable and never shared.
+ */
+export const UNSCOPED: unique symbol = Symbol('kysely-idempotency/unscoped')
+
+/** Options of an idempotent route, in every framework. */
+export interface IdempotentOptions<Req> {
+  /**
+   * Whom the key belongs to, e.g. `(req) => req.user.id`, so that one client can never replay
+   * another's response; or {@link UNSCOPED}. Required. A number is used as its decimal text;
+   * anything but a string or a number is a server error (500) naming this option.
+   */
+  readonly scope: ((req: Req) => string | number | Promise<string | number>) | typeof UNSCOPED
+  /** Answer 400 when the request has no key. Default `false`: the handler then runs without one. */
+  readonly required?: boolean
+  /** Methods that are made idempotent; others run the handler as it is. Default `['POST', 'PATCH']`. */
+  readonly methods?: readonly string[]
+  /** Name of the request header. Default `Idempotency-Key`. */
+  readonly header?: string
+  /** Request headers that are part of the fingerprint, besides method, URL and body. Default none. */
+  readonly fingerprintHeaders?: readonly string[]
+  /** Top-level body fields left out of the fingerprint (e.g. a client timestamp). Default none. */
+  readonly ignoreBodyFields?: readonly string[]
+  /**
+   * Largest stored answer (status, headers and body) in bytes. A larger one is not stored:
+   * the request fails with 500 and its writes roll back. Default 1 MiB.
+   */
+  readonly maxStoredBytes?: number
+  /** Store `Set-Cookie` headers too, so replays send them again. Default `false`. */
+  readonly persistSetCookie?: boolean
+}
+
+/** What the shared behaviour reads of a request, whatever the framework. */
+export interface RequestFacts {
+  readonly method: string
+  /** Path and query string as the client sent them. */
+  readonly url: string
+  /** What the framework's body parsing left, if anything. */
+  readonly body: unknown
+  /** Every line of the header `name` as the client sent it (several lines are not merged). */
+  headerLines(name: string): readonly string[]
+}
+
+/** What to send for a request, or an error for the framework's own error handling. */
+export type Outcome = { readonly answer: Answer; readonly replayed: boolean } | { readonly error: unknown }
+
+/**
+ * Reads the key from a header value: bare (`abc`) or a Structured-Field string (`"abc"`, with
+ * `\"` and `\\` escapes), which denote the same key.
+ */
+export function parseKeyHeader(value: string): string {
+  const text = value.trim()
+  if (!text.startsWith('"')) return text
+  if (!/^"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*"$/.test(text)) {
+    throw new InvalidIdempotencyKeyError('The idempotency key header is neither a bare key nor a valid Structured-Field string ("...").')
+  }
+  return text.slice(1, -1).replace(/\\(["\\])/g, '$1')
+}
+
+/**
+ * Builds the answer a result stands for: its status and headers, and its body as the exact
+ * bytes to send. Applied to a stored answer it gives the same answer back, and it reads the
+ * answers stored before bodies were kept as bytes (a JSON value) the way they were sent then.
+ */
+export function render(result: HttpResult): Answer {
+  if (typeof result !== 'object' || result === null || !Number.isInteger(result.status) || result.status < 100 || result.status > 599) {
+    throw new TypeError('An idempotent handler must return { status, body?, headers? } with an HTTP status code from 100 to 599.')
+  }
+  const headers = { ...result.headers }
+  const typed = Object.keys(headers).some((name) => name.toLowerCase() === 'content-type')
+  const body = result.body
+  if (body === undefined) return { status: result.status, headers }
+  if (Buffer.isBuffer(body)) return { status: result.status, headers: typed ? headers : { ...headers, 'Content-Type': 'application/octet-stream' }, body }
+  if (body instanceof Uint8Array) return render({ ...result, body: Buffer.from(body.buffer, body.byteOffset, body.byteLength) })
+  if (typeof body === 'string' && typed) return { status: result.status, headers, body }
+  let json: string | undefined
+  try {
+    json = JSON.stringify(body)
+  } catch (error) {
+    throw new IdempotencySerializationError(`The response body cannot be sent as JSON: ${(error as Error).message}`, { cause: error })
+  }
+  if (json === undefined) throw new IdempotencySerializationError(`The response body is a ${typeof body}, which cannot be sent as JSON.`)
+  return { status: result.status, headers: typed ? headers : { ...headers, 'Content-Type': 'application/json; charset=utf-8' }, body: json }
+}
+
+/** An answer to send without storing it (a 5xx, or `flow.fail` without a key): thrown to roll back, then sent. */
+class Unstored extends Error {
+  constructor(readonly answer: Answer) {
+    super(`The handler answered ${answer.status}; the answer is sent but not stored.`)
+  }
+}
+
+class ResponseTooLarge extends Error {}
+
+type KeyInput = { key: string; scope: string; request: unknown }
+
+const DEFAULT_METHODS = ['POST', 'PATCH']
+const MIB = 1024 * 1024
+
+/** The shared behaviour of one route, configured by its options. */
+export class IdempotentRoute<Req> {
+  readonly #options: IdempotentOptions<Req>
+  readonly #methods: ReadonlySet<string>
+  readonly #header: string
+  readonly #fingerprintHeaders: readonly string[]
+  readonly #ignored: ReadonlySet<string>
+  readonly #maxStoredBytes: number
+
+  constructor(options: IdempotentOptions<Req>) {
+    if (options?.scope !== UNSCOPED && typeof options?.scope !== 'function') {
+      throw new TypeError('The idempotent route needs a scope: a function of the request, or UNSCOPED (see the README before using it).')
+    }
+    this.#options = options
+    this.#methods = new Set((options.methods ?? DEFAULT_METHODS).map((m) => m.toUpperCase()))
+    this.#header = options.header ?? 'Idempotency-Key'
+    this.#fingerprintHeaders = (options.fingerprintHeaders ?? []).map((h) => h.toLowerCase())
+    this.#ignored = new Set(options.ignoreBodyFields ?? [])
+    this.#maxStoredBytes = options.maxStoredBytes ?? MIB
+  }
+
+  /** A route whose handler runs in a transaction that stores its answer (`idempotency.transaction`). */
+  transaction<DB>(
+    idempotency: Idempotency<DB>,
+    settings: TransactionOptions,
+    handler: (req: Req, trx: Transaction<DB>) => Promise<HttpResult>,
+  ): (req: Req, facts: RequestFacts) => Promise<Outcome> {
+    return this.#route(
+      (req) => idempotency.db.transaction().execute(async (trx) => this.#sendable(render(await handler(req, trx)))),
+      (req, key) => this.#once((fn) => idempotency.executeTransaction(key, fn, settings), (trx: Transaction<DB>) => handler(req, trx)),
+    )
+  }
+
+  /**
+   * A route whose handler runs an atomic-phases flow (`idempotency.run`). An answer given with
+   * `flow.fail()` goes through the same rules as a returned one.
+   */
+  flow<DB>(
+    idempotency: Idempotency<DB>,
+    settings: RunOptions,
+    handler: (req: Req, flow: Flow<DB, HttpResult>) => Promise<HttpResult>,
+  ): (req: Req, facts: RequestFacts) => Promise<Outcome> {
+    return this.#route(
+      async (req) => this.#sendable(render(await handler(req, directFlow(idempotency)))),
+      (req, key) =>
+        this.#once<Flow<DB, Answer>>(
+          (fn) => idempotency.executeRun(key, fn, settings),
+          (flow: Flow<DB, Answer>, keep) => handler(req, { ...flow, fail: (response) => flow.fail(keep(response)) }),
+        ),
+    )
+  }
+
+  #route(
+    direct: (req: Req) => Promise<Answer>,
+    keyed: (req: Req, key: KeyInput) => Promise<{ answer: Answer; replayed: boolean }>,
+  ): (req: Req, facts: RequestFacts) => Promise<Outcome> {
+    const answer = async (req: Req, facts: RequestFacts): Promise<{ answer: Answer; replayed: boolean }> => {
+      const idempotent = this.#methods.has(facts.method.toUpperCase())
+      const lines = idempotent ? facts.headerLines(this.#header) : []
+      if (lines.length > 1) throw new InvalidIdempotencyKeyError(`The request has ${lines.length} ${this.#header} header lines; send exactly one.`)
+      if (lines.length === 0) {
+        if (idempotent && this.#options.required) {
+          return { answer: problem(400, 'missing_key', 'Idempotency key required', `This request needs an ${this.#header} header.`), replayed: false }
+        }
+        return { answer: await direct(req), replayed: false }
+      }
+      const key = parseKeyHeader(lines[0]!)
+      return keyed(req, { key, scope: await this.#scope(req, facts), request: this.#describe(facts) })
+    }
+    return async (req, facts) => {
+      try {
+        return await answer(req, facts)
+      } catch (error) {
+        if (error instanceof Unstored) return { answer: error.answer, replayed: false }
+        if (error instanceof ResponseTooLarge) return { answer: problem(500, 'response_too_large', 'Response too large to store', error.message), replayed: false }
+        const mapped = problemOf(error)
+        return mapped ? { answer: mapped, replayed: false } : { error }
+      }
+    }
+  }
+
+  async #scope(req: Req, facts: RequestFacts): Promise<string> {
+    const scope = this.#options.scope
+    if (scope === UNSCOPED) return ''
+    const owner: unknown = await scope(req)
+    if (typeof owner === 'string') return owner
+    if ((typeof owner === 'number' && Number.isFinite(owner)) || typeof owner === 'bigint') return String(owner)
+    throw new IdempotencySetupError(
+      `The scope option returned ${owner === null ? 'null' : typeof owner} for ${facts.method} ${facts.url}; it must return a string or a number ` +
+        '(such as the authenticated user id). Is the request authenticated before this route?',
+    )
+  }
+
+  /** What the fingerprint covers: method, URL, body (minus ignored fields) and chosen headers. */
+  #describe(facts: RequestFacts): unknown {
+    return {
+      method: facts.method.toUpperCase(),
+      url: facts.url,
+      body: bodyOf(facts.body, this.#ignored),
+      headers: Object.fromEntries(
+        this.#fingerprintHeaders.map((h) => {
+          const lines = facts.headerLines(h)
+          return [h, lines.length === 0 ? null : lines.join(', ')]
+        }),
+      ),
+    }
+  }
+
+  /** An answer that may be sent: a 5xx is thrown so that its writes roll back, and is then sent. */
+  #sendable(answer: Answer): Answer {
+    if (answer.status >= 500) throw new Unstored(answer)
+    return answer
+  }
+
+  /**
+   * The one place that decides what is stored for a handler's answer, returned or given to
+   * `flow.fail()`: a sendable answer, without `Set-Cookie` (unless allowed), within the size limit.
+   */
+  #kept(answer: Answer): Answer {
+    const headers = Object.fromEntries(
+      Object.entries(answer.headers).filter(([name]) => this.#options.persistSetCookie || name.toLowerCase() !== 'set-cookie'),
+    )
+    const kept = { ...answer, headers }
+    const bytes = Buffer.byteLength(JSON.stringify({ status: kept.status, headers })) + (kept.body === undefined ? 0 : Buffer.byteLength(kept.body))
+    if (bytes > this.#maxStoredBytes) {
+      throw new ResponseTooLarge(
+        `The response is ${bytes} bytes, more than maxStoredBytes (${this.#maxStoredBytes}); it was not stored and the request's writes were rolled back.`,
+      )
+    }
+    return kept
+  }
+
+  /**
+   * Runs `handler` through `execute` (a keyed transaction or flow) and returns what to send:
+   * the stored answer on a replay, else the handler's own (its Set-Cookie included).
+   */
+  async #once<C>(
+    execute: (fn: (context: C) => Promise<Answer>) => Promise<Execution<Answer>>,
+    handler: (context: C, keep: (result: HttpResult) => Answer) => Promise<HttpResult>,
+  ): Promise<{ answer: Answer; replayed: boolean }> {
+    let sent: Answer | undefined
+    const keep = (result: HttpResult): Answer => {
+      sent = this.#sendable(render(result))
+      return this.#kept(sent)
+    }
+    const execution = await execute(async (context) => keep(await handler(context, keep)))
+    return { answer: execution.replayed || !sent ? render(execution.value) : sent, replayed: execution.replayed }
+  }
+}
+
+/** The answer for an error the library raised about the key, as an RFC 9457 problem. */
+function problemOf(error: unknown): Answer | undefined {
+  const mapped = (e: IdempotencyError, title: string, retryAfter?: number) => problem(e.status, e.code, title, e.message, retryAfter)
+  if (error instanceof InvalidIdempotencyKeyError) return mapped(error, 'Invalid idempotency key')
+  if (error instanceof IdempotencyKeyReuseError) return mapped(error, 'Idempotency key reused')
+  if (error instanceof IdempotencyConflictError) return mapped(error, 'Request with this idempotency key in progress', error.retryAfter)
+  if (error instanceof IdempotencyLockLostError) return mapped(error, 'Request taken over by a retry', 1)
+  return undefined
+}
+
+/** An RFC 9457 problem document. */
+function problem(status: number, code: string, title: string, detail: string, retryAfter?: number): Answer {
+  const headers: Record<string, string> = { 'Content-Type': 'application/problem+json' }
+  if (retryAfter !== undefined) headers['Retry-After'] = String(retryAfter)
+  return { status, headers, body: JSON.stringify({ type: `urn:kysely-idempotency:${code}`, title, status, detail }) }
+}
+
+/** The body as the fingerprint sees it: parsed JSON or form fields, raw bytes as base64, text as is. */
+function bodyOf(body: unknown, ignored: ReadonlySet<string>): unknown {
+  if (body === undefined || body === null) return null
+  if (body instanceof Uint8Array) return { base64: Buffer.from(body).toString('base64') }
+  if (ignored.size && typeof body === 'object' && !Array.isArray(body)) {
+    return Object.fromEntries(Object.entries(body).filter(([field]) => !ignored.has(field)))
+  }
+  return body
+}
+
+/** A flow for a request without a key: phases are plain transactions, steps plain calls. */
+function directFlow<DB>(idempotency: Idempotency<DB>): Flow<DB, HttpResult> {
+  const id = randomUUID()
+  return {
+    key: '',
+    scope: '',
+    attempt: 1,
+    resumedFrom: 'started',
+    phase: (_name, fn) => idempotency.db.transaction().execute(fn),
+    step: (_name, fn) => fn(),
+    stepKey: (name) => `${id}.${name}`,
+    fail: (response) => {
+      throw new Unstored(render(response))
+    },
+  }
+}
