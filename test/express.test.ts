@@ -1,11 +1,12 @@
 import type { AddressInfo } from 'node:net'
-import type { Server } from 'node:http'
+import { request, type Server } from 'node:http'
 import express5 from 'express'
 import express4 from 'express4'
 import Stripe from 'stripe'
 import { afterEach, beforeEach, describe, expect, it } from 'vitest'
 import { idempotent, idempotentFlow, UNSCOPED, type HttpResult, type IdempotentRequest } from '../express/index.js'
-import { createIdempotency, type Idempotency } from '../src/index.js'
+import { sql } from 'kysely'
+import { createIdempotency, fingerprint, type Idempotency } from '../src/index.js'
 import { openDatabase } from './support/databases.js'
 import { gate, openFixture, selectedTargets, type Fixture } from './support/harness.js'
 
@@ -58,15 +59,29 @@ for (const target of selectedTargets()) {
         app.get('/charges', idempotent(idempotency, { scope, required: true }, charge))
         app.post('/small', idempotent(idempotency, { scope, maxStoredBytes: 1024 }, charge))
         app.post('/fingerprint', idempotent(idempotency, { scope: UNSCOPED, ignoreBodyFields: ['sentAt'], fingerprintHeaders: ['X-Currency'] }, charge))
+        const rides = idempotentFlow(idempotency, { scope, maxStoredBytes: 1024 }, async (req, flow) => {
+          const body = req.body as { id: string; behave?: string }
+          const ride = await flow.phase('ride_created', async (trx) => (await fx.effect(trx, `ride:${body.id}`), { id: body.id }))
+          const paid = await flow.step('charge_created', async () => ({ charge: flow.stepKey('charge_created') }))
+          if (body.behave === '503') return { status: 503, body: { error: 'provider down' } }
+          if (body.behave === 'decline') flow.fail({ status: 402, body: { error: 'card declined' } })
+          if (body.behave === 'fail-cookie') flow.fail({ status: 402, body: { error: 'declined' }, headers: { 'Set-Cookie': 'session=abc' } })
+          if (body.behave === 'fail-503') flow.fail({ status: 503, body: { error: 'provider down' } })
+          if (body.behave === 'fail-huge') flow.fail({ status: 402, body: { padding: 'x'.repeat(2048) } })
+          if (body.behave === 'fail-status') flow.fail({ status: 42, body: {} })
+          return { status: 201, body: { ...ride, ...paid } }
+        })
+        app.post('/rides', rides)
+        app.post('/numeric', idempotent(idempotency, { scope: (req) => Number(req.get('x-user-id')) }, charge))
+        app.post('/no-user', idempotent(idempotency, { scope: (req) => (req as { user?: { id: string } }).user?.id as string }, charge))
         app.post(
-          '/rides',
-          idempotentFlow(idempotency, { scope }, async (req, flow) => {
-            const body = req.body as { id: string; behave?: string }
-            const ride = await flow.phase('ride_created', async (trx) => (await fx.effect(trx, `ride:${body.id}`), { id: body.id }))
-            const paid = await flow.step('charge_created', async () => ({ charge: flow.stepKey('charge_created') }))
-            if (body.behave === '503') return { status: 503, body: { error: 'provider down' } }
-            if (body.behave === 'decline') flow.fail({ status: 402, body: { error: 'card declined' } })
-            return { status: 201, body: { ...ride, ...paid } }
+          '/text',
+          idempotent(idempotency, { scope: UNSCOPED }, async (req, trx) => {
+            await fx.effect(trx, 'text')
+            const kind = (req.body as { kind: string }).kind
+            if (kind === 'bytes') return { status: 200, body: Buffer.from([0, 255, 10]), headers: { 'Content-Type': 'application/octet-stream' } }
+            if (kind === 'plain') return { status: 200, body: 'just text' }
+            return { status: 200, body: 'hello', headers: { 'Content-Type': 'application/json' } }
           }),
         )
         app.post(
@@ -274,6 +289,106 @@ for (const target of selectedTargets()) {
         const declined = await ride('r3', 'decline')
         expect(declined.status).toBe(402)
         expect(declined.headers.get('idempotency-replayed')).toBe('true')
+      })
+
+      it('applies the storage rules to answers given with flow.fail(), as to returned ones', async () => {
+        const ride = (id: string, behave: string) => post('/rides', { id, behave }, { 'Idempotency-Key': `ride-${id}` })
+        const declined = await ride('c', 'fail-cookie')
+        expect(declined.status).toBe(402)
+        expect(declined.headers.get('set-cookie')).toBe('session=abc')
+        const replayed = await ride('c', 'fail-cookie')
+        expect(replayed.headers.get('idempotency-replayed')).toBe('true')
+        expect(replayed.headers.get('set-cookie')).toBeNull()
+
+        // A 5xx is sent, not stored: the lock is released and the recorded phases stay.
+        expect((await ride('u', 'fail-503')).status).toBe(503)
+        const retried = await ride('u', 'fail-503')
+        expect(retried.status).toBe(503)
+        expect(retried.headers.get('idempotency-replayed')).toBeNull()
+        expect(await fx.effects('ride:u')).toBe(1)
+
+        await expectProblem(await ride('h', 'fail-huge'), 500, 'response_too_large')
+        expect((await ride('h', 'fail-huge')).headers.get('idempotency-replayed')).toBeNull()
+
+        expect((await ride('s', 'fail-status')).status).toBe(500)
+        expect((await ride('s', 'fail-status')).headers.get('idempotency-replayed')).toBeNull()
+        const finished = await fx.db.selectFrom(fx.table).select('key').where('recovery_point', '=', 'finished').execute()
+        expect(finished).toHaveLength(1)
+      })
+
+      it('answers 400 to a request with two Idempotency-Key header lines', async () => {
+        const { port } = server.address() as AddressInfo
+        const status = await new Promise<number>((resolve, reject) => {
+          const req = request({ host: '127.0.0.1', port, path: '/charges', method: 'POST', headers: { 'content-type': 'application/json' } }, (res) => {
+            res.resume()
+            resolve(res.statusCode!)
+          })
+          req.setHeader('Idempotency-Key', ['a', 'b'])
+          req.on('error', reject)
+          req.end(JSON.stringify({ id: 'two-lines' }))
+        })
+        expect(status).toBe(400)
+        expect(await fx.effects()).toBe(0)
+      })
+
+      it('takes a numeric scope as its decimal text, and answers a missing one with a 500 that names the option', async () => {
+        const first = await post('/numeric', { id: 'n' }, { 'Idempotency-Key': 'n', 'x-user-id': '42' })
+        expect(first.status).toBe(201)
+        expect((await post('/numeric', { id: 'n' }, { 'Idempotency-Key': 'n', 'x-user-id': '42' })).headers.get('idempotency-replayed')).toBe('true')
+        expect((await post('/numeric', { id: 'n' }, { 'Idempotency-Key': 'n', 'x-user-id': '43' })).headers.get('idempotency-replayed')).toBeNull()
+        expect(await fx.db.selectFrom(fx.table).select('scope').execute()).toEqual(
+          target.database === 'mysql' ? [{ scope: Buffer.from('42') }, { scope: Buffer.from('43') }] : [{ scope: '42' }, { scope: '43' }],
+        )
+
+        const anonymous = await post('/no-user', { id: 'a' }, { 'Idempotency-Key': 'a' })
+        expect(anonymous.status).toBe(500)
+        expect(((await anonymous.json()) as { error: string }).error).toMatch(/scope option returned undefined/)
+        expect(await fx.effects('charge:a')).toBe(0)
+      })
+
+      it('sends the same bytes on replay as on the first answer', async () => {
+        for (const kind of ['json-string', 'bytes', 'plain']) {
+          const send = () => post('/text', { kind }, { 'Idempotency-Key': kind })
+          const first = await send()
+          const again = await send()
+          expect(again.headers.get('idempotency-replayed')).toBe('true')
+          expect(Buffer.from(await again.arrayBuffer())).toEqual(Buffer.from(await first.arrayBuffer()))
+          expect(again.headers.get('content-type')).toBe(first.headers.get('content-type'))
+        }
+        expect(await (await post('/text', { kind: 'json-string' }, { 'Idempotency-Key': 'json-string' })).text()).toBe('hello')
+        expect(await (await post('/text', { kind: 'plain' }, { 'Idempotency-Key': 'plain' })).text()).toBe('"just text"')
+        expect(await fx.effects('text')).toBe(3)
+      })
+
+      it('tells bodies apart by a __proto__ field', async () => {
+        const raw = (body: string) => fetch(`${base}/charges`, { method: 'POST', headers: { 'content-type': 'application/json', 'Idempotency-Key': 'proto' }, body })
+        expect((await raw('{"id":"p","__proto__":{"amount":1}}')).status).toBe(201)
+        expect((await raw('{"id":"p","__proto__":{"amount":1}}')).headers.get('idempotency-replayed')).toBe('true')
+        await expectProblem(await raw('{"id":"p","__proto__":{"amount":2}}'), 422, 'key_reuse')
+      })
+
+      it('replays answers stored before bodies were kept as bytes', async () => {
+        const request = { method: 'POST', url: '/charges', body: { id: 'legacy' }, headers: {} }
+        await fx.db
+          .insertInto(fx.table)
+          .values({
+            scope: 'anonymous',
+            key: 'legacy',
+            fingerprint: fingerprint(request),
+            recovery_point: 'finished',
+            response: JSON.stringify({ status: 201, headers: { Location: '/charges/legacy' }, body: { id: 'legacy', amount: null } }),
+            created_at: fx.idempotency.dialect.clock,
+            last_run_at: fx.idempotency.dialect.clock,
+            expires_at: fx.idempotency.dialect.later(sql.lit(60_000)),
+          })
+          .execute()
+        const replay = await post('/charges', { id: 'legacy' }, { 'Idempotency-Key': 'legacy' })
+        expect(replay.status).toBe(201)
+        expect(replay.headers.get('idempotency-replayed')).toBe('true')
+        expect(replay.headers.get('location')).toBe('/charges/legacy')
+        expect(replay.headers.get('content-type')).toMatch(/^application\/json/)
+        expect(await replay.json()).toEqual({ id: 'legacy', amount: null })
+        expect(await fx.effects()).toBe(0)
       })
 
       it('gives one side effect per call of the official stripe SDK, which retries dropped connections and 409s', async () => {
