@@ -2,22 +2,24 @@ import { writeFileSync } from 'node:fs'
 import { availableParallelism, cpus, totalmem } from 'node:os'
 import { parseArgs } from 'node:util'
 import { sql } from 'kysely'
+import { measureCodecs, printCodecs } from './codec.js'
 import { measureRoutes, startServer, storm, type RouteFigures, type StormFigures } from './http.js'
 import { openBench, type Bench } from './support.js'
 import { measureTransactions, PATHS, type PathName, type TransactionFigures } from './transactions.js'
 
-const usage = `npm run bench -- [--json FILE] [--seconds N] [--rounds N] [--only postgres,mysql,sqlite] [--skip-http]
-  Measures, on each database: a bare three-insert transaction against the same transaction
-  through kysely-idempotency (first executions and replays), the Express route against a plain
-  one and a Redis-based peer (Postgres), and a duplicate storm. KIDEM_PG_URL, KIDEM_MYSQL_URL
-  and KIDEM_REDIS_URL say where the servers are (default: the local ones).`
+const usage = `npm run bench -- [--json FILE] [--seconds N] [--rounds N] [--only codec,postgres,mysql,sqlite] [--skip-http]
+  Measures the value codecs (superjson, devalue, JSON: fidelity, time, size), then, on each
+  database: a bare three-insert transaction against the same transaction through
+  kysely-idempotency (first executions and replays), the Express route against a plain one and
+  a Redis-based peer (Postgres), and a duplicate storm. KIDEM_PG_URL, KIDEM_MYSQL_URL and
+  KIDEM_REDIS_URL say where the servers are (default: the local ones).`
 
 const { values } = parseArgs({
   options: {
     json: { type: 'string' },
     seconds: { type: 'string', default: '3' },
     rounds: { type: 'string', default: '3' },
-    only: { type: 'string', default: 'postgres,mysql,sqlite' },
+    only: { type: 'string', default: 'codec,postgres,mysql,sqlite' },
     'skip-http': { type: 'boolean', default: false },
     help: { type: 'boolean', default: false },
   },
@@ -28,11 +30,11 @@ if (values.help) {
 }
 const seconds = Number(values.seconds)
 const rounds = Number(values.rounds)
-const databases = values.only.split(',').map((name) => name.trim())
-for (const name of databases) {
-  if (name !== 'postgres' && name !== 'mysql' && name !== 'sqlite') throw new Error(`--only takes postgres, mysql and sqlite, not "${name}".\n${usage}`)
+const only = values.only.split(',').map((name) => name.trim())
+for (const name of only) {
+  if (!['codec', 'postgres', 'mysql', 'sqlite'].includes(name)) throw new Error(`--only takes codec, postgres, mysql and sqlite, not "${name}".\n${usage}`)
 }
-const selected = databases as Array<'postgres' | 'mysql' | 'sqlite'>
+const selected = only.filter((name) => name !== 'codec') as Array<'postgres' | 'mysql' | 'sqlite'>
 const redisUrl = process.env.KIDEM_REDIS_URL ?? 'redis://127.0.0.1:6379'
 
 const fmt = (n: number, digits = 0) => n.toFixed(digits).padStart(8)
@@ -48,6 +50,8 @@ const http: RouteFigures[] = []
 const storms: StormFigures[] = []
 
 console.log(`kysely-idempotency benchmark: ${machine.cpus} cores (${machine.cpu}), Node ${machine.node}, ${seconds} s × ${rounds} rounds per path\n`)
+const codecs = only.includes('codec') ? measureCodecs() : undefined
+if (codecs) printCodecs(codecs)
 for (const database of selected) {
   // SQLite has one writer: more clients would only queue on its lock.
   const clients = database === 'sqlite' ? 1 : 8
@@ -94,7 +98,7 @@ for (const database of selected) {
 }
 
 if (values.json) {
-  writeFileSync(values.json, `${JSON.stringify({ date: new Date().toISOString(), machine, seconds, rounds, transactions, http, storms }, null, 2)}\n`)
+  writeFileSync(values.json, `${JSON.stringify({ date: new Date().toISOString(), machine, seconds, rounds, codecs, transactions, http, storms }, null, 2)}\n`)
   console.log(`Figures written to ${values.json}`)
 }
 if (storms.some((s) => s.sideEffects !== s.keys)) {

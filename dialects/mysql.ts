@@ -61,6 +61,8 @@ export interface MysqlDialectOptions {
  * ### Examples
  *
  * ```ts
+ * import { createIdempotency, mysqlDialect } from 'kysely-idempotency'
+ *
  * createIdempotency({ db, dialect: mysqlDialect({ statementLockWait: false }) })
  * ```
  */

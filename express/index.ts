@@ -72,6 +72,9 @@ export function idempotent<DB, Req extends IdempotentRequest = Request>(
  * ### Examples
  *
  * ```ts
+ * import express from 'express'
+ * import { idempotentFlow } from 'kysely-idempotency/express'
+ *
  * app.post('/rides', express.json(), idempotentFlow(idempotency, { scope: (req) => req.user.id }, async (req, flow) => {
  *   const ride = await flow.phase('ride_created', (trx) => createRide(trx, req.body))
  *   const charge = await flow.step('charge_created', () => chargeCard(ride, flow.stepKey('charge_created')))

@@ -129,22 +129,25 @@ const RESULT_PROTOTYPES = new Set<object>(RESULT_CLASSES.map((c) => c.prototype 
 /** The kinds of value the codec and the canonical form know. */
 type Kind = 'primitive' | 'object' | 'bare' | 'array' | 'date' | 'map' | 'set' | 'buffer' | 'typed' | 'result'
 
-/** Where a walk is, for messages: `body.items[2]`. */
+/** Where a walk is, for messages (`body.items[2]`); formatted only when a value is refused. */
 class Path {
-  readonly #steps: string[] = []
+  readonly #steps: Array<string | number | readonly [number, 'key' | 'value' | 'member']> = []
 
   enter(step: string | number): void {
-    this.#steps.push(typeof step === 'number' ? `[${step}]` : /^[A-Za-z_$][\w$]*$/.test(step) ? `.${step}` : `[${JSON.stringify(step)}]`)
+    this.#steps.push(step)
   }
   /** Into a `Map` entry's key or value, or a `Set` member. */
   enterEntry(index: number, part: 'key' | 'value' | 'member'): void {
-    this.#steps.push(`{${part} ${index}}`)
+    this.#steps.push([index, part])
   }
   leave(): void {
     this.#steps.pop()
   }
   refuse(what: string): never {
-    const where = this.#steps.length === 0 ? 'The value' : `The value at ${this.#steps.join('').replace(/^\./, '')}`
+    const steps = this.#steps.map((step) =>
+      typeof step === 'number' ? `[${step}]` : typeof step !== 'string' ? `{${step[1]} ${step[0]}}` : /^[A-Za-z_$][\w$]*$/.test(step) ? `.${step}` : `[${JSON.stringify(step)}]`,
+    )
+    const where = steps.length === 0 ? 'The value' : `The value at ${steps.join('').replace(/^\./, '')}`
     throw new IdempotencySerializationError(`${where} ${what}.`)
   }
 }

@@ -11,12 +11,14 @@
  * ```ts
  * import { IdempotencyError } from 'kysely-idempotency'
  *
- * try {
- *   await idempotency.transaction(key, charge)
- * } catch (err) {
- *   if (err instanceof IdempotencyError) res.status(err.status).json({ error: err.code })
- *   else throw err
- * }
+ * app.post('/orders', async (req, res, next) => {
+ *   try {
+ *     res.status(201).json(await idempotency.transaction({ key, scope: req.user.id, request: req.body }, (trx) => createOrder(trx, req.body)))
+ *   } catch (err) {
+ *     if (err instanceof IdempotencyError) res.status(err.status).json({ error: err.code })
+ *     else next(err)
+ *   }
+ * })
  * ```
  */
 export class IdempotencyError extends Error {

@@ -122,8 +122,8 @@ export interface Idempotency<DB> {
    * ### Examples
    *
    * ```ts
-   * const charge = await idempotency.transaction({ key, scope: accountId, request: body }, (trx) =>
-   *   trx.insertInto('charges').values(body).returningAll().executeTakeFirstOrThrow())
+   * const order = await idempotency.transaction({ key, scope: accountId, request: body }, (trx) =>
+   *   trx.insertInto('orders').values(body).returningAll().executeTakeFirstOrThrow())
    * ```
    */
   transaction<T>(key: IdempotencyKeyInput, fn: (trx: Transaction<DB>) => Promise<T & Storable<T>>, options?: TransactionOptions): Promise<T>
@@ -150,10 +150,10 @@ export interface Idempotency<DB> {
    * ### Examples
    *
    * ```ts
-   * const ride = await idempotency.run({ key, scope: userId, request: body }, async (flow) => {
-   *   const r = await flow.phase('ride_created', (trx) => insertRide(trx, body))
+   * const ride = await idempotency.run({ key, scope: userId, request: rideRequest }, async (flow) => {
+   *   const r = await flow.phase('ride_created', (trx) => insertRide(trx, rideRequest))
    *   const charge = await flow.step('charge_created', () =>
-   *     payments.charge({ amount: r.amount }, { idempotencyKey: flow.stepKey('charge_created') }))
+   *     payments.charge(r, { idempotencyKey: flow.stepKey('charge_created') }))
    *   await flow.phase('ride_charged', (trx) => markCharged(trx, r.id, charge.id))
    *   return { status: 201, body: r }
    * })
@@ -257,7 +257,7 @@ const shared = new WeakMap<DialectAdapter, Map<string, Core>>()
  * import { withIdempotency } from 'kysely-idempotency'
  *
  * await db.transaction().execute((trx) =>
- *   withIdempotency(trx, req.get('Idempotency-Key') ?? '', (trx) => createOrder(trx, body)))
+ *   withIdempotency(trx, { key, scope: userId, request: body }, (trx) => createOrder(trx, body)))
  * ```
  */
 export async function withIdempotency<DB, T>(

@@ -33,8 +33,11 @@ export interface Flow<DB, T> {
    * ### Examples
    *
    * ```ts
-   * const ride = await flow.phase('ride_created', (trx) =>
-   *   trx.insertInto('rides').values({ origin, target }).returningAll().executeTakeFirstOrThrow())
+   * const rideId = await idempotency.run({ key, request: rideRequest }, async (flow) => {
+   *   const ride = await flow.phase('ride_created', (trx) =>
+   *     trx.insertInto('rides').values({ user_id: userId, ...rideRequest }).returningAll().executeTakeFirstOrThrow())
+   *   return ride.id
+   * })
    * ```
    */
   phase<V>(name: string, fn: (trx: Transaction<DB>) => Promise<V & Storable<V>>): Promise<V>
@@ -47,8 +50,13 @@ export interface Flow<DB, T> {
    * ### Examples
    *
    * ```ts
-   * const charge = await flow.step('charge_created', () =>
-   *   stripe.paymentIntents.create({ amount, currency: 'usd' }, { idempotencyKey: flow.stepKey('charge_created') }))
+   * const intentId = await idempotency.run({ key, request: rideRequest }, async (flow) => {
+   *   const intent = await flow.step('charge_created', async () => {
+   *     const created = await stripe.paymentIntents.create({ amount: rideRequest.price, currency: 'usd' }, { idempotencyKey: flow.stepKey('charge_created') })
+   *     return { id: created.id, status: created.status }
+   *   })
+   *   return intent.id
+   * })
    * ```
    */
   step<V>(name: string, fn: () => Promise<V & Storable<V>>): Promise<V>

@@ -68,6 +68,8 @@ function describeBadKey(key: unknown): string {
  * ### Examples
  *
  * ```ts
+ * import { fingerprint } from 'kysely-idempotency'
+ *
  * fingerprint({ b: 1, a: [true, null] }) === fingerprint({ a: [true, null], b: 1 }) // true
  * fingerprint({ at: new Date(0) }) === fingerprint({ at: '1970-01-01T00:00:00.000Z' }) // false
  * ```

@@ -107,23 +107,27 @@ for (const target of selectedTargets()) {
       })
 
       it('when a condition skips it on resume', async () => {
-        await recordThenFail('skipped', ['create_order', 'reserve_stock'])
+        await recordThenFail('skipped', ['create_order'])
         const resume = fx.idempotency.run('skipped', async (flow) => {
           if (flow.attempt === 1) await phase(flow, 'create_order')
-          await phase(flow, 'reserve_stock')
+          try {
+            await phase(flow, 'reserve_stock')
+          } catch {
+            // Stock is reserved again later by a job; the order goes on.
+          }
           return 'done'
         })
-        await expectBrokenResume(resume, 'skipped', { create_order: 1, reserve_stock: 1 })
+        await expectBrokenResume(resume, 'skipped', { create_order: 1, reserve_stock: 0 })
       })
 
       it('when its name is called at another position', async () => {
-        await recordThenFail('reordered', ['a', 'b'])
+        await recordThenFail('reordered', ['a'])
         const resume = fx.idempotency.run('reordered', async (flow) => {
           await phase(flow, 'b').catch(() => undefined)
           await phase(flow, 'a')
           return 'done'
         })
-        await expectBrokenResume(resume, 'reordered', { a: 1, b: 1 })
+        await expectBrokenResume(resume, 'reordered', { a: 1, b: 0 })
       })
 
       it('when it is a step inside try/catch, before and after the order breaks', async () => {
@@ -283,21 +287,37 @@ for (const target of selectedTargets()) {
 
       it('prunes while requests reclaim the same expired keys, retrying what the database aborts', async () => {
         const expiring = fx.with({ ttl: 1 })
-        for (let round = 0; round < 8; round++) {
-          const keys = Array.from({ length: 30 }, (_, i) => `race-${round}-${i}`)
-          for (const key of keys) await expiring.transaction(key, async () => 'old')
+        const failures: unknown[] = []
+        for (let round = 0; round < 10; round++) {
+          const keys = Array.from({ length: 60 }, (_, i) => `race-${round}-${i}`)
+          await Promise.all(keys.map((key) => expiring.transaction(key, async () => 'old')))
           await sleep(5)
-          const results = await Promise.allSettled([
-            fx.idempotency.prune({ batchSize: 5 }),
-            ...keys.map((key) => fx.idempotency.transaction(key, async () => 'new')),
-            fx.idempotency.prune({ batchSize: 5 }),
-          ])
-          for (const result of results) expect(result.status === 'rejected' ? String(result.reason) : 'ok').toBe('ok')
+          const prune = () => fx.idempotency.prune({ batchSize: 3 })
+          const results = await Promise.allSettled([prune(), ...keys.map((key) => fx.idempotency.transaction(key, async () => 'new')), prune(), prune()])
+          for (const result of results) if (result.status === 'rejected') failures.push(result.reason)
         }
+        expect(failures).toEqual([])
       })
     })
 
     if (target.database === 'mysql') {
+      it('never relies on IGNORE, which would turn a bad value into a warning and store something else', async () => {
+        const sent: string[] = []
+        const logged = openDatabase('mysql', fx.location, 5, 5000, (event) => void sent.push(event.query.sql))
+        try {
+          const idempotency = createIdempotency({ db: logged, tableName: fx.table, ...(target.dialect ? { dialect: target.dialect() } : {}) })
+          await idempotency.transaction('ignore', async () => 1)
+          await idempotency.transaction('ignore', async () => 2)
+          await logged.transaction().execute((trx) => idempotency.withIdempotency(trx, 'ignore', async () => 3))
+          await idempotency.run('ignore-flow', async (flow) => flow.phase('p', async () => 4))
+          await idempotency.prune()
+        } finally {
+          await logged.destroy()
+        }
+        expect(sent.some((statement) => /\binsert\b/i.test(statement))).toBe(true)
+        expect(sent.filter((statement) => /\bignore\b/i.test(statement))).toEqual([])
+      })
+
       describe('a latin1 MySQL database', () => {
         let latin1: Kysely<any>
         beforeEach(async () => {

@@ -94,6 +94,15 @@ export default async function setup(project: TestProject): Promise<() => Promise
     }
     locations[server.database] = url
   }
+  const pooler = process.env.KIDEM_PGBOUNCER_URL
+  if (pooler && targets.some((t) => t.server === 'pgbouncer')) {
+    try {
+      await ping('postgres', pooler)
+    } catch (error) {
+      throw new Error(`PgBouncer did not answer at ${pooler} (KIDEM_PGBOUNCER_URL): ${(error as Error).message}. Start it (see the README) or unset the variable.`)
+    }
+    locations.pgbouncer = pooler
+  }
   project.provide('locations', locations)
   project.provide('targets', targets.map((t) => t.id))
   return async () => {

@@ -15,13 +15,20 @@ export interface Target {
   readonly id: string
   readonly database: DatabaseName
   readonly dialect?: () => IdempotencyDialect
+  /** Where the server is, when not where its database is usually found (a pooler in front of it). */
+  readonly server?: Server
 }
+
+/** A server the tests connect to: a database, or PgBouncer in front of Postgres. */
+export type Server = Exclude<DatabaseName, 'sqlite'> | 'pgbouncer'
 
 export const ALL_TARGETS: readonly Target[] = [
   { id: 'postgres', database: 'postgres' },
   { id: 'mysql', database: 'mysql' },
   { id: 'mysql-session-wait', database: 'mysql', dialect: () => mysqlDialect({ statementLockWait: false }) },
   { id: 'sqlite', database: 'sqlite' },
+  // Only when a pooler is given: there is no default one to look for.
+  ...(process.env.KIDEM_PGBOUNCER_URL ? [{ id: 'pgbouncer', database: 'postgres', server: 'pgbouncer' } as const] : []),
 ]
 
 /** Where a server database is looked for: its env var, else the local default. */
@@ -30,8 +37,8 @@ export const SERVER_LOCATIONS = {
   mysql: { env: 'KIDEM_MYSQL_URL', local: 'mysql://root@127.0.0.1:3306/test' },
 } as const
 
-/** Where each server database is, as found by the global setup (SQLite needs no server). */
-export type Locations = Partial<Record<Exclude<DatabaseName, 'sqlite'>, string>>
+/** Where each server is, as found by the global setup (SQLite needs no server). */
+export type Locations = Partial<Record<Server, string>>
 
 /**
  * Opens a Kysely instance. For SQLite, `location` is a file path; the file is put in WAL mode

@@ -39,14 +39,14 @@ export interface Fixture {
 
 export async function openFixture(target: Target, options: Omit<IdempotencyOptions<any>, 'db'> = {}): Promise<Fixture> {
   const dir = target.database === 'sqlite' ? mkdtempSync(join(tmpdir(), 'kidem-')) : undefined
-  const location = dir ? join(dir, 'test.db') : inject('locations')[target.database as 'postgres' | 'mysql']!
+  const location = dir ? join(dir, 'test.db') : inject('locations')[target.server ?? (target.database as 'postgres' | 'mysql')]!
   const db = openDatabase(target.database, location)
   const table = `t_${Math.random().toString(36).slice(2, 10)}`
   const effectsTable = `${table}_fx`
   const make = (more: Omit<IdempotencyOptions<any>, 'db'>) =>
     createIdempotency({ db, tableName: table, ...(target.dialect ? { dialect: target.dialect() } : {}), ...more })
   const idempotency = make(options)
-  await idempotency.migrate()
+  await migrateDirectly(target, db, table)
   await db.schema.createTable(effectsTable).addColumn('k', 'varchar(255)', (c) => c.notNull()).execute()
   return {
     target,
@@ -80,6 +80,24 @@ export async function openFixture(target: Target, options: Omit<IdempotencyOptio
       await db.destroy()
       if (dir) rmSync(dir, { recursive: true, force: true })
     },
+  }
+}
+
+/**
+ * Migrates `table`. Behind a pooler in transaction mode, on a direct connection: Kysely's
+ * Migrator holds a session-level advisory lock across transactions, which a pooler would hand
+ * to another client (see the README, Connection poolers).
+ */
+async function migrateDirectly(target: Target, db: Kysely<any>, table: string): Promise<void> {
+  if (target.server !== 'pgbouncer') {
+    await createIdempotency({ db, tableName: table, ...(target.dialect ? { dialect: target.dialect() } : {}) }).migrate()
+    return
+  }
+  const direct = openDatabase(target.database, inject('locations').postgres!, 1)
+  try {
+    await createIdempotency({ db: direct, tableName: table }).migrate()
+  } finally {
+    await direct.destroy()
   }
 }
 
