@@ -45,7 +45,8 @@ export interface MysqlDialectOptions {
  * The claim is a plain `INSERT` whose duplicate-key error (1062) means "the key exists": when
  * another transaction holds an uncommitted insert of the same key, InnoDB makes it wait and then
  * leaves it holding a shared lock on that row; the error rolls back that statement only. (Not
- * `INSERT IGNORE`, which also turns invalid values into warnings and stores something else.) A
+ * `INSERT IGNORE`, which would also turn, in strict mode, an error such as an invalid value
+ * into a warning and store something else.) A
  * plain `SELECT` under REPEATABLE READ would answer from the transaction's snapshot, which
  * may predate the competing commit, so the row is read with a locking read. It is a shared
  * one (`LOCK IN SHARE MODE`): every duplicate already holds a shared lock, and asking for

@@ -105,8 +105,9 @@ export function parseKeyHeader(value: string): string {
  * answers stored before bodies were kept as bytes (a JSON value) the way they were sent then.
  */
 export function render(result: HttpResult): Answer {
-  if (typeof result !== 'object' || result === null || !Number.isInteger(result.status) || result.status < 100 || result.status > 599) {
-    throw new TypeError('An idempotent handler must return { status, body?, headers? } with an HTTP status code from 100 to 599.')
+  // A 1xx is never a final answer, so it cannot be one to store either.
+  if (typeof result !== 'object' || result === null || !Number.isInteger(result.status) || result.status < 200 || result.status > 599) {
+    throw new TypeError('An idempotent handler must return { status, body?, headers? } with an HTTP status code from 200 to 599.')
   }
   const headers = { ...result.headers }
   const typed = Object.keys(headers).some((name) => name.toLowerCase() === 'content-type')
@@ -158,6 +159,9 @@ export class IdempotentRoute<Req> {
     this.#fingerprintHeaders = (options.fingerprintHeaders ?? []).map((h) => h.toLowerCase())
     this.#ignored = new Set(options.ignoreBodyFields ?? [])
     this.#maxStoredBytes = options.maxStoredBytes ?? MIB
+    if (!Number.isSafeInteger(this.#maxStoredBytes) || this.#maxStoredBytes <= 0) {
+      throw new RangeError(`The option maxStoredBytes must be a positive integer of bytes, got ${String(options.maxStoredBytes)}.`)
+    }
   }
 
   /** A route whose handler runs in a transaction that stores its answer (`idempotency.transaction`). */

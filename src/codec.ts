@@ -117,14 +117,18 @@ type TypedArray = InstanceType<(typeof TYPED_ARRAYS)[number]>
 const TYPED_BY_PROTOTYPE = new Map<object, (typeof TYPED_ARRAYS)[number]>(TYPED_ARRAYS.map((T) => [T.prototype, T]))
 const TYPED_BY_NAME = new Map<string, (typeof TYPED_ARRAYS)[number]>(TYPED_ARRAYS.map((T) => [T.name, T]))
 
-// MergeResult came with Kysely 0.28; on 0.27 there is nothing to rebuild.
-const RESULT_CLASSES: ReadonlyArray<abstract new (...args: never[]) => object> = [
-  kysely.InsertResult,
-  kysely.UpdateResult,
-  kysely.DeleteResult,
-  (kysely as { MergeResult?: abstract new (...args: never[]) => object }).MergeResult,
-].filter((c) => c !== undefined)
-const RESULT_PROTOTYPES = new Set<object>(RESULT_CLASSES.map((c) => c.prototype as object))
+// MergeResult came with Kysely 0.28; on 0.27 there is nothing to rebuild. The names are
+// written out because they are stored: a minifier may rename the classes.
+type ResultClass = abstract new (...args: never[]) => object
+const RESULT_CLASSES = new Map<object, { readonly name: string; readonly class: ResultClass }>()
+for (const [name, c] of [
+  ['InsertResult', kysely.InsertResult],
+  ['UpdateResult', kysely.UpdateResult],
+  ['DeleteResult', kysely.DeleteResult],
+  ['MergeResult', (kysely as { MergeResult?: ResultClass }).MergeResult],
+] as Array<[string, ResultClass | undefined]>) {
+  if (c) RESULT_CLASSES.set(c.prototype as object, { name, class: c })
+}
 
 /** The kinds of value the codec and the canonical form know. */
 type Kind = 'primitive' | 'object' | 'bare' | 'array' | 'date' | 'map' | 'set' | 'buffer' | 'typed' | 'result'
@@ -173,7 +177,7 @@ function kindOf(value: unknown, path: Path): Kind {
   if (prototype === Set.prototype) return 'set'
   if (prototype === Buffer.prototype) return 'buffer'
   if (TYPED_BY_PROTOTYPE.has(prototype as object)) return 'typed'
-  if (RESULT_PROTOTYPES.has(prototype as object)) return 'result'
+  if (RESULT_CLASSES.has(prototype as object)) return 'result'
   const name = (prototype as { constructor?: { name?: unknown } }).constructor?.name
   return path.refuse(
     `is ${typeof name === 'string' && name ? `a ${name}` : 'an object with a custom prototype'}, which cannot be rebuilt; ` +
@@ -206,35 +210,44 @@ const GUARDED_KEYS = ['__proto__', 'constructor', 'prototype']
 /**
  * Throws `IdempotencySerializationError`, naming where, for anything {@link defaultCodec}
  * cannot rebuild exactly. Shared references and cycles are kept, so a visited object is not
- * walked twice.
+ * walked twice; but an object stored as its entries (see {@link storedAsEntries}) has each
+ * value encoded on its own, so a cycle below one (`inside`) could not be written.
  */
-function checkStorable(value: unknown, path: Path, seen: Set<object>): void {
+function checkStorable(value: unknown, path: Path, seen: Set<object>, ancestors: Set<object>, inside: boolean): void {
   const kind = kindOf(value, path)
-  if (kind === 'primitive' || kind === 'date' || kind === 'buffer' || kind === 'typed') return
+  if (kind === 'primitive') return
   const object = value as object
+  if (ancestors.has(object) && (inside || storedAsEntries(object))) {
+    path.refuse('contains itself (a cycle) through an object without a prototype or with a property named __proto__, constructor or prototype, which the codec cannot keep')
+  }
   if (seen.has(object)) return
   seen.add(object)
+  if (kind === 'date' || kind === 'buffer' || kind === 'typed') return
+  const within = inside || storedAsEntries(object)
+  const visit = (item: unknown) => checkStorable(item, path, seen, ancestors, within)
+  ancestors.add(object)
   switch (kind) {
     case 'object':
     case 'bare':
     case 'result':
       for (const key of keysOf(object, path)) {
         path.enter(key)
-        checkStorable((object as Record<string, unknown>)[key], path, seen)
+        visit((object as Record<string, unknown>)[key])
         path.leave()
       }
-      return
+      break
     case 'array':
       elementsOf(object as unknown[], path).forEach((item, i) => {
         path.enter(i)
-        checkStorable(item, path, seen)
+        visit(item)
         path.leave()
       })
-      return
+      break
     case 'map':
     case 'set':
-      return eachEntry(object as ReadonlyMap<unknown, unknown> | ReadonlySet<unknown>, path, (item) => checkStorable(item, path, seen))
+      eachEntry(object as ReadonlyMap<unknown, unknown> | ReadonlySet<unknown>, path, visit)
   }
+  ancestors.delete(object)
 }
 
 /** Visits each key and value of a `Map`, or each member of a `Set`, with the path set to it. */
@@ -262,7 +275,7 @@ function eachEntry(container: ReadonlyMap<unknown, unknown> | ReadonlySet<unknow
 type Json = string | number | boolean | null | undefined | Json[] | { [key: string]: Json }
 
 const superjson = new SuperJSON()
-for (const c of RESULT_CLASSES) superjson.registerClass(c as unknown as new () => object, { identifier: `kysely.${c.name}` })
+for (const { name, class: c } of RESULT_CLASSES.values()) superjson.registerClass(c as unknown as new () => object, { identifier: `kysely.${name}` })
 // Buffers and typed arrays are stored as [type, base64 of their bytes]: superjson's own rule
 // writes typed arrays as number lists, which loses NaN, -0 and bigints, and a Buffer would come
 // back as a plain Uint8Array.
@@ -281,23 +294,36 @@ superjson.registerCustom<TypedArray | Buffer, [string, string]>(
   'bytes',
 )
 // Objects superjson cannot walk as they are (one without a prototype would come back with one;
-// a key it guards against would be refused) are stored as their list of entries, which it walks.
+// a key it guards against would be refused) are stored as their list of entries, each value
+// encoded on its own: superjson's references by path cannot point into such a list.
 const byEntries = (name: string, applies: (prototype: unknown, v: object) => boolean, create: () => Record<string, unknown>) =>
   superjson.registerCustom<Record<string, unknown>, Array<[string, Json]>>(
     {
       isApplicable: (v): v is Record<string, unknown> => typeof v === 'object' && v !== null && applies(Object.getPrototypeOf(v), v),
-      // superjson walks the entries and encodes each value further, so they need not be JSON yet.
-      serialize: (v) => Object.entries(v) as Array<[string, Json]>,
+      serialize: (v) => Object.entries(v).map(([key, value]) => [key, superjson.serialize(value) as unknown as Json]),
       deserialize: (entries) => {
         const object = create()
-        for (const [key, value] of entries) Object.defineProperty(object, key, { value, enumerable: true, writable: true, configurable: true })
+        for (const [key, encoded] of entries) {
+          const value = superjson.deserialize(encoded as unknown as Parameters<typeof superjson.deserialize>[0])
+          Object.defineProperty(object, key, { value, enumerable: true, writable: true, configurable: true })
+        }
         return object
       },
     },
     name,
   )
 byEntries('bare-object', (prototype) => prototype === null, () => Object.create(null) as Record<string, unknown>)
-byEntries('guarded-object', (prototype, v) => prototype === Object.prototype && GUARDED_KEYS.some((k) => Object.hasOwn(v, k)), () => ({}))
+byEntries('guarded-object', (prototype, v) => prototype === Object.prototype && hasGuardedKey(v), () => ({}))
+
+/** Objects that superjson is given as their list of entries. */
+function storedAsEntries(object: object): boolean {
+  const prototype: unknown = Object.getPrototypeOf(object)
+  return prototype === null || (prototype === Object.prototype && hasGuardedKey(object))
+}
+
+function hasGuardedKey(object: object): boolean {
+  return GUARDED_KEYS.some((k) => Object.hasOwn(object, k))
+}
 // superjson writes an invalid Date as null; it is a Date all the same (MySQL's zero dates).
 superjson.registerCustom<Date, string>(
   { isApplicable: (v): v is Date => v instanceof Date && Number.isNaN(v.getTime()), serialize: () => 'Invalid Date', deserialize: () => new Date(Number.NaN) },
@@ -310,14 +336,16 @@ const DEFAULT_NAME = 'superjson'
  * The default codec: superjson's JSON (`{"json": …, "meta": …}`, readable in the table),
  * after a check that refuses, with `IdempotencySerializationError` naming where, anything it
  * could not rebuild exactly: functions, symbols, class instances other than the kinds listed
- * in {@link Storable}, sparse arrays, arrays with extra properties, and symbol keys. Shared
- * references and cycles are kept; objects without a prototype come back without one; object
- * keys keep their order.
+ * in {@link Storable}, sparse arrays, arrays with extra properties, symbol keys, and cycles
+ * below an object without a prototype or with a property named `__proto__`, `constructor` or
+ * `prototype`. Other shared references and cycles are kept (below such an object, a shared
+ * reference comes back as equal copies); objects without a prototype come back without one;
+ * object keys keep their order.
  */
 export const defaultCodec: Codec = {
   name: DEFAULT_NAME,
   encode(value) {
-    checkStorable(value, new Path(), new Set())
+    checkStorable(value, new Path(), new Set(), new Set(), false)
     try {
       return superjson.stringify(value)
     } catch (error) {
@@ -422,7 +450,7 @@ function canonical(value: unknown, path: Path, ancestors: Set<object>): string {
       const members = keysOf(object, path)
         .sort()
         .map((key) => `${JSON.stringify(key)}:${nested((object as Record<string, unknown>)[key], key, path, ancestors)}`)
-      text = `${kind === 'result' ? object.constructor.name : ''}{${members.join(',')}}`
+      text = `${kind === 'result' ? RESULT_CLASSES.get(Object.getPrototypeOf(object) as object)!.name : ''}{${members.join(',')}}`
     }
   }
   ancestors.delete(object)

@@ -30,7 +30,12 @@ const CLAIM_ROUNDS = 3
  * Keys (table, scope, key) whose single-transaction function runs in this process right now,
  * across instances, to tell a nested call with the same key from a stranded key.
  */
-const running = new Set<string>()
+const running = new Map<string, number>()
+/**
+ * Keys (table, scope, key) that a call claimed in a transaction and then failed: the claim
+ * stays until that transaction ends, so a second call in it must not blame a commit.
+ */
+const failedClaims = new WeakMap<object, Set<string>>()
 /** Attempts at one prune batch that the database aborts (deadlock with requests on the same rows). */
 const PRUNE_ATTEMPTS = 5
 
@@ -62,22 +67,28 @@ export class Core {
       if (claim.claimed === null) {
         const row = claim.row ?? (await this.guard(settings, () => s.latest(db, key.scope, key.key, settings.conflictWait)))
         if (row) {
-          const verdict = await this.judge(db, s, row, key, settings)
+          const verdict = await this.judge(db, s, row, key, settings, trx)
           if (verdict !== EXPIRED) return { value: verdict.value as T, replayed: true }
           if (await this.guard(settings, () => s.reclaim(db, row.id, values))) id = row.id
         }
       }
       if (id !== null) {
         const entry = this.#runningEntry(key)
-        running.add(entry)
-        let value: T
+        running.set(entry, (running.get(entry) ?? 0) + 1)
         try {
-          value = await fn(trx)
+          const value = await fn(trx)
+          await s.finish(db, id, this.values.encode(value), settings.ttl)
+          return { value, replayed: false }
+        } catch (error) {
+          let failed = failedClaims.get(trx)
+          if (!failed) failedClaims.set(trx, (failed = new Set()))
+          failed.add(entry)
+          throw error
         } finally {
-          running.delete(entry)
+          const left = running.get(entry)! - 1
+          if (left === 0) running.delete(entry)
+          else running.set(entry, left)
         }
-        await s.finish(db, id, this.values.encode(value), settings.ttl)
-        return { value, replayed: false }
       }
       if (round === CLAIM_ROUNDS) {
         throw new IdempotencyConflictError('race', 'The key kept changing under concurrent requests; retry the request.', {
@@ -167,9 +178,24 @@ export class Core {
    * What an existing row means for a new attempt: its stored response, {@link EXPIRED} when
    * the key may start over, or the error the caller gets.
    */
-  async judge(db: Kysely<unknown>, s: Statements, row: KeyRow, key: NormalizedKey, settings: Settings): Promise<{ value: unknown } | typeof EXPIRED> {
+  async judge(
+    db: Kysely<unknown>,
+    s: Statements,
+    row: KeyRow,
+    key: NormalizedKey,
+    settings: Settings,
+    trx?: object,
+  ): Promise<{ value: unknown } | typeof EXPIRED> {
     const verdict = this.#decide(row, key, settings)
     if (verdict !== STRANDED) return verdict
+    if (trx && failedClaims.get(trx)?.has(this.#runningEntry(key))) {
+      throw new IdempotencyConflictError(
+        'stranded',
+        `An earlier call with the idempotency key "${key.key}" in this same transaction claimed the key and then threw; the claim stays ` +
+          'until the transaction ends. Roll the transaction back, and retry it, instead of calling again in it.',
+        { retryAfter: 1 },
+      )
+    }
     const remaining = await this.guard(settings, () => s.remaining(db, row.id))
     throw new IdempotencyConflictError(
       'stranded',

@@ -208,14 +208,14 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
   const phases = new Phases(core)
   const base = resolveSettings(DEFAULTS, options)
   const lockTimeout = bounded('lockTimeout', options.lockTimeout ?? DEFAULTS.lockTimeout)
-  const settings = (call: TransactionOptions = {}): Settings => ({ ...resolveSettings(base, call), isolationLevel: call.isolationLevel })
+  const settings = (call: TransactionOptions | undefined): Settings => ({ ...resolveSettings(base, call ?? {}), isolationLevel: call?.isolationLevel })
   // Every method is async, so that bad input (a missing key, a bad option) rejects instead of throwing.
   const execute = async <T>(trx: Transaction<DB>, key: IdempotencyKeyInput, fn: (trx: Transaction<DB>) => Promise<T>, call?: CallOptions) =>
     core.execute(requireTransaction(trx), normalizeKey(key), fn, settings(call))
   const executeTransaction = async <T>(key: IdempotencyKeyInput, fn: (trx: Transaction<DB>) => Promise<T>, call?: TransactionOptions) =>
     core.transaction(db, normalizeKey(key), fn, settings(call))
-  const executeRun = async <T>(key: IdempotencyKeyInput, flow: (flow: Flow<DB, T>) => Promise<T>, call: RunOptions = {}) =>
-    phases.run(db, normalizeKey(key), flow, { ...settings(call), lockTimeout: bounded('lockTimeout', call.lockTimeout ?? lockTimeout) })
+  const executeRun = async <T>(key: IdempotencyKeyInput, flow: (flow: Flow<DB, T>) => Promise<T>, call?: RunOptions) =>
+    phases.run(db, normalizeKey(key), flow, { ...settings(call), lockTimeout: bounded('lockTimeout', call?.lockTimeout ?? lockTimeout) })
 
   return {
     db,
@@ -227,14 +227,14 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
     transaction: async (key, fn, call) => (await executeTransaction(key, fn, call)).value,
     executeRun,
     run: async (key, flow, call) => (await executeRun(key, flow, call)).value,
-    abandoned: async (call = {}) =>
-      phases.abandoned(plain, bounded('olderThan', call.olderThan ?? 0), bounded('limit', call.limit ?? DEFAULTS.abandonedLimit)),
+    abandoned: async (call) =>
+      phases.abandoned(plain, bounded('olderThan', call?.olderThan ?? 0), bounded('limit', call?.limit ?? DEFAULTS.abandonedLimit)),
     counts: async () => {
       const s = await core.statements(plain.withoutPlugins())
       return core.guard(undefined, () => s.counts(plain.withoutPlugins()))
     },
     migrate: () => migrateTable(plain, tableName, dialect),
-    prune: async (prune = {}) => core.prune(plain, bounded('batchSize', prune.batchSize ?? DEFAULTS.batchSize)),
+    prune: async (prune) => core.prune(plain, bounded('batchSize', prune?.batchSize ?? DEFAULTS.batchSize)),
   }
 }
 
@@ -264,16 +264,16 @@ export async function withIdempotency<DB, T>(
   trx: Transaction<DB>,
   key: IdempotencyKeyInput,
   fn: (trx: Transaction<DB>) => Promise<T & Storable<T>>,
-  options: WithIdempotencyOptions = {},
+  options?: WithIdempotencyOptions,
 ): Promise<T> {
   const adapter = requireTransaction(trx).getExecutor().adapter
-  const tableName = checkTableName(options.tableName ?? DEFAULT_TABLE)
+  const tableName = checkTableName(options?.tableName ?? DEFAULT_TABLE)
   let cores = shared.get(adapter)
   if (!cores) shared.set(adapter, (cores = new Map()))
   let core = cores.get(tableName)
   if (!core) cores.set(tableName, (core = new Core(detectDialect(trx as unknown as Kysely<unknown>), tableName, new ValueStore())))
   const normalized = normalizeKey(key)
-  return (await core.execute(trx, normalized, fn, resolveSettings(DEFAULTS, options))).value
+  return (await core.execute(trx, normalized, fn, resolveSettings(DEFAULTS, options ?? {}))).value
 }
 
 function requireTransaction<DB>(trx: Transaction<DB>): Transaction<DB> {

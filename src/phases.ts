@@ -1,9 +1,9 @@
 import { randomBytes } from 'node:crypto'
 import type { Kysely, Transaction } from 'kysely'
-import type { Storable, ValueStore } from './codec.js'
+import type { Encoded, Storable, ValueStore } from './codec.js'
 import { EXPIRED, type Core, type Execution, type Settings } from './core.js'
 import { FINISHED, STARTED, type KeyRow } from './dialect.js'
-import { IdempotencyConflictError, IdempotencyFlowError, IdempotencyLockLostError } from './errors.js'
+import { IdempotencyConflictError, IdempotencyFlowError, IdempotencyLockLostError, IdempotencySerializationError } from './errors.js'
 import type { NormalizedKey } from './request.js'
 import type { Extension, Lease, Renewal, Statements } from './statements.js'
 
@@ -150,7 +150,7 @@ export class Phases {
       (!seen && (await plain.connection().execute((conn) => this.#insert(conn, s, key, settings)))) ||
       (await core.retrying(settings, () => plain.transaction().execute((trx) => this.#claim(trx, s, key, settings))))
     if ('value' in claim) return { value: claim.value as T, replayed: true }
-    const attempt = new Attempt<DB, T>(db, core, s, key, claim.lease, claim.state, settings)
+    const attempt = new Attempt<DB, T>(db, core, s, key, claim.lease, claim.stored, settings)
     return { value: await attempt.run(body), replayed: false }
   }
 
@@ -173,13 +173,12 @@ export class Phases {
   }
 
   /** Inserts the key with a new lock; `undefined` if it exists. */
-  async #insert(db: Kysely<unknown>, s: Statements, key: NormalizedKey, settings: FlowSettings): Promise<{ lease: Lease; state: FlowState } | undefined> {
+  async #insert(db: Kysely<unknown>, s: Statements, key: NormalizedKey, settings: FlowSettings): Promise<Claimed | undefined> {
     const token = newToken()
-    const state = fresh(key)
-    const { phases, ...extension } = renewal(this.#core.values, settings, state)
+    const { phases, ...extension } = renewal(this.#core.values, settings, fresh(key))
     const values = { ...key, ...extension, wait: settings.conflictWait, token, phases: phases.text, codec: phases.codec }
     const claim = await this.#core.guard(settings, () => s.claim(db, values))
-    return claim.claimed === null ? undefined : { lease: { id: claim.claimed, token }, state }
+    return claim.claimed === null ? undefined : { lease: { id: claim.claimed, token }, stored: phases }
   }
 
   /** In one short transaction: a new row, a takeover of a stopped attempt, or a replay. */
@@ -188,7 +187,7 @@ export class Phases {
     s: Statements,
     key: NormalizedKey,
     settings: FlowSettings,
-  ): Promise<{ lease: Lease; state: FlowState } | { value: unknown }> {
+  ): Promise<Claimed | { value: unknown }> {
     const core = this.#core
     for (let round = 1; round <= CLAIM_ROUNDS; round++) {
       const row = await core.guard(settings, () => s.lock(trx, key.scope, key.key, settings.conflictWait))
@@ -200,21 +199,26 @@ export class Phases {
       const token = newToken()
       if (resumable(row, key)) {
         const previous = readState(core.values, row.phases!, row.codec)
-        const state = { ...previous, attempt: previous.attempt + 1 }
-        if (await s.takeOver(trx, row.id, row.token, { id: row.id, token }, renewal(core.values, settings, state))) return { lease: { id: row.id, token }, state }
+        const taken = renewal(core.values, settings, { ...previous, attempt: previous.attempt + 1 })
+        if (await s.takeOver(trx, row.id, row.token, { id: row.id, token }, taken)) return { lease: { id: row.id, token }, stored: taken.phases }
         continue
       }
       const verdict = await core.judge(trx, s, row, key, settings)
       if (verdict !== EXPIRED) return verdict
-      const state = fresh(key)
-      const { phases, ...extension } = renewal(core.values, settings, state)
+      const { phases, ...extension } = renewal(core.values, settings, fresh(key))
       const values = { ...key, ...extension, wait: settings.conflictWait, token, phases: phases.text, codec: phases.codec }
-      if (await core.guard(settings, () => s.reclaim(trx, row.id, values))) return { lease: { id: row.id, token }, state }
+      if (await core.guard(settings, () => s.reclaim(trx, row.id, values))) return { lease: { id: row.id, token }, stored: phases }
     }
     throw new IdempotencyConflictError('race', 'The key kept changing under concurrent requests; retry the request.', {
       retryAfter: Math.max(1, Math.ceil(settings.conflictWait / 1000)),
     })
   }
+}
+
+/** A claimed key: the attempt's lock, and the flow state as it was written. */
+interface Claimed {
+  readonly lease: Lease
+  readonly stored: Encoded
 }
 
 /** One attempt's run of a flow body while it holds the lock. */
@@ -229,29 +233,39 @@ class Attempt<DB, T> {
   /** What earlier attempts recorded, and in which order. */
   readonly #recorded: ReadonlyMap<string, unknown>
   readonly #order: readonly string[]
+  /**
+   * The flow state as last written, decoded afresh: never an object the flow code holds, so
+   * what it does to a value or to its request after a record cannot reach the next record.
+   */
   #state: FlowState
   /** How many of the recorded names this attempt has met, in order. */
   #position = 0
   readonly #called = new Set<string>()
-  #busy = false
+  /** The phase or step running now. */
+  #busy: string | undefined
+  /** The flow body has returned or thrown: no call is admitted any more. */
   #ended = false
+  /** The error this attempt raised when it found its own lock taken over. */
+  #lost: IdempotencyLockLostError | undefined
   /**
    * What ended this attempt early (an order violation, a lost lock): every later call on the
    * flow rejects with it, and the attempt does not finish the key even if the flow swallowed it.
    */
   #broken: IdempotencyFlowError | IdempotencyLockLostError | undefined
 
-  constructor(db: Kysely<DB>, core: Core, s: Statements, key: NormalizedKey, lease: Lease, state: FlowState, settings: FlowSettings) {
+  constructor(db: Kysely<DB>, core: Core, s: Statements, key: NormalizedKey, lease: Lease, stored: Encoded, settings: FlowSettings) {
     this.#db = db
     this.#plain = db.withoutPlugins() as unknown as Kysely<unknown>
     this.#core = core
     this.#s = s
     this.#key = key
     this.#lease = lease
-    this.#state = state
     this.#settings = settings
-    this.#recorded = new Map(state.phases)
-    this.#order = state.phases.map(([name]) => name)
+    this.#state = readState(core.values, stored.text, stored.codec)
+    // The values handed to the flow are a copy of their own.
+    const handed = readState(core.values, stored.text, stored.codec).phases
+    this.#recorded = new Map(handed)
+    this.#order = handed.map(([name]) => name)
   }
 
   async run(body: (flow: Flow<DB, T>) => Promise<T>): Promise<T> {
@@ -259,11 +273,13 @@ class Attempt<DB, T> {
       let value: T
       try {
         value = await body(this.#flow())
+        this.#settle()
         const missed = this.#order[this.#position]
         if (missed !== undefined && !this.#broken) {
           this.#break(new IdempotencyFlowError(`The flow returned before reaching "${missed}", which an earlier attempt recorded; a resume must call the recorded phases in the same order.`))
         }
       } catch (error) {
+        this.#settle()
         if (this.#broken || !(error instanceof Failure) || error.owner !== this) throw error
         value = error.response as T
       }
@@ -272,13 +288,19 @@ class Attempt<DB, T> {
       return value
     } catch (error) {
       const reported = this.#broken ?? error
-      if (!(reported instanceof IdempotencyLockLostError)) {
+      if (reported !== this.#lost) {
         // The lease runs out by itself if this fails, so the original error is the one to report.
         await this.#s.release(this.#plain, this.#lease, this.#settings.ttl).catch(() => undefined)
       }
       throw reported
-    } finally {
-      this.#ended = true
+    }
+  }
+
+  /** The body has returned or thrown: a phase or step it did not await breaks the attempt. */
+  #settle(): void {
+    this.#ended = true
+    if (this.#busy !== undefined) {
+      this.#break(new IdempotencyFlowError(`The flow ended while "${this.#busy}" was still running; await every phase and step. It is not recorded.`))
     }
   }
 
@@ -305,14 +327,14 @@ class Attempt<DB, T> {
     if (this.#broken) throw this.#broken
     const recorded = this.#admit(name)
     if (recorded) return recorded.value as V
-    this.#busy = true
+    this.#busy = name
     try {
       return await perform()
     } catch (error) {
-      if (error instanceof IdempotencyLockLostError) this.#break(error)
+      if (this.#lost && error === this.#lost) this.#break(this.#lost)
       throw error
     } finally {
-      this.#busy = false
+      this.#busy = undefined
     }
   }
 
@@ -326,7 +348,9 @@ class Attempt<DB, T> {
     } catch (error) {
       throw this.#break(error as IdempotencyFlowError)
     }
-    if (this.#busy) throw this.#break(new IdempotencyFlowError(`"${name}" was called while another phase or step was running; await each one before the next.`))
+    if (this.#busy !== undefined) {
+      throw this.#break(new IdempotencyFlowError(`"${name}" was called while "${this.#busy}" was running; await each phase and step before the next.`))
+    }
     if (this.#called.has(name)) throw this.#break(new IdempotencyFlowError(`The phase or step name "${name}" is used twice in one flow; names must be unique.`))
     this.#called.add(name)
     const expected = this.#order[this.#position]
@@ -359,7 +383,7 @@ class Attempt<DB, T> {
         const held = await core.guard(settings, () =>
           s.withLockWait(own, settings.conflictWait, () => s.fence(own, this.#lease, extension(settings))),
         )
-        if (!held) throw this.#lost(name)
+        if (!held) throw this.#lockLost(name)
         const value = await fn(trx)
         return { value, state: await this.#record(own, name, value) }
       }),
@@ -372,30 +396,48 @@ class Attempt<DB, T> {
     // A stalled attempt that lost its lock finds out before calling the other system again,
     // and a live one gets a whole lease for the call.
     const held = await this.#core.guard(this.#settings, () => this.#s.fence(this.#plain, this.#lease, extension(this.#settings)))
-    if (!held) throw this.#lost(name)
+    if (!held) throw this.#lockLost(name)
     const value = await fn()
     this.#state = await this.#record(this.#plain, name, value)
     return value
   }
 
-  /** Records `value` under `name` (fenced) and returns the new state; the caller adopts it once committed. */
+  /**
+   * Records `value` under `name` (fenced) and returns the new state as written; the caller
+   * adopts it once committed.
+   */
   async #record(db: Kysely<unknown>, name: string, value: unknown): Promise<FlowState> {
-    const state: FlowState = { ...this.#state, phases: [...this.#state.phases, [name, value]] }
-    const r = renewal(this.#core.values, this.#settings, state)
-    if (!(await this.#core.guard(this.#settings, () => this.#s.record(db, this.#lease, name, r)))) throw this.#lost(name)
-    return state
+    if (this.#ended) throw new IdempotencyFlowError(`"${name}" finished after the flow ended, so it was not recorded; await every phase and step.`)
+    const r = this.#renewed(name, value)
+    if (!(await this.#core.guard(this.#settings, () => this.#s.record(db, this.#lease, name, r)))) throw this.#lockLost(name)
+    return readState(this.#core.values, r.phases.text, r.phases.codec)
+  }
+
+  /** The state with `name` recorded, encoded; a refusal names the phase, not the state's layout. */
+  #renewed(name: string, value: unknown): Renewal {
+    const phases = this.#state.phases
+    try {
+      return renewal(this.#core.values, this.#settings, { ...this.#state, phases: [...phases, [name, value]] })
+    } catch (error) {
+      const inState = `The value at phases[${phases.length}][1]`
+      if (!(error instanceof IdempotencySerializationError) || !error.message.startsWith(inState)) throw error
+      const rest = error.message.slice(inState.length)
+      const where = /^[.[]/.test(rest) ? ` at ${rest.replace(/^\./, '').replace(/ .*$/s, '')}` : ''
+      throw new IdempotencySerializationError(`The value of "${name}"${where}${rest.slice(rest.indexOf(' '))}`, { cause: error })
+    }
   }
 
   async #complete(value: T): Promise<void> {
     const settings = this.#settings
     const response = this.#core.values.encode(value)
-    if (!(await this.#core.guard(settings, () => this.#s.complete(this.#plain, this.#lease, response, settings.ttl)))) throw this.#lost(FINISHED)
+    if (!(await this.#core.guard(settings, () => this.#s.complete(this.#plain, this.#lease, response, settings.ttl)))) throw this.#lockLost(FINISHED)
   }
 
-  #lost(name: string): IdempotencyLockLostError {
-    return new IdempotencyLockLostError(
+  #lockLost(name: string): IdempotencyLockLostError {
+    this.#lost ??= new IdempotencyLockLostError(
       `Another attempt took over the idempotency key "${this.#key.key}" after this attempt's lock expired, so "${name}" was not recorded; raise lockTimeout above the slowest step.`,
     )
+    return this.#lost
   }
 }
 

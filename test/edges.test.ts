@@ -175,6 +175,70 @@ for (const target of selectedTargets()) {
       })
     })
 
+    describe('what the flow code does to its values stays out of the flow', () => {
+      it('records what a phase returned, not what the code later made of it or of the request', async () => {
+        const request = { amount: 5 }
+        await expect(
+          fx.idempotency.run({ key: 'mutated', request }, async (flow) => {
+            const ride = await flow.phase('ride', async () => ({ status: 'new' }))
+            ride.status = 'changed afterwards'
+            request.amount = 999
+            await flow.phase('charge', async () => 1)
+            throw new Error('crash')
+          }),
+        ).rejects.toThrow('crash')
+        const listed = (await fx.idempotency.abandoned()).find((f) => f.key === 'mutated')
+        expect(listed?.request).toEqual({ amount: 5 })
+        const resumed = await fx.idempotency.run({ key: 'mutated', request: listed!.request }, async (flow) => {
+          const ride = await flow.phase('ride', async () => ({ status: 'rerun' }))
+          ride.status = 'changed on resume'
+          await flow.phase('charge', async () => 2)
+          return flow.phase('done', async () => 'done')
+        })
+        expect(resumed).toBe('done')
+      })
+
+      it('ends the attempt, unfinished, when the flow returns before a phase or step it started', async () => {
+        let calls = 0
+        let late: Promise<unknown> | undefined
+        const run = fx.idempotency.run('unawaited', async (flow) => {
+          late = flow.step('email', async () => {
+            calls++
+            await sleep(50)
+            return 'sent'
+          })
+          late.catch(() => undefined)
+          return 'ok'
+        })
+        await expect(run).rejects.toThrow(/ended while "email" was still running/)
+        await expect(late).rejects.toBeInstanceOf(IdempotencyFlowError)
+        expect((await row('unawaited')).recovery_point).toBe('started')
+        expect(calls).toBe(1)
+      })
+
+      it("releases its own key when a nested flow of another key loses that key's lock", async () => {
+        const outer = fx.idempotency.run(
+          'outer',
+          () =>
+            fx.idempotency.run(
+              'inner',
+              async (flow) => {
+                await flow.step('s', async () => {
+                  await sleep(150)
+                  await fx.idempotency.run('inner', async () => 'taken over', { lockTimeout: 100 })
+                  return 1
+                })
+                return 'inner'
+              },
+              { lockTimeout: 100 },
+            ),
+          { lockTimeout: 60_000 },
+        )
+        await expect(outer).rejects.toThrow(/"inner"/)
+        expect(await fx.idempotency.run('outer', async () => 'retried at once')).toBe('retried at once')
+      })
+    })
+
     describe('a held key never expires under a live attempt', () => {
       it('run: a ttl shorter than a step does not let another attempt in', async () => {
         const slow = fx.with({ lockTimeout: 10_000 })
@@ -283,6 +347,22 @@ for (const target of selectedTargets()) {
         const error = (await retry.catch((e: unknown) => e)) as IdempotencyConflictError
         expect(error.retryAfter).toBeGreaterThan(86_000)
         await expect(fx.idempotency.run('stranded', async () => 'again')).rejects.toMatchObject({ reason: 'stranded' })
+      })
+
+      it('tells a caller who calls again in the transaction of a failed call what happened', async () => {
+        await fx.db.transaction().execute(async (trx) => {
+          await expect(fx.idempotency.withIdempotency(trx, 'again', async () => Promise.reject(new Error('validation')))).rejects.toThrow('validation')
+          const again = fx.idempotency.withIdempotency(trx, 'again', async () => 'second')
+          await expect(again).rejects.toMatchObject({ reason: 'stranded', retryAfter: 1, message: expect.stringContaining('in this same transaction') })
+          await expect(again).rejects.not.toThrow(/committed/)
+        })
+      })
+
+      it('takes null for options as no options', async () => {
+        expect(await fx.idempotency.transaction('null-options', async () => 1, null as unknown as undefined)).toBe(1)
+        expect(await fx.idempotency.run('null-run', async () => 2, null as unknown as undefined)).toBe(2)
+        expect(await fx.idempotency.prune(null as unknown as undefined)).toBe(0)
+        expect(await fx.idempotency.abandoned(null as unknown as undefined)).toEqual([])
       })
 
       it('prunes while requests reclaim the same expired keys, retrying what the database aborts', async () => {

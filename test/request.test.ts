@@ -100,6 +100,30 @@ describe('the codec', () => {
     )
   })
 
+  it('keeps shared references and cycles, or refuses them, never giving back something else', () => {
+    fc.assert(
+      fc.property(values({ bare: true }), fc.boolean(), (shared, wrap) => {
+        const bare = Object.assign(Object.create(null) as object, { x: shared, y: [shared] })
+        const guarded = JSON.parse('{"constructor": 1}') as Record<string, unknown>
+        guarded.y = shared
+        guarded.z = shared
+        const cycle: Record<string, unknown> = { shared }
+        cycle.self = wrap ? [cycle] : cycle
+        for (const value of [[shared, shared], { a: shared, b: [shared] }, [bare, bare], { bare, shared }, [guarded, shared], new Map([[shared, bare]]), cycle]) {
+          let text: string
+          try {
+            text = defaultCodec.encode(value)
+          } catch (error) {
+            expect(error).toBeInstanceOf(IdempotencySerializationError)
+            continue
+          }
+          deepStrictEqual(defaultCodec.decode(text), value)
+        }
+      }),
+      { numRuns: 300 },
+    )
+  })
+
   it('writes JSON, the value itself when it is plain JSON', () => {
     fc.assert(
       fc.property(fc.jsonValue(), (value) => {

@@ -21,6 +21,7 @@ function storableValues(): Record<string, () => unknown> {
     'key order': () => ({ zeta: 1, alpha: { y: 2, b: 3 }, mid: [{ d: 4, c: 5 }] }),
     'an object without prototype': () => Object.assign(Object.create(null) as object, { a: 1 }),
     'fields named __proto__ and constructor': () => JSON.parse('{"__proto__": {"admin": true}, "constructor": "x", "prototype": 1}') as unknown,
+    'an object shared inside an object without prototype': () => Object.assign(Object.create(null) as object, { a: shared, b: [shared], n: 1n, m: 1n }),
     'shared references and a cycle': () => {
       const cycle: Record<string, unknown> = { shared, again: shared }
       cycle.self = cycle
@@ -37,6 +38,11 @@ const refusedValues: Record<string, () => unknown> = {
   'a class instance it cannot rebuild': () => ({ at: new URL('https://example.com') }),
   'a sparse array': () => [1, , 3],
   'a symbol key': () => ({ [Symbol('k')]: 1 }),
+  'a cycle through a field named constructor': () => {
+    const value: Record<string, unknown> = JSON.parse('{"constructor": "x"}') as Record<string, unknown>
+    value.self = value
+    return value
+  },
 }
 
 type Mode = 'withIdempotency' | 'transaction' | 'phase' | 'step' | 'run'
