@@ -126,8 +126,9 @@ describe('the codec', () => {
 
   it('writes JSON, the value itself when it is plain JSON', () => {
     fc.assert(
-      fc.property(fc.jsonValue(), (value) => {
-        expect(JSON.parse(defaultCodec.encode(value))).toEqual({ json: JSON.parse(JSON.stringify(value)), ...(hasNegativeZero(value) ? { meta: expect.anything() } : {}) })
+      // Keys superjson guards (__proto__, constructor, prototype) are stored as a list of entries.
+      fc.property(fc.jsonValue().filter((v) => !hasNegativeZero(v) && !/"(__proto__|constructor|prototype)":/.test(JSON.stringify(v))), (value) => {
+        expect(JSON.parse(defaultCodec.encode(value))).toStrictEqual({ json: JSON.parse(JSON.stringify(value)) })
       }),
     )
   })
