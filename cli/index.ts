@@ -1,32 +1,5 @@
 #!/usr/bin/env node
-import { defineCommand, runMain, type CommandDef } from 'citty'
-import { abandoned } from './commands/abandoned.js'
-import { down } from './commands/down.js'
-import { migrate } from './commands/migrate.js'
-import { prune } from './commands/prune.js'
-import { sqlCommand } from './commands/sql.js'
-import { status } from './commands/status.js'
-import { CliError, describe } from './errors.js'
-
-const commands = { migrate, status, down, sql: sqlCommand, prune, abandoned }
-
-// Every command reports its failure as one line and a non-zero exit; --debug adds the stack.
-for (const command of Object.values(commands) as CommandDef[]) {
-  const run = command.run!
-  command.run = async (context) => {
-    try {
-      await run(context)
-    } catch (error) {
-      console.error(`kysely-idempotency: ${describe(error)}`)
-      if (context.args.debug) console.error(error instanceof CliError && error.cause ? error.cause : error)
-      process.exitCode = 1
-    }
-  }
-}
-
-const main = defineCommand({
-  meta: { name: 'kysely-idempotency', description: 'Manage the table of kysely-idempotency' },
-  subCommands: commands,
-})
-
-await runMain(main)
+// citty picks its colours when it is loaded and looks only at NO_COLOR=1: colours are for a
+// terminal, and any non-empty NO_COLOR turns them off (no-color.org).
+if (!process.stdout.isTTY || process.env.NO_COLOR) process.env.NO_COLOR = '1'
+await import('./main.js')

@@ -1,6 +1,7 @@
 import { MysqlAdapter, sql, type Kysely, type RawBuilder } from 'kysely'
 import { prepare } from '../src/sql.js'
 import {
+  isAdapter,
   aliased,
   decodeKeyRow,
   errorProperty,
@@ -70,7 +71,7 @@ export interface MysqlDialectOptions {
 export function mysqlDialect(options: MysqlDialectOptions = {}): IdempotencyDialect {
   return {
     name: 'mysql',
-    supports: (adapter) => adapter instanceof MysqlAdapter,
+    supports: (adapter) => isAdapter(adapter, MysqlAdapter),
     clock,
     later,
     elapsed,
@@ -85,8 +86,25 @@ export function mysqlDialect(options: MysqlDialectOptions = {}): IdempotencyDial
       time: sql`datetime(3)`,
     },
     upgrades: {
-      async unicode(db, table) {
-        await sql`alter table ${sql.table(table)} convert to character set utf8mb4 collate utf8mb4_bin`.execute(db)
+      async columns(db, table) {
+        const { rows } = await sql<{ name: string }>`
+          select column_name as name from information_schema.columns where table_schema = database() and table_name = ${table}`.execute(db)
+        return rows.map((r) => r.name)
+      },
+      unicode: {
+        // Converting rebuilds the whole table, so a table already in utf8mb4_bin is left alone.
+        async applied(db, table) {
+          const { rows } = await sql<{ other: number | string }>`
+            select count(*) as other from information_schema.columns
+            where table_schema = database() and table_name = ${table} and collation_name is not null and collation_name <> 'utf8mb4_bin'
+            union all
+            select count(*) from information_schema.tables
+            where table_schema = database() and table_name = ${table} and table_collation <> 'utf8mb4_bin'`.execute(db)
+          return rows.every((r) => Number(r.other) === 0)
+        },
+        async apply(db, table) {
+          await sql`alter table ${sql.table(table)} convert to character set utf8mb4 collate utf8mb4_bin`.execute(db)
+        },
       },
     },
     classify(error) {
@@ -162,8 +180,12 @@ export function mysqlDialect(options: MysqlDialectOptions = {}): IdempotencyDial
 }
 
 /** InnoDB lock waits are whole seconds; a wait is never shortened to zero (which means "do not wait"). */
+/**
+ * `innodb_lock_wait_timeout` for a wait of `ms`, in whole seconds. 0 does not wait on MariaDB;
+ * MySQL raises it to its minimum, 1 s.
+ */
 function toSeconds(ms: number): number {
-  return Math.max(1, Math.ceil(ms / 1000))
+  return Math.ceil(ms / 1000)
 }
 
 async function isMariadb(db: Kysely<unknown>): Promise<boolean> {

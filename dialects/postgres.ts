@@ -1,6 +1,7 @@
 import { PostgresAdapter, sql, type RawBuilder } from 'kysely'
 import { prepare } from '../src/sql.js'
 import {
+  isAdapter,
   aliased,
   decodeKeyRow,
   errorProperty,
@@ -48,7 +49,7 @@ const restore = sql`set_config('lock_timeout', coalesce(nullif(current_setting($
  */
 export const postgresDialect: IdempotencyDialect = {
   name: 'postgres',
-  supports: (adapter) => adapter instanceof PostgresAdapter,
+  supports: (adapter) => isAdapter(adapter, PostgresAdapter),
   clock,
   later,
   elapsed,
@@ -62,7 +63,15 @@ export const postgresDialect: IdempotencyDialect = {
     json: 'json',
     time: 'timestamptz',
   },
-  upgrades: {},
+  upgrades: {
+    // to_regclass resolves the name through search_path, as the library's statements do.
+    async columns(db, table) {
+      const { rows } = await sql<{ name: string }>`
+        select attname as name from pg_attribute
+        where attrelid = to_regclass(quote_ident(${table})) and attnum > 0 and not attisdropped`.execute(db)
+      return rows.map((r) => r.name)
+    },
+  },
   classify(error) {
     const code = errorProperty(error, 'code')
     return typeof code === 'string' ? SQLSTATE[code] : undefined
@@ -94,7 +103,7 @@ export const postgresDialect: IdempotencyDialect = {
 
     const statements: DialectStatements = {
       async claim(db, values) {
-        const { rows } = await db.executeQuery<{ id: string }>(claim.bind({ ...values, wait: String(values.wait) }))
+        const { rows } = await db.executeQuery<{ id: string }>(claim.bind({ ...values, wait: lockTimeout(values.wait) }))
         if (rows[0]) return { claimed: rows[0].id }
         const found = await db.executeQuery<Record<string, unknown>>(existing.bind(values))
         const row = found.rows[0]
@@ -105,7 +114,7 @@ export const postgresDialect: IdempotencyDialect = {
         return rows[0] && decodeKeyRow(rows[0])
       },
       async withLockWait(db, wait, run) {
-        const { rows } = await db.executeQuery<{ setting: string }>(setWait.bind({ wait: String(wait) }))
+        const { rows } = await db.executeQuery<{ setting: string }>(setWait.bind({ wait: lockTimeout(wait) }))
         const result = await run()
         await db.executeQuery(restoreWait.bind({ setting: rows[0]!.setting }))
         return result
@@ -117,4 +126,9 @@ export const postgresDialect: IdempotencyDialect = {
     }
     return statements
   },
+}
+
+/** `lock_timeout` for a wait of `ms`: 0 would mean no limit, so "do not wait" is the shortest, 1 ms. */
+function lockTimeout(ms: number): string {
+  return String(Math.max(1, ms))
 }

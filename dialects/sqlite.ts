@@ -1,6 +1,7 @@
 import { SqliteAdapter, sql, type RawBuilder } from 'kysely'
 import { prepare } from '../src/sql.js'
 import {
+  isAdapter,
   aliased,
   CLAIM_SLOTS,
   decodeKeyRow,
@@ -33,7 +34,7 @@ const elapsed = (column: RawBuilder<unknown>) => sql`(${clock} - ${column})`
  */
 export const sqliteDialect: IdempotencyDialect = {
   name: 'sqlite',
-  supports: (adapter) => adapter instanceof SqliteAdapter,
+  supports: (adapter) => isAdapter(adapter, SqliteAdapter),
   clock,
   later,
   elapsed,
@@ -47,7 +48,12 @@ export const sqliteDialect: IdempotencyDialect = {
     json: 'text',
     time: 'integer',
   },
-  upgrades: {},
+  upgrades: {
+    async columns(db, table) {
+      const { rows } = await sql<{ name: string }>`select name from pragma_table_info(${table})`.execute(db)
+      return rows.map((r) => r.name)
+    },
+  },
   classify(error) {
     const code = errorProperty(error, 'code')
     if (typeof code !== 'string') return undefined

@@ -6,17 +6,10 @@
 import { randomUUID } from 'node:crypto'
 import type { Transaction } from 'kysely'
 import type { Execution } from '../src/core.js'
-import {
-  IdempotencyConflictError,
-  IdempotencyKeyReuseError,
-  IdempotencyLockLostError,
-  IdempotencySerializationError,
-  IdempotencySetupError,
-  InvalidIdempotencyKeyError,
-  type IdempotencyError,
-} from '../src/errors.js'
+import { IdempotencyError, IdempotencySerializationError, IdempotencySetupError, InvalidIdempotencyKeyError } from '../src/errors.js'
 import type { Idempotency, RunOptions, TransactionOptions } from '../src/idempotency.js'
 import type { Flow } from '../src/phases.js'
+import { problem, problemDetails, type ProblemDetails } from '../src/problem.js'
 
 /** A route's answer: stored with the key in the same transaction, then sent. */
 export interface HttpResult {
@@ -205,7 +198,7 @@ export class IdempotentRoute<Req> {
       if (lines.length > 1) throw new InvalidIdempotencyKeyError(`The request has ${lines.length} ${this.#header} header lines; send exactly one.`)
       if (lines.length === 0) {
         if (idempotent && this.#options.required) {
-          return { answer: problem(400, 'missing_key', 'Idempotency key required', `This request needs an ${this.#header} header.`), replayed: false }
+          return { answer: sent(problem(400, 'missing_key', 'Idempotency key required', `This request needs an ${this.#header} header.`)), replayed: false }
         }
         return { answer: await direct(req), replayed: false }
       }
@@ -217,7 +210,7 @@ export class IdempotentRoute<Req> {
         return await answer(req, facts)
       } catch (error) {
         if (error instanceof Unstored) return { answer: error.answer, replayed: false }
-        if (error instanceof ResponseTooLarge) return { answer: problem(500, 'response_too_large', 'Response too large to store', error.message), replayed: false }
+        if (error instanceof ResponseTooLarge) return { answer: sent(problem(500, 'response_too_large', 'Response too large to store', error.message)), replayed: false }
         const mapped = problemOf(error)
         return mapped ? { answer: mapped, replayed: false } : { error }
       }
@@ -293,21 +286,13 @@ export class IdempotentRoute<Req> {
   }
 }
 
-/** The answer for an error the library raised about the key, as an RFC 9457 problem. */
+/** The answer for an error the library raised about the key or the request (a 4xx); others go to the framework. */
 function problemOf(error: unknown): Answer | undefined {
-  const mapped = (e: IdempotencyError, title: string, retryAfter?: number) => problem(e.status, e.code, title, e.message, retryAfter)
-  if (error instanceof InvalidIdempotencyKeyError) return mapped(error, 'Invalid idempotency key')
-  if (error instanceof IdempotencyKeyReuseError) return mapped(error, 'Idempotency key reused')
-  if (error instanceof IdempotencyConflictError) return mapped(error, 'Request with this idempotency key in progress', error.retryAfter)
-  if (error instanceof IdempotencyLockLostError) return mapped(error, 'Request taken over by a retry', 1)
-  return undefined
+  return error instanceof IdempotencyError && error.status < 500 ? sent(problemDetails(error)) : undefined
 }
 
-/** An RFC 9457 problem document. */
-function problem(status: number, code: string, title: string, detail: string, retryAfter?: number): Answer {
-  const headers: Record<string, string> = { 'Content-Type': 'application/problem+json' }
-  if (retryAfter !== undefined) headers['Retry-After'] = String(retryAfter)
-  return { status, headers, body: JSON.stringify({ type: `urn:kysely-idempotency:${code}`, title, status, detail }) }
+function sent(details: ProblemDetails): Answer {
+  return { status: details.status, headers: details.headers, body: JSON.stringify(details.body) }
 }
 
 /** The body as the fingerprint sees it: parsed JSON or form fields, raw bytes as base64, text as is. */

@@ -1,7 +1,7 @@
-import { Migrator, type Kysely, type Migration, type MigrationProvider, type MigrationResultSet } from 'kysely'
+import { Migrator, sql, type Kysely, type Migration, type MigrationProvider, type MigrationResultSet } from 'kysely'
 import type { IdempotencyDialect } from '../src/dialect.js'
 import { checkTableName, DEFAULT_TABLE, detectDialect } from '../src/detect.js'
-import { IdempotencyError } from '../src/errors.js'
+import { IdempotencyMigrationError } from '../src/errors.js'
 
 /** Options of {@link idempotencyMigrations}. */
 export interface IdempotencyMigrationsOptions {
@@ -15,23 +15,44 @@ export interface IdempotencyMigrationsOptions {
  * The idempotency table's schema as a Kysely `MigrationProvider`, for your own `Migrator`
  * or for kysely-ctl (`migrations.provider`). Migration names start with
  * `kysely_idempotency_<table>_`, so they sort apart from yours and two tables never collide.
+ * Record them in the history tables {@link migrationTables} names, as `idempotency.migrate()`
+ * and the command-line tool do. A migration whose change is already in the table (applied
+ * from the printed DDL, or recorded in another history) is recorded without running again.
  *
  * ### Examples
  *
  * ```ts
  * import { Migrator } from 'kysely'
- * import { idempotencyMigrations } from 'kysely-idempotency'
+ * import { idempotencyMigrations, migrationTables } from 'kysely-idempotency'
  *
- * const migrator = new Migrator({ db, provider: idempotencyMigrations(), migrationTableName: 'idempotency_migration' })
+ * const migrator = new Migrator({ db, provider: idempotencyMigrations(), ...migrationTables() })
  * const { error } = await migrator.migrateToLatest()
  * ```
  */
 export function idempotencyMigrations(options: IdempotencyMigrationsOptions = {}): MigrationProvider {
-  const table = checkTableName(options.tableName ?? DEFAULT_TABLE)
+  return schemaMigrations(checkTableName(options.tableName ?? DEFAULT_TABLE), options.dialect, 'adopt')
+}
+
+/**
+ * What a migration does with its change: `adopt` makes it unless the table already has it;
+ * `baseline` only checks that the table has it (no DDL); `print` makes it without looking
+ * (for printing the DDL without a database).
+ */
+type Mode = 'adopt' | 'baseline' | 'print'
+
+/** The columns migration 0001 creates. */
+const CREATED = ['id', 'scope', 'key', 'fingerprint', 'recovery_point', 'phase_results', 'response', 'lock_token', 'locked_until', 'created_at', 'last_run_at', 'expires_at']
+
+export function schemaMigrations(table: string, chosen: IdempotencyDialect | undefined, mode: Mode): MigrationProvider {
   const migrations: Record<string, Migration> = {
     [`kysely_idempotency_${table}_0001_create`]: {
       async up(db: Kysely<unknown>) {
-        const types = (options.dialect ?? detectDialect(db)).columnTypes
+        const dialect = chosen ?? detectDialect(db)
+        if (mode !== 'print') {
+          const columns = await dialect.upgrades.columns(db, table)
+          if (columns.length || mode === 'baseline') return expectColumns(table, columns, CREATED, '0001_create')
+        }
+        const types = dialect.columnTypes
         await db.schema
           .createTable(table)
           .addColumn('id', types.id, (c) => types.identity(c))
@@ -58,9 +79,23 @@ export function idempotencyMigrations(options: IdempotencyMigrationsOptions = {}
     // null); MySQL tables become utf8mb4 with a binary collation whatever the database default.
     [`kysely_idempotency_${table}_0002_codec`]: {
       async up(db: Kysely<unknown>) {
-        const dialect = options.dialect ?? detectDialect(db)
-        await db.schema.alterTable(table).addColumn('codec', dialect.columnTypes.text).execute()
-        await dialect.upgrades.unicode?.(db, table)
+        const dialect = chosen ?? detectDialect(db)
+        const unicode = dialect.upgrades.unicode
+        if (mode === 'print') {
+          await db.schema.alterTable(table).addColumn('codec', dialect.columnTypes.text).execute()
+          return unicode?.apply(db, table)
+        }
+        const columns = await dialect.upgrades.columns(db, table)
+        if (mode === 'baseline') expectColumns(table, columns, ['codec'], '0002_codec')
+        else if (!columns.includes('codec')) await db.schema.alterTable(table).addColumn('codec', dialect.columnTypes.text).execute()
+        if (!unicode || (await unicode.applied(db, table))) return
+        if (mode === 'baseline') {
+          throw new IdempotencyMigrationError(
+            `The table "${table}" is not in utf8mb4 with the utf8mb4_bin collation (migration 0002_codec); ` +
+              'apply the DDL that `kysely-idempotency sql` prints, or migrate without baseline.',
+          )
+        }
+        await unicode.apply(db, table)
       },
       async down(db: Kysely<unknown>) {
         await db.schema.alterTable(table).dropColumn('codec').execute()
@@ -70,31 +105,52 @@ export function idempotencyMigrations(options: IdempotencyMigrationsOptions = {}
   return { getMigrations: async () => migrations }
 }
 
-/** Where {@link migrateTable} records the migrations of `table`. */
-export function migrationTables(table: string): { migrationTableName: string; migrationLockTableName: string } {
-  return { migrationTableName: `${table}_migration`, migrationLockTableName: `${table}_migration_lock` }
+function expectColumns(table: string, found: readonly string[], wanted: readonly string[], migration: string): void {
+  if (!found.length) {
+    throw new IdempotencyMigrationError(
+      `There is no table "${table}" to record as migrated; apply the DDL that \`kysely-idempotency sql\` prints first, or migrate without baseline.`,
+    )
+  }
+  const missing = wanted.filter((column) => !found.includes(column))
+  if (missing.length) {
+    throw new IdempotencyMigrationError(
+      `The table "${table}" exists but lacks the column${missing.length > 1 ? 's' : ''} ${missing.join(', ')} (migration ${migration}); ` +
+        'it is not an idempotency table of this library, or was changed by hand. Choose another table name or fix the table.',
+    )
+  }
+}
+
+/**
+ * Where the migrations of `table` are recorded: `<table>_migration` and `<table>_migration_lock`,
+ * used by `idempotency.migrate()`, the command-line tool, and your own `Migrator` when you
+ * spread this into its options.
+ */
+export function migrationTables(table: string = DEFAULT_TABLE): { migrationTableName: string; migrationLockTableName: string } {
+  const checked = checkTableName(table)
+  return { migrationTableName: `${checked}_migration`, migrationLockTableName: `${checked}_migration_lock` }
 }
 
 /** Attempts of a migration that lost a race against the same migration in another process. */
 const MIGRATE_ATTEMPTS = 5
 
 /**
- * Brings `table` to the latest schema with its own migration history. When several processes
- * migrate at once, the loser of a race on the history tables tries again and finds the work done.
+ * Brings `table` to the latest schema with its own migration history; with `baseline`, only
+ * records as applied what the table already has, and fails on anything it lacks. When several
+ * processes migrate at once, the loser of a race on the history tables tries again and finds
+ * the work done.
  */
-export async function migrateTable(db: Kysely<unknown>, table: string, dialect: IdempotencyDialect): Promise<MigrationResultSet> {
+export async function migrateTable(db: Kysely<unknown>, table: string, dialect: IdempotencyDialect, baseline = false): Promise<MigrationResultSet> {
   const migrator = new Migrator({
     db: db.withoutPlugins(),
-    provider: idempotencyMigrations({ tableName: table, dialect }),
+    provider: schemaMigrations(table, dialect, baseline ? 'baseline' : 'adopt'),
     ...migrationTables(table),
   })
   for (let attempt = 1; ; attempt++) {
     const result = await migrator.migrateToLatest()
     if (!result.error) return result
+    if (result.error instanceof IdempotencyMigrationError) throw result.error
     if (attempt === MIGRATE_ATTEMPTS || !lostRace(result.error, dialect)) {
-      throw new IdempotencyError('migration_failed', 500, `Migrating the table "${table}" failed: ${describe(result.error)}`, {
-        cause: result.error,
-      })
+      throw new IdempotencyMigrationError(`Migrating the table "${table}" failed: ${describe(result.error)}`, { cause: result.error })
     }
     await new Promise((resolve) => setTimeout(resolve, 50 * attempt * Math.random()))
   }
@@ -110,4 +166,20 @@ function lostRace(error: unknown, dialect: IdempotencyDialect): boolean {
 
 function describe(error: unknown): string {
   return error instanceof Error ? error.message : String(error)
+}
+
+/** How many keys `table` holds, or `undefined` when there is no such table. */
+export async function countKeys(db: Kysely<unknown>, table: string, dialect: IdempotencyDialect): Promise<number | undefined> {
+  if (!(await dialect.upgrades.columns(db, table)).length) return undefined
+  const { rows } = await sql<{ keys: number | string | bigint }>`select count(*) as ${sql.ref('keys')} from ${sql.table(table)}`.execute(db)
+  return Number(rows[0]?.keys ?? 0)
+}
+
+/**
+ * Drops `table` and its migration history tables, whatever the history says (undoing 0002 alone
+ * would leave values that only the codec column tells how to read).
+ */
+export async function dropTable(db: Kysely<unknown>, table: string): Promise<void> {
+  const { migrationTableName, migrationLockTableName } = migrationTables(table)
+  for (const name of [table, migrationTableName, migrationLockTableName]) await db.schema.dropTable(name).ifExists().execute()
 }

@@ -1,3 +1,4 @@
+import { AsyncLocalStorage } from 'node:async_hooks'
 import type { IsolationLevel, Kysely, Transaction } from 'kysely'
 import type { ValueStore } from './codec.js'
 import { FINISHED, STARTED, type ClaimValues, type IdempotencyDialect, type KeyRow } from './dialect.js'
@@ -22,6 +23,16 @@ export interface Settings {
 }
 
 export const EXPIRED = Symbol('expired')
+/**
+ * State the CommonJS and ES module builds of this file share when a process loads both: what a
+ * call in one build runs must be seen by a call in the other.
+ */
+function processWide<T>(name: string, create: () => T): T {
+  const slot = Symbol.for(`kysely-idempotency.${name}`)
+  const global = globalThis as { [slot]?: unknown }
+  return (global[slot] ??= create()) as T
+}
+
 /** A single-transaction claim committed without its response (see {@link Core.judge}). */
 const STRANDED = Symbol('stranded')
 /** Claim rounds before giving up when rows keep vanishing or being reclaimed under us. */
@@ -30,12 +41,19 @@ const CLAIM_ROUNDS = 3
  * Keys (table, scope, key) whose single-transaction function runs in this process right now,
  * across instances, to tell a nested call with the same key from a stranded key.
  */
-const running = new Map<string, number>()
+const running = processWide('running', () => new Map<string, number>())
 /**
  * Keys (table, scope, key) that a call claimed in a transaction and then failed: the claim
  * stays until that transaction ends, so a second call in it must not blame a commit.
  */
-const failedClaims = new WeakMap<object, Set<string>>()
+const failedClaims = processWide('failedClaims', () => new WeakMap<object, Set<string>>())
+/**
+ * The keys (table, scope, key) that the calls enclosing this async context are running, to tell
+ * a call nested inside its own function from a duplicate, which waits.
+ */
+const enclosing = processWide('enclosing', () => new AsyncLocalStorage<ReadonlySet<string>>())
+/** How an attempt this process ran at a key ended: the key `finished`, or the attempt `failed`. */
+type Ending = 'finished' | 'failed'
 /** Attempts at one prune batch that the database aborts (deadlock with requests on the same rows). */
 const PRUNE_ATTEMPTS = 5
 
@@ -49,11 +67,68 @@ export class Core {
   /** How this instance stores values. */
   readonly values: ValueStore
   #statements: Promise<Statements> | undefined
+  /** The attempts this instance runs now, by key, each with how it will end. */
+  readonly #inFlight = new Map<string, Promise<Ending>>()
 
   constructor(dialect: IdempotencyDialect, table: string, values: ValueStore) {
     this.#dialect = dialect
     this.#table = table
     this.values = values
+  }
+
+  /**
+   * Runs `attempt` (a transaction or a flow the library owns) as this instance's only attempt at
+   * `key`. A duplicate arriving meanwhile waits for it in memory, holding no connection, up to
+   * `conflictWait` (then 409 `in_flight`; at once when it is 0), and then reads what it left: the
+   * stored answer (or 422 for another request) if the key finished, else it makes its own attempt.
+   * A duplicate in another process meets the key in the database instead, as before.
+   */
+  async coalesced<T>(key: NormalizedKey, settings: Settings, attempt: (settings: Settings) => Promise<Execution<T>>): Promise<Execution<T>> {
+    const entry = this.#runningEntry(key)
+    const deadline = Date.now() + settings.conflictWait
+    for (let running = this.#inFlight.get(entry); running; running = this.#inFlight.get(entry)) {
+      this.#refuseNested(entry, key, settings)
+      const ending = await within(running, deadline - Date.now())
+      if (ending === undefined) throw inFlight(key, settings)
+      // The key finished: reading it needs no turn of its own.
+      if (ending === 'finished') return attempt({ ...settings, conflictWait: Math.max(0, deadline - Date.now()) })
+    }
+    let end!: (ending: Ending) => void
+    this.#inFlight.set(entry, new Promise<Ending>((resolve) => (end = resolve)))
+    const inside = new Set(enclosing.getStore()).add(entry)
+    try {
+      const result = await enclosing.run(inside, () => attempt({ ...settings, conflictWait: Math.max(0, deadline - Date.now()) }))
+      end('finished')
+      return result
+    } catch (error) {
+      end('failed')
+      throw error
+    } finally {
+      this.#inFlight.delete(entry)
+    }
+  }
+
+  /** A call inside the function of a call with the same key would wait for itself. */
+  #refuseNested(entry: string, key: NormalizedKey, settings: Settings): void {
+    if (!enclosing.getStore()?.has(entry)) return
+    throw new IdempotencyConflictError(
+      'nested',
+      `The idempotency key "${key.key}" is already in use by an enclosing call: a call with the same key is nested inside its own function. Give the inner call a key of its own.`,
+      { retryAfter: retryAfter(settings) },
+    )
+  }
+
+  /**
+   * Before a call in the caller's own transaction ({@link execute}): its transaction holds a
+   * connection whatever happens, and may hold locks that an attempt in flight here needs, so a
+   * duplicate waits in the database, which sees such deadlocks, not in memory. Only a nested
+   * call, and any duplicate when `conflictWait` is 0, are refused at once.
+   */
+  refuseInFlight(key: NormalizedKey, settings: Settings): void {
+    const entry = this.#runningEntry(key)
+    if (!this.#inFlight.has(entry)) return
+    this.#refuseNested(entry, key, settings)
+    if (settings.conflictWait === 0) throw inFlight(key, settings)
   }
 
   /** Runs `fn` once per key inside `trx`, or returns the stored result. */
@@ -225,9 +300,7 @@ export class Core {
       )
     }
     if (row.locked) {
-      throw new IdempotencyConflictError('in_flight', `A request with the idempotency key "${key.key}" is still in progress; retry later.`, {
-        retryAfter: retryAfter(settings),
-      })
+      throw inFlight(key, settings)
     }
     throw new IdempotencyConflictError(
       'unfinished_flow',
@@ -275,6 +348,24 @@ export class Core {
     if (error instanceof IdempotencyConflictError) return error.reason === 'race'
     const kind = this.#dialect.classify(error)
     return kind === 'serialization_failure' || kind === 'deadlock'
+  }
+}
+
+function inFlight(key: NormalizedKey, settings: Settings): IdempotencyConflictError {
+  return new IdempotencyConflictError('in_flight', `A request with the idempotency key "${key.key}" is still in progress; retry later.`, {
+    retryAfter: retryAfter(settings),
+  })
+}
+
+/** What `promise` resolves to within `ms`, or `undefined` after. */
+async function within<T>(promise: Promise<T>, ms: number): Promise<T | undefined> {
+  if (ms <= 0) return undefined
+  let timer: ReturnType<typeof setTimeout> | undefined
+  const timeout = new Promise<undefined>((resolve) => (timer = setTimeout(() => resolve(undefined), ms)))
+  try {
+    return await Promise.race([promise, timeout])
+  } finally {
+    clearTimeout(timer)
   }
 }
 

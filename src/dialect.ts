@@ -86,13 +86,18 @@ export interface DialectStatements {
   pruneBatch(db: Kysely<unknown>, limit: number): Promise<number>
 }
 
-/** What a dialect does to the table beyond the portable schema, per migration. */
+/** What a dialect knows about the table's schema, for migrations that find it in place. */
 export interface TableUpgrades {
+  /** The columns of `table` as the library's statements would see it; empty when there is no such table. */
+  columns(db: Kysely<unknown>, table: string): Promise<readonly string[]>
   /**
    * Migration 0002: makes every text column store any Unicode text and compare bytes exactly,
    * whatever the database's defaults (MySQL: `utf8mb4` with a binary collation).
    */
-  unicode?(db: Kysely<unknown>, table: string): Promise<void>
+  readonly unicode?: {
+    applied(db: Kysely<unknown>, table: string): Promise<boolean>
+    apply(db: Kysely<unknown>, table: string): Promise<void>
+  }
 }
 
 /** Column types of the idempotency table in one dialect. */
@@ -131,6 +136,19 @@ export interface IdempotencyDialect {
   prepare(db: Kysely<unknown>, table: string): Promise<DialectStatements>
   /** Classifies a driver error, or returns `undefined` for anything the library does not handle. */
   classify(error: unknown): DatabaseErrorKind | undefined
+}
+
+/**
+ * Whether `adapter` is a `base` (or extends it), also when it comes from another copy of Kysely:
+ * the CommonJS and ES module builds, or two versions installed side by side, are different
+ * classes with the same names.
+ */
+export function isAdapter(adapter: DialectAdapter, base: abstract new () => DialectAdapter): boolean {
+  if (adapter instanceof base) return true
+  for (let proto: unknown = Object.getPrototypeOf(adapter); proto && proto !== Object.prototype; proto = Object.getPrototypeOf(proto)) {
+    if ((proto as { constructor?: { name?: unknown } }).constructor?.name === base.name) return true
+  }
+  return false
 }
 
 export const STARTED = 'started'

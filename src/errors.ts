@@ -22,19 +22,47 @@
  * ```
  */
 export class IdempotencyError extends Error {
-  readonly code: string
+  readonly code: IdempotencyErrorCode
   readonly status: number
 
-  constructor(code: string, status: number, message: string, options?: { cause?: unknown }) {
+  constructor(code: IdempotencyErrorCode, status: number, message: string, options?: { cause?: unknown }) {
     super(message, options)
     this.code = code
     this.status = status
     this.name = new.target.name
+    const classes: string[] = []
+    for (let c: unknown = new.target; c !== Error && typeof c === 'function'; c = Object.getPrototypeOf(c)) classes.push((c as { name: string }).name)
+    Object.defineProperty(this, BRAND, { value: classes })
+  }
+
+  /**
+   * The CommonJS and the ES module builds of this package are two copies of each class; an
+   * error thrown by one is still an instance, for `instanceof`, of the other's same class.
+   */
+  static override [Symbol.hasInstance](value: unknown): boolean {
+    if (Function.prototype[Symbol.hasInstance].call(this, value)) return true
+    const classes = (value as { [BRAND]?: unknown } | null | undefined)?.[BRAND]
+    return typeof value === 'object' && Array.isArray(classes) && classes.includes(this.name)
   }
 }
 
+/** Marks an error of this library with the names of its classes, whichever copy threw it. */
+const BRAND = Symbol.for('kysely-idempotency.error')
+
+/** `code` of each {@link IdempotencyError}, one per class. */
+export type IdempotencyErrorCode =
+  | 'invalid_key'
+  | 'conflict'
+  | 'key_reuse'
+  | 'lock_lost'
+  | 'unserializable'
+  | 'setup'
+  | 'invalid_flow'
+  | 'migration_failed'
+
 /** The idempotency key or scope is malformed (HTTP 400). Nothing was run or stored. */
 export class InvalidIdempotencyKeyError extends IdempotencyError {
+  declare readonly code: 'invalid_key'
   constructor(message: string) {
     super('invalid_key', 400, message)
   }
@@ -69,6 +97,7 @@ export type ConflictReason =
  * stored. When it is thrown inside your own transaction, roll that transaction back.
  */
 export class IdempotencyConflictError extends IdempotencyError {
+  declare readonly code: 'conflict'
   readonly reason: ConflictReason
   /** Seconds after which a retry is likely to succeed (for a `Retry-After` header). */
   readonly retryAfter: number
@@ -82,6 +111,7 @@ export class IdempotencyConflictError extends IdempotencyError {
 
 /** The key was already used with a different request (HTTP 422). Nothing was run. */
 export class IdempotencyKeyReuseError extends IdempotencyError {
+  declare readonly code: 'key_reuse'
   constructor(message: string) {
     super('key_reuse', 422, message)
   }
@@ -92,6 +122,7 @@ export class IdempotencyKeyReuseError extends IdempotencyError {
  * (HTTP 409). The phase that noticed it was rolled back.
  */
 export class IdempotencyLockLostError extends IdempotencyError {
+  declare readonly code: 'lock_lost'
   constructor(message: string) {
     super('lock_lost', 409, message)
   }
@@ -103,6 +134,7 @@ export class IdempotencyLockLostError extends IdempotencyError {
  * When it is a result, the transaction is rolled back and nothing is stored.
  */
 export class IdempotencySerializationError extends IdempotencyError {
+  declare readonly code: 'unserializable'
   constructor(message: string, options?: { cause?: unknown }) {
     super('unserializable', 500, message, options)
   }
@@ -113,6 +145,7 @@ export class IdempotencySerializationError extends IdempotencyError {
  * the table name is not a plain identifier, or the Kysely dialect is not supported.
  */
 export class IdempotencySetupError extends IdempotencyError {
+  declare readonly code: 'setup'
   constructor(message: string, options?: { cause?: unknown }) {
     super('setup', 500, message, options)
   }
@@ -125,7 +158,20 @@ export class IdempotencySetupError extends IdempotencyError {
  * ended. The lock is released and the recorded phases are kept.
  */
 export class IdempotencyFlowError extends IdempotencyError {
+  declare readonly code: 'invalid_flow'
   constructor(message: string) {
     super('invalid_flow', 500, message)
+  }
+}
+
+/**
+ * Migrating the idempotency table failed (HTTP 500): the database refused a statement, or the
+ * table found in place is not one this library made. `cause` holds the database's error.
+ */
+export class IdempotencyMigrationError extends IdempotencyError {
+  declare readonly code: 'migration_failed'
+
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('migration_failed', 500, message, options)
   }
 }

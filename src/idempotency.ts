@@ -16,10 +16,12 @@ export interface CallOptions {
    */
   readonly ttl?: number
   /**
-   * How long a claim waits for another in-flight attempt with the same key before giving up
-   * with `IdempotencyConflictError`, in milliseconds. Default 5000; at most 1 hour.
-   * MySQL/MariaDB round it up to whole seconds; SQLite waits for the connection's busy timeout
-   * instead.
+   * How long a duplicate waits for an in-flight attempt with the same key before giving up
+   * with `IdempotencyConflictError` (`in_flight`), in milliseconds. Default 5000; at most 1
+   * hour; 0 never waits (the IETF draft's 409). A duplicate in the same instance waits in
+   * memory, holding no connection; one from another process waits in the database, where
+   * MySQL/MariaDB round it up to whole seconds (MySQL waits at least 1 s) and SQLite waits for
+   * the connection's busy timeout instead.
    */
   readonly conflictWait?: number
 }
@@ -175,12 +177,21 @@ export interface Idempotency<DB> {
 
   /**
    * Brings the table to the latest schema, recording applied migrations in its own table
-   * (`<tableName>_migration`). Safe to call from several processes at once.
+   * (`<tableName>_migration`). Safe to call from several processes at once. A change the table
+   * already has (it was created from the printed DDL, or by a `Migrator` with another history
+   * table) is recorded, not made again. With `baseline: true` nothing is changed: what the
+   * table has is recorded, and anything it lacks is an {@link IdempotencyMigrationError}.
    */
-  migrate(): Promise<MigrationResultSet>
+  migrate(options?: MigrateOptions): Promise<MigrationResultSet>
 
   /** Deletes expired rows that no attempt holds, in batches; returns how many were deleted. */
   prune(options?: PruneOptions): Promise<number>
+}
+
+/** Options of {@link Idempotency.migrate}. */
+export interface MigrateOptions {
+  /** Record as applied what the table already has, without changing it (for tables made from the printed DDL). */
+  readonly baseline?: boolean | null
 }
 
 const DEFAULTS = { ttl: 24 * 60 * 60 * 1000, conflictWait: 5000, lockTimeout: 30_000, maxAttempts: 5, batchSize: 1000, abandonedLimit: 100 }
@@ -210,12 +221,20 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
   const lockTimeout = bounded('lockTimeout', options.lockTimeout ?? DEFAULTS.lockTimeout)
   const settings = (call: TransactionOptions | undefined): Settings => ({ ...resolveSettings(base, call ?? {}), isolationLevel: call?.isolationLevel })
   // Every method is async, so that bad input (a missing key, a bad option) rejects instead of throwing.
-  const execute = async <T>(trx: Transaction<DB>, key: IdempotencyKeyInput, fn: (trx: Transaction<DB>) => Promise<T>, call?: CallOptions) =>
-    core.execute(requireTransaction(trx), normalizeKey(key), fn, settings(call))
-  const executeTransaction = async <T>(key: IdempotencyKeyInput, fn: (trx: Transaction<DB>) => Promise<T>, call?: TransactionOptions) =>
-    core.transaction(db, normalizeKey(key), fn, settings(call))
-  const executeRun = async <T>(key: IdempotencyKeyInput, flow: (flow: Flow<DB, T>) => Promise<T>, call?: RunOptions) =>
-    phases.run(db, normalizeKey(key), flow, { ...settings(call), lockTimeout: bounded('lockTimeout', call?.lockTimeout ?? lockTimeout) })
+  const execute = async <T>(trx: Transaction<DB>, key: IdempotencyKeyInput, fn: (trx: Transaction<DB>) => Promise<T>, call?: CallOptions) => {
+    const [normalized, resolved] = [normalizeKey(key), settings(call)]
+    core.refuseInFlight(normalized, resolved)
+    return core.execute(requireTransaction(trx), normalized, fn, resolved)
+  }
+  const executeTransaction = async <T>(key: IdempotencyKeyInput, fn: (trx: Transaction<DB>) => Promise<T>, call?: TransactionOptions) => {
+    const normalized = normalizeKey(key)
+    return core.coalesced(normalized, settings(call), (resolved) => core.transaction(db, normalized, fn, resolved))
+  }
+  const executeRun = async <T>(key: IdempotencyKeyInput, flow: (flow: Flow<DB, T>) => Promise<T>, call?: RunOptions) => {
+    const normalized = normalizeKey(key)
+    const leased = bounded('lockTimeout', call?.lockTimeout ?? lockTimeout)
+    return core.coalesced(normalized, settings(call), (resolved) => phases.run(db, normalized, flow, { ...resolved, lockTimeout: leased }))
+  }
 
   return {
     db,
@@ -233,7 +252,7 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
       const s = await core.statements(plain.withoutPlugins())
       return core.guard(undefined, () => s.counts(plain.withoutPlugins()))
     },
-    migrate: () => migrateTable(plain, tableName, dialect),
+    migrate: async (options) => migrateTable(plain, tableName, dialect, options?.baseline === true),
     prune: async (prune) => core.prune(plain, bounded('batchSize', prune?.batchSize ?? DEFAULTS.batchSize)),
   }
 }
@@ -300,7 +319,7 @@ const DAY = 24 * HOUR
  */
 const BOUNDS = {
   ttl: { min: 1, max: 3650 * DAY, label: '10 years' },
-  conflictWait: { min: 1, max: HOUR, label: '1 hour' },
+  conflictWait: { min: 0, max: HOUR, label: '1 hour' },
   lockTimeout: { min: 1, max: DAY, label: '24 hours' },
   maxAttempts: { min: 1, max: 100, label: '' },
   batchSize: { min: 1, max: 100_000, label: '' },

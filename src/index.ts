@@ -4,6 +4,7 @@ export type {
   CallOptions,
   Idempotency,
   IdempotencyOptions,
+  MigrateOptions,
   PruneOptions,
   RunOptions,
   TransactionOptions,
@@ -18,11 +19,14 @@ export {
   IdempotencyFlowError,
   IdempotencyKeyReuseError,
   IdempotencyLockLostError,
+  IdempotencyMigrationError,
   IdempotencySerializationError,
   IdempotencySetupError,
   InvalidIdempotencyKeyError,
 } from './errors.js'
-export type { ConflictReason } from './errors.js'
+export type { ConflictReason, IdempotencyErrorCode } from './errors.js'
+export { problemDetails } from './problem.js'
+export type { ProblemDetails, ProblemDocument } from './problem.js'
 export { canonicalJson, fingerprint } from './request.js'
 export type { IdempotencyKeyInput } from './request.js'
 export { defaultCodec } from './codec.js'

@@ -1,16 +1,18 @@
 import { execFile, execFileSync } from 'node:child_process'
-import { mkdtempSync, rmSync } from 'node:fs'
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { promisify } from 'node:util'
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest'
+import { sql, type Kysely } from 'kysely'
 import { createIdempotency } from '../src/index.js'
 import { openDatabase, type DatabaseName } from './support/databases.js'
 import { selectedTargets } from './support/harness.js'
 import { sleep } from './support/util.js'
 
 const root = join(import.meta.dirname, '..')
-const bin = join(root, 'dist', 'cli', 'index.js')
+const manifest = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')) as { version: string; bin: Record<string, string> }
+const bin = join(root, manifest.bin['kysely-idempotency']!)
 const exec = promisify(execFile)
 
 interface Outcome {
@@ -20,7 +22,7 @@ interface Outcome {
 }
 
 /** Runs the built CLI; never throws on a non-zero exit. */
-async function cli(args: string[], env: Record<string, string> = {}): Promise<Outcome> {
+async function cli(args: string[], env: Record<string, string | undefined> = {}): Promise<Outcome> {
   try {
     const { stdout, stderr } = await exec(process.execPath, [bin, ...args], { env: { ...process.env, DATABASE_URL: '', NO_COLOR: '1', ...env } })
     return { code: 0, stdout, stderr }
@@ -90,14 +92,109 @@ describe.each(databases)('the CLI on %s', (database: DatabaseName) => {
     const pruned = await cli(['prune', '--url', url(), '--table', table, '--batch', '1'])
     expect(pruned.stdout).toContain(`Deleted 1 expired key from "${table}".`)
 
-    expect((await cli(['down', '--url', url(), '--table', table])).stdout).toContain(`[✓] kysely_idempotency_${table}_0002_codec undone`)
-    const down = await cli(['down', '--url', url(), '--table', table])
-    expect(down.stdout).toContain(`[✓] kysely_idempotency_${table}_0001_create undone`)
-    const after = await cli(['status', '--url', url(), '--table', table])
-    expect(after.stdout).toContain('pending')
-    expect(after.stdout).toContain('needs migrating')
+    const refused = await cli(['down', '--url', url(), '--table', table])
+    expectOneLine(refused, new RegExp(`down drops the table "${table}" with its 2 keys, and its migration history; pass --yes to confirm`))
+    expect((await cli(['status', '--url', url(), '--table', table])).code).toBe(0)
+    const down = await cli(['down', '--url', url(), '--table', table, '--yes'])
+    expect(down.stdout).toContain(`Dropped the table "${table}" with its 2 keys, and its migration history.`)
+    const after = await cli(['status', '--url', url(), '--table', table, '--json'])
+    expect(after.code).toBe(2)
+    expect(JSON.parse(after.stdout)).toEqual({
+      table,
+      upToDate: false,
+      tableExists: false,
+      migrations: [
+        { name: `kysely_idempotency_${table}_0001_create`, appliedAt: null },
+        { name: `kysely_idempotency_${table}_0002_codec`, appliedAt: null },
+      ],
+      keys: null,
+    })
+    const db2 = openDatabase(database, location())
+    try {
+      // The history tables went with the table.
+      for (const name of [table, `${table}_migration`, `${table}_migration_lock`]) expect(await hasTable(db2, name)).toBe(false)
+    } finally {
+      await db2.destroy()
+    }
     // DATABASE_URL stands in for --url.
-    expect((await cli(['status', '--table', table], { DATABASE_URL: url() })).stdout).toContain('pending')
+    const text = await cli(['status', '--table', table], { DATABASE_URL: url() })
+    expect(text.code).toBe(2)
+    expect(text.stdout).toContain('needs migrating')
+  })
+
+  it('status exits 0 up to date and 2 pending, and --json says which, with the counts', async () => {
+    const table = `cli_${Math.random().toString(36).slice(2, 8)}`
+    expect((await cli(['status', '--url', url(), '--table', table])).code).toBe(2)
+    expect((await cli(['migrate', '--url', url(), '--table', table])).code).toBe(0)
+    const up = await cli(['status', '--url', url(), '--table', table, '--json'])
+    expect(up.code, up.stderr).toBe(0)
+    const report = JSON.parse(up.stdout)
+    expect(report).toMatchObject({ table, upToDate: true, tableExists: true, keys: { live: 0, finished: 0, expired: 0, abandoned: 0 } })
+    expect(report.migrations.map((m: { appliedAt: string }) => Number.isNaN(Date.parse(m.appliedAt)))).toEqual([false, false])
+    expect((await cli(['down', '--url', url(), '--table', table, '--yes'])).code).toBe(0)
+  })
+
+  it('records a table made from the printed DDL with migrate --baseline, without changing it, and refuses a table that lacks a change', async () => {
+    const table = `cli_${Math.random().toString(36).slice(2, 8)}`
+    const dialect = { postgres: 'postgresql', mysql: 'mariadb', sqlite: 'sqlite' }[database]
+    const printed = await cli(['sql', '--dialect', dialect, '--table', table])
+    const statements = printed.stdout.split(';\n').filter((statement) => statement.trim())
+    const db = openDatabase(database, location())
+    try {
+      // What Flyway or Prisma would do with the printed DDL, short of its last statement (0002).
+      const last = database === 'mysql' ? -2 : -1
+      for (const statement of statements.slice(0, last)) await sql.raw(statement).execute(db)
+      const before = await cli(['status', '--url', url(), '--table', table, '--json'])
+      expect(before.code).toBe(2)
+      expect(JSON.parse(before.stdout)).toMatchObject({ upToDate: false, tableExists: true })
+      expect((await cli(['status', '--url', url(), '--table', table])).stdout).toContain('exists without a record of these migrations')
+
+      expectOneLine(await cli(['migrate', '--url', url(), '--table', table, '--baseline']), new RegExp(`"${table}" exists but lacks the column codec \\(migration 0002_codec\\)`))
+      expect(await hasTable(db, `${table}_migration`)).toBe(true)
+      expect((await cli(['status', '--url', url(), '--table', table, '--json'])).code).toBe(2)
+
+      for (const statement of statements.slice(last)) await sql.raw(statement).execute(db)
+      const baseline = await cli(['migrate', '--url', url(), '--table', table, '--baseline'])
+      expect(baseline.code, baseline.stderr).toBe(0)
+      expect(baseline.stdout).toContain(`[✓] kysely_idempotency_${table}_0002_codec recorded`)
+      const after = await cli(['status', '--url', url(), '--table', table])
+      expect(after.code, after.stdout).toBe(0)
+      expect(after.stdout).toContain('keys: 0 live')
+      expect((await cli(['migrate', '--url', url(), '--table', table])).stdout).toContain('already up to date')
+      const idempotency = createIdempotency({ db, tableName: table })
+      expect(await idempotency.transaction('k', async () => new Date(7))).toEqual(new Date(7))
+      expect(await idempotency.transaction('k', async () => new Date(8))).toEqual(new Date(7))
+    } finally {
+      await db.destroy()
+    }
+    expect((await cli(['down', '--url', url(), '--table', table, '--yes'])).stdout).toContain('with its 1 key')
+    expectOneLine(await cli(['migrate', '--url', url(), '--table', table, '--baseline']), new RegExp(`no table "${table}" to record as migrated`))
+  })
+
+  it('migrate adopts a table that is in place without its history, making only what it lacks', async () => {
+    const table = `cli_${Math.random().toString(36).slice(2, 8)}`
+    const db = openDatabase(database, location())
+    try {
+      const statements = (await cli(['sql', '--dialect', database, '--table', table])).stdout.split(';\n').filter((statement) => statement.trim())
+      for (const statement of statements.slice(0, database === 'mysql' ? -2 : -1)) await sql.raw(statement).execute(db)
+      const migrated = await cli(['migrate', '--url', url(), '--table', table])
+      expect(migrated.code, migrated.stderr).toBe(0)
+      expect((await cli(['status', '--url', url(), '--table', table])).code).toBe(0)
+      const idempotency = createIdempotency({ db, tableName: table })
+      expect(await idempotency.transaction('k', async () => 1n)).toBe(1n)
+      expect(await idempotency.transaction('k', async () => 2n)).toBe(1n)
+
+      const other = `${table}_x`
+      await db.schema.createTable(other).addColumn('id', 'integer').addColumn('scope', 'text').execute()
+      try {
+        expectOneLine(await cli(['migrate', '--url', url(), '--table', other]), new RegExp(`"${other}" exists but lacks the columns key, fingerprint,.* not an idempotency table`))
+      } finally {
+        await cli(['down', '--url', url(), '--table', other, '--yes'])
+      }
+    } finally {
+      await db.destroy()
+    }
+    await cli(['down', '--url', url(), '--table', table, '--yes'])
   })
 
   it('reports a missing table in one line', async () => {
@@ -108,6 +205,37 @@ describe.each(databases)('the CLI on %s', (database: DatabaseName) => {
 })
 
 describe('the CLI without a database', () => {
+  it('prints its version', async () => {
+    for (const flag of ['--version', '-v']) {
+      const r = await cli([flag])
+      expect(r.code, r.stderr).toBe(0)
+      expect(r.stdout.trim()).toBe(manifest.version)
+    }
+  })
+
+  it('colours its help only on a terminal, and never with NO_COLOR', async () => {
+    // citty would colour these; it must not when stdout is a pipe, whatever the environment.
+    const plain = await cli(['--help'], { NO_COLOR: undefined, TEST: undefined, CI: undefined, VITEST: undefined, TERM: 'xterm-256color' })
+    expect(plain.stdout).toContain('USAGE')
+    expect(plain.stdout).not.toMatch(/\u001b\[/)
+    const terminal = (noColor: string) =>
+      execFileSync('script', ['-qec', `${JSON.stringify(process.execPath)} ${JSON.stringify(bin)} --help`, '/dev/null'], {
+        encoding: 'utf8',
+        env: { PATH: process.env.PATH, TERM: 'xterm-256color', ...(noColor ? { NO_COLOR: noColor } : {}) },
+      })
+    expect(terminal('')).toMatch(/\u001b\[/)
+    expect(terminal('true')).not.toMatch(/\u001b\[/)
+  })
+
+  it('takes the URL schemes as --dialect names', async () => {
+    for (const [alias, name] of [['postgresql', 'postgres'], ['mariadb', 'mysql'], ['SQLite', 'sqlite']]) {
+      const [a, b] = await Promise.all([cli(['sql', '--dialect', alias!]), cli(['sql', '--dialect', name!])])
+      expect(a.code, a.stderr).toBe(0)
+      expect(a.stdout).toBe(b.stdout)
+    }
+    expectOneLine(await cli(['sql', '--dialect', 'toString']), /--dialect postgres\|postgresql\|mysql\|mariadb\|sqlite, got "toString"/)
+  })
+
   it('prints the DDL for each dialect without connecting', async () => {
     const dialects = {
       postgres: [/"phase_results" json/, /alter table "keys" add column "codec" varchar\(255\);\n$/],
@@ -137,7 +265,7 @@ describe('the CLI without a database', () => {
     expectOneLine(await cli(['migrate', '--url', join(dir, 'x.db'), '--table', 'x;y']), /table name "x;y" is not a plain identifier/)
     expectOneLine(await cli(['status', '--url', join(dir, 'missing.db')]), /Cannot open the SQLite file/)
     expectOneLine(await cli(['prune', '--url', join(dir, 'x.db'), '--batch', 'lots']), /--batch must be a positive integer/)
-    expectOneLine(await cli(['sql']), /--dialect postgres\|mysql\|sqlite/)
+    expectOneLine(await cli(['sql']), /--dialect postgres\|postgresql\|mysql\|mariadb\|sqlite\./)
     const unreachable = await cli(['status', '--url', 'postgres://postgres:secret@127.0.0.1:1/test'])
     expectOneLine(unreachable, /Cannot reach postgres:\/\/postgres:\*\*\*@127\.0\.0\.1:1\/test \(ECONNREFUSED\)/)
     expectOneLine(await cli(['status', '--url', 'mysql://root@127.0.0.1:1/test']), /Cannot reach .*ECONNREFUSED/)
@@ -153,3 +281,7 @@ describe('the CLI without a database', () => {
     expectOneLine(await cli(['status', '--url', url.toString()]), /server refused the connection/)
   })
 })
+
+async function hasTable(db: Kysely<unknown>, name: string): Promise<boolean> {
+  return (await db.introspection.getTables()).some((t) => t.name === name)
+}

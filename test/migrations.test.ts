@@ -1,6 +1,7 @@
 import { Migrator } from 'kysely'
 import { afterEach, beforeEach, describe, expect, it } from 'vitest'
-import { createIdempotency, idempotencyMigrations, migrationTables } from '../src/index.js'
+import { createIdempotency, IdempotencyMigrationError, idempotencyMigrations, migrationTables } from '../src/index.js'
+import { detectDialect } from '../src/detect.js'
 import { openFixture, selectedTargets, startWorker, type Fixture } from './support/harness.js'
 
 // Migrations run on a direct connection, never through a pooler in transaction mode (the README
@@ -17,6 +18,8 @@ for (const target of selectedTargets().filter((t) => t.server !== 'pgbouncer')) 
       for (const table of extra) await fx.db.schema.dropTable(table).ifExists().execute()
       await fx.close()
     })
+
+    const columnsOf = (table: string) => (target.dialect?.() ?? detectDialect(fx.db)).upgrades.columns(fx.db, table)
 
     const fresh = (suffix: string) => {
       const table = `${fx.table}_${suffix}`
@@ -43,6 +46,65 @@ for (const target of selectedTargets().filter((t) => t.server !== 'pgbouncer')) 
       }
       expect(await idempotency.transaction('k', async () => 'works')).toBe('works')
       expect((await idempotency.migrate()).results).toEqual([])
+    })
+
+    it('adopts a table a Migrator made under another history table (0.1.0\'s README), making nothing again', async () => {
+      const idempotency = fresh('adopt')
+      const table = idempotency.tableName
+      extra.push(`${table}_old`, `${table}_old_lock`)
+      const old = new Migrator({
+        db: fx.db,
+        provider: idempotencyMigrations({ tableName: table }),
+        migrationTableName: `${table}_old`,
+        migrationLockTableName: `${table}_old_lock`,
+      })
+      expect((await old.migrateToLatest()).error).toBeUndefined()
+      await idempotency.transaction('kept', async () => new Date(1))
+      const adopted = await idempotency.migrate()
+      expect(adopted.results?.map((r) => [r.migrationName, r.status])).toEqual([
+        [`kysely_idempotency_${table}_0001_create`, 'Success'],
+        [`kysely_idempotency_${table}_0002_codec`, 'Success'],
+      ])
+      expect(await idempotency.transaction('kept', async () => new Date(2))).toEqual(new Date(1))
+      expect((await idempotency.migrate()).results).toEqual([])
+      // Your own Migrator, now with the shared history tables, finds everything recorded.
+      const own = new Migrator({ db: fx.db, provider: idempotencyMigrations({ tableName: table }), ...migrationTables(table) })
+      expect((await own.migrateToLatest()).results).toEqual([])
+    })
+
+    it('baseline records only what the table has, changes nothing, and names what it lacks', async () => {
+      const idempotency = fresh('base')
+      const table = idempotency.tableName
+      await expect(idempotency.migrate({ baseline: true })).rejects.toThrow(new RegExp(`no table "${table}" to record as migrated`))
+      const made = new Migrator({
+        db: fx.db,
+        provider: { getMigrations: async () => ({ only: (await idempotencyMigrations({ tableName: table }).getMigrations())[`kysely_idempotency_${table}_0001_create`]! }) },
+        migrationTableName: `${table}_by_hand`,
+        migrationLockTableName: `${table}_by_hand_lock`,
+      })
+      extra.push(`${table}_by_hand`, `${table}_by_hand_lock`)
+      expect((await made.migrateToLatest()).error).toBeUndefined()
+      const refused = idempotency.migrate({ baseline: true })
+      await expect(refused).rejects.toBeInstanceOf(IdempotencyMigrationError)
+      await expect(refused).rejects.toThrow(new RegExp(`"${table}" exists but lacks the column codec \\(migration 0002_codec\\)`))
+      expect(await columnsOf(table)).not.toContain('codec')
+      // Without baseline, the missing change is made and the rest recorded.
+      expect((await idempotency.migrate()).error).toBeUndefined()
+      expect(await columnsOf(table)).toContain('codec')
+      expect(await idempotency.transaction('k', async () => 1n)).toBe(1n)
+    })
+
+    it('refuses a table of that name that is not an idempotency table', async () => {
+      const idempotency = fresh('foreign')
+      await fx.db.schema.createTable(idempotency.tableName).addColumn('id', 'integer').addColumn('key', 'varchar(20)').execute()
+      const refused = idempotency.migrate()
+      await expect(refused).rejects.toBeInstanceOf(IdempotencyMigrationError)
+      await expect(refused).rejects.toThrow(/exists but lacks the columns scope, fingerprint, .*not an idempotency table of this library/)
+    })
+
+    it('names its history tables after the table, idempotency_keys by default', () => {
+      expect(migrationTables()).toEqual({ migrationTableName: 'idempotency_keys_migration', migrationLockTableName: 'idempotency_keys_migration_lock' })
+      expect(() => migrationTables('a;b')).toThrow(/not a plain identifier/)
     })
 
     it('hands its migrations to a Migrator of your own, which can also undo them', async () => {

@@ -1,7 +1,10 @@
-import { execFileSync } from 'node:child_process'
+import { execFile, execFileSync, spawnSync } from 'node:child_process'
 import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
-import { join, resolve } from 'node:path'
+import { dirname, join, resolve } from 'node:path'
+import { promisify } from 'node:util'
+import { publint } from 'publint'
+import { formatMessage } from 'publint/utils'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { inject } from 'vitest'
 import { selectedTargets } from './support/harness.js'
@@ -34,6 +37,136 @@ await db.destroy()
 console.log(JSON.stringify({ first, again, reuse, phases }))
 `
 
+/**
+ * A CommonJS project: `require` of both entry points, a transaction on SQLite and its replay
+ * (values only superjson restores, so its ES module is loaded right through require(esm)), an
+ * Express route, and `import()` of the same package in the same process: two copies of each
+ * error class, each recognising the other's errors.
+ */
+const CJS_CONSUMER = `
+'use strict'
+const { Kysely, SqliteDialect } = require('kysely')
+const Database = require('better-sqlite3')
+const express = require('express')
+const cjs = require('kysely-idempotency')
+const cjsExpress = require('kysely-idempotency/express')
+
+async function main() {
+  const esm = await import('kysely-idempotency')
+  const esmExpress = await import('kysely-idempotency/express')
+  const db = new Kysely({ dialect: new SqliteDialect({ database: new Database(process.argv[2]) }) })
+  const idempotency = cjs.createIdempotency({ db })
+  await idempotency.migrate()
+  await db.schema.createTable('orders').addColumn('id', 'integer', (c) => c.primaryKey()).addColumn('item', 'text').execute()
+  const insert = async (trx, item) => (await trx.insertInto('orders').values({ item }).returning('id').executeTakeFirstOrThrow()).id
+  const place = (key, item) => idempotency.executeTransaction({ key, request: { item } }, async (trx) => ({ id: await insert(trx, item), at: new Date(0), big: 10n }))
+  const first = await place('k1', 'book')
+  const again = await place('k1', 'book')
+
+  const app = express()
+  app.use(express.json())
+  app.post('/orders', cjsExpress.idempotent(idempotency, { scope: () => 'customer-1' }, async (req, trx) => ({ status: 201, body: { id: await insert(trx, req.body.item) } })))
+  const server = await new Promise((ok) => { const s = app.listen(0, '127.0.0.1', () => ok(s)) })
+  const post = async () => {
+    const response = await fetch('http://127.0.0.1:' + server.address().port + '/orders', {
+      method: 'POST', headers: { 'content-type': 'application/json', 'idempotency-key': 'e1' }, body: JSON.stringify({ item: 'pen' }),
+    })
+    return { status: response.status, replayed: response.headers.get('idempotency-replayed'), body: await response.json() }
+  }
+  const http = [await post(), await post()]
+  await new Promise((ok) => server.close(ok))
+
+  const fromCjs = await place('k1', 'other').catch((e) => e)
+  // Each copy gets a Kysely of its own kind: its dialect is recognised by Kysely's adapter classes.
+  const kysely = await import('kysely')
+  const esmDb = new kysely.Kysely({ dialect: new kysely.SqliteDialect({ database: new Database(':memory:') }) })
+  const fromEsm = await esm.createIdempotency({ db: esmDb }).transaction({ key: '', request: 1 }, async () => 1).catch((e) => e)
+  await esmDb.destroy()
+  const conflict = new esm.IdempotencyConflictError('in_flight', 'held', { retryAfter: 1 })
+  const orders = (await db.selectFrom('orders').select('id').execute()).length
+  await db.destroy()
+  console.log(JSON.stringify({
+    first: { ...first, value: { id: first.value.id } },
+    again: { replayed: again.replayed, id: again.value.id, date: again.value.at instanceof Date && again.value.at.getTime(), bigint: again.value.big === 10n },
+    http,
+    orders,
+    resolved: [require.resolve('kysely-idempotency'), require.resolve('kysely-idempotency/express')].map((f) => f.slice(f.indexOf('dist'))),
+    // superjson is an ES module; require(esm) hands the compiled require() its namespace.
+    superjson: (({ __esModule, default: d }) => ({ __esModule, default: typeof d }))(require('superjson')),
+    copies: {
+      distinct: cjs.IdempotencyError !== esm.IdempotencyError && cjsExpress.idempotent !== esmExpress.idempotent,
+      requireKinds: [typeof cjs.createIdempotency, typeof cjsExpress.idempotent, typeof cjsExpress.idempotentFlow],
+      importKinds: [typeof esm.createIdempotency, typeof esmExpress.idempotent, typeof esmExpress.idempotentFlow],
+    },
+    fromCjs: {
+      name: fromCjs.name,
+      own: fromCjs instanceof cjs.IdempotencyKeyReuseError,
+      esmClass: fromCjs instanceof esm.IdempotencyKeyReuseError,
+      esmBase: fromCjs instanceof esm.IdempotencyError,
+      esmOther: fromCjs instanceof esm.IdempotencyConflictError,
+    },
+    fromEsm: {
+      name: fromEsm.name,
+      own: fromEsm instanceof esm.InvalidIdempotencyKeyError,
+      cjsClass: fromEsm instanceof cjs.InvalidIdempotencyKeyError,
+      cjsBase: fromEsm instanceof cjs.IdempotencyError,
+      cjsOther: fromEsm instanceof cjs.IdempotencyKeyReuseError,
+    },
+    conflict: conflict instanceof cjs.IdempotencyConflictError && conflict instanceof cjs.IdempotencyError && !(conflict instanceof cjs.IdempotencyKeyReuseError),
+    plain: new Error('x') instanceof cjs.IdempotencyError || null instanceof cjs.IdempotencyError,
+  }))
+}
+main().catch((error) => { console.error(error); process.exitCode = 1 })
+`
+
+/**
+ * A TypeScript consumer, compiled (not run) under each module resolution mode. The
+ * `@ts-expect-error` lines fail the compilation if the package's types resolve to `any`.
+ */
+const TYPES_CONSUMER = `
+import { createIdempotency, IdempotencyConflictError, type Idempotency } from 'kysely-idempotency'
+import { idempotent } from 'kysely-idempotency/express'
+import { Kysely, type Generated, type Transaction } from 'kysely'
+
+interface DB { orders: { id: Generated<number>; item: string } }
+declare const db: Kysely<DB>
+
+const idempotency: Idempotency<DB> = createIdempotency({ db, tableName: 'idempotency_keys' })
+const transaction: Idempotency<DB>['transaction'] = idempotency.transaction
+export const placed: Promise<{ value: number; replayed: boolean }> = idempotency.executeTransaction({ key: 'k' }, async (trx: Transaction<DB>) => {
+  const { id } = await trx.insertInto('orders').values({ item: 'book' }).returning('id').executeTakeFirstOrThrow()
+  return id
+})
+// @ts-expect-error tableName is a string
+createIdempotency({ db, tableName: 42 })
+// @ts-expect-error the function returns a number
+export const wrong: Promise<string> = transaction({ key: 'k' }, async () => 1)
+
+export function code(err: unknown): 'conflict' | undefined {
+  if (!(err instanceof IdempotencyConflictError)) return undefined
+  const c: 'conflict' = err.code
+  const seconds: number = err.retryAfter
+  // @ts-expect-error code is the literal 'conflict'
+  const other: 'key_reuse' = err.code
+  return seconds >= 0 && other ? c : c
+}
+
+export const route: (req: any, res: any, next: (error?: unknown) => void) => void = idempotent(
+  idempotency,
+  { scope: (req) => req.get('x-customer') ?? 'anonymous' },
+  async (req, trx) => ({ status: 201, body: { method: req.method, id: (await trx.selectFrom('orders').select('id').executeTakeFirst())?.id } }),
+)
+// @ts-expect-error scope is required
+idempotent(idempotency, {}, async () => ({ status: 200 }))
+`
+
+/** Each TypeScript resolution mode a consumer may use: its compiler options and its files. */
+const TYPE_MODES: Record<string, { compilerOptions: Record<string, string>; files: string[] }> = {
+  node10: { compilerOptions: { module: 'commonjs', moduleResolution: 'node10' }, files: ['node10.ts'] },
+  node16: { compilerOptions: { module: 'node16', moduleResolution: 'node16' }, files: ['node16.cts', 'node16.mts'] },
+  bundler: { compilerOptions: { module: 'esnext', moduleResolution: 'bundler' }, files: ['bundler.ts'] },
+}
+
 /** `names` and, transitively, the packages they depend on. */
 function withDependencies(names: string[]): string[] {
   const found = new Set<string>()
@@ -49,28 +182,107 @@ function withDependencies(names: string[]): string[] {
 
 describe('the packed package', () => {
   let project: string
+  let tarballPath: string
   beforeAll(() => {
     project = mkdtempSync(join(tmpdir(), 'kidem-pack-'))
     const tarball = execFileSync('npm', ['pack', '--silent', '--pack-destination', project], { cwd: root, encoding: 'utf8' }).trim().split('\n').at(-1)!
+    tarballPath = join(project, tarball)
     const installed = join(project, 'node_modules', 'kysely-idempotency')
     mkdirSync(installed, { recursive: true })
-    execFileSync('tar', ['-xzf', join(project, tarball), '-C', installed, '--strip-components=1'])
+    execFileSync('tar', ['-xzf', tarballPath, '-C', installed, '--strip-components=1'])
     // Installing from the registry would need the network; the peers and the runtime
     // dependencies (with theirs) are linked from this checkout.
     const { dependencies } = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')) as { dependencies: Record<string, string> }
-    for (const name of new Set(['kysely', 'pg', 'mysql2', 'better-sqlite3', 'express', ...withDependencies(Object.keys(dependencies))])) {
+    // ...and the type declarations a TypeScript consumer would have installed.
+    const types = withDependencies(['@types/node', '@types/express', '@types/better-sqlite3'])
+    for (const name of new Set(['kysely', 'pg', 'mysql2', 'better-sqlite3', 'express', ...withDependencies(Object.keys(dependencies)), ...types])) {
+      mkdirSync(dirname(join(project, 'node_modules', name)), { recursive: true })
       symlinkSync(join(root, 'node_modules', name), join(project, 'node_modules', name))
     }
     writeFileSync(join(project, 'package.json'), JSON.stringify({ type: 'module', private: true }))
     writeFileSync(join(project, 'consumer.mjs'), CONSUMER)
+    writeFileSync(join(project, 'consumer.cjs'), CJS_CONSUMER)
+    for (const [mode, { compilerOptions, files }] of Object.entries(TYPE_MODES)) {
+      for (const file of files) writeFileSync(join(project, file), TYPES_CONSUMER)
+      const options = { ...compilerOptions, target: 'es2022', lib: ['es2023'], types: ['node'], strict: true, noEmit: true, skipLibCheck: false }
+      writeFileSync(join(project, `tsconfig.${mode}.json`), JSON.stringify({ compilerOptions: options, files }))
+    }
   }, 120_000)
   afterAll(() => rmSync(project, { recursive: true, force: true }))
 
   it('ships built code and type declarations, and no tests', () => {
     const files = readdirSync(join(project, 'node_modules', 'kysely-idempotency'), { recursive: true }).map(String)
-    expect(files).toContain(join('dist', 'src', 'index.js'))
-    expect(files).toContain(join('dist', 'src', 'index.d.ts'))
+    for (const build of ['esm', 'cjs']) {
+      for (const entry of ['src', 'express']) {
+        expect(files).toContain(join('dist', build, entry, 'index.js'))
+        expect(files).toContain(join('dist', build, entry, 'index.d.ts'))
+      }
+    }
+    expect(files).toContain(join('dist', 'esm', 'cli', 'index.js'))
+    expect(files.some((f) => f.startsWith(join('dist', 'cjs', 'cli')))).toBe(false)
+    expect(JSON.parse(readFileSync(join(project, 'node_modules', 'kysely-idempotency', 'dist', 'cjs', 'package.json'), 'utf8'))).toEqual({ type: 'commonjs' })
     expect(files.some((f) => f.includes('test'))).toBe(false)
+  })
+
+  it('has types that resolve under every module resolution (attw)', () => {
+    const attw = join(root, 'node_modules', '@arethetypeswrong', 'cli', 'dist', 'index.js')
+    // --format json exits 1 when there are problems; the report is on stdout either way.
+    const { stdout, status, stderr } = spawnSync(process.execPath, [attw, tarballPath, '--format', 'json', '--profile', 'strict'], { cwd: project, encoding: 'utf8' })
+    const { analysis, problems } = JSON.parse(stdout) as {
+      analysis: { types: { kind: string }; problems: unknown[]; entrypoints: Record<string, { resolutions: Record<string, { resolution?: { fileName: string } }> }> }
+      problems: Record<string, unknown[]>
+    }
+    expect(analysis.problems, stdout).toEqual([])
+    expect(problems).toEqual({})
+    expect(status, stderr).toBe(0)
+    expect(analysis.types.kind).toBe('included')
+    const resolved = Object.fromEntries(
+      Object.entries(analysis.entrypoints).map(([entry, { resolutions }]) => [entry, Object.fromEntries(Object.entries(resolutions).map(([mode, r]) => [mode, r.resolution?.fileName]))]),
+    )
+    const cjs = (entry: string) => `/node_modules/kysely-idempotency/dist/cjs/${entry}/index.d.ts`
+    const esm = (entry: string) => `/node_modules/kysely-idempotency/dist/esm/${entry}/index.d.ts`
+    expect(resolved).toEqual({
+      '.': { node10: cjs('src'), 'node16-cjs': cjs('src'), 'node16-esm': esm('src'), bundler: esm('src') },
+      './express': { node10: cjs('express'), 'node16-cjs': cjs('express'), 'node16-esm': esm('express'), bundler: esm('express') },
+      './package.json': expect.anything(),
+    })
+  })
+
+  it('passes publint with no errors, warnings or suggestions', async () => {
+    const data = readFileSync(tarballPath)
+    const { messages, pkg } = await publint({ pack: { tarball: data.buffer.slice(data.byteOffset, data.byteOffset + data.byteLength) as ArrayBuffer }, level: 'suggestion' })
+    expect(messages.map((m) => `${m.type}: ${formatMessage(m, pkg, { color: false }) ?? m.code}`)).toEqual([])
+  })
+
+  it('works from CommonJS, next to its ES module copy in the same process', () => {
+    const { stdout, stderr, status } = spawnSync(process.execPath, [join(project, 'consumer.cjs'), join(project, 'cjs.db')], { cwd: project, encoding: 'utf8' })
+    expect(status, stderr).toBe(0)
+    expect(stderr).toBe('')
+    expect(JSON.parse(stdout)).toEqual({
+      first: { value: { id: 1 }, replayed: false },
+      again: { replayed: true, id: 1, date: 0, bigint: true },
+      http: [
+        { status: 201, replayed: null, body: { id: 2 } },
+        { status: 201, replayed: 'true', body: { id: 2 } },
+      ],
+      orders: 2,
+      resolved: [join('dist', 'cjs', 'src', 'index.js'), join('dist', 'cjs', 'express', 'index.js')],
+      superjson: { __esModule: true, default: 'function' },
+      copies: { distinct: true, requireKinds: ['function', 'function', 'function'], importKinds: ['function', 'function', 'function'] },
+      fromCjs: { name: 'IdempotencyKeyReuseError', own: true, esmClass: true, esmBase: true, esmOther: false },
+      fromEsm: { name: 'InvalidIdempotencyKeyError', own: true, cjsClass: true, cjsBase: true, cjsOther: false },
+      conflict: true,
+      plain: false,
+    })
+  })
+
+  it.each(Object.keys(TYPE_MODES))('type-checks a TypeScript consumer under moduleResolution %s', async (mode) => {
+    const tsc = join(root, 'node_modules', 'typescript', 'bin', 'tsc')
+    const outcome = await promisify(execFile)(process.execPath, [tsc, '-p', `tsconfig.${mode}.json`, '--pretty', 'false'], { cwd: project, encoding: 'utf8' }).then(
+      () => '',
+      (error: { stdout: string; stderr: string }) => error.stdout + error.stderr || String(error),
+    )
+    expect(outcome).toBe('')
   })
 
   it('runs the command-line tool named in bin', () => {

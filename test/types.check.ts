@@ -4,7 +4,17 @@
  * `@ts-expect-error` fails the type check if the line below it compiles.
  */
 import type { InsertResult, Kysely, Transaction } from 'kysely'
-import type { Flow, Idempotency } from '../src/index.js'
+import {
+  IdempotencyConflictError,
+  IdempotencyError,
+  IdempotencyKeyReuseError,
+  IdempotencyMigrationError,
+  problemDetails,
+  type ConflictReason,
+  type Flow,
+  type Idempotency,
+  type IdempotencyErrorCode,
+} from '../src/index.js'
 
 interface Database {
   orders: { id: number; item: string; created_at: Date; amount: bigint }
@@ -73,4 +83,23 @@ export async function refusesWhatCannotBeStored() {
   })
   // @ts-expect-error so is the flow's response
   await idempotency.run('k', async () => ({ render: () => 'x' }))
+}
+
+export function errorCodesAreAUnionThatEachClassNarrows(error: unknown) {
+  if (error instanceof IdempotencyError) {
+    expectType<typeof error.code, IdempotencyErrorCode>(true)
+    // @ts-expect-error a code no error has
+    if (error.code === 'no_such_code') return
+  }
+  if (error instanceof IdempotencyConflictError) {
+    expectType<typeof error.code, 'conflict'>(true)
+    expectType<typeof error.reason, ConflictReason>(true)
+  }
+  if (error instanceof IdempotencyKeyReuseError) expectType<typeof error.code, 'key_reuse'>(true)
+  if (error instanceof IdempotencyMigrationError) expectType<typeof error.code, 'migration_failed'>(true)
+  if (error instanceof IdempotencyError) {
+    const problem = problemDetails(error)
+    expectType<typeof problem.status, number>(true)
+    expectType<typeof problem.body.detail, string | undefined>(true)
+  }
 }

@@ -1,17 +1,34 @@
+import { createInterface } from 'node:readline/promises'
 import { defineCommand } from 'citty'
-import { Migrator } from 'kysely'
-import { idempotencyMigrations, migrationTables } from '../../migrations/index.js'
+import { countKeys, dropTable } from '../../migrations/index.js'
+import { detectDialect } from '../../src/detect.js'
 import { connectionArgs, withDatabase } from '../args.js'
+import { CliError } from '../errors.js'
 
 export const down = defineCommand({
-  meta: { name: 'down', description: 'Undo the last applied migration of the idempotency table (the first one drops the table)' },
-  args: connectionArgs,
+  meta: {
+    name: 'down',
+    description: 'Drop the idempotency table with its keys, and its migration history; asks first, or pass --yes',
+  },
+  args: {
+    ...connectionArgs,
+    yes: { type: 'boolean', description: 'Drop without asking (needed when not run from a terminal)', default: false },
+  },
   run: ({ args }) =>
     withDatabase(args, { create: false }, async ({ db, table }) => {
-      const migrator = new Migrator({ db, provider: idempotencyMigrations({ tableName: table }), ...migrationTables(table) })
-      const { error, results = [] } = await migrator.migrateDown()
-      if (error) throw error
-      for (const r of results) console.log(`[✓] ${r.migrationName} undone`)
-      if (!results.length) console.log(`No migration of "${table}" to undo.`)
+      const keys = await countKeys(db, table, detectDialect(db))
+      const what = keys === undefined ? `the migration history of "${table}" (there is no such table)` : `the table "${table}" with its ${plural(keys)}, and its migration history`
+      if (!args.yes) {
+        if (!process.stdin.isTTY || !process.stdout.isTTY) throw new CliError(`down drops ${what}; pass --yes to confirm.`)
+        const prompt = createInterface({ input: process.stdin, output: process.stdout })
+        const answer = await prompt.question(`Drop ${what}? Replays of those keys are lost. [y/N] `).finally(() => prompt.close())
+        if (!/^y(es)?$/i.test(answer.trim())) return console.log('Nothing dropped.')
+      }
+      await dropTable(db, table)
+      console.log(`Dropped ${what}.`)
     }),
 })
+
+function plural(keys: number): string {
+  return `${keys} ${keys === 1 ? 'key' : 'keys'}`
+}

@@ -18,7 +18,7 @@ import {
 import { mysqlDialect } from '../../dialects/mysql.js'
 import { postgresDialect } from '../../dialects/postgres.js'
 import { sqliteDialect } from '../../dialects/sqlite.js'
-import { idempotencyMigrations } from '../../migrations/index.js'
+import { schemaMigrations } from '../../migrations/index.js'
 import { checkTableName, DEFAULT_TABLE } from '../../src/detect.js'
 import { CliError } from '../errors.js'
 
@@ -28,16 +28,24 @@ const DIALECTS = {
   sqlite: { module: sqliteDialect, adapter: SqliteAdapter, compiler: SqliteQueryCompiler, introspector: SqliteIntrospector },
 }
 
+/** The other names of each database, as in the URL schemes `--url` takes. */
+const ALIASES: Readonly<Record<string, keyof typeof DIALECTS>> = { postgresql: 'postgres', mariadb: 'mysql' }
+
 export const sqlCommand = defineCommand({
   meta: { name: 'sql', description: 'Print the DDL of the idempotency table without connecting (for Prisma, Flyway, Atlas…)' },
   args: {
-    dialect: { type: 'enum', options: Object.keys(DIALECTS), description: 'Database to write the DDL for', required: true },
+    dialect: { type: 'string', description: 'Database to write the DDL for: postgres (postgresql), mysql (mariadb) or sqlite', valueHint: 'name' },
     table: { type: 'string', description: 'Name of the idempotency table', default: DEFAULT_TABLE, valueHint: 'name' },
     debug: { type: 'boolean', description: 'Show the stack trace of an error', default: false },
   },
   async run({ args }) {
-    const chosen = DIALECTS[args.dialect as keyof typeof DIALECTS]
-    if (!chosen) throw new CliError(`Choose the database with --dialect ${Object.keys(DIALECTS).join('|')}.`)
+    const name = args.dialect?.toLowerCase() ?? ''
+    const key = Object.hasOwn(ALIASES, name) ? ALIASES[name]! : name
+    const chosen = Object.hasOwn(DIALECTS, key) ? DIALECTS[key as keyof typeof DIALECTS] : undefined
+    if (!chosen) {
+      const got = args.dialect === undefined ? '' : `, got "${args.dialect}"`
+      throw new CliError(`Choose the database with --dialect postgres|postgresql|mysql|mariadb|sqlite${got}.`)
+    }
     for (const statement of await ddl(chosen, checkTableName(args.table))) console.log(`${statement};`)
   },
 })
@@ -71,7 +79,7 @@ async function ddl(chosen: (typeof DIALECTS)[keyof typeof DIALECTS], table: stri
       createQueryCompiler: () => new chosen.compiler(),
     },
   })
-  const migrations = await idempotencyMigrations({ tableName: table, dialect: chosen.module }).getMigrations()
+  const migrations = await schemaMigrations(table, chosen.module, 'print').getMigrations()
   for (const name of Object.keys(migrations).sort()) await migrations[name]!.up(db)
   return statements
 }

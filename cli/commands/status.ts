@@ -1,21 +1,35 @@
 import { defineCommand } from 'citty'
 import { Migrator } from 'kysely'
 import { idempotencyMigrations, migrationTables } from '../../migrations/index.js'
+import { detectDialect } from '../../src/detect.js'
 import { connectionArgs, withDatabase } from '../args.js'
+import { EXIT } from '../errors.js'
 
 export const status = defineCommand({
-  meta: { name: 'status', description: 'Show applied and pending migrations and how many keys are live, finished, expired or abandoned' },
-  args: connectionArgs,
+  meta: {
+    name: 'status',
+    description: 'Show applied and pending migrations and how many keys are live, finished, expired or abandoned; exits 2 while migrations are pending',
+  },
+  args: {
+    ...connectionArgs,
+    json: { type: 'boolean', description: 'Print one JSON object instead of text', default: false },
+  },
   run: ({ args }) =>
     withDatabase(args, { create: false }, async ({ db, table, idempotency }) => {
       const migrator = new Migrator({ db, provider: idempotencyMigrations({ tableName: table }), ...migrationTables(table) })
-      const migrations = await migrator.getMigrations()
-      for (const m of migrations) console.log(m.executedAt ? `[✓] ${m.name}  applied ${m.executedAt.toISOString()}` : `[ ] ${m.name}  pending`)
-      if (migrations.some((m) => !m.executedAt)) {
-        console.log(`The table "${table}" needs migrating: run kysely-idempotency migrate.`)
-        return
-      }
-      const c = await idempotency.counts()
-      console.log(`keys: ${c.live} live, ${c.finished} finished, ${c.expired} expired, ${c.abandoned} abandoned`)
+      const migrations = (await migrator.getMigrations()).map((m) => ({ name: m.name, appliedAt: m.executedAt?.toISOString() ?? null }))
+      const pending = migrations.some((m) => m.appliedAt === null)
+      // A table made from the printed DDL, or migrated with another history, is in place but unrecorded.
+      const inPlace = pending && (await detectDialect(db).upgrades.columns(db, table)).length > 0
+      const keys = pending ? null : await idempotency.counts()
+      if (pending) process.exitCode = EXIT.pending
+      if (args.json) return console.log(JSON.stringify({ table, upToDate: !pending, tableExists: !pending || inPlace, migrations, keys }))
+      for (const m of migrations) console.log(m.appliedAt ? `[✓] ${m.name}  applied ${m.appliedAt}` : `[ ] ${m.name}  pending`)
+      if (keys) return console.log(`keys: ${keys.live} live, ${keys.finished} finished, ${keys.expired} expired, ${keys.abandoned} abandoned`)
+      console.log(
+        inPlace
+          ? `The table "${table}" exists without a record of these migrations: run kysely-idempotency migrate (it records what the table has and makes only what it lacks; --baseline makes nothing).`
+          : `The table "${table}" needs migrating: run kysely-idempotency migrate.`,
+      )
     }),
 })

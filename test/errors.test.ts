@@ -1,0 +1,86 @@
+import { describe, expect, it } from 'vitest'
+import {
+  IdempotencyConflictError,
+  IdempotencyError,
+  IdempotencyFlowError,
+  IdempotencyKeyReuseError,
+  IdempotencyLockLostError,
+  IdempotencyMigrationError,
+  IdempotencySerializationError,
+  IdempotencySetupError,
+  InvalidIdempotencyKeyError,
+  mysqlDialect,
+  postgresDialect,
+  problemDetails,
+  sqliteDialect,
+} from '../src/index.js'
+
+describe('problemDetails', () => {
+  it('answers each 4xx with its status, an RFC 9457 body that says what happened, and Retry-After on a 409', () => {
+    const cases: Array<[IdempotencyError, number, string, Record<string, string>]> = [
+      [new InvalidIdempotencyKeyError('The key is empty.'), 400, 'Invalid idempotency key', {}],
+      [new IdempotencyKeyReuseError('Used with another request.'), 422, 'Idempotency key reused', {}],
+      [new IdempotencyConflictError('in_flight', 'Still running.', { retryAfter: 3 }), 409, 'Request with this idempotency key in progress', { 'Retry-After': '3' }],
+      [new IdempotencyLockLostError('Taken over.'), 409, 'Request taken over by a retry', { 'Retry-After': '1' }],
+    ]
+    for (const [error, status, title, extra] of cases) {
+      expect(problemDetails(error)).toEqual({
+        status,
+        headers: { 'Content-Type': 'application/problem+json', ...extra },
+        body: { type: `urn:kysely-idempotency:${error.code}`, title, status, detail: error.message },
+      })
+    }
+  })
+
+  it('keeps the message of a 5xx on the server', () => {
+    const secrets = 'relation "secret_schema.idempotency_keys" does not exist'
+    for (const error of [
+      new IdempotencySetupError(secrets),
+      new IdempotencySerializationError(secrets),
+      new IdempotencyFlowError(secrets),
+      new IdempotencyMigrationError(secrets),
+    ]) {
+      const problem = problemDetails(error)
+      expect(problem.status).toBe(500)
+      expect(problem.body).toEqual({ type: `urn:kysely-idempotency:${error.code}`, title: expect.any(String), status: 500 })
+      expect(JSON.stringify(problem)).not.toContain('secret')
+    }
+  })
+})
+
+describe('error classes', () => {
+  it('are recognised by instanceof across two copies of the module (the CommonJS and ES module builds)', async () => {
+    // A query string makes the module loader evaluate the file again: a second copy.
+    const copy = '../src/errors.js?another-copy'
+    const other = (await import(copy)) as typeof import('../src/errors.js')
+    expect(other.IdempotencyConflictError).not.toBe(IdempotencyConflictError)
+    const theirs = new other.IdempotencyConflictError('race', 'Lost a race.', { retryAfter: 1 })
+    expect(theirs).toBeInstanceOf(IdempotencyConflictError)
+    expect(theirs).toBeInstanceOf(IdempotencyError)
+    expect(theirs).toBeInstanceOf(Error)
+    expect(theirs).not.toBeInstanceOf(IdempotencyKeyReuseError)
+    expect(new IdempotencyKeyReuseError('x')).toBeInstanceOf(other.IdempotencyError)
+    expect(new IdempotencyKeyReuseError('x')).not.toBeInstanceOf(other.IdempotencyConflictError)
+    expect(new Error('plain')).not.toBeInstanceOf(IdempotencyError)
+    for (const value of [null, undefined, 'IdempotencyError', { [Symbol.for('kysely-idempotency.error')]: 'IdempotencyError' }]) {
+      expect(value instanceof IdempotencyError).toBe(false)
+    }
+    expect(theirs.name).toBe('IdempotencyConflictError')
+    expect(Object.keys(theirs)).not.toContain(Symbol.for('kysely-idempotency.error'))
+  })
+})
+
+describe('dialect detection', () => {
+  it('recognises the adapters of another copy of Kysely (its CommonJS build), and no other database', async () => {
+    const { createRequire } = await import('node:module')
+    const cjs = createRequire(import.meta.url)('kysely') as typeof import('kysely')
+    const { SqliteAdapter } = await import('kysely')
+    expect(cjs.SqliteAdapter).not.toBe(SqliteAdapter)
+    expect(sqliteDialect.supports(new cjs.SqliteAdapter())).toBe(true)
+    expect(postgresDialect.supports(new cjs.SqliteAdapter())).toBe(false)
+    expect(mysqlDialect().supports(new cjs.PostgresAdapter())).toBe(false)
+    expect(postgresDialect.supports(new cjs.PostgresAdapter())).toBe(true)
+    class Custom extends cjs.MysqlAdapter {}
+    expect(mysqlDialect().supports(new Custom())).toBe(true)
+  })
+})

@@ -1,0 +1,219 @@
+import { afterEach, beforeEach, describe, expect, it } from 'vitest'
+import { IdempotencyConflictError, IdempotencyKeyReuseError, createIdempotency, type Flow, type Idempotency } from '../src/index.js'
+import { openDatabase } from './support/databases.js'
+import { gate, openFixture, selectedTargets, type Fixture } from './support/harness.js'
+import { sleep } from './support/util.js'
+
+/** When a promise settled, relative to `since`, and how. */
+async function timed<T>(since: number, call: Promise<T>): Promise<{ at: number; value?: T; error?: unknown }> {
+  try {
+    const value = await call
+    return { at: Date.now() - since, value }
+  } catch (error) {
+    return { at: Date.now() - since, error }
+  }
+}
+
+for (const target of selectedTargets()) {
+  const serverPool = target.database !== 'sqlite'
+
+  describe(`in-flight duplicates: ${target.id}`, () => {
+    let fx: Fixture
+    beforeEach(async () => {
+      fx = await openFixture(target)
+    })
+    afterEach(async () => {
+      await fx.close()
+    })
+
+    /** An instance on a pool of `size` connections, as a small app server has. */
+    const onPool = (size: number, options: { conflictWait?: number } = {}) => {
+      const db = openDatabase(target.database, fx.location, size)
+      const idempotency = createIdempotency({ db, tableName: fx.table, ...(target.dialect ? { dialect: target.dialect() } : {}), ...options })
+      return { db, idempotency }
+    }
+
+    const slowCharge = (idempotency: Idempotency<any>, key: string, runs: { n: number }, ms = 1500, request: unknown = 'charge') =>
+      idempotency.executeTransaction({ key, request }, async (trx) => {
+        runs.n++
+        await fx.effect(trx, key)
+        await sleep(ms)
+        return { charge: key, at: new Date(5) }
+      })
+
+    it('waits for the running attempt in memory: one execution, 50 replays, and the pool stays free for other requests', async () => {
+      const { db, idempotency } = onPool(2)
+      try {
+        const runs = { n: 0 }
+        const start = Date.now()
+        const first = timed(start, slowCharge(idempotency, 'slow', runs))
+        await sleep(100)
+        const duplicates = Array.from({ length: 50 }, () => timed(start, slowCharge(idempotency, 'slow', runs)))
+        await sleep(200)
+        // Another key, another request: it needs the pool's second connection.
+        const other = timed(start, idempotency.transaction({ key: 'other', request: 1 }, async (trx) => fx.effect(trx, 'other').then(() => 'done')))
+        const [firstDone, otherDone, ...duplicatesDone] = await Promise.all([first, other, ...duplicates])
+        expect(firstDone.value).toEqual({ value: { charge: 'slow', at: new Date(5) }, replayed: false })
+        for (const d of duplicatesDone) {
+          expect(d.error).toBeUndefined()
+          expect(d.value).toEqual({ value: { charge: 'slow', at: new Date(5) }, replayed: true })
+          expect(d.at).toBeLessThan(100 + 5000 + 2000)
+        }
+        expect(runs.n).toBe(1)
+        expect(await fx.effects('slow')).toBe(1)
+        expect(otherDone.value).toBe('done')
+        // SQLite's Kysely dialect runs one query at a time per process, so there the other
+        // request waits for the slow transaction whatever the duplicates do (README).
+        if (serverPool) expect(otherDone.at).toBeLessThan(firstDone.at)
+      } finally {
+        await db.destroy()
+      }
+    })
+
+    it('with conflictWait 0, answers every duplicate 409 at once, from memory', async () => {
+      const { db, idempotency } = onPool(2, { conflictWait: 0 })
+      try {
+        const runs = { n: 0 }
+        const start = Date.now()
+        const first = timed(start, slowCharge(idempotency, 'now', runs))
+        await sleep(100)
+        const duplicates = await Promise.all(Array.from({ length: 50 }, () => timed(start, slowCharge(idempotency, 'now', runs))))
+        const firstDone = await first
+        for (const d of duplicates) {
+          expect(d.error).toBeInstanceOf(IdempotencyConflictError)
+          expect(d.error).toMatchObject({ reason: 'in_flight', retryAfter: 1, status: 409 })
+          expect(d.at).toBeLessThan(firstDone.at)
+        }
+        expect(runs.n).toBe(1)
+        expect(await slowCharge(idempotency, 'now', runs)).toMatchObject({ replayed: true })
+      } finally {
+        await db.destroy()
+      }
+    })
+
+    // Across SQLite processes a writer waits for the write lock (any writer's) for the busy timeout.
+    if (serverPool) it('with conflictWait 0, answers a duplicate from another process (another instance) 409 without waiting for the first', async () => {
+      const here = onPool(2)
+      const there = onPool(2, { conflictWait: 0 })
+      try {
+        const runs = { n: 0 }
+        const start = Date.now()
+        const first = timed(start, slowCharge(here.idempotency, 'elsewhere', runs, 3000))
+        await sleep(300)
+        const duplicate = await timed(start, slowCharge(there.idempotency, 'elsewhere', runs))
+        expect(duplicate.error).toBeInstanceOf(IdempotencyConflictError)
+        expect(duplicate.error).toMatchObject({ reason: 'in_flight' })
+        // MySQL proper cannot wait less than 1 s; MariaDB and Postgres do not wait at all.
+        expect(duplicate.at).toBeLessThan(300 + 1500)
+        expect((await first).value).toMatchObject({ replayed: false })
+        expect(runs.n).toBe(1)
+      } finally {
+        await Promise.all([here.db.destroy(), there.db.destroy()])
+      }
+    })
+
+    it('lets one waiting duplicate run when the first rolls back, and replays its answer to the others', async () => {
+      const runs = { n: 0 }
+      const hold = gate()
+      const first = fx.idempotency.transaction({ key: 'retry', request: 1 }, async (trx) => {
+        runs.n++
+        await fx.effect(trx, 'retry')
+        await hold.promise
+        throw new Error('the first attempt fails')
+      })
+      await sleep(50)
+      const duplicates = Array.from({ length: 10 }, (_, i) =>
+        fx.idempotency.executeTransaction({ key: 'retry', request: 1 }, async (trx) => {
+          runs.n++
+          await fx.effect(trx, 'retry')
+          return `ran in duplicate ${i}`
+        }),
+      )
+      hold.open()
+      await expect(first).rejects.toThrow('the first attempt fails')
+      const answers = await Promise.all(duplicates)
+      expect(runs.n).toBe(2)
+      expect(answers.filter((a) => !a.replayed)).toHaveLength(1)
+      expect(new Set(answers.map((a) => a.value)).size).toBe(1)
+      expect(await fx.effects('retry')).toBe(1)
+    })
+
+    it('answers a waiting duplicate with another request 422 once the first has finished', async () => {
+      const hold = gate()
+      const first = fx.idempotency.transaction({ key: 'k', request: { amount: 1 } }, async () => {
+        await hold.promise
+        return 'first'
+      })
+      await sleep(50)
+      const other = fx.idempotency.transaction({ key: 'k', request: { amount: 2 } }, async () => 'second')
+      await sleep(50)
+      hold.open()
+      expect(await first).toBe('first')
+      await expect(other).rejects.toBeInstanceOf(IdempotencyKeyReuseError)
+    })
+
+    it('answers 409 when the wait runs out, and the first attempt still finishes once', async () => {
+      const runs = { n: 0 }
+      const first = slowCharge(fx.idempotency, 'late', runs, 1200)
+      await sleep(50)
+      const start = Date.now()
+      const waited = await timed(start, fx.idempotency.executeTransaction({ key: 'late', request: 'charge' }, async () => 'never', { conflictWait: 300 }))
+      expect(waited.error).toMatchObject({ reason: 'in_flight' })
+      expect(waited.at).toBeGreaterThanOrEqual(280)
+      expect(waited.at).toBeLessThan(1200)
+      expect(await first).toMatchObject({ replayed: false })
+      expect(runs.n).toBe(1)
+    })
+
+    it('refuses a call nested in its own function at once, naming it', async () => {
+      const start = Date.now()
+      const nested = fx.idempotency.transaction({ key: 'outer', request: 1 }, () =>
+        fx.idempotency.transaction({ key: 'outer', request: 1 }, async () => 'inner'),
+      )
+      await expect(nested).rejects.toMatchObject({ reason: 'nested' })
+      expect(Date.now() - start).toBeLessThan(2000)
+      const inFlow = fx.idempotency.run({ key: 'flow', request: 1 }, (flow) =>
+        flow.phase('one', async (trx) => fx.idempotency.withIdempotency(trx, { key: 'flow', request: 1 }, async () => 1)),
+      )
+      await expect(inFlow).rejects.toMatchObject({ reason: 'nested' })
+    })
+
+    it('coalesces duplicates of an atomic-phases flow: they wait, then get its answer', async () => {
+      const hold = gate()
+      const runs = { n: 0 }
+      const flow = (name: string) => async (f: Flow<any, string>) => {
+        runs.n++
+        await f.phase('write', (trx) => fx.effect(trx, 'ride'))
+        await hold.promise
+        return name
+      }
+      const first = fx.idempotency.executeRun({ key: 'ride', request: 1 }, flow('first'))
+      await sleep(50)
+      const duplicates = Array.from({ length: 5 }, (_, i) => fx.idempotency.executeRun({ key: 'ride', request: 1 }, flow(`dup ${i}`)))
+      await sleep(50)
+      hold.open()
+      expect(await first).toEqual({ value: 'first', replayed: false })
+      for (const d of await Promise.all(duplicates)) expect(d).toEqual({ value: 'first', replayed: true })
+      expect(runs.n).toBe(1)
+      expect(await fx.effects('ride')).toBe(1)
+    })
+
+    // On SQLite the caller's own transaction cannot even begin while the first one is open.
+    if (serverPool) it('withIdempotency in your own transaction: a duplicate waits in the database, or with conflictWait 0 gets 409 at once', async () => {
+      const hold = gate()
+      const first = fx.idempotency.transaction({ key: 'own', request: 1 }, async () => {
+        await hold.promise
+        return 'first'
+      })
+      await sleep(50)
+      const start = Date.now()
+      const refused = fx.db.transaction().execute((trx) => fx.idempotency.withIdempotency(trx, { key: 'own', request: 1 }, async () => 'second', { conflictWait: 0 }))
+      await expect(refused).rejects.toMatchObject({ reason: 'in_flight' })
+      expect(Date.now() - start).toBeLessThan(1000)
+      hold.open()
+      expect(await first).toBe('first')
+      const replay = await fx.db.transaction().execute((trx) => fx.idempotency.withIdempotency(trx, { key: 'own', request: 1 }, async () => 'third'))
+      expect(replay).toBe('first')
+    })
+  })
+}
