@@ -9,6 +9,6 @@ export function packageVersion(): string {
     } catch {
       // No package.json here (or not ours): look one directory up.
     }
-    if (dir.pathname === '/') return 'unknown'
+    if (new URL('..', dir).href === dir.href) return 'unknown'
   }
 }

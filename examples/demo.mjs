@@ -1,52 +1,104 @@
-// A small payments API on SQLite (a file in a temp dir, no server needed).
-//   npm run demo                 serve it and print curl lines to try
-//   npm run demo -- --selftest   fire retries, a concurrent storm and a reused key at it
+// A small payments API on SQLite (a file in a temp dir, no server needed), on the framework of
+// your choice: Express, Fastify, or a plain Fetch API handler (what Hono, Next.js, Bun and Deno run).
+//   npm run demo                                  serve it with Express and print curl lines to try
+//   npm run demo -- --framework fastify|fetch     the same API on another framework
+//   npm run demo -- --selftest                    fire retries, a storm and a reused key at each framework
 import Database from 'better-sqlite3'
-import express from 'express'
 import { Kysely, SqliteDialect } from 'kysely'
 import { createIdempotency } from 'kysely-idempotency'
-import { idempotent } from 'kysely-idempotency/express'
 import { mkdtempSync } from 'node:fs'
+import { createServer } from 'node:http'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
+const FRAMEWORKS = ['express', 'fastify', 'fetch']
 const selftest = process.argv.includes('--selftest')
-const file = join(mkdtempSync(join(tmpdir(), 'kysely-idempotency-demo-')), 'payments.db')
-const sqlite = new Database(file)
-sqlite.pragma('journal_mode = WAL')
-const db = new Kysely({ dialect: new SqliteDialect({ database: sqlite }) })
+const chosen = process.argv.includes('--framework') ? process.argv[process.argv.indexOf('--framework') + 1] : undefined
+if (process.argv.includes('--framework') && !FRAMEWORKS.includes(chosen)) {
+  console.error(`--framework must be one of ${FRAMEWORKS.join(', ')}`)
+  process.exit(1)
+}
 
-const idempotency = createIdempotency({ db })
-await idempotency.migrate()
-await db.schema
-  .createTable('charges')
-  .addColumn('id', 'integer', (c) => c.primaryKey())
-  .addColumn('customer', 'text', (c) => c.notNull())
-  .addColumn('amount', 'integer', (c) => c.notNull())
-  .addColumn('currency', 'text', (c) => c.notNull())
-  .execute()
+/** A fresh database with the idempotency table and the charges table. */
+async function open() {
+  const file = join(mkdtempSync(join(tmpdir(), 'kysely-idempotency-demo-')), 'payments.db')
+  const sqlite = new Database(file)
+  sqlite.pragma('journal_mode = WAL')
+  const db = new Kysely({ dialect: new SqliteDialect({ database: sqlite }) })
+  const idempotency = createIdempotency({ db })
+  await idempotency.migrate()
+  await db.schema
+    .createTable('charges')
+    .addColumn('id', 'integer', (c) => c.primaryKey())
+    .addColumn('customer', 'text', (c) => c.notNull())
+    .addColumn('amount', 'integer', (c) => c.notNull())
+    .addColumn('currency', 'text', (c) => c.notNull())
+    .execute()
+  return { file, db, idempotency }
+}
 
-const app = express()
-app.use(express.json())
-app.post(
-  '/charges',
-  idempotent(idempotency, { scope: (req) => req.get('X-Customer') ?? 'anonymous', required: true }, async (req, trx) => {
-    const { amount, currency = 'usd' } = req.body ?? {}
-    if (!Number.isInteger(amount) || amount <= 0) return { status: 400, body: { error: 'amount must be a positive integer (cents)' } }
-    const customer = req.get('X-Customer') ?? 'anonymous'
-    const charge = await trx.insertInto('charges').values({ customer, amount, currency }).returningAll().executeTakeFirstOrThrow()
-    await new Promise((resolve) => setTimeout(resolve, 50)) // the card network takes its time
-    return { status: 201, body: charge, headers: { Location: `/charges/${charge.id}` } }
-  }),
-)
-app.get('/charges', async (_req, res) => res.json(await db.selectFrom('charges').selectAll().execute()))
+/** The route's work, the same on every framework. */
+async function createCharge(trx, customer, body) {
+  const { amount, currency = 'usd' } = body ?? {}
+  if (!Number.isInteger(amount) || amount <= 0) return { status: 400, body: { error: 'amount must be a positive integer (cents)' } }
+  const charge = await trx.insertInto('charges').values({ customer, amount, currency }).returningAll().executeTakeFirstOrThrow()
+  await new Promise((resolve) => setTimeout(resolve, 50)) // the card network takes its time
+  return { status: 201, body: charge, headers: { Location: `/charges/${charge.id}` } }
+}
 
-const server = app.listen(selftest ? 0 : Number(process.env.PORT ?? 3000), '127.0.0.1')
-await new Promise((resolve, reject) => server.once('listening', resolve).once('error', reject))
-const url = `http://127.0.0.1:${server.address().port}`
+/** Each framework serves POST /charges (idempotent) and GET /charges; returns the listening server. */
+const serve = {
+  async express({ db, idempotency }, port) {
+    const { default: express } = await import('express')
+    const { idempotent } = await import('kysely-idempotency/express')
+    const app = express()
+    app.use(express.json())
+    const customer = (req) => req.get('X-Customer') ?? 'anonymous'
+    app.post('/charges', idempotent(idempotency, { scope: customer, required: true }, (req, trx) => createCharge(trx, customer(req), req.body)))
+    app.get('/charges', async (_req, res) => res.json(await db.selectFrom('charges').selectAll().execute()))
+    return listen(app.listen(port, '127.0.0.1'))
+  },
+  async fastify({ db, idempotency }, port) {
+    const { default: Fastify } = await import('fastify')
+    const { idempotent } = await import('kysely-idempotency/fastify')
+    const app = Fastify()
+    const customer = (request) => request.headers['x-customer'] ?? 'anonymous'
+    app.post('/charges', idempotent(idempotency, { scope: customer, required: true }, (request, trx) => createCharge(trx, customer(request), request.body)))
+    app.get('/charges', async () => db.selectFrom('charges').selectAll().execute())
+    await app.listen({ port, host: '127.0.0.1' })
+    return app.server
+  },
+  async fetch({ db, idempotency }, port) {
+    const { idempotent } = await import('kysely-idempotency/fetch')
+    const customer = (request) => request.headers.get('X-Customer') ?? 'anonymous'
+    const charges = idempotent(idempotency, { scope: customer, required: true }, async (request, trx) =>
+      createCharge(trx, customer(request), await request.json().catch(() => undefined)),
+    )
+    // Bun.serve({ fetch }) or Deno.serve(fetch) would take this function as it is; Node needs a bridge.
+    const fetch = async (request) =>
+      request.method === 'POST' ? charges(request) : Response.json(await db.selectFrom('charges').selectAll().execute())
+    return listen(createServer(async (req, res) => {
+      const chunks = []
+      for await (const chunk of req) chunks.push(chunk)
+      const body = req.method === 'GET' ? undefined : Buffer.concat(chunks)
+      const response = await fetch(new Request(`http://${req.headers.host}${req.url}`, { method: req.method, headers: req.headers, body }))
+      res.writeHead(response.status, [...response.headers].flat())
+      res.end(Buffer.from(await response.arrayBuffer()))
+    }).listen(port, '127.0.0.1'))
+  },
+}
+
+async function listen(server) {
+  await new Promise((resolve, reject) => server.once('listening', resolve).once('error', reject))
+  return server
+}
 
 if (!selftest) {
-  console.log(`Payments API on ${url} (SQLite file ${file})
+  const framework = chosen ?? 'express'
+  const database = await open()
+  const server = await serve[framework](database, Number(process.env.PORT ?? 3000))
+  const url = `http://127.0.0.1:${server.address().port}`
+  console.log(`Payments API on ${url} (${framework}; SQLite file ${database.file})
 
 Charge, then retry with the same key: the second answer is a replay (Idempotency-Replayed: true).
   curl -i -X POST ${url}/charges -H 'Content-Type: application/json' -H 'X-Customer: alice' -H 'Idempotency-Key: order-1' -d '{"amount": 1500}'
@@ -57,6 +109,21 @@ See what was charged:
 
 Ctrl-C to stop.`)
 } else {
+  let failed = false
+  for (const framework of chosen ? [chosen] : FRAMEWORKS) {
+    const database = await open()
+    const server = await serve[framework](database, 0)
+    console.log(`${framework}:`)
+    failed = !(await check(database.db, `http://127.0.0.1:${server.address().port}`)) || failed
+    await new Promise((resolve) => server.close(resolve))
+    await database.db.destroy()
+  }
+  console.log(failed ? 'selftest FAILED' : 'selftest passed: one charge per key and customer')
+  process.exitCode = failed ? 1 : 0
+}
+
+/** Retries, a storm and a reused key against one server; whether each got what it should. */
+async function check(db, url) {
   const charge = (key, amount, customer = 'alice') =>
     fetch(`${url}/charges`, {
       method: 'POST',
@@ -65,7 +132,7 @@ Ctrl-C to stop.`)
     })
   const line = async (label, response) => {
     const replayed = response.headers.get('Idempotency-Replayed') ? ' (replayed)' : ''
-    console.log(`${label.padEnd(44)} ${response.status}${replayed} ${await response.text()}`)
+    console.log(`  ${label.padEnd(42)} ${response.status}${replayed} ${await response.text()}`)
     return response.status
   }
   const outcomes = []
@@ -78,15 +145,11 @@ Ctrl-C to stop.`)
     const outcome = `${r.status}${r.headers.get('Idempotency-Replayed') ? ' replayed' : ''}`
     tally[outcome] = (tally[outcome] ?? 0) + 1
   }
-  console.log(`${'20 concurrent requests, key order-2'.padEnd(44)} ${Object.entries(tally).map(([s, n]) => `${n}× ${s}`).join(', ')}`)
+  console.log(`  ${'20 concurrent requests, key order-2'.padEnd(42)} ${Object.entries(tally).map(([s, n]) => `${n}× ${s}`).join(', ')}`)
   outcomes.push(await line('same key order-1, another amount', await charge('order-1', 9900)))
   outcomes.push(await line('no Idempotency-Key', await charge(undefined, 100)))
   outcomes.push(await line('key order-1 from another customer', await charge('order-1', 1500, 'bob')))
   const charges = await db.selectFrom('charges').selectAll().execute()
-  console.log(`\ncharges in the database: ${charges.length} (alice order-1, alice order-2, bob order-1)`)
-  const ok = charges.length === 3 && outcomes.join() === '201,201,201,422,400,201' && storm.every((r) => r.status === 201 || r.status === 409)
-  console.log(ok ? 'selftest passed: one charge per key and customer' : 'selftest FAILED')
-  process.exitCode = ok ? 0 : 1
-  server.close()
-  await db.destroy()
+  console.log(`  charges in the database: ${charges.length} (alice order-1, alice order-2, bob order-1)\n`)
+  return charges.length === 3 && outcomes.join() === '201,201,201,422,400,201' && storm.every((r) => r.status === 201 || r.status === 409)
 }

@@ -106,7 +106,7 @@ function facts(req: IdempotentRequest): RequestFacts {
   return {
     method: req.method,
     url: req.originalUrl,
-    body: req.body,
+    body: () => req.body,
     // Node joins repeated lines of most headers into one value; the raw list keeps them apart.
     headerLines(name) {
       const lower = name.toLowerCase()

@@ -70,8 +70,11 @@ export interface RequestFacts {
   readonly method: string
   /** Path and query string as the client sent them. */
   readonly url: string
-  /** What the framework's body parsing left, if anything. */
-  readonly body: unknown
+  /**
+   * The body as the fingerprint sees it: what the framework's body parsing left (parsed JSON,
+   * form fields, a `Buffer`, text), if anything. Read only for a request with a key.
+   */
+  body(): unknown
   /** Every line of the header `name` as the client sent it (several lines are not merged). */
   headerLines(name: string): readonly string[]
 }
@@ -203,7 +206,7 @@ export class IdempotentRoute<Req> {
         return { answer: await direct(req), replayed: false }
       }
       const key = parseKeyHeader(lines[0]!)
-      return keyed(req, { key, scope: await this.#scope(req, facts), request: this.#describe(facts) })
+      return keyed(req, { key, scope: await this.#scope(req, facts), request: this.#describe(facts, await facts.body()) })
     }
     return async (req, facts) => {
       try {
@@ -230,11 +233,11 @@ export class IdempotentRoute<Req> {
   }
 
   /** What the fingerprint covers: method, URL, body (minus ignored fields) and chosen headers. */
-  #describe(facts: RequestFacts): unknown {
+  #describe(facts: RequestFacts, body: unknown): unknown {
     return {
       method: facts.method.toUpperCase(),
       url: facts.url,
-      body: bodyOf(facts.body, this.#ignored),
+      body: bodyOf(body, this.#ignored),
       headers: Object.fromEntries(
         this.#fingerprintHeaders.map((h) => {
           const lines = facts.headerLines(h)

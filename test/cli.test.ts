@@ -122,6 +122,23 @@ describe.each(databases)('the CLI on %s', (database: DatabaseName) => {
     expect(text.stdout).toContain('needs migrating')
   })
 
+  it('down asks on a terminal, and drops only on yes', async () => {
+    const table = `cli_${Math.random().toString(36).slice(2, 8)}`
+    expect((await cli(['migrate', '--url', url(), '--table', table])).code).toBe(0)
+    const onTerminal = (answer: string) =>
+      execFileSync('script', ['-qec', [process.execPath, bin, 'down', '--url', url(), '--table', table].map((a) => JSON.stringify(a)).join(' '), '/dev/null'], {
+        encoding: 'utf8',
+        input: `${answer}\n`,
+        env: { ...process.env, NO_COLOR: '1' },
+      })
+    const declined = onTerminal('n')
+    expect(declined).toContain(`Drop the table "${table}" with its 0 keys, and its migration history? Replays of those keys are lost. [y/N]`)
+    expect(declined).toContain('Nothing dropped.')
+    expect((await cli(['status', '--url', url(), '--table', table])).code).toBe(0)
+    expect(onTerminal('y')).toContain(`Dropped the table "${table}" with its 0 keys, and its migration history.`)
+    expect((await cli(['status', '--url', url(), '--table', table])).code).toBe(2)
+  })
+
   it('status exits 0 up to date and 2 pending, and --json says which, with the counts', async () => {
     const table = `cli_${Math.random().toString(36).slice(2, 8)}`
     expect((await cli(['status', '--url', url(), '--table', table])).code).toBe(2)

@@ -22,6 +22,8 @@ const root = resolve(import.meta.dirname, '..')
 const PACKAGE_PATHS: Readonly<Record<string, string>> = {
   'kysely-idempotency': 'src/index.ts',
   'kysely-idempotency/express': 'express/index.ts',
+  'kysely-idempotency/fetch': 'fetch/index.ts',
+  'kysely-idempotency/fastify': 'fastify/index.ts',
 }
 
 interface Example {
@@ -49,7 +51,7 @@ function readmeExamples(): Example[] {
 
 function docCommentExamples(): Example[] {
   const examples: Example[] = []
-  for (const dir of ['src', 'http', 'express', 'dialects', 'migrations']) {
+  for (const dir of ['src', 'http', 'express', 'fetch', 'fastify', 'dialects', 'migrations']) {
     for (const file of readdirSync(join(root, dir), { recursive: true }).map(String).filter((f) => f.endsWith('.ts'))) {
       const lines = readFileSync(join(root, dir, file), 'utf8').split('\n')
       for (let i = 0; i < lines.length; i++) {

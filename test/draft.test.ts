@@ -9,7 +9,9 @@ import express5 from 'express'
 import express4 from 'express4'
 import type { Transaction } from 'kysely'
 import { afterEach, beforeEach, describe, expect, it } from 'vitest'
+import { Hono, type Context } from 'hono'
 import { idempotent } from '../express/index.js'
+import { idempotent as fetchIdempotent } from '../fetch/index.js'
 import type { HttpResult } from '../http/index.js'
 import type { Idempotency } from '../src/index.js'
 import { gate, openFixture, selectedTargets, type Fixture } from './support/harness.js'
@@ -18,9 +20,9 @@ import { sleep } from './support/util.js'
 /** What the route does, whatever the framework: its body in, an answer out. */
 type Handler = (body: unknown, trx: Transaction<any>) => Promise<HttpResult>
 
-/** A running server with one idempotent `POST /orders` (and the same route for `GET`). */
+/** A running app with one idempotent `POST /orders` (and the same route for `GET`), asked through the Fetch API. */
 interface Running {
-  readonly base: string
+  fetch(request: Request): Promise<Response>
   close(): Promise<void>
 }
 
@@ -41,8 +43,12 @@ const expressAdapter = (name: string, express: typeof express5): Adapter => ({
     app.get('/orders', route)
     const server: Server = app.listen(0, '127.0.0.1')
     await new Promise((resolve) => server.once('listening', resolve))
+    const base = `http://127.0.0.1:${(server.address() as AddressInfo).port}`
     return {
-      base: `http://127.0.0.1:${(server.address() as AddressInfo).port}`,
+      fetch: (request) => {
+        const url = new URL(request.url)
+        return fetch(new Request(base + url.pathname + url.search, request))
+      },
       close: async () => {
         server.closeAllConnections()
         await new Promise((resolve) => server.close(resolve))
@@ -51,7 +57,38 @@ const expressAdapter = (name: string, express: typeof express5): Adapter => ({
   },
 })
 
-const ADAPTERS: readonly Adapter[] = [expressAdapter('express 5', express5), expressAdapter('express 4', express4 as unknown as typeof express5)]
+const fetchAdapter: Adapter = {
+  name: 'fetch',
+  async start(idempotency, options, handler) {
+    const route = fetchIdempotent(idempotency, { scope: (request) => request.headers.get('x-user') ?? 'anonymous', required: true, ...options }, async (request, trx) =>
+      handler(request.method === 'GET' ? undefined : await request.json(), trx),
+    )
+    return { fetch: route, close: async () => {} }
+  },
+}
+
+const honoAdapter: Adapter = {
+  name: 'hono',
+  async start(idempotency, options, handler) {
+    const app = new Hono<{ Variables: { user: string } }>()
+    app.use(async (c, next) => {
+      c.set('user', c.req.header('x-user') ?? 'anonymous')
+      await next()
+    })
+    const route = fetchIdempotent(idempotency, { scope: (_request, c: Context<{ Variables: { user: string } }>) => c.get('user'), required: true, ...options }, async (request, trx, c) =>
+      handler(c.req.method === 'GET' ? undefined : await request.json(), trx),
+    )
+    app.on(['GET', 'POST'], '/orders', (c) => route(c.req.raw, c))
+    return { fetch: (request) => Promise.resolve(app.fetch(request)), close: async () => {} }
+  },
+}
+
+const ADAPTERS: readonly Adapter[] = [
+  expressAdapter('express 5', express5),
+  expressAdapter('express 4', express4 as unknown as typeof express5),
+  fetchAdapter,
+  honoAdapter,
+]
 
 for (const target of selectedTargets()) {
   for (const adapter of ADAPTERS) {
@@ -83,11 +120,11 @@ for (const target of selectedTargets()) {
       })
 
       const send = (body: unknown, key?: string, method = 'POST') =>
-        fetch(`${server.base}/orders`, {
+        server.fetch(new Request('http://app.test/orders', {
           method,
           headers: { 'content-type': 'application/json', ...(key === undefined ? {} : { 'idempotency-key': key }) },
           ...(method === 'GET' ? {} : { body: JSON.stringify(body) }),
-        })
+        }))
 
       async function problem(response: Response, status: number) {
         expect(response.status).toBe(status)

@@ -126,6 +126,7 @@ main().catch((error) => { console.error(error); process.exitCode = 1 })
 const TYPES_CONSUMER = `
 import { createIdempotency, IdempotencyConflictError, type Idempotency } from 'kysely-idempotency'
 import { idempotent } from 'kysely-idempotency/express'
+import { idempotent as fetchIdempotent } from 'kysely-idempotency/fetch'
 import { Kysely, type Generated, type Transaction } from 'kysely'
 
 interface DB { orders: { id: Generated<number>; item: string } }
@@ -158,6 +159,13 @@ export const route: (req: any, res: any, next: (error?: unknown) => void) => voi
 )
 // @ts-expect-error scope is required
 idempotent(idempotency, {}, async () => ({ status: 200 }))
+export const handler: (request: Request, context: { params: Promise<{ id: string }> }) => Promise<Response> = fetchIdempotent(
+  idempotency,
+  { scope: async (_request, context: { params: Promise<{ id: string }> }) => (await context.params).id },
+  async (request, trx, context) => new Response(JSON.stringify({ url: request.url, id: (await context.params).id, trx: trx.isTransaction }), { status: 201 }),
+)
+// @ts-expect-error the handler answers a Response or a result, not a string
+fetchIdempotent(idempotency, { scope: () => 'a' }, async () => 'text')
 `
 
 /** Each TypeScript resolution mode a consumer may use: its compiler options and its files. */
@@ -195,7 +203,7 @@ describe('the packed package', () => {
     const { dependencies } = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')) as { dependencies: Record<string, string> }
     // ...and the type declarations a TypeScript consumer would have installed.
     const types = withDependencies(['@types/node', '@types/express', '@types/better-sqlite3'])
-    for (const name of new Set(['kysely', 'pg', 'mysql2', 'better-sqlite3', 'express', ...withDependencies(Object.keys(dependencies)), ...types])) {
+    for (const name of new Set(['kysely', 'pg', 'mysql2', 'better-sqlite3', 'express', ...withDependencies(['fastify', ...Object.keys(dependencies)]), ...types])) {
       mkdirSync(dirname(join(project, 'node_modules', name)), { recursive: true })
       symlinkSync(join(root, 'node_modules', name), join(project, 'node_modules', name))
     }
@@ -213,7 +221,7 @@ describe('the packed package', () => {
   it('ships built code and type declarations, and no tests', () => {
     const files = readdirSync(join(project, 'node_modules', 'kysely-idempotency'), { recursive: true }).map(String)
     for (const build of ['esm', 'cjs']) {
-      for (const entry of ['src', 'express']) {
+      for (const entry of ['src', 'express', 'fetch', 'fastify']) {
         expect(files).toContain(join('dist', build, entry, 'index.js'))
         expect(files).toContain(join('dist', build, entry, 'index.d.ts'))
       }
@@ -243,7 +251,9 @@ describe('the packed package', () => {
     const esm = (entry: string) => `/node_modules/kysely-idempotency/dist/esm/${entry}/index.d.ts`
     expect(resolved).toEqual({
       '.': { node10: cjs('src'), 'node16-cjs': cjs('src'), 'node16-esm': esm('src'), bundler: esm('src') },
-      './express': { node10: cjs('express'), 'node16-cjs': cjs('express'), 'node16-esm': esm('express'), bundler: esm('express') },
+      ...Object.fromEntries(
+        ['express', 'fetch', 'fastify'].map((entry) => [`./${entry}`, { node10: cjs(entry), 'node16-cjs': cjs(entry), 'node16-esm': esm(entry), bundler: esm(entry) }]),
+      ),
       './package.json': expect.anything(),
     })
   })

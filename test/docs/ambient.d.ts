@@ -56,3 +56,10 @@ declare global {
     }
   }
 }
+
+declare module 'fastify' {
+  interface FastifyRequest {
+    /** What the reader's authentication hook sets. */
+    user: { id: string }
+  }
+}

@@ -1,0 +1,131 @@
+/**
+ * Fastify 5: maps Fastify's request and reply onto the shared HTTP behaviour (`http/`); nothing
+ * here decides what is stored or answered.
+ */
+import type { FastifyReply, FastifyRequest } from 'fastify'
+import type { Transaction } from 'kysely'
+import type { Idempotency, RunOptions, TransactionOptions } from '../src/idempotency.js'
+import type { Flow } from '../src/phases.js'
+import { IdempotentRoute, type Answer, type HttpResult, type IdempotentOptions, type Outcome, type RequestFacts } from '../http/index.js'
+
+export { parseKeyHeader, UNSCOPED } from '../http/index.js'
+export type { HttpResult, IdempotentOptions } from '../http/index.js'
+
+/** The parts of a request the helpers read; Fastify 5 requests have them. */
+export interface IdempotentRequest {
+  readonly method: string
+  /** Path and query string as the client sent them (before any `rewriteUrl`). */
+  readonly originalUrl: string
+  /** What Fastify's content-type parsers left (parsed JSON, or what the app's own parsers return), if any. */
+  readonly body?: unknown
+  /** Node's request: header names and values as received, one pair per line (`IncomingMessage.rawHeaders`). */
+  readonly raw: { readonly rawHeaders: readonly string[] }
+}
+
+/** The parts of a reply the helpers write; Fastify 5 replies have them. */
+export interface IdempotentReply {
+  code(statusCode: number): unknown
+  header(name: string, value: string | readonly string[]): unknown
+  send(payload?: unknown): unknown
+  /** Settles once the answer has been sent (Fastify's `await reply`). */
+  then(fulfilled: () => void, rejected: (error: Error) => void): void
+}
+
+/**
+ * A Fastify route handler that runs `handler` at most once per `Idempotency-Key` inside a
+ * transaction, stores its answer in that transaction, and replays it to retries with the
+ * header `Idempotency-Replayed: true`. Conflicts, key reuse and bad keys are answered as
+ * `application/problem+json` (409 with `Retry-After`, 422, 400). A thrown error is thrown on to
+ * Fastify's error handler and nothing is stored; a returned 5xx is sent, not stored, and its
+ * writes roll back. `request` is Fastify's own `FastifyRequest`, with your augmentations
+ * (`request.user`) and the route's generic (`app.post<{ Body: … }>` types `request.body`).
+ * Answers are sent as bytes, so Fastify neither serializes them again nor adds a charset.
+ *
+ * ### Examples
+ *
+ * ```ts
+ * import Fastify from 'fastify'
+ * import { idempotent } from 'kysely-idempotency/fastify'
+ *
+ * const app = Fastify()
+ * app.post<{ Body: { customer: string; amount: number } }>('/charges',
+ *   idempotent(idempotency, { scope: (request) => request.user.id, required: true }, async (request, trx) => {
+ *     const charge = await trx.insertInto('charges').values({ ...request.body, currency: 'usd' }).returningAll().executeTakeFirstOrThrow()
+ *     return { status: 201, body: charge, headers: { Location: `/charges/${charge.id}` } }
+ *   }))
+ * ```
+ */
+export function idempotent<DB, Req extends IdempotentRequest = FastifyRequest, Reply extends IdempotentReply = FastifyReply>(
+  idempotency: Idempotency<DB>,
+  options: IdempotentOptions<Req> & TransactionOptions,
+  handler: (request: Req, trx: Transaction<DB>) => Promise<HttpResult>,
+): (request: Req, reply: Reply) => Promise<void> {
+  const { ttl, conflictWait, isolationLevel } = options
+  return fastify(new IdempotentRoute(options).transaction(idempotency, { ttl, conflictWait, isolationLevel }, handler))
+}
+
+/**
+ * {@link idempotent} for an atomic-phases flow (`idempotency.run`): the handler gets the
+ * flow instead of a transaction. A returned 5xx is sent and not stored; the lock is released
+ * and the recorded phases are kept, so a retry resumes. An answer given with `flow.fail()`
+ * follows the same rules as a returned one.
+ *
+ * ### Examples
+ *
+ * ```ts
+ * import Fastify from 'fastify'
+ * import { idempotentFlow } from 'kysely-idempotency/fastify'
+ *
+ * const app = Fastify()
+ * app.post<{ Body: RideRequest }>('/rides', idempotentFlow(idempotency, { scope: (request) => request.user.id }, async (request, flow) => {
+ *   const ride = await flow.phase('ride_created', (trx) => createRide(trx, request.body))
+ *   const charge = await flow.step('charge_created', () => chargeCard(ride, flow.stepKey('charge_created')))
+ *   return { status: 201, body: { ...ride, charge: charge.id } }
+ * }))
+ * ```
+ */
+export function idempotentFlow<DB, Req extends IdempotentRequest = FastifyRequest, Reply extends IdempotentReply = FastifyReply>(
+  idempotency: Idempotency<DB>,
+  options: IdempotentOptions<Req> & RunOptions,
+  handler: (request: Req, flow: Flow<DB, HttpResult>) => Promise<HttpResult>,
+): (request: Req, reply: Reply) => Promise<void> {
+  const { ttl, conflictWait, lockTimeout } = options
+  return fastify(new IdempotentRoute(options).flow(idempotency, { ttl, conflictWait, lockTimeout }, handler))
+}
+
+function fastify<Req extends IdempotentRequest, Reply extends IdempotentReply>(
+  route: (request: Req, facts: RequestFacts) => Promise<Outcome>,
+): (request: Req, reply: Reply) => Promise<void> {
+  return async (request, reply) => {
+    const outcome = await route(request, facts(request))
+    if ('error' in outcome) throw outcome.error
+    send(reply, outcome.answer, outcome.replayed)
+    // Settles once the answer is sent, so Fastify leaves the reply alone (its `await reply`).
+    await reply
+  }
+}
+
+function facts(request: IdempotentRequest): RequestFacts {
+  return {
+    method: request.method,
+    url: request.originalUrl,
+    body: () => request.body,
+    // Node joins repeated lines of most headers into one value; the raw list keeps them apart.
+    headerLines(name) {
+      const lower = name.toLowerCase()
+      const raw = request.raw.rawHeaders
+      const lines: string[] = []
+      for (let i = 0; i + 1 < raw.length; i += 2) if (raw[i]!.toLowerCase() === lower) lines.push(raw[i + 1]!)
+      return lines
+    },
+  }
+}
+
+function send(reply: IdempotentReply, answer: Answer, replayed: boolean): void {
+  reply.code(answer.status)
+  for (const [name, value] of Object.entries(answer.headers)) reply.header(name, value)
+  if (replayed) reply.header('Idempotency-Replayed', 'true')
+  // Bytes, not a string: Fastify adds a charset to a JSON Content-Type sent with a string, and
+  // passes a string through a serializer set with reply.serializer(); it sends bytes as they are.
+  reply.send(answer.body === undefined ? undefined : Buffer.isBuffer(answer.body) ? answer.body : Buffer.from(answer.body))
+}

@@ -1,0 +1,170 @@
+/**
+ * The Fetch API (`Request` → `Response`): Hono, Next.js route handlers, Remix, SvelteKit, Bun,
+ * Deno, Elysia. Maps requests and responses onto the shared HTTP behaviour (`http/`); nothing
+ * here decides what is stored or answered.
+ */
+import type { Transaction } from 'kysely'
+import type { Idempotency, RunOptions, TransactionOptions } from '../src/idempotency.js'
+import type { Flow } from '../src/phases.js'
+import { IdempotentRoute, UNSCOPED, type Answer, type HttpResult, type IdempotentOptions, type Outcome, type RequestFacts } from '../http/index.js'
+
+export { parseKeyHeader, UNSCOPED } from '../http/index.js'
+export type { HttpResult } from '../http/index.js'
+
+/** Options of a Fetch API route: those of every framework, with `scope` reading the request and the extra arguments. */
+export type FetchIdempotentOptions<Args extends readonly unknown[]> = Omit<IdempotentOptions<never>, 'scope'> & {
+  /**
+   * Whom the key belongs to, from the request and the arguments after it (Hono's context, a
+   * Next.js route context), e.g. `(request, c) => c.get('user').id`; or {@link UNSCOPED}.
+   */
+  readonly scope: ((request: Request, ...args: Args) => string | number | Promise<string | number>) | typeof UNSCOPED
+}
+
+/** A handler's answer: a result the library renders, or a `Response`, stored and replayed byte for byte. */
+export type FetchResult = HttpResult | Response
+
+/** One call of the route: the request and the arguments after it. */
+interface Call<Args extends readonly unknown[]> {
+  readonly request: Request
+  readonly args: Args
+}
+
+/**
+ * A Fetch API handler that runs `handler` at most once per `Idempotency-Key` inside a
+ * transaction, stores its answer in that transaction, and replays it to retries with the header
+ * `Idempotency-Replayed: true`. Conflicts, key reuse and bad keys are answered as
+ * `application/problem+json` (409 with `Retry-After`, 422, 400). A thrown error is thrown on to
+ * the framework and nothing is stored; a returned 5xx is sent, not stored, and its writes roll
+ * back. The request's body is still unread when `handler` gets it. Arguments after the request
+ * are passed on to `scope` and `handler`.
+ *
+ * ### Examples
+ *
+ * ```ts
+ * import { idempotent } from 'kysely-idempotency/fetch'
+ *
+ * // Next.js (app/charges/route.ts), Bun.serve or Deno.serve: (request: Request) => Promise<Response>
+ * export const POST = idempotent(idempotency, { scope: (request) => request.headers.get('x-account') ?? '', required: true },
+ *   async (request, trx) => {
+ *     const body = (await request.json()) as { customer: string; amount: number }
+ *     const charge = await trx.insertInto('charges').values({ ...body, currency: 'usd' }).returningAll().executeTakeFirstOrThrow()
+ *     return { status: 201, body: charge, headers: { Location: `/charges/${charge.id}` } }
+ *   })
+ * ```
+ */
+export function idempotent<DB, Args extends readonly unknown[] = []>(
+  idempotency: Idempotency<DB>,
+  options: FetchIdempotentOptions<Args> & TransactionOptions,
+  handler: (request: Request, trx: Transaction<DB>, ...args: Args) => Promise<FetchResult>,
+): (request: Request, ...args: Args) => Promise<Response> {
+  const { ttl, conflictWait, isolationLevel } = options
+  const route = new IdempotentRoute(routeOptions(options)).transaction(idempotency, { ttl, conflictWait, isolationLevel }, async (call: Call<Args>, trx) =>
+    result(await handler(call.request.clone(), trx, ...call.args)),
+  )
+  return serve(route)
+}
+
+/**
+ * {@link idempotent} for an atomic-phases flow (`idempotency.run`): the handler gets the flow
+ * instead of a transaction. A returned 5xx is sent and not stored; the lock is released and the
+ * recorded phases are kept, so a retry resumes. An answer given with `flow.fail()` follows the
+ * same rules as a returned one.
+ *
+ * ### Examples
+ *
+ * ```ts
+ * import { Hono } from 'hono'
+ * import { idempotentFlow } from 'kysely-idempotency/fetch'
+ *
+ * const rides = idempotentFlow(idempotency, { scope: (request) => request.headers.get('x-user') ?? '' }, async (request, flow) => {
+ *   const ride = await flow.phase('ride_created', async (trx) => createRide(trx, (await request.json()) as RideRequest))
+ *   const charge = await flow.step('charge_created', () => chargeCard(ride, flow.stepKey('charge_created')))
+ *   return { status: 201, body: { ...ride, charge: charge.id } }
+ * })
+ * new Hono().post('/rides', (c) => rides(c.req.raw))
+ * ```
+ */
+export function idempotentFlow<DB, Args extends readonly unknown[] = []>(
+  idempotency: Idempotency<DB>,
+  options: FetchIdempotentOptions<Args> & RunOptions,
+  handler: (request: Request, flow: Flow<DB, HttpResult>, ...args: Args) => Promise<FetchResult>,
+): (request: Request, ...args: Args) => Promise<Response> {
+  const { ttl, conflictWait, lockTimeout } = options
+  const route = new IdempotentRoute(routeOptions(options)).flow(idempotency, { ttl, conflictWait, lockTimeout }, async (call: Call<Args>, flow) =>
+    result(await handler(call.request.clone(), flow, ...call.args)),
+  )
+  return serve(route)
+}
+
+function routeOptions<Args extends readonly unknown[]>(options: FetchIdempotentOptions<Args>): IdempotentOptions<Call<Args>> {
+  const scope = options?.scope
+  return { ...options, scope: typeof scope === 'function' ? (call: Call<Args>) => scope(call.request, ...call.args) : scope }
+}
+
+function serve<Args extends readonly unknown[]>(route: (call: Call<Args>, facts: RequestFacts) => Promise<Outcome>): (request: Request, ...args: Args) => Promise<Response> {
+  return async (request, ...args) => {
+    const outcome = await route({ request, args }, facts(request))
+    if ('error' in outcome) throw outcome.error
+    return response(outcome.answer, outcome.replayed)
+  }
+}
+
+function facts(request: Request): RequestFacts {
+  const url = new URL(request.url)
+  return {
+    method: request.method,
+    url: url.pathname + url.search,
+    // A copy is read, so that the handler still finds the body unread.
+    body: async () => bodyOf(request.headers.get('content-type') ?? '', new Uint8Array(await request.clone().arrayBuffer())),
+    // The Fetch API joins the lines of a header with ", " (one value per name): several lines
+    // of the key header arrive as one value with a comma, which is no valid key either way.
+    headerLines(name) {
+      const value = request.headers.get(name)
+      if (value === null) return []
+      return /^\s*"/.test(value) ? [value] : value.split(',').map((part) => part.trim())
+    },
+  }
+}
+
+/** The body as Express's parsers would leave it: JSON parsed, form fields, text, or bytes. */
+function bodyOf(contentType: string, bytes: Uint8Array): unknown {
+  if (bytes.byteLength === 0) return undefined
+  const type = contentType.split(';')[0]!.trim().toLowerCase()
+  const text = () => new TextDecoder().decode(bytes)
+  if (type === 'application/json' || type.endsWith('+json')) {
+    try {
+      return JSON.parse(text())
+    } catch {
+      return bytes
+    }
+  }
+  if (type === 'application/x-www-form-urlencoded') return Object.fromEntries(new URLSearchParams(text()))
+  if (type.startsWith('text/')) return text()
+  return bytes
+}
+
+/** A handler's `Response` as a result: its status, its headers (each `Set-Cookie` apart) and its body's bytes. */
+async function result(answer: FetchResult): Promise<HttpResult> {
+  if (!(answer instanceof Response)) return answer
+  const headers: Record<string, string | string[]> = {}
+  answer.headers.forEach((value, name) => {
+    if (name !== 'set-cookie') headers[name] = value
+  })
+  const cookies = answer.headers.getSetCookie()
+  if (cookies.length) headers['set-cookie'] = cookies
+  const body = answer.body === null ? undefined : Buffer.from(await answer.arrayBuffer())
+  return body === undefined ? { status: answer.status, headers } : { status: answer.status, headers, body }
+}
+
+/** Statuses whose response has no body by definition. */
+const BODILESS = new Set([204, 205, 304])
+
+function response(answer: Answer, replayed: boolean): Response {
+  const headers = new Headers()
+  for (const [name, value] of Object.entries(answer.headers)) {
+    for (const line of typeof value === 'string' ? [value] : value) headers.append(name, line)
+  }
+  if (replayed) headers.set('Idempotency-Replayed', 'true')
+  const body = answer.body === undefined || BODILESS.has(answer.status) ? null : typeof answer.body === 'string' ? answer.body : new Uint8Array(answer.body)
+  return new Response(body, { status: answer.status, headers })
+}

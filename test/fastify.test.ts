@@ -1,0 +1,378 @@
+import type { AddressInfo } from 'node:net'
+import { request as httpRequest } from 'node:http'
+import Fastify, { type FastifyInstance, type FastifyRequest } from 'fastify'
+import Stripe from 'stripe'
+import { afterEach, beforeEach, describe, expect, expectTypeOf, it } from 'vitest'
+import { idempotent, idempotentFlow, UNSCOPED, type HttpResult } from '../fastify/index.js'
+import type { Idempotency } from '../src/index.js'
+import { gate, openFixture, selectedTargets, type Fixture } from './support/harness.js'
+
+// What an app's authentication adds to every request; the helpers must see it without generics.
+declare module 'fastify' {
+  interface FastifyRequest {
+    user?: { id: string }
+  }
+}
+
+interface Charge {
+  readonly id?: string
+  readonly amount?: number
+  readonly behave?: 'hold' | '503' | 'cookies'
+}
+
+/** Response headers that differ between any two answers of a server, whatever was stored. */
+const PER_RESPONSE = new Set(['date', 'connection', 'keep-alive', 'idempotency-replayed'])
+
+const headersOf = (response: Response) => Object.fromEntries([...response.headers].filter(([name]) => !PER_RESPONSE.has(name)))
+
+for (const target of selectedTargets()) {
+  describe(`fastify helper: ${target.id}`, () => {
+    let fx: Fixture
+    let app: FastifyInstance
+    let base: string
+    const held = { entered: gate(), release: gate() }
+
+    /** The test API: its routes record each side effect in the fixture's effects table. */
+    function build(idempotency: Idempotency<any>): FastifyInstance {
+      // An old path the app still serves: the fingerprint sees the URL as the client sent it.
+      const app = Fastify({ rewriteUrl: (request) => (request.url === '/v0/charges' ? '/charges' : request.url!) })
+      // Forms as the stripe SDK sends them, and raw bytes; JSON and text are Fastify's own parsers.
+      app.addContentTypeParser('application/x-www-form-urlencoded', { parseAs: 'string' }, (_request, body, done) =>
+        done(null, Object.fromEntries(new URLSearchParams(body as string))),
+      )
+      app.addContentTypeParser('application/octet-stream', { parseAs: 'buffer' }, (_request, body, done) => done(null, body))
+      app.decorateRequest('user', undefined)
+      app.addHook('onRequest', async (request) => {
+        const user = request.headers['x-user']
+        if (typeof user === 'string') request.user = { id: user }
+      })
+      // A client whose first answer is lost: the response is committed, then the socket dies.
+      // The stripe SDK's calls lose their first answer the same way, and retry with the same key.
+      const dropped = new Set<string>()
+      app.addHook('onSend', async (request, _reply, payload) => {
+        const sdkKey = request.url === '/v1/customers' ? request.headers['idempotency-key'] : undefined
+        const drop = request.headers['x-drop'] === 'after-commit' || (typeof sdkKey === 'string' && !dropped.has(sdkKey))
+        if (typeof sdkKey === 'string') dropped.add(sdkKey)
+        if (drop) request.raw.socket.destroy()
+        return payload
+      })
+
+      const charge = async (request: FastifyRequest, trx: Parameters<Fixture['effect']>[0]): Promise<HttpResult> => {
+        const body = (request.body ?? {}) as Charge
+        await fx.effect(trx, `charge:${body.id}`)
+        if (request.headers['x-behave'] === 'throw') throw new Error('handler failed')
+        if (body.behave === 'hold') {
+          held.entered.open()
+          await held.release.promise
+        }
+        if (body.behave === '503') return { status: 503, body: { error: 'try later' } }
+        const headers: Record<string, string | string[]> = { Location: `/charges/${body.id}` }
+        if (body.behave === 'cookies') headers['Set-Cookie'] = ['a=1', 'b=2']
+        return { status: 201, body: { id: body.id ?? null, amount: body.amount ?? null, at: Math.random() }, headers }
+      }
+      const scope = (request: FastifyRequest) => request.user?.id ?? 'anonymous'
+
+      // Typed as Fastify's own request, augmentations included, without naming a type.
+      app.post(
+        '/charges',
+        idempotent(
+          idempotency,
+          {
+            scope: (request) => {
+              expectTypeOf(request).toEqualTypeOf<FastifyRequest>()
+              expectTypeOf(request.user).toEqualTypeOf<{ id: string } | undefined>()
+              return request.user?.id ?? 'anonymous'
+            },
+            required: true,
+          },
+          async (request, trx) => {
+            expectTypeOf(request).toEqualTypeOf<FastifyRequest>()
+            expectTypeOf(request.body).toEqualTypeOf<FastifyRequest['body']>()
+            return charge(request, trx)
+          },
+        ),
+      )
+      // A route generic types the body for the handler too.
+      app.post<{ Body: Charge }>(
+        '/typed',
+        idempotent(idempotency, { scope: UNSCOPED }, async (request, trx) => {
+          expectTypeOf(request.body).toEqualTypeOf<Charge>()
+          return charge(request, trx)
+        }),
+      )
+      app.post('/instant', idempotent(idempotency, { scope, required: true, conflictWait: 0 }, charge))
+      app.post('/numeric', idempotent(idempotency, { scope: (request) => Number(request.headers['x-user-id']) }, charge))
+      app.post('/no-user', idempotent(idempotency, { scope: (request) => request.user?.id as string }, charge))
+      app.post(
+        '/text',
+        idempotent(idempotency, { scope: UNSCOPED }, async (request, trx): Promise<HttpResult> => {
+          await fx.effect(trx, 'text')
+          const kind = (request.body as { kind: string }).kind
+          if (kind === 'bytes') return { status: 200, body: Buffer.from([0, 255, 10]), headers: { 'Content-Type': 'application/octet-stream' } }
+          if (kind === 'plain') return { status: 200, body: 'just text' }
+          if (kind === 'empty') return { status: 204, headers: { 'X-Kind': 'empty' } }
+          return { status: 200, body: 'hello', headers: { 'Content-Type': 'application/json' } }
+        }),
+      )
+      app.post(
+        '/echo',
+        idempotent(idempotency, { scope: UNSCOPED }, async (request, trx) => {
+          await fx.effect(trx, 'echo')
+          return { status: 200, body: { body: Buffer.isBuffer(request.body) ? [...request.body] : request.body } }
+        }),
+      )
+      app.post(
+        '/rides',
+        idempotentFlow(idempotency, { scope }, async (request, flow) => {
+          const body = request.body as { id: string; behave?: string }
+          const ride = await flow.phase('ride_created', async (trx) => (await fx.effect(trx, `ride:${body.id}`), { id: body.id }))
+          const paid = await flow.step('charge_created', async () => ({ charge: flow.stepKey('charge_created') }))
+          if (body.behave === '503') return { status: 503, body: { error: 'provider down' } }
+          if (body.behave === 'decline') flow.fail({ status: 402, body: { error: 'card declined' }, headers: { 'Set-Cookie': 'session=abc' } })
+          return { status: 201, body: { ...ride, ...paid, at: Math.random() } }
+        }),
+      )
+      app.post(
+        '/v1/customers',
+        idempotent(idempotency, { scope: (request) => request.headers.authorization ?? '' }, async (request, trx) => {
+          const { email } = request.body as { email: string }
+          await fx.effect(trx, `customer:${email}`)
+          return { status: 200, body: { id: `cus_${Math.random().toString(36).slice(2)}`, object: 'customer', email } }
+        }),
+      )
+      return app
+    }
+
+    beforeEach(async () => {
+      fx = await openFixture(target, { conflictWait: 500 })
+      held.entered = gate()
+      held.release = gate()
+      app = build(fx.idempotency)
+      await app.listen({ port: 0, host: '127.0.0.1' })
+      base = `http://127.0.0.1:${(app.server.address() as AddressInfo).port}`
+    })
+    afterEach(async () => {
+      held.release.open()
+      app.server.closeAllConnections()
+      await app.close()
+      await fx.close()
+    })
+
+    const post = (path: string, body: unknown, headers: Record<string, string> = {}) =>
+      fetch(`${base}${path}`, { method: 'POST', headers: { 'content-type': 'application/json', ...headers }, body: JSON.stringify(body) })
+
+    async function expectProblem(response: Response, status: number, code: string) {
+      expect(response.status).toBe(status)
+      expect(response.headers.get('content-type')).toBe('application/problem+json')
+      const problem = (await response.json()) as Record<string, unknown>
+      expect(problem).toMatchObject({ type: `urn:kysely-idempotency:${code}`, status })
+      expect(problem.title).toEqual(expect.any(String))
+      expect(problem.detail).toEqual(expect.any(String))
+      return problem
+    }
+
+    it('stores the first answer and replays it byte for byte, headers included, with Idempotency-Replayed', async () => {
+      const first = await post('/charges', { id: 'c1', amount: 5 }, { 'Idempotency-Key': 'k1' })
+      expect(first.status).toBe(201)
+      expect(first.headers.get('location')).toBe('/charges/c1')
+      expect(first.headers.get('content-type')).toBe('application/json; charset=utf-8')
+      expect(first.headers.get('idempotency-replayed')).toBeNull()
+      const again = await post('/charges', { id: 'c1', amount: 5 }, { 'Idempotency-Key': 'k1' })
+      expect(again.status).toBe(201)
+      expect(again.headers.get('idempotency-replayed')).toBe('true')
+      expect(headersOf(again)).toEqual(headersOf(first))
+      expect(await again.text()).toBe(await first.text())
+      expect(await fx.effects('charge:c1')).toBe(1)
+    })
+
+    it('sends text, bytes and empty answers as they were given, and the same bytes on replay', async () => {
+      const expected = {
+        'json-string': { status: 200, type: 'application/json', body: Buffer.from('hello') },
+        bytes: { status: 200, type: 'application/octet-stream', body: Buffer.from([0, 255, 10]) },
+        plain: { status: 200, type: 'application/json; charset=utf-8', body: Buffer.from('"just text"') },
+        empty: { status: 204, type: null, body: Buffer.alloc(0) },
+      }
+      for (const [kind, { status, type, body }] of Object.entries(expected)) {
+        const send = () => post('/text', { kind }, { 'Idempotency-Key': kind })
+        const first = await send()
+        const again = await send()
+        expect(again.headers.get('idempotency-replayed')).toBe('true')
+        for (const response of [first, again]) {
+          expect(response.status).toBe(status)
+          expect(response.headers.get('content-type')).toBe(type)
+        }
+        expect(headersOf(again)).toEqual(headersOf(first))
+        expect(Buffer.from(await first.arrayBuffer())).toEqual(body)
+        expect(Buffer.from(await again.arrayBuffer())).toEqual(body)
+      }
+      expect(await fx.effects('text')).toBe(4)
+    })
+
+    it('runs 20 concurrent identical requests once', async () => {
+      const responses = await Promise.all(Array.from({ length: 20 }, () => post('/charges', { id: 'storm' }, { 'Idempotency-Key': 'storm' })))
+      const bodies = new Set<string>()
+      for (const r of responses) {
+        if (r.status === 409) await expectProblem(r, 409, 'conflict')
+        else {
+          expect(r.status).toBe(201)
+          bodies.add(await r.text())
+        }
+      }
+      expect(bodies.size).toBe(1)
+      expect(await fx.effects('charge:storm')).toBe(1)
+    })
+
+    it('answers a missing or malformed key with 400 before running anything', async () => {
+      await expectProblem(await post('/charges', { id: 'none' }), 400, 'missing_key')
+      for (const key of ['""', 'x'.repeat(256), '"abc', 'a\tb']) {
+        await expectProblem(await post('/charges', { id: 'bad' }, { 'Idempotency-Key': key }), 400, 'invalid_key')
+      }
+      expect(await fx.effects()).toBe(0)
+    })
+
+    it('answers 400 to a request with two Idempotency-Key header lines', async () => {
+      const { port } = app.server.address() as AddressInfo
+      const body = JSON.stringify({ id: 'two-lines' })
+      // A raw list is sent as it is: Node adds neither Host nor the body's framing.
+      const headers = ['Host', `127.0.0.1:${port}`, 'Content-Type', 'application/json', 'Content-Length', String(Buffer.byteLength(body)), 'Idempotency-Key', 'a', 'Idempotency-Key', 'b']
+      const answer = await new Promise<{ status: number; body: string }>((resolve, reject) => {
+        const req = httpRequest({ host: '127.0.0.1', port, path: '/charges', method: 'POST', headers }, (res) => {
+          let body = ''
+          res.setEncoding('utf8').on('data', (chunk: string) => (body += chunk))
+          res.on('end', () => resolve({ status: res.statusCode!, body }))
+        })
+        req.on('error', reject)
+        req.end(body)
+      })
+      expect(answer.status).toBe(400)
+      expect(JSON.parse(answer.body)).toMatchObject({ type: 'urn:kysely-idempotency:invalid_key' })
+      expect(await fx.effects()).toBe(0)
+    })
+
+    it('answers 422 to the same key with another body or URL', async () => {
+      await post('/charges', { id: 'r', amount: 1 }, { 'Idempotency-Key': 'reuse' })
+      await expectProblem(await post('/charges', { id: 'r', amount: 2 }, { 'Idempotency-Key': 'reuse' }), 422, 'key_reuse')
+      await expectProblem(await post('/charges?test=1', { id: 'r', amount: 1 }, { 'Idempotency-Key': 'reuse' }), 422, 'key_reuse')
+      await expectProblem(await post('/v0/charges', { id: 'r', amount: 1 }, { 'Idempotency-Key': 'reuse' }), 422, 'key_reuse')
+      expect(await fx.effects('charge:r')).toBe(1)
+    })
+
+    it('answers 409 with Retry-After at once while the same key is in flight (conflictWait 0)', async () => {
+      const first = post('/instant', { id: 'slow', behave: 'hold' }, { 'Idempotency-Key': 'slow' })
+      await held.entered.promise
+      const second = await post('/instant', { id: 'slow', behave: 'hold' }, { 'Idempotency-Key': 'slow' })
+      expect(second.headers.get('retry-after')).toMatch(/^\d+$/)
+      await expectProblem(second, 409, 'conflict')
+      held.release.open()
+      expect((await first).status).toBe(201)
+      expect(await fx.effects('charge:slow')).toBe(1)
+    })
+
+    it("passes a thrown error to Fastify's error handler and stores nothing, so a retry runs", async () => {
+      const failed = await post('/charges', { id: 't' }, { 'Idempotency-Key': 'throws', 'x-behave': 'throw' })
+      expect(failed.status).toBe(500)
+      expect(await failed.json()).toMatchObject({ statusCode: 500, message: 'handler failed' })
+      expect(await fx.effects('charge:t')).toBe(0)
+      expect(await fx.rows()).toBe(0)
+      const retry = await post('/charges', { id: 't' }, { 'Idempotency-Key': 'throws' })
+      expect(retry.status).toBe(201)
+      expect(retry.headers.get('idempotency-replayed')).toBeNull()
+      expect(await fx.effects('charge:t')).toBe(1)
+    })
+
+    it('sends a returned 5xx without storing it and rolls its writes back', async () => {
+      for (let i = 0; i < 2; i++) {
+        const failed = await post('/charges', { id: 'u', behave: '503' }, { 'Idempotency-Key': 'unavailable' })
+        expect(failed.status).toBe(503)
+        expect(failed.headers.get('idempotency-replayed')).toBeNull()
+        expect(await failed.json()).toEqual({ error: 'try later' })
+      }
+      expect(await fx.effects('charge:u')).toBe(0)
+    })
+
+    it('gives a client whose first answer was lost after the commit the stored answer', async () => {
+      await expect(post('/charges', { id: 'd' }, { 'Idempotency-Key': 'dropped', 'x-drop': 'after-commit' })).rejects.toThrow()
+      const retry = await post('/charges', { id: 'd' }, { 'Idempotency-Key': 'dropped' })
+      expect(retry.status).toBe(201)
+      expect(retry.headers.get('idempotency-replayed')).toBe('true')
+      expect(await fx.effects('charge:d')).toBe(1)
+    })
+
+    it('sends Set-Cookie lines on the first answer and does not replay them', async () => {
+      const first = await post('/charges', { id: 'cookies', behave: 'cookies' }, { 'Idempotency-Key': 'cookies' })
+      expect(first.headers.getSetCookie()).toEqual(['a=1', 'b=2'])
+      const again = await post('/charges', { id: 'cookies', behave: 'cookies' }, { 'Idempotency-Key': 'cookies' })
+      expect(again.headers.get('idempotency-replayed')).toBe('true')
+      expect(again.headers.getSetCookie()).toEqual([])
+      expect(again.headers.get('location')).toBe('/charges/cookies')
+    })
+
+    it('keeps scopes apart, takes a numeric scope as its decimal text, and answers a missing one with a 500 that names the option', async () => {
+      const a = await post('/charges', { id: 's' }, { 'Idempotency-Key': 'shared', 'x-user': 'alice' })
+      const b = await post('/charges', { id: 's' }, { 'Idempotency-Key': 'shared', 'x-user': 'bob' })
+      expect(b.headers.get('idempotency-replayed')).toBeNull()
+      expect(await a.text()).not.toBe(await b.text())
+
+      expect((await post('/numeric', { id: 'n' }, { 'Idempotency-Key': 'n', 'x-user-id': '42' })).status).toBe(201)
+      expect((await post('/numeric', { id: 'n' }, { 'Idempotency-Key': 'n', 'x-user-id': '42' })).headers.get('idempotency-replayed')).toBe('true')
+      expect((await post('/numeric', { id: 'n' }, { 'Idempotency-Key': 'n', 'x-user-id': '43' })).headers.get('idempotency-replayed')).toBeNull()
+      const scopes = await fx.db.selectFrom(fx.table).select('scope').where('key', '=', 'n').orderBy('scope').execute()
+      expect(scopes.map((row) => String(row.scope))).toEqual(['42', '43'])
+
+      const anonymous = await post('/no-user', { id: 'a' }, { 'Idempotency-Key': 'a' })
+      expect(anonymous.status).toBe(500)
+      expect(((await anonymous.json()) as { message: string }).message).toMatch(/scope option returned undefined/)
+      expect(await fx.effects('charge:a')).toBe(0)
+    })
+
+    it("fingerprints what Fastify's parsers left: forms, text and bytes", async () => {
+      const send = (type: string, body: string | Uint8Array, key: string) =>
+        fetch(`${base}/echo`, { method: 'POST', headers: { 'content-type': type, 'Idempotency-Key': key }, body })
+      const cases: Array<[string, string | Uint8Array, string | Uint8Array, unknown]> = [
+        ['application/x-www-form-urlencoded', 'id=f&amount=1', 'id=f&amount=2', { id: 'f', amount: '1' }],
+        ['text/plain', 'some text', 'other text', 'some text'],
+        ['application/octet-stream', new Uint8Array([1, 2, 3]), new Uint8Array([1, 2, 4]), [1, 2, 3]],
+      ]
+      for (const [type, body, other, seen] of cases) {
+        const first = await send(type, body, type)
+        expect(await first.json()).toEqual({ body: seen })
+        expect((await send(type, body, type)).headers.get('idempotency-replayed')).toBe('true')
+        await expectProblem(await send(type, other, type), 422, 'key_reuse')
+      }
+      expect(await fx.effects('echo')).toBe(3)
+    })
+
+    it('runs atomic-phase flows: replay, a 5xx resumes later, fail() is replayed without its Set-Cookie', async () => {
+      const ride = (id: string, behave?: string) => post('/rides', { id, behave }, { 'Idempotency-Key': `ride-${id}` })
+      const first = await ride('r1')
+      expect(first.status).toBe(201)
+      const again = await ride('r1')
+      expect(again.headers.get('idempotency-replayed')).toBe('true')
+      expect(await again.text()).toBe(await first.text())
+
+      expect((await ride('r2', '503')).status).toBe(503)
+      const resumed = await ride('r2', '503')
+      expect(resumed.status).toBe(503)
+      expect(resumed.headers.get('idempotency-replayed')).toBeNull()
+      expect(await fx.effects('ride:r2')).toBe(1)
+
+      const declined = await ride('r3', 'decline')
+      expect(declined.status).toBe(402)
+      expect(declined.headers.get('set-cookie')).toBe('session=abc')
+      const replayed = await ride('r3', 'decline')
+      expect(replayed.status).toBe(402)
+      expect(replayed.headers.get('idempotency-replayed')).toBe('true')
+      expect(replayed.headers.get('set-cookie')).toBeNull()
+      expect(await replayed.text()).toBe(await declined.text())
+    })
+
+    it('gives one side effect per call of the official stripe SDK, which retries dropped connections and 409s', async () => {
+      const { port } = app.server.address() as AddressInfo
+      const stripe = new Stripe('sk_test_local', { host: '127.0.0.1', port, protocol: 'http', maxNetworkRetries: 3 })
+      const emails = Array.from({ length: 6 }, (_, i) => `c${i}@example.com`)
+      const customers = await Promise.all(emails.map((email) => stripe.customers.create({ email })))
+      expect(customers.map((c) => c.email)).toEqual(emails)
+      for (const email of emails) expect(await fx.effects(`customer:${email}`)).toBe(1)
+    })
+  })
+}
