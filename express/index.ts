@@ -6,7 +6,7 @@ import type { NextFunction as ExpressNext, Request } from 'express'
 import type { Transaction } from 'kysely'
 import type { Idempotency, RunOptions, TransactionOptions } from '../src/idempotency.js'
 import type { Flow } from '../src/phases.js'
-import { IdempotentRoute, type Answer, type HttpResult, type IdempotentOptions, type Outcome, type RequestFacts } from '../http/index.js'
+import { IdempotentRoute, rawHeaderLines, type Answer, type HttpResult, type IdempotentOptions, type Outcome, type RequestFacts } from '../http/index.js'
 
 export { parseKeyHeader, UNSCOPED } from '../http/index.js'
 export type { HttpResult, IdempotentOptions } from '../http/index.js'
@@ -107,13 +107,7 @@ function facts(req: IdempotentRequest): RequestFacts {
     method: req.method,
     url: req.originalUrl,
     body: () => req.body,
-    // Node joins repeated lines of most headers into one value; the raw list keeps them apart.
-    headerLines(name) {
-      const lower = name.toLowerCase()
-      const lines: string[] = []
-      for (let i = 0; i + 1 < req.rawHeaders.length; i += 2) if (req.rawHeaders[i]!.toLowerCase() === lower) lines.push(req.rawHeaders[i + 1]!)
-      return lines
-    },
+    headerLines: (name) => rawHeaderLines(req.rawHeaders, name),
   }
 }
 

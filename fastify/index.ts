@@ -6,7 +6,7 @@ import type { FastifyReply, FastifyRequest } from 'fastify'
 import type { Transaction } from 'kysely'
 import type { Idempotency, RunOptions, TransactionOptions } from '../src/idempotency.js'
 import type { Flow } from '../src/phases.js'
-import { IdempotentRoute, type Answer, type HttpResult, type IdempotentOptions, type Outcome, type RequestFacts } from '../http/index.js'
+import { IdempotentRoute, rawHeaderLines, type Answer, type HttpResult, type IdempotentOptions, type Outcome, type RequestFacts } from '../http/index.js'
 
 export { parseKeyHeader, UNSCOPED } from '../http/index.js'
 export type { HttpResult, IdempotentOptions } from '../http/index.js'
@@ -110,14 +110,7 @@ function facts(request: IdempotentRequest): RequestFacts {
     method: request.method,
     url: request.originalUrl,
     body: () => request.body,
-    // Node joins repeated lines of most headers into one value; the raw list keeps them apart.
-    headerLines(name) {
-      const lower = name.toLowerCase()
-      const raw = request.raw.rawHeaders
-      const lines: string[] = []
-      for (let i = 0; i + 1 < raw.length; i += 2) if (raw[i]!.toLowerCase() === lower) lines.push(raw[i + 1]!)
-      return lines
-    },
+    headerLines: (name) => rawHeaderLines(request.raw.rawHeaders, name),
   }
 }
 

@@ -83,6 +83,17 @@ export interface RequestFacts {
 export type Outcome = { readonly answer: Answer; readonly replayed: boolean } | { readonly error: unknown }
 
 /**
+ * Every line of the header `name` in Node's `rawHeaders` (name, value, name, value…): Node joins
+ * repeated lines of most headers into one value, and the raw list keeps them apart.
+ */
+export function rawHeaderLines(rawHeaders: readonly string[], name: string): string[] {
+  const lower = name.toLowerCase()
+  const lines: string[] = []
+  for (let i = 0; i + 1 < rawHeaders.length; i += 2) if (rawHeaders[i]!.toLowerCase() === lower) lines.push(rawHeaders[i + 1]!)
+  return lines
+}
+
+/**
  * Reads the key from a header value: bare (`abc`) or a Structured-Field string (`"abc"`, with
  * `\"` and `\\` escapes), which denote the same key.
  */

@@ -52,8 +52,6 @@ const failedClaims = processWide('failedClaims', () => new WeakMap<object, Set<s
  * a call nested inside its own function from a duplicate, which waits.
  */
 const enclosing = processWide('enclosing', () => new AsyncLocalStorage<ReadonlySet<string>>())
-/** How an attempt this process ran at a key ended: the key `finished`, or the attempt `failed`. */
-type Ending = 'finished' | 'failed'
 /** Attempts at one prune batch that the database aborts (deadlock with requests on the same rows). */
 const PRUNE_ATTEMPTS = 5
 
@@ -67,8 +65,8 @@ export class Core {
   /** How this instance stores values. */
   readonly values: ValueStore
   #statements: Promise<Statements> | undefined
-  /** The attempts this instance runs now, by key, each with how it will end. */
-  readonly #inFlight = new Map<string, Promise<Ending>>()
+  /** The attempts this instance runs now, by key, each settling when it ends. */
+  readonly #inFlight = new Map<string, Promise<void>>()
 
   constructor(dialect: IdempotencyDialect, table: string, values: ValueStore) {
     this.#dialect = dialect
@@ -86,29 +84,24 @@ export class Core {
   async coalesced<T>(key: NormalizedKey, settings: Settings, attempt: (settings: Settings) => Promise<Execution<T>>): Promise<Execution<T>> {
     const entry = this.#runningEntry(key)
     const deadline = Date.now() + settings.conflictWait
+    this.#refuseNested(entry, key, settings)
     for (let running = this.#inFlight.get(entry); running; running = this.#inFlight.get(entry)) {
-      this.#refuseNested(entry, key, settings)
-      const ending = await within(running, deadline - Date.now())
-      if (ending === undefined) throw inFlight(key, settings)
-      // The key finished: reading it needs no turn of its own.
-      if (ending === 'finished') return attempt({ ...settings, conflictWait: Math.max(0, deadline - Date.now()) })
+      // A finished key is read in a turn of its own too: it may have expired meanwhile, and then
+      // the read becomes a run that no other waiter may share.
+      if (!(await within(running, deadline - Date.now()))) throw inFlight(key, settings)
     }
-    let end!: (ending: Ending) => void
-    this.#inFlight.set(entry, new Promise<Ending>((resolve) => (end = resolve)))
+    let end!: () => void
+    this.#inFlight.set(entry, new Promise<void>((resolve) => (end = resolve)))
     const inside = new Set(enclosing.getStore()).add(entry)
     try {
-      const result = await enclosing.run(inside, () => attempt({ ...settings, conflictWait: Math.max(0, deadline - Date.now()) }))
-      end('finished')
-      return result
-    } catch (error) {
-      end('failed')
-      throw error
+      return await enclosing.run(inside, () => attempt({ ...settings, conflictWait: Math.max(0, deadline - Date.now()) }))
     } finally {
       this.#inFlight.delete(entry)
+      end()
     }
   }
 
-  /** A call inside the function of a call with the same key would wait for itself. */
+  /** A call inside the function of a call with the same key (in any instance) would wait for itself. */
   #refuseNested(entry: string, key: NormalizedKey, settings: Settings): void {
     if (!enclosing.getStore()?.has(entry)) return
     throw new IdempotencyConflictError(
@@ -126,9 +119,8 @@ export class Core {
    */
   refuseInFlight(key: NormalizedKey, settings: Settings): void {
     const entry = this.#runningEntry(key)
-    if (!this.#inFlight.has(entry)) return
     this.#refuseNested(entry, key, settings)
-    if (settings.conflictWait === 0) throw inFlight(key, settings)
+    if (settings.conflictWait === 0 && this.#inFlight.has(entry)) throw inFlight(key, settings)
   }
 
   /** Runs `fn` once per key inside `trx`, or returns the stored result. */
@@ -357,13 +349,13 @@ function inFlight(key: NormalizedKey, settings: Settings): IdempotencyConflictEr
   })
 }
 
-/** What `promise` resolves to within `ms`, or `undefined` after. */
-async function within<T>(promise: Promise<T>, ms: number): Promise<T | undefined> {
-  if (ms <= 0) return undefined
+/** Whether `promise` settles within `ms`. */
+async function within(promise: Promise<void>, ms: number): Promise<boolean> {
+  if (ms <= 0) return false
   let timer: ReturnType<typeof setTimeout> | undefined
-  const timeout = new Promise<undefined>((resolve) => (timer = setTimeout(() => resolve(undefined), ms)))
+  const timeout = new Promise<boolean>((resolve) => (timer = setTimeout(() => resolve(false), ms)))
   try {
-    return await Promise.race([promise, timeout])
+    return await Promise.race([promise.then(() => true), timeout])
   } finally {
     clearTimeout(timer)
   }

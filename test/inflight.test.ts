@@ -171,6 +171,10 @@ for (const target of selectedTargets()) {
         fx.idempotency.transaction({ key: 'outer', request: 1 }, async () => 'inner'),
       )
       await expect(nested).rejects.toMatchObject({ reason: 'nested' })
+      // Another instance on the same table is the same key: it must not wait for its caller either.
+      const other = fx.with({})
+      const across = fx.idempotency.transaction({ key: 'across', request: 1 }, () => other.transaction({ key: 'across', request: 1 }, async () => 'inner'))
+      await expect(across).rejects.toMatchObject({ reason: 'nested' })
       expect(Date.now() - start).toBeLessThan(2000)
       const inFlow = fx.idempotency.run({ key: 'flow', request: 1 }, (flow) =>
         flow.phase('one', async (trx) => fx.idempotency.withIdempotency(trx, { key: 'flow', request: 1 }, async () => 1)),
