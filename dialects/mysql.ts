@@ -179,7 +179,6 @@ export function mysqlDialect(options: MysqlDialectOptions = {}): IdempotencyDial
   }
 }
 
-/** InnoDB lock waits are whole seconds; a wait is never shortened to zero (which means "do not wait"). */
 /**
  * `innodb_lock_wait_timeout` for a wait of `ms`, in whole seconds. 0 does not wait on MariaDB;
  * MySQL raises it to its minimum, 1 s.
