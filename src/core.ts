@@ -23,6 +23,28 @@ export interface Settings {
 }
 
 export const EXPIRED = Symbol('expired')
+
+/** What {@link Core.coalesced} gives the attempt it runs. */
+export interface AttemptSlot {
+  /** How long the attempt's claim may wait for a holder in another process: what is left of `conflictWait`. */
+  readonly claimWait: number
+  /** Tells duplicates in this instance that the key is not finished and the attempt goes on to claim it. */
+  claiming(): void
+  /** Tells duplicates in this instance that the attempt holds its key's lock for `ms` from now, and no longer. */
+  leased(ms: number): void
+}
+
+/** An attempt in this instance's registry. */
+interface Running {
+  /** Settles when the attempt ends. */
+  readonly settled: Promise<void>
+  /** Settles when the attempt has read the key and goes on to claim it, or when it ends. */
+  readonly decided: Promise<void>
+  /** The attempt found the key unfinished and claims it: a duplicate out of time gets 409. */
+  claiming: boolean
+  /** Local time by which the attempt's lease has surely run out; `Infinity` while it holds no lease. */
+  leaseUntil: number
+}
 /**
  * State the CommonJS and ES module builds of this file share when a process loads both: what a
  * call in one build runs must be seen by a call in the other.
@@ -65,8 +87,8 @@ export class Core {
   /** How this instance stores values. */
   readonly values: ValueStore
   #statements: Promise<Statements> | undefined
-  /** The attempts this instance runs now, by key, each settling when it ends. */
-  readonly #inFlight = new Map<string, Promise<void>>()
+  /** The attempts this instance runs now, by key. */
+  readonly #inFlight = new Map<string, Running>()
 
   constructor(dialect: IdempotencyDialect, table: string, values: ValueStore) {
     this.#dialect = dialect
@@ -77,27 +99,58 @@ export class Core {
   /**
    * Runs `attempt` (a transaction or a flow the library owns) as this instance's only attempt at
    * `key`. A duplicate arriving meanwhile waits for it in memory, holding no connection, up to
-   * `conflictWait` (then 409 `in_flight`; at once when it is 0), and then reads what it left: the
-   * stored answer (or 422 for another request) if the key finished, else it makes its own attempt.
-   * A duplicate in another process meets the key in the database instead, as before.
+   * `conflictWait`, and then makes its own attempt, which reads what the first left: the stored
+   * answer (or 422 for another request) if the key finished, else a run of its own. When the wait
+   * runs out (at once when `conflictWait` is 0) while the first claims the key, the duplicate gets
+   * 409 `in_flight`; while the first only reads it, the duplicate waits for that read, so that a
+   * finished key is replayed, never refused. A flow whose lease ran out is not waited for any more:
+   * the duplicate takes it over, as one from another process would. A duplicate in another
+   * process meets the key in the database instead.
    */
-  async coalesced<T>(key: NormalizedKey, settings: Settings, attempt: (settings: Settings) => Promise<Execution<T>>): Promise<Execution<T>> {
+  async coalesced<T>(key: NormalizedKey, settings: Settings, attempt: (slot: AttemptSlot) => Promise<Execution<T>>): Promise<Execution<T>> {
     const entry = this.#runningEntry(key)
     const deadline = Date.now() + settings.conflictWait
     this.#refuseNested(entry, key, settings)
-    for (let running = this.#inFlight.get(entry); running; running = this.#inFlight.get(entry)) {
+    for (let current = this.#inFlight.get(entry); current; current = this.#inFlight.get(entry)) {
+      const now = Date.now()
+      if (now >= current.leaseUntil) break
+      if (now >= deadline) {
+        if (current.claiming) throw inFlight(key, settings)
+        // It is still reading the key, which may be finished: its answer is ours, not a 409.
+        await current.decided
+        continue
+      }
       // A finished key is read in a turn of its own too: it may have expired meanwhile, and then
       // the read becomes a run that no other waiter may share.
-      if (!(await within(running, deadline - Date.now()))) throw inFlight(key, settings)
+      await within(current.settled, Math.min(deadline, current.leaseUntil) - now)
     }
-    let end!: () => void
-    this.#inFlight.set(entry, new Promise<void>((resolve) => (end = resolve)))
+    let settle!: () => void
+    let decide!: () => void
+    const mine: Running = {
+      settled: new Promise<void>((resolve) => (settle = resolve)),
+      decided: new Promise<void>((resolve) => (decide = resolve)),
+      claiming: false,
+      leaseUntil: Infinity,
+    }
+    this.#inFlight.set(entry, mine)
     const inside = new Set(enclosing.getStore()).add(entry)
+    const slot: AttemptSlot = {
+      claimWait: Math.max(0, deadline - Date.now()),
+      claiming: () => {
+        mine.claiming = true
+        decide()
+      },
+      leased: (ms) => {
+        mine.leaseUntil = Date.now() + ms
+      },
+    }
     try {
-      return await enclosing.run(inside, () => attempt({ ...settings, conflictWait: Math.max(0, deadline - Date.now()) }))
+      return await enclosing.run(inside, () => attempt(slot))
     } finally {
-      this.#inFlight.delete(entry)
-      end()
+      // A duplicate that took over after this attempt's lease ran out owns the entry now.
+      if (this.#inFlight.get(entry) === mine) this.#inFlight.delete(entry)
+      decide()
+      settle()
     }
   }
 
@@ -114,13 +167,12 @@ export class Core {
   /**
    * Before a call in the caller's own transaction ({@link execute}): its transaction holds a
    * connection whatever happens, and may hold locks that an attempt in flight here needs, so a
-   * duplicate waits in the database, which sees such deadlocks, not in memory. Only a nested
-   * call, and any duplicate when `conflictWait` is 0, are refused at once.
+   * duplicate waits in the database, which sees such deadlocks, not in memory; with
+   * `conflictWait` 0 the database answers at once too (MySQL proper after its 1 s minimum). Only
+   * a nested call is refused here.
    */
-  refuseInFlight(key: NormalizedKey, settings: Settings): void {
-    const entry = this.#runningEntry(key)
-    this.#refuseNested(entry, key, settings)
-    if (settings.conflictWait === 0 && this.#inFlight.has(entry)) throw inFlight(key, settings)
+  refuseNested(key: NormalizedKey, settings: Settings): void {
+    this.#refuseNested(this.#runningEntry(key), key, settings)
   }
 
   /** Runs `fn` once per key inside `trx`, or returns the stored result. */
@@ -143,7 +195,7 @@ export class Core {
         const entry = this.#runningEntry(key)
         running.set(entry, (running.get(entry) ?? 0) + 1)
         try {
-          const value = await fn(trx)
+          const value = await enclosing.run(new Set(enclosing.getStore()).add(entry), () => fn(trx))
           await s.finish(db, id, this.values.encode(value), settings.ttl)
           return { value, replayed: false }
         } catch (error) {
@@ -169,7 +221,13 @@ export class Core {
    * Answers a replay with one read, else opens a transaction and runs {@link execute} in it,
    * retrying races (serialization failures, deadlocks) with jittered back-off.
    */
-  async transaction<T, DB>(db: Kysely<DB>, key: NormalizedKey, fn: (trx: Transaction<DB>) => Promise<T>, settings: Settings): Promise<Execution<T>> {
+  async transaction<T, DB>(
+    db: Kysely<DB>,
+    key: NormalizedKey,
+    fn: (trx: Transaction<DB>) => Promise<T>,
+    settings: Settings,
+    slot: Pick<AttemptSlot, 'claiming'>,
+  ): Promise<Execution<T>> {
     const plain = db.withoutPlugins() as unknown as Kysely<unknown>
     const s = await this.statements(plain)
     const row = await this.guard(settings, () => s.lookup(plain, key.scope, key.key))
@@ -177,6 +235,7 @@ export class Core {
       const verdict = await this.judge(plain, s, row, key, settings)
       if (verdict !== EXPIRED) return { value: verdict.value as T, replayed: true }
     }
+    slot.claiming()
     return this.retrying(settings, () => {
       const builder = settings.isolationLevel ? db.transaction().setIsolationLevel(settings.isolationLevel) : db.transaction()
       return builder.execute((trx) => this.execute(trx, key, fn, settings))

@@ -223,17 +223,19 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
   // Every method is async, so that bad input (a missing key, a bad option) rejects instead of throwing.
   const execute = async <T>(trx: Transaction<DB>, key: IdempotencyKeyInput, fn: (trx: Transaction<DB>) => Promise<T>, call?: CallOptions) => {
     const [normalized, resolved] = [normalizeKey(key), settings(call)]
-    core.refuseInFlight(normalized, resolved)
+    core.refuseNested(normalized, resolved)
     return core.execute(requireTransaction(trx), normalized, fn, resolved)
   }
   const executeTransaction = async <T>(key: IdempotencyKeyInput, fn: (trx: Transaction<DB>) => Promise<T>, call?: TransactionOptions) => {
     const normalized = normalizeKey(key)
-    return core.coalesced(normalized, settings(call), (resolved) => core.transaction(db, normalized, fn, resolved))
+    const resolved = settings(call)
+    return core.coalesced(normalized, resolved, (slot) => core.transaction(db, normalized, fn, { ...resolved, conflictWait: slot.claimWait }, slot))
   }
   const executeRun = async <T>(key: IdempotencyKeyInput, flow: (flow: Flow<DB, T>) => Promise<T>, call?: RunOptions) => {
     const normalized = normalizeKey(key)
     const leased = bounded('lockTimeout', call?.lockTimeout ?? lockTimeout)
-    return core.coalesced(normalized, settings(call), (resolved) => phases.run(db, normalized, flow, { ...resolved, lockTimeout: leased }))
+    const resolved = settings(call)
+    return core.coalesced(normalized, resolved, (slot) => phases.run(db, normalized, flow, { ...resolved, lockTimeout: leased }, slot))
   }
 
   return {
@@ -291,8 +293,9 @@ export async function withIdempotency<DB, T>(
   if (!cores) shared.set(adapter, (cores = new Map()))
   let core = cores.get(tableName)
   if (!core) cores.set(tableName, (core = new Core(detectDialect(trx as unknown as Kysely<unknown>), tableName, new ValueStore())))
-  const normalized = normalizeKey(key)
-  return (await core.execute(trx, normalized, fn, resolveSettings(DEFAULTS, options ?? {}))).value
+  const [normalized, resolved] = [normalizeKey(key), resolveSettings(DEFAULTS, options ?? {})]
+  core.refuseNested(normalized, resolved)
+  return (await core.execute(trx, normalized, fn, resolved)).value
 }
 
 function requireTransaction<DB>(trx: Transaction<DB>): Transaction<DB> {

@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto'
 import type { Kysely, Transaction } from 'kysely'
 import type { Encoded, Storable, ValueStore } from './codec.js'
-import { EXPIRED, type Core, type Execution, type Settings } from './core.js'
+import { EXPIRED, type AttemptSlot, type Core, type Execution, type Settings } from './core.js'
 import { FINISHED, STARTED, type KeyRow } from './dialect.js'
 import { IdempotencyConflictError, IdempotencyFlowError, IdempotencyLockLostError, IdempotencySerializationError } from './errors.js'
 import type { NormalizedKey } from './request.js'
@@ -134,8 +134,13 @@ export class Phases {
     this.#core = core
   }
 
-  async run<T, DB>(db: Kysely<DB>, key: NormalizedKey, body: (flow: Flow<DB, T>) => Promise<T>, settings: FlowSettings): Promise<Execution<T>> {
+  /**
+   * Runs `body` as one attempt at `key`. The claim waits at most `slot.claimWait` for a holder in
+   * another process; every lock this attempt takes or extends is reported to `slot`.
+   */
+  async run<T, DB>(db: Kysely<DB>, key: NormalizedKey, body: (flow: Flow<DB, T>) => Promise<T>, settings: FlowSettings, slot: AttemptSlot): Promise<Execution<T>> {
     const core = this.#core
+    const claiming = { ...settings, conflictWait: slot.claimWait }
     const plain = db.withoutPlugins() as unknown as Kysely<unknown>
     const s = await core.statements(plain)
     const seen = await core.guard(settings, () => s.lookup(plain, key.scope, key.key))
@@ -143,14 +148,16 @@ export class Phases {
       const verdict = await core.judge(plain, s, seen, key, settings)
       if (verdict !== EXPIRED) return { value: verdict.value as T, replayed: true }
     }
+    slot.claiming()
     // A new key is claimed by its insert alone, outside any transaction: on InnoDB, a locking
     // read of an absent row takes gap locks that make concurrent first claims deadlock. One
     // connection, because a dialect may bound the insert's lock wait with session settings.
     const claim =
-      (!seen && (await plain.connection().execute((conn) => this.#insert(conn, s, key, settings)))) ||
-      (await core.retrying(settings, () => plain.transaction().execute((trx) => this.#claim(trx, s, key, settings))))
+      (!seen && (await plain.connection().execute((conn) => this.#insert(conn, s, key, claiming)))) ||
+      (await core.retrying(settings, () => plain.transaction().execute((trx) => this.#claim(trx, s, key, claiming))))
     if ('value' in claim) return { value: claim.value as T, replayed: true }
-    const attempt = new Attempt<DB, T>(db, core, s, key, claim.lease, claim.stored, settings)
+    slot.leased(settings.lockTimeout)
+    const attempt = new Attempt<DB, T>(db, core, s, key, claim.lease, claim.stored, settings, slot)
     return { value: await attempt.run(body), replayed: false }
   }
 
@@ -230,6 +237,7 @@ class Attempt<DB, T> {
   readonly #key: NormalizedKey
   readonly #lease: Lease
   readonly #settings: FlowSettings
+  readonly #slot: AttemptSlot
   /** What earlier attempts recorded, and in which order. */
   readonly #recorded: ReadonlyMap<string, unknown>
   readonly #order: readonly string[]
@@ -253,7 +261,7 @@ class Attempt<DB, T> {
    */
   #broken: IdempotencyFlowError | IdempotencyLockLostError | undefined
 
-  constructor(db: Kysely<DB>, core: Core, s: Statements, key: NormalizedKey, lease: Lease, stored: Encoded, settings: FlowSettings) {
+  constructor(db: Kysely<DB>, core: Core, s: Statements, key: NormalizedKey, lease: Lease, stored: Encoded, settings: FlowSettings, slot: AttemptSlot) {
     this.#db = db
     this.#plain = db.withoutPlugins() as unknown as Kysely<unknown>
     this.#core = core
@@ -261,6 +269,7 @@ class Attempt<DB, T> {
     this.#key = key
     this.#lease = lease
     this.#settings = settings
+    this.#slot = slot
     this.#state = readState(core.values, stored.text, stored.codec)
     // The values handed to the flow are a copy of their own.
     const handed = readState(core.values, stored.text, stored.codec).phases
@@ -388,6 +397,7 @@ class Attempt<DB, T> {
         return { value, state: await this.#record(own, name, value) }
       }),
     )
+    this.#slot.leased(settings.lockTimeout)
     this.#state = recorded.state
     return recorded.value
   }
@@ -397,8 +407,10 @@ class Attempt<DB, T> {
     // and a live one gets a whole lease for the call.
     const held = await this.#core.guard(this.#settings, () => this.#s.fence(this.#plain, this.#lease, extension(this.#settings)))
     if (!held) throw this.#lockLost(name)
+    this.#slot.leased(this.#settings.lockTimeout)
     const value = await fn()
     this.#state = await this.#record(this.#plain, name, value)
+    this.#slot.leased(this.#settings.lockTimeout)
     return value
   }
 

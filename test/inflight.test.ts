@@ -182,6 +182,117 @@ for (const target of selectedTargets()) {
       await expect(inFlow).rejects.toMatchObject({ reason: 'nested' })
     })
 
+    it('with conflictWait 0, replays a finished key to concurrent retries, and answers another request 422, never 409', async () => {
+      const idempotency = fx.with({ conflictWait: 0 })
+      const runs = { n: 0 }
+      const charge = (request: unknown) =>
+        idempotency.executeTransaction({ key: 'done', request }, async () => {
+          runs.n++
+          return { charged: new Date(7) }
+        })
+      expect(await charge('a')).toEqual({ value: { charged: new Date(7) }, replayed: false })
+      const retries = await Promise.allSettled(Array.from({ length: 20 }, () => charge('a')))
+      for (const r of retries) expect(r).toEqual({ status: 'fulfilled', value: { value: { charged: new Date(7) }, replayed: true } })
+      const others = await Promise.allSettled(Array.from({ length: 10 }, () => charge('b')))
+      for (const r of others) expect(r).toMatchObject({ status: 'rejected', reason: expect.any(IdempotencyKeyReuseError) })
+      const flows = await Promise.allSettled(
+        Array.from({ length: 10 }, () => idempotency.executeRun({ key: 'flow-done', request: 1 }, async (f) => f.phase('only', async () => 'ran'))),
+      )
+      expect(flows.filter((r) => r.status === 'fulfilled' && !r.value.replayed)).toHaveLength(1)
+      for (const r of flows) {
+        if (r.status === 'rejected') expect(r.reason).toMatchObject({ reason: 'in_flight' })
+      }
+      expect(await idempotency.run({ key: 'flow-done', request: 1 }, async () => 'again')).toBe('ran')
+      expect(runs.n).toBe(1)
+    })
+
+    it('stops waiting for a flow of its own instance whose lease ran out, and takes it over as another process would', async () => {
+      const hung = gate()
+      const runs: string[] = []
+      const settings = { lockTimeout: 300, conflictWait: 3000 }
+      const first = fx.idempotency.run(
+        { key: 'hung', request: 1 },
+        async (f) => {
+          await f.phase('write', async (trx) => {
+            runs.push('write')
+            await fx.effect(trx, 'hung')
+          })
+          await f.step('call', async () => {
+            runs.push('call by first')
+            await hung.promise
+          })
+          return 'first'
+        },
+        settings,
+      )
+      await sleep(100)
+      const start = Date.now()
+      const second = await fx.idempotency.executeRun(
+        { key: 'hung', request: 1 },
+        async (f) => {
+          await f.phase('write', async () => {
+            runs.push('write again')
+          })
+          await f.step('call', async () => {
+            runs.push('call by second')
+          })
+          return 'second'
+        },
+        settings,
+      )
+      expect(second).toEqual({ value: 'second', replayed: false })
+      expect(Date.now() - start).toBeLessThan(2500)
+      hung.open()
+      await expect(first).rejects.toMatchObject({ code: 'lock_lost' })
+      expect(runs).toEqual(['write', 'call by first', 'call by second'])
+      expect(await fx.effects('hung')).toBe(1)
+      expect(await fx.idempotency.run({ key: 'hung', request: 1 }, async () => 'third')).toBe('second')
+    })
+
+    // SQLite has no row locks to hold.
+    if (serverPool) it('gives the phases of a duplicate that waited its whole conflictWait in memory the full wait on their rows', async () => {
+      const conflictWait = 3000
+      const first = fx.idempotency.run({ key: 'budget', request: 1 }, async () => {
+        await sleep(conflictWait - 400)
+        throw new Error('the first attempt stops')
+      }, { conflictWait })
+      await sleep(50)
+      const second = fx.idempotency.run(
+        { key: 'budget', request: 1 },
+        async (f) => {
+          // Another transaction holds the key's row for longer than what was left of conflictWait.
+          const locked = gate()
+          const holder = fx.db.transaction().execute(async (trx) => {
+            await trx.selectFrom(fx.table).select('id').where('key', '=', 'budget').forUpdate().execute()
+            locked.open()
+            await sleep(1500)
+          })
+          await locked.promise
+          const written = await f.phase('write', async (trx) => fx.effect(trx, 'budget').then(() => 'written'))
+          await holder
+          return written
+        },
+        { conflictWait },
+      )
+      await expect(first).rejects.toThrow('the first attempt stops')
+      expect(await second).toBe('written')
+      expect(await fx.effects('budget')).toBe(1)
+    })
+
+    it('refuses a call nested in the function of withIdempotency at once, in any transaction', async () => {
+      const start = Date.now()
+      const inTransaction = fx.db.transaction().execute((trx) =>
+        fx.idempotency.withIdempotency(trx, { key: 'own-nest', request: 1 }, () => fx.idempotency.transaction({ key: 'own-nest', request: 1 }, async () => 'inner')),
+      )
+      await expect(inTransaction).rejects.toMatchObject({ reason: 'nested' })
+      const inRun = fx.db.transaction().execute((trx) =>
+        fx.idempotency.withIdempotency(trx, { key: 'own-run', request: 1 }, () => fx.idempotency.run({ key: 'own-run', request: 1 }, async () => 'inner')),
+      )
+      await expect(inRun).rejects.toMatchObject({ reason: 'nested' })
+      expect(Date.now() - start).toBeLessThan(2000)
+      expect(await fx.rows()).toBe(0)
+    })
+
     it('coalesces duplicates of an atomic-phases flow: they wait, then get its answer', async () => {
       const hold = gate()
       const runs = { n: 0 }
