@@ -89,7 +89,16 @@ export function mysqlDialect(options: MysqlDialectOptions = {}): IdempotencyDial
       async columns(db, table) {
         const { rows } = await sql<{ name: string }>`
           select column_name as name from information_schema.columns where table_schema = database() and table_name = ${table}`.execute(db)
-        return rows.map((r) => r.name)
+        return rows.map((r) => r.name.toLowerCase())
+      },
+      async indexes(db, table) {
+        // A prefix index (sub_part) or a functional one (no column name) is not the plain index the statements need.
+        const { rows } = await sql<{ nonUnique: number | string; columns: string; partial: number | string }>`
+          select non_unique as ${sql.ref('nonUnique')}, group_concat(lower(column_name) order by seq_in_index separator ',') as columns,
+            sum(sub_part is not null or column_name is null) as partial
+          from information_schema.statistics where table_schema = database() and table_name = ${table}
+          group by index_name, non_unique`.execute(db)
+        return rows.filter((r) => Number(r.partial) === 0).map((r) => ({ unique: Number(r.nonUnique) === 0, columns: String(r.columns).split(',') }))
       },
       unicode: {
         // Converting rebuilds the whole table, so a table already in utf8mb4_bin is left alone.

@@ -71,6 +71,16 @@ export const postgresDialect: IdempotencyDialect = {
         where attrelid = to_regclass(quote_ident(${table})) and attnum > 0 and not attisdropped`.execute(db)
       return rows.map((r) => r.name)
     },
+    async indexes(db, table) {
+      const { rows } = await sql<{ unique: boolean; columns: string }>`
+        select i.indisunique as "unique", string_agg(a.attname, ',' order by k.n) as columns
+        from pg_index i
+        cross join lateral unnest(i.indkey) with ordinality as k(attnum, n)
+        join pg_attribute a on a.attrelid = i.indrelid and a.attnum = k.attnum
+        where i.indrelid = to_regclass(quote_ident(${table})) and i.indpred is null and i.indexprs is null
+        group by i.indexrelid, i.indisunique`.execute(db)
+      return rows.map((r) => ({ unique: r.unique, columns: r.columns.split(',') }))
+    },
   },
   classify(error) {
     const code = errorProperty(error, 'code')

@@ -51,7 +51,17 @@ export const sqliteDialect: IdempotencyDialect = {
   upgrades: {
     async columns(db, table) {
       const { rows } = await sql<{ name: string }>`select name from pragma_table_info(${table})`.execute(db)
-      return rows.map((r) => r.name)
+      return rows.map((r) => r.name.toLowerCase())
+    },
+    async indexes(db, table) {
+      const { rows } = await sql<{ index: string; unique: number; partial: number; column: string | null; rank: number }>`
+        select l.name as "index", l."unique" as "unique", l.partial as partial, i.name as "column", i.seqno as rank
+        from pragma_index_list(${table}) as l join pragma_index_info(l.name) as i`.execute(db)
+      const byIndex = new Map<string, typeof rows>()
+      for (const row of rows) byIndex.set(row.index, [...(byIndex.get(row.index) ?? []), row])
+      return [...byIndex.values()]
+        .filter((parts) => parts.every((p) => p.partial === 0 && p.column !== null))
+        .map((parts) => ({ unique: parts[0]!.unique === 1, columns: parts.sort((a, b) => a.rank - b.rank).map((p) => p.column!.toLowerCase()) }))
     },
   },
   classify(error) {
@@ -66,7 +76,7 @@ export const sqliteDialect: IdempotencyDialect = {
     const claim = prepare(db, CLAIM_SLOTS, (p) => sql`
       insert into ${sql.table(table)} ${insertedColumns} values (${insertedValues({ clock, later }, p)})
       on conflict (scope, "key") do nothing
-      returning id`)
+      returning id as id`)
     // A write statement takes the write lock even when it changes no row.
     const writeLock = prepare(db, ['scope', 'key'], (p) => sql`
       update ${sql.table(table)} set id = id where scope = ${p.scope} and "key" = ${p.key}`)

@@ -50,7 +50,10 @@ export function schemaMigrations(table: string, chosen: IdempotencyDialect | und
         const dialect = chosen ?? detectDialect(db)
         if (mode !== 'print') {
           const columns = await dialect.upgrades.columns(db, table)
-          if (columns.length || mode === 'baseline') return expectColumns(table, columns, CREATED, '0001_create')
+          if (columns.length || mode === 'baseline') {
+            expectColumns(table, columns, CREATED, '0001_create')
+            return expectIndexes(db, table, dialect, mode)
+          }
         }
         const types = dialect.columnTypes
         await db.schema
@@ -86,8 +89,13 @@ export function schemaMigrations(table: string, chosen: IdempotencyDialect | und
           return unicode?.apply(db, table)
         }
         const columns = await dialect.upgrades.columns(db, table)
-        if (mode === 'baseline') expectColumns(table, columns, ['codec'], '0002_codec')
-        else if (!columns.includes('codec')) await db.schema.alterTable(table).addColumn('codec', dialect.columnTypes.text).execute()
+        if (mode === 'baseline' && !columns.includes('codec')) {
+          throw new IdempotencyMigrationError(
+            `The table "${table}" predates migration 0002_codec (it has no codec column), so there is nothing to record; ` +
+              'run `kysely-idempotency migrate` without --baseline (or idempotency.migrate()) to add the column.',
+          )
+        }
+        if (!columns.includes('codec')) await db.schema.alterTable(table).addColumn('codec', dialect.columnTypes.text).execute()
         if (!unicode || (await unicode.applied(db, table))) return
         if (mode === 'baseline') {
           throw new IdempotencyMigrationError(
@@ -118,6 +126,30 @@ function expectColumns(table: string, found: readonly string[], wanted: readonly
         'it is not an idempotency table of this library, or was changed by hand. Choose another table name or fix the table.',
     )
   }
+}
+
+/**
+ * The indexes migration 0001 creates, on a table found in place: the unique (scope, key) index
+ * is what makes a second claim of a key wait or fail, so a table without it is refused; the
+ * `expires_at` index only speeds up pruning, so it is made unless nothing may change.
+ */
+async function expectIndexes(db: Kysely<unknown>, table: string, dialect: IdempotencyDialect, mode: Mode): Promise<void> {
+  const indexes = await dialect.upgrades.indexes(db, table)
+  const unique = indexes.some((i) => i.unique && i.columns.length === 2 && i.columns.includes('scope') && i.columns.includes('key'))
+  if (!unique) {
+    throw new IdempotencyMigrationError(
+      `The table "${table}" has no unique index on (scope, key) (migration 0001_create), without which two requests with one key ` +
+        'would both run; add a unique constraint on (scope, key) to the table, or choose another table name.',
+    )
+  }
+  if (indexes.some((i) => i.columns[0] === 'expires_at')) return
+  if (mode === 'baseline') {
+    throw new IdempotencyMigrationError(
+      `The table "${table}" has no index on expires_at (migration 0001_create), which prune needs; ` +
+        'apply the DDL that `kysely-idempotency sql` prints, or migrate without baseline to create it.',
+    )
+  }
+  await db.schema.createIndex(`${table}_expires_at`).on(table).column('expires_at').execute()
 }
 
 /**

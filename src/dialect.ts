@@ -86,10 +86,22 @@ export interface DialectStatements {
   pruneBatch(db: Kysely<unknown>, limit: number): Promise<number>
 }
 
+/** An index of the idempotency table, as migrations that find the table in place check it. */
+export interface TableIndex {
+  readonly unique: boolean
+  /** Its columns in index order, named as in {@link TableUpgrades.columns}. */
+  readonly columns: readonly string[]
+}
+
 /** What a dialect knows about the table's schema, for migrations that find it in place. */
 export interface TableUpgrades {
-  /** The columns of `table` as the library's statements would see it; empty when there is no such table. */
+  /**
+   * The columns of `table` as the library's statements would see it, in lower case where the
+   * database compares column names without case; empty when there is no such table.
+   */
   columns(db: Kysely<unknown>, table: string): Promise<readonly string[]>
+  /** The plain indexes of `table` (unique constraints included; partial and expression indexes left out). */
+  indexes(db: Kysely<unknown>, table: string): Promise<readonly TableIndex[]>
   /**
    * Migration 0002: makes every text column store any Unicode text and compare bytes exactly,
    * whatever the database's defaults (MySQL: `utf8mb4` with a binary collation).

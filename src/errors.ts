@@ -29,9 +29,9 @@ export class IdempotencyError extends Error {
     super(message, options)
     this.code = code
     this.status = status
-    this.name = new.target.name
+    this.name = className(new.target)
     const classes: string[] = []
-    for (let c: unknown = new.target; c !== Error && typeof c === 'function'; c = Object.getPrototypeOf(c)) classes.push((c as { name: string }).name)
+    for (let c: unknown = new.target; c !== Error && typeof c === 'function'; c = Object.getPrototypeOf(c)) classes.push(className(c))
     Object.defineProperty(this, BRAND, { value: classes })
   }
 
@@ -42,12 +42,22 @@ export class IdempotencyError extends Error {
   static override [Symbol.hasInstance](value: unknown): boolean {
     if (Function.prototype[Symbol.hasInstance].call(this, value)) return true
     const classes = (value as { [BRAND]?: unknown } | null | undefined)?.[BRAND]
-    return typeof value === 'object' && Array.isArray(classes) && classes.includes(this.name)
+    return typeof value === 'object' && Array.isArray(classes) && classes.includes(className(this))
   }
 }
 
 /** Marks an error of this library with the names of its classes, whichever copy threw it. */
 const BRAND = Symbol.for('kysely-idempotency.error')
+
+/**
+ * The library's classes under names written out, as a minifier cannot rename them; a class of
+ * the caller's that extends one goes by its own name.
+ */
+const CLASS_NAMES = new Map<unknown, string>()
+
+function className(c: unknown): string {
+  return CLASS_NAMES.get(c) ?? (c as { name: string }).name
+}
 
 /** `code` of each {@link IdempotencyError}, one per class. */
 export type IdempotencyErrorCode =
@@ -174,4 +184,18 @@ export class IdempotencyMigrationError extends IdempotencyError {
   constructor(message: string, options?: { cause?: unknown }) {
     super('migration_failed', 500, message, options)
   }
+}
+
+for (const [c, name] of [
+  [IdempotencyError, 'IdempotencyError'],
+  [InvalidIdempotencyKeyError, 'InvalidIdempotencyKeyError'],
+  [IdempotencyConflictError, 'IdempotencyConflictError'],
+  [IdempotencyKeyReuseError, 'IdempotencyKeyReuseError'],
+  [IdempotencyLockLostError, 'IdempotencyLockLostError'],
+  [IdempotencySerializationError, 'IdempotencySerializationError'],
+  [IdempotencySetupError, 'IdempotencySetupError'],
+  [IdempotencyFlowError, 'IdempotencyFlowError'],
+  [IdempotencyMigrationError, 'IdempotencyMigrationError'],
+] as const) {
+  CLASS_NAMES.set(c, name)
 }

@@ -129,8 +129,8 @@ export async function prepareStatements(db: Kysely<unknown>, dialect: Idempotenc
     update ${sql.table(table)} set lock_token = null, locked_until = null, expires_at = ${later(p.ttl)} where ${ours(p)}`)
   const idle = dialect.elapsed(sql.ref('last_run_at'))
   const abandoned = prepare(db, ['idle', 'limit'], (p) => sql`
-    select scope, ${sql.ref('key')} as ${sql.ref('key')}, recovery_point as point, ${dialect.jsonText(sql.ref('phase_results'))} as phases,
-      codec, ${dialect.elapsed(sql.ref('created_at'))} as age, ${idle} as idle
+    select scope as scope, ${sql.ref('key')} as ${sql.ref('key')}, recovery_point as point, ${dialect.jsonText(sql.ref('phase_results'))} as phases,
+      codec as codec, ${dialect.elapsed(sql.ref('created_at'))} as age, ${idle} as idle
     from ${sql.table(table)}
     where recovery_point <> ${sql.lit(FINISHED)} and phase_results is not null and expires_at > ${now}
       and ${unheld} and ${idle} >= ${p.idle}

@@ -4,8 +4,8 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { promisify } from 'node:util'
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest'
-import { sql, type Kysely } from 'kysely'
-import { createIdempotency } from '../src/index.js'
+import { Migrator, sql, type Kysely } from 'kysely'
+import { createIdempotency, idempotencyMigrations, migrationTables } from '../src/index.js'
 import { openDatabase, type DatabaseName } from './support/databases.js'
 import { selectedTargets } from './support/harness.js'
 import { sleep } from './support/util.js'
@@ -166,7 +166,7 @@ describe.each(databases)('the CLI on %s', (database: DatabaseName) => {
       expect(JSON.parse(before.stdout)).toMatchObject({ upToDate: false, tableExists: true })
       expect((await cli(['status', '--url', url(), '--table', table])).stdout).toContain('exists without a record of these migrations')
 
-      expectOneLine(await cli(['migrate', '--url', url(), '--table', table, '--baseline']), new RegExp(`"${table}" exists but lacks the column codec \\(migration 0002_codec\\)`))
+      expectOneLine(await cli(['migrate', '--url', url(), '--table', table, '--baseline']), new RegExp(`"${table}" predates migration 0002_codec \\(it has no codec column\\)`))
       expect(await hasTable(db, `${table}_migration`)).toBe(true)
       expect((await cli(['status', '--url', url(), '--table', table, '--json'])).code).toBe(2)
 
@@ -186,6 +186,32 @@ describe.each(databases)('the CLI on %s', (database: DatabaseName) => {
     }
     expect((await cli(['down', '--url', url(), '--table', table, '--yes'])).stdout).toContain('with its 1 key')
     expectOneLine(await cli(['migrate', '--url', url(), '--table', table, '--baseline']), new RegExp(`no table "${table}" to record as migrated`))
+  })
+
+  it('status tells a table migrated by 0.1.0 (0001 recorded, 0002 pending) to migrate, not that it lacks a record', async () => {
+    const table = `cli_${Math.random().toString(36).slice(2, 8)}`
+    const db = openDatabase(database, location())
+    try {
+      const first = `kysely_idempotency_${table}_0001_create`
+      const old = new Migrator({
+        db,
+        provider: { getMigrations: async () => ({ [first]: (await idempotencyMigrations({ tableName: table }).getMigrations())[first]! }) },
+        ...migrationTables(table),
+      })
+      expect((await old.migrateToLatest()).error).toBeUndefined()
+      const status = await cli(['status', '--url', url(), '--table', table])
+      expect(status.code).toBe(2)
+      expect(status.stdout).toContain(`[✓] ${first}`)
+      expect(status.stdout).toContain(`The table "${table}" needs migrating: run kysely-idempotency migrate.`)
+      expect(status.stdout).not.toContain('without a record')
+      expect(JSON.parse((await cli(['status', '--url', url(), '--table', table, '--json'])).stdout)).toMatchObject({ upToDate: false, tableExists: true })
+      expectOneLine(await cli(['migrate', '--url', url(), '--table', table, '--baseline']), new RegExp(`"${table}" predates migration 0002_codec`))
+      expect((await cli(['migrate', '--url', url(), '--table', table])).code).toBe(0)
+      expect((await cli(['status', '--url', url(), '--table', table])).code).toBe(0)
+    } finally {
+      await db.destroy()
+    }
+    await cli(['down', '--url', url(), '--table', table, '--yes'])
   })
 
   it('migrate adopts a table that is in place without its history, making only what it lacks', async () => {

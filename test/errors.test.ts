@@ -68,6 +68,26 @@ describe('error classes', () => {
     expect(theirs.name).toBe('IdempotencyConflictError')
     expect(Object.keys(theirs)).not.toContain(Symbol.for('kysely-idempotency.error'))
   })
+
+  it('keep their names and are recognised across copies when a minifier renamed the classes', async () => {
+    const copy = '../src/errors.js?minified-copy'
+    const minified = (await import(copy)) as typeof import('../src/errors.js')
+    const classes = Object.values(minified).filter((c): c is typeof IdempotencyError => typeof c === 'function')
+    expect(classes.length).toBeGreaterThan(8)
+    classes.forEach((c, i) => Object.defineProperty(c, 'name', { value: String.fromCharCode(97 + i) }))
+    const theirs = new minified.IdempotencyLockLostError('Taken over.')
+    expect(theirs.name).toBe('IdempotencyLockLostError')
+    expect(theirs).toBeInstanceOf(IdempotencyLockLostError)
+    expect(theirs).toBeInstanceOf(IdempotencyError)
+    expect(theirs).not.toBeInstanceOf(IdempotencyConflictError)
+    expect(new IdempotencyConflictError('race', 'Lost.', { retryAfter: 1 })).toBeInstanceOf(minified.IdempotencyConflictError)
+    expect(new IdempotencyConflictError('race', 'Lost.', { retryAfter: 1 })).not.toBeInstanceOf(minified.IdempotencyLockLostError)
+    class PaymentDeclined extends minified.IdempotencyError {}
+    const own = new PaymentDeclined('setup', 500, 'Declined.')
+    expect(own.name).toBe('PaymentDeclined')
+    expect(own).toBeInstanceOf(IdempotencyError)
+    expect(own).not.toBeInstanceOf(IdempotencySetupError)
+  })
 })
 
 describe('dialect detection', () => {

@@ -1,4 +1,4 @@
-import { Migrator } from 'kysely'
+import { Migrator, sql } from 'kysely'
 import { afterEach, beforeEach, describe, expect, it } from 'vitest'
 import { createIdempotency, IdempotencyMigrationError, idempotencyMigrations, migrationTables } from '../src/index.js'
 import { detectDialect } from '../src/detect.js'
@@ -86,7 +86,7 @@ for (const target of selectedTargets().filter((t) => t.server !== 'pgbouncer')) 
       expect((await made.migrateToLatest()).error).toBeUndefined()
       const refused = idempotency.migrate({ baseline: true })
       await expect(refused).rejects.toBeInstanceOf(IdempotencyMigrationError)
-      await expect(refused).rejects.toThrow(new RegExp(`"${table}" exists but lacks the column codec \\(migration 0002_codec\\)`))
+      await expect(refused).rejects.toThrow(new RegExp(`"${table}" predates migration 0002_codec \\(it has no codec column\\).*without --baseline`))
       expect(await columnsOf(table)).not.toContain('codec')
       // Without baseline, the missing change is made and the rest recorded.
       expect((await idempotency.migrate()).error).toBeUndefined()
@@ -100,6 +100,83 @@ for (const target of selectedTargets().filter((t) => t.server !== 'pgbouncer')) 
       const refused = idempotency.migrate()
       await expect(refused).rejects.toBeInstanceOf(IdempotencyMigrationError)
       await expect(refused).rejects.toThrow(/exists but lacks the columns scope, fingerprint, .*not an idempotency table of this library/)
+    })
+
+    /** The table of migrations 0001 and 0002 as someone might write it by hand. */
+    const byHand = async (table: string, { unique = true, expiresIndex = true, upper = false } = {}) => {
+      const types = (target.dialect?.() ?? detectDialect(fx.db)).columnTypes
+      const name = (column: string) => (upper ? column.toUpperCase() : column)
+      let create = fx.db.schema
+        .createTable(table)
+        .addColumn(name('id'), types.id, (c) => types.identity(c))
+        .addColumn(name('scope'), types.scope, (c) => c.notNull())
+        .addColumn(name('key'), types.key, (c) => c.notNull())
+      for (const column of ['fingerprint', 'recovery_point']) create = create.addColumn(name(column), types.text, (c) => c.notNull())
+      for (const column of ['phase_results', 'response']) create = create.addColumn(name(column), types.json)
+      for (const column of ['lock_token', 'codec']) create = create.addColumn(name(column), types.text)
+      create = create.addColumn(name('locked_until'), types.time)
+      for (const column of ['created_at', 'last_run_at', 'expires_at']) create = create.addColumn(name(column), types.time, (c) => c.notNull())
+      if (unique) create = create.addUniqueConstraint(`${table}_unique`, [name('scope'), name('key')])
+      await create.execute()
+      if (target.database === 'mysql') await sql`alter table ${sql.table(table)} convert to character set utf8mb4 collate utf8mb4_bin`.execute(fx.db)
+      if (expiresIndex) await fx.db.schema.createIndex(`${table}_exp`).on(table).column(name('expires_at')).execute()
+    }
+
+    it('refuses a table in place without the unique (scope, key) index, which at-most-once needs, in either mode', async () => {
+      const idempotency = fresh('nouniq')
+      await byHand(idempotency.tableName, { unique: false })
+      for (const baseline of [false, true]) {
+        const refused = idempotency.migrate({ baseline })
+        await expect(refused).rejects.toBeInstanceOf(IdempotencyMigrationError)
+        await expect(refused).rejects.toThrow(/has no unique index on \(scope, key\).*add a unique constraint on \(scope, key\)/)
+      }
+      const status = await new Migrator({ db: fx.db, provider: idempotencyMigrations({ tableName: idempotency.tableName }), ...migrationTables(idempotency.tableName) }).getMigrations()
+      expect(status.map((m) => m.executedAt)).toEqual([undefined, undefined])
+      // With the index added, the same table is adopted.
+      await fx.db.schema.createIndex(`${idempotency.tableName}_sk`).on(idempotency.tableName).columns(['key', 'scope']).unique().execute()
+      expect((await idempotency.migrate({ baseline: true })).error).toBeUndefined()
+      expect(await idempotency.transaction('k', async () => new Date(3))).toEqual(new Date(3))
+    })
+
+    it('makes the expires_at index a table in place lacks, and baseline names it instead', async () => {
+      const idempotency = fresh('noexp')
+      await byHand(idempotency.tableName, { expiresIndex: false })
+      await expect(idempotency.migrate({ baseline: true })).rejects.toThrow(/has no index on expires_at \(migration 0001_create\), which prune needs/)
+      const dialect = target.dialect?.() ?? detectDialect(fx.db)
+      expect((await dialect.upgrades.indexes(fx.db, idempotency.tableName)).some((i) => i.columns[0] === 'expires_at')).toBe(false)
+      expect((await idempotency.migrate()).error).toBeUndefined()
+      expect((await dialect.upgrades.indexes(fx.db, idempotency.tableName)).some((i) => i.columns[0] === 'expires_at')).toBe(true)
+      expect(await idempotency.prune()).toBe(0)
+    })
+
+    // Postgres keeps the case of quoted names, and the library's statements name columns in lower case.
+    if (target.database !== 'postgres') it('adopts a table whose column names differ only in case, as the database compares them', async () => {
+      const idempotency = fresh('upper')
+      await byHand(idempotency.tableName, { upper: true })
+      expect((await idempotency.migrate({ baseline: true })).error).toBeUndefined()
+      expect(await idempotency.transaction('k', async () => 5n)).toBe(5n)
+      expect(await idempotency.transaction('k', async () => 6n)).toBe(5n)
+      const stopped = idempotency.run({ key: 'f', scope: 's', request: 1 }, async (flow) => {
+        await flow.phase('one', async () => 1)
+        throw new Error('stops')
+      })
+      await expect(stopped).rejects.toThrow('stops')
+      expect(await idempotency.abandoned()).toMatchObject([{ scope: 's', key: 'f', recoveryPoint: 'one', request: 1 }])
+      expect(await idempotency.run({ key: 'f', scope: 's', request: 1 }, async (flow) => (await flow.phase('one', async () => 2)) + 10)).toBe(11)
+    })
+
+    it('tells a table migrated by 0.1.0 (0001 recorded, 0002 not) that it predates 0002, and migrates it', async () => {
+      const idempotency = fresh('old')
+      const table = idempotency.tableName
+      const first = `kysely_idempotency_${table}_0001_create`
+      const old = new Migrator({
+        db: fx.db,
+        provider: { getMigrations: async () => ({ [first]: (await idempotencyMigrations({ tableName: table }).getMigrations())[first]! }) },
+        ...migrationTables(table),
+      })
+      expect((await old.migrateToLatest()).error).toBeUndefined()
+      await expect(idempotency.migrate({ baseline: true })).rejects.toThrow(new RegExp(`"${table}" predates migration 0002_codec`))
+      expect((await idempotency.migrate()).results?.map((r) => [r.migrationName, r.status])).toEqual([[`kysely_idempotency_${table}_0002_codec`, 'Success']])
     })
 
     it('names its history tables after the table, idempotency_keys by default', () => {

@@ -19,11 +19,12 @@ export const status = defineCommand({
       const migrator = new Migrator({ db, provider: idempotencyMigrations({ tableName: table }), ...migrationTables(table) })
       const migrations = (await migrator.getMigrations()).map((m) => ({ name: m.name, appliedAt: m.executedAt?.toISOString() ?? null }))
       const pending = migrations.some((m) => m.appliedAt === null)
+      const exists = !pending || (await detectDialect(db).upgrades.columns(db, table)).length > 0
       // A table made from the printed DDL, or migrated with another history, is in place but unrecorded.
-      const inPlace = pending && (await detectDialect(db).upgrades.columns(db, table)).length > 0
+      const inPlace = exists && migrations.every((m) => m.appliedAt === null)
       const keys = pending ? null : await idempotency.counts()
       if (pending) process.exitCode = EXIT.pending
-      if (args.json) return console.log(JSON.stringify({ table, upToDate: !pending, tableExists: !pending || inPlace, migrations, keys }))
+      if (args.json) return console.log(JSON.stringify({ table, upToDate: !pending, tableExists: exists, migrations, keys }))
       for (const m of migrations) console.log(m.appliedAt ? `[✓] ${m.name}  applied ${m.appliedAt}` : `[ ] ${m.name}  pending`)
       if (keys) return console.log(`keys: ${keys.live} live, ${keys.finished} finished, ${keys.expired} expired, ${keys.abandoned} abandoned`)
       console.log(
