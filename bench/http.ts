@@ -7,7 +7,10 @@ import type { Bench } from './support.js'
 
 /** A benchmark server in a child process, and how to reach it. */
 export interface Server {
+  /** The Express app. */
   readonly url: string
+  /** The same routes (but the peer's) on Fastify. */
+  readonly fastifyUrl: string
   stop(): Promise<void>
 }
 
@@ -20,9 +23,10 @@ export async function startServer(bench: Bench, pool: number, redisUrl?: string)
   const [message] = (await Promise.race([
     once(child, 'message'),
     once(child, 'exit').then(([code]) => Promise.reject(new Error(`The benchmark server exited with code ${code} before listening.`))),
-  ])) as [{ port: number }]
+  ])) as [{ port: number; fastifyPort: number }]
   return {
     url: `http://127.0.0.1:${message.port}`,
+    fastifyUrl: `http://127.0.0.1:${message.fastifyPort}`,
     async stop() {
       child.kill()
       await once(child, 'exit')
@@ -41,11 +45,14 @@ export interface RouteFigures {
 
 /** Each route, and how its requests are keyed: a new key per request, or one key for all (replays). */
 export const ROUTES = [
-  { route: 'plain route (bare transaction)', path: '/plain', key: 'none' },
-  { route: 'idempotent(), first executions', path: '/idempotent', key: 'fresh' },
-  { route: 'idempotent(), replays', path: '/idempotent', key: 'fixed' },
-  { route: 'peer: @node-idempotency/core + Redis, first executions', path: '/peer', key: 'fresh' },
-  { route: 'peer: @node-idempotency/core + Redis, replays', path: '/peer', key: 'fixed' },
+  { route: 'Express: plain route (bare transaction)', path: '/plain', key: 'none', on: 'express' },
+  { route: 'Express: idempotent(), first executions', path: '/idempotent', key: 'fresh', on: 'express' },
+  { route: 'Express: idempotent(), replays', path: '/idempotent', key: 'fixed', on: 'express' },
+  { route: 'Express: peer @node-idempotency/core + Redis, first executions', path: '/peer', key: 'fresh', on: 'express' },
+  { route: 'Express: peer @node-idempotency/core + Redis, replays', path: '/peer', key: 'fixed', on: 'express' },
+  { route: 'Fastify: plain route (bare transaction)', path: '/plain', key: 'none', on: 'fastify' },
+  { route: 'Fastify: idempotent(), first executions', path: '/idempotent', key: 'fresh', on: 'fastify' },
+  { route: 'Fastify: idempotent(), replays', path: '/idempotent', key: 'fixed', on: 'fastify' },
 ] as const
 
 /**
@@ -67,7 +74,7 @@ export async function measureRoutes(server: Server, connections: number, seconds
         return { ...req, headers: { ...req.headers, 'idempotency-key': spec.key === 'fixed' ? fixed : randomUUID() } }
       },
     }
-    return autocannon({ url: server.url, connections, requests: [request], duration })
+    return autocannon({ url: spec.on === 'fastify' ? server.fastifyUrl : server.url, connections, requests: [request], duration })
   }
   for (const spec of ROUTES) await drive(spec, 1)
   const results = ROUTES.map(() => [] as autocannon.Result[])

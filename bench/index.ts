@@ -10,8 +10,8 @@ import { measureTransactions, PATHS, type PathName, type TransactionFigures } fr
 const usage = `npm run bench -- [--json FILE] [--seconds N] [--rounds N] [--only codec,postgres,mysql,sqlite] [--skip-http]
   Measures the value codecs (superjson, devalue, JSON: fidelity, time, size), then, on each
   database: a bare three-insert transaction against the same transaction through
-  kysely-idempotency (first executions and replays), the Express route against a plain one and
-  a Redis-based peer (Postgres), and a duplicate storm. KIDEM_PG_URL, KIDEM_MYSQL_URL and
+  kysely-idempotency (first executions and replays), the Express and Fastify routes against
+  plain ones and a Redis-based peer (Postgres), and a duplicate storm. KIDEM_PG_URL, KIDEM_MYSQL_URL and
   KIDEM_REDIS_URL say where the servers are (default: the local ones).`
 
 const { values } = parseArgs({
@@ -74,11 +74,11 @@ for (const database of selected) {
       const server = await startServer(bench, clients, database === 'postgres' ? redisUrl : undefined)
       try {
         if (database === 'postgres') {
-          console.log(`Express on ${database}, autocannon with 8 connections, ${seconds} s × ${rounds} rounds per route`)
+          console.log(`Express and Fastify on ${database}, autocannon with 8 connections, ${seconds} s × ${rounds} rounds per route`)
           for (const r of await measureRoutes(server, 8, seconds, rounds)) {
             http.push(r)
             const failures = r.non2xx + r.errors ? `  (${r.non2xx} non-2xx, ${r.errors} errors)` : ''
-            console.log(`  ${r.route.padEnd(58)}${fmt(r.requestsPerSecond)} req/s  p50 ${fmt(r.p50, 1)} ms  p99 ${fmt(r.p99, 1)} ms${failures}`)
+            console.log(`  ${r.route.padEnd(66)}${fmt(r.requestsPerSecond)} req/s  p50 ${fmt(r.p50, 1)} ms  p99 ${fmt(r.p99, 1)} ms${failures}`)
           }
           console.log()
         }

@@ -1,16 +1,19 @@
 import express, { type Request, type Response } from 'express'
+import Fastify, { type FastifyRequest } from 'fastify'
 import type { Kysely } from 'kysely'
 import { Idempotency as PeerIdempotency } from '@node-idempotency/core'
 import { RedisStorageAdapter } from '@node-idempotency/storage-adapter-redis'
 import { createIdempotency } from '../src/index.js'
 import { idempotent } from '../express/index.js'
+import { idempotent as fastifyIdempotent } from '../fastify/index.js'
 import { openDatabase, type DatabaseName } from '../test/support/databases.js'
 import { KEYS_TABLE, placeOrder, type BenchDB } from './support.js'
 
 /**
  * The HTTP side of the benchmark, run in its own process so that the load generator does not
- * share its event loop: `node server.js DATABASE LOCATION POOL [REDIS_URL]`. It sends its port
- * to the parent over IPC. Every route runs the same three-insert transaction.
+ * share its event loop: `node server.js DATABASE LOCATION POOL [REDIS_URL]`. It serves the routes
+ * with Express and with Fastify, one port each, and sends both ports to the parent over IPC.
+ * Every route runs the same three-insert transaction.
  */
 const [database, location, pool, redisUrl] = process.argv.slice(2) as [DatabaseName, string, string, string | undefined]
 const db = openDatabase(database, location, Number(pool)) as Kysely<BenchDB>
@@ -61,7 +64,23 @@ if (redisUrl) {
   })
 }
 
+const fastify = Fastify()
+const fastifyCustomer = (request: FastifyRequest) => (request.headers['x-customer'] as string | undefined) ?? 'bench'
+const amount = (request: FastifyRequest) => (request.body as { amount: number }).amount
+fastify.post('/plain', async (request, reply) => {
+  reply.code(201)
+  return db.transaction().execute((trx) => placeOrder(trx, fastifyCustomer(request), amount(request)))
+})
+fastify.post(
+  '/idempotent',
+  fastifyIdempotent(idempotency, { scope: fastifyCustomer }, async (request, trx) => ({
+    status: 201,
+    body: await placeOrder(trx, fastifyCustomer(request), amount(request)),
+  })),
+)
+await fastify.listen({ port: 0, host: '127.0.0.1' })
+
+const port = (address: ReturnType<typeof fastify.server.address>) => (typeof address === 'object' && address ? address.port : 0)
 const server = app.listen(0, '127.0.0.1', () => {
-  const address = server.address()
-  process.send?.({ port: typeof address === 'object' && address ? address.port : 0 })
+  process.send?.({ port: port(server.address()), fastifyPort: port(fastify.server.address()) })
 })

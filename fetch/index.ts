@@ -117,11 +117,10 @@ function facts(request: Request): RequestFacts {
     // A copy is read, so that the handler still finds the body unread.
     body: async () => bodyOf(request.headers.get('content-type') ?? '', new Uint8Array(await request.clone().arrayBuffer())),
     // The Fetch API joins the lines of a header with ", " (one value per name): several lines
-    // of the key header arrive as one value with a comma, which is no valid key either way.
+    // of the key header arrive as one value, which parseKeyHeader refuses for its comma.
     headerLines(name) {
       const value = request.headers.get(name)
-      if (value === null) return []
-      return /^\s*"/.test(value) ? [value] : value.split(',').map((part) => part.trim())
+      return value === null ? [] : [value]
     },
   }
 }

@@ -3,98 +3,16 @@
  * every HTTP adapter and every database. Each row quotes what the draft asks and checks it with
  * real requests; the server follows the draft to the letter with `conflictWait: 0`.
  */
-import type { AddressInfo } from 'node:net'
-import type { Server } from 'node:http'
-import express5 from 'express'
-import express4 from 'express4'
-import type { Transaction } from 'kysely'
 import { afterEach, beforeEach, describe, expect, it } from 'vitest'
-import { Hono, type Context } from 'hono'
-import { idempotent } from '../express/index.js'
-import { idempotent as fetchIdempotent } from '../fetch/index.js'
-import type { HttpResult } from '../http/index.js'
-import type { Idempotency } from '../src/index.js'
+import { ADAPTER_NAMES, startApp, type App } from './support/apps.js'
 import { gate, openFixture, selectedTargets, type Fixture } from './support/harness.js'
 import { sleep } from './support/util.js'
 
-/** What the route does, whatever the framework: its body in, an answer out. */
-type Handler = (body: unknown, trx: Transaction<any>) => Promise<HttpResult>
-
-/** A running app with one idempotent `POST /orders` (and the same route for `GET`), asked through the Fetch API. */
-interface Running {
-  fetch(request: Request): Promise<Response>
-  close(): Promise<void>
-}
-
-interface Adapter {
-  readonly name: string
-  start(idempotency: Idempotency<any>, options: { ttl: number; conflictWait: number }, handler: Handler): Promise<Running>
-}
-
-const expressAdapter = (name: string, express: typeof express5): Adapter => ({
-  name,
-  async start(idempotency, options, handler) {
-    const app = express()
-    app.use(express.json())
-    const route = idempotent(idempotency, { scope: (req) => req.get('x-user') ?? 'anonymous', required: true, ...options }, (req, trx) =>
-      handler(req.body, trx),
-    )
-    app.post('/orders', route)
-    app.get('/orders', route)
-    const server: Server = app.listen(0, '127.0.0.1')
-    await new Promise((resolve) => server.once('listening', resolve))
-    const base = `http://127.0.0.1:${(server.address() as AddressInfo).port}`
-    return {
-      fetch: (request) => {
-        const url = new URL(request.url)
-        return fetch(new Request(base + url.pathname + url.search, request))
-      },
-      close: async () => {
-        server.closeAllConnections()
-        await new Promise((resolve) => server.close(resolve))
-      },
-    }
-  },
-})
-
-const fetchAdapter: Adapter = {
-  name: 'fetch',
-  async start(idempotency, options, handler) {
-    const route = fetchIdempotent(idempotency, { scope: (request) => request.headers.get('x-user') ?? 'anonymous', required: true, ...options }, async (request, trx) =>
-      handler(request.method === 'GET' ? undefined : await request.json(), trx),
-    )
-    return { fetch: route, close: async () => {} }
-  },
-}
-
-const honoAdapter: Adapter = {
-  name: 'hono',
-  async start(idempotency, options, handler) {
-    const app = new Hono<{ Variables: { user: string } }>()
-    app.use(async (c, next) => {
-      c.set('user', c.req.header('x-user') ?? 'anonymous')
-      await next()
-    })
-    const route = fetchIdempotent(idempotency, { scope: (_request, c: Context<{ Variables: { user: string } }>) => c.get('user'), required: true, ...options }, async (request, trx, c) =>
-      handler(c.req.method === 'GET' ? undefined : await request.json(), trx),
-    )
-    app.on(['GET', 'POST'], '/orders', (c) => route(c.req.raw, c))
-    return { fetch: (request) => Promise.resolve(app.fetch(request)), close: async () => {} }
-  },
-}
-
-const ADAPTERS: readonly Adapter[] = [
-  expressAdapter('express 5', express5),
-  expressAdapter('express 4', express4 as unknown as typeof express5),
-  fetchAdapter,
-  honoAdapter,
-]
-
 for (const target of selectedTargets()) {
-  for (const adapter of ADAPTERS) {
-    describe(`draft-ietf-httpapi-idempotency-key-header-07: ${adapter.name}, ${target.id}`, () => {
+  for (const adapter of ADAPTER_NAMES) {
+    describe(`draft-ietf-httpapi-idempotency-key-header-07: ${adapter}, ${target.id}`, () => {
       let fx: Fixture
-      let server: Running
+      let server: App
       let release = gate()
       let entered = gate()
       const ttl = 1500
@@ -103,14 +21,16 @@ for (const target of selectedTargets()) {
         fx = await openFixture(target)
         release = gate()
         entered = gate()
-        server = await adapter.start(fx.idempotency, { ttl, conflictWait: 0 }, async (body, trx) => {
-          const order = (body ?? {}) as { item?: string; slow?: boolean }
-          await fx.effect(trx, `order:${order.item}`)
-          if (order.slow) {
-            entered.open()
-            await release.promise
-          }
-          return { status: 201, body: { item: order.item ?? null, id: Math.random() }, headers: { Location: `/orders/${order.item}` } }
+        server = await startApp(adapter, fx.idempotency, { ttl, conflictWait: 0 }, {
+          orders: async (body, trx) => {
+            const order = (body ?? {}) as { item?: string; slow?: boolean }
+            await fx.effect(trx, `order:${order.item}`)
+            if (order.slow) {
+              entered.open()
+              await release.promise
+            }
+            return { status: 201, body: { item: order.item ?? null, id: Math.random() }, headers: { Location: `/orders/${order.item}` } }
+          },
         })
       })
       afterEach(async () => {
@@ -120,11 +40,11 @@ for (const target of selectedTargets()) {
       })
 
       const send = (body: unknown, key?: string, method = 'POST') =>
-        server.fetch(new Request('http://app.test/orders', {
+        fetch(`${server.url}/orders`, {
           method,
           headers: { 'content-type': 'application/json', ...(key === undefined ? {} : { 'idempotency-key': key }) },
           ...(method === 'GET' ? {} : { body: JSON.stringify(body) }),
-        }))
+        })
 
       async function problem(response: Response, status: number) {
         expect(response.status).toBe(status)

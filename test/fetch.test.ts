@@ -5,7 +5,7 @@ import type { Transaction } from 'kysely'
 import Stripe from 'stripe'
 import { afterEach, beforeEach, describe, expect, it } from 'vitest'
 import { idempotent, idempotentFlow, UNSCOPED } from '../fetch/index.js'
-import { gate, openFixture, selectedTargets, type Fixture } from './support/harness.js'
+import { openFixture, selectedTargets, type Fixture } from './support/harness.js'
 
 /** A Node HTTP server in front of a Fetch API handler (what Bun.serve or @hono/node-server do). */
 async function serveFetch(handler: (request: Request) => Promise<Response>, drop: (request: Request) => boolean): Promise<Server> {
@@ -94,37 +94,22 @@ for (const target of selectedTargets()) {
       expect(await fx.effects('acct_2:x')).toBe(1)
     })
 
-    it('answers missing, malformed and repeated keys with 400, leaves GET alone, and throws what the handler throws', async () => {
-      const hold = gate()
-      const route = idempotent(fx.idempotency, { scope: UNSCOPED, required: true, conflictWait: 0 }, async (request, trx) => {
-        const body = request.method === 'GET' ? {} : ((await request.json()) as { behave?: string })
+    it('refuses a key header the Fetch API joined from two lines, and throws what the handler throws to the caller', async () => {
+      const route = idempotent(fx.idempotency, { scope: UNSCOPED, required: true }, async (request, trx) => {
+        const body = (await request.json()) as { behave?: string }
         await fx.effect(trx, 'effect')
         if (body.behave === 'throw') throw new Error('handler failed')
-        if (body.behave === 'hold') await hold.promise
-        if (body.behave === '503') return { status: 503, body: { error: 'later' } }
         return { status: 200, body: {} }
       })
-      expect((await route(post({}))).status).toBe(400)
-      expect((await route(post({}, { 'idempotency-key': '' }))).status).toBe(400)
-      // The Fetch API joins two header lines with a comma; the joined value is refused.
       const twice = new Headers({ 'content-type': 'application/json' })
       twice.append('idempotency-key', 'a')
       twice.append('idempotency-key', 'b')
       const repeated = await route(new Request('http://app.test/charges', { method: 'POST', headers: twice, body: '{}' }))
       expect(repeated.status).toBe(400)
-      expect(await repeated.json()).toMatchObject({ type: 'urn:kysely-idempotency:invalid_key', detail: expect.stringMatching(/2 Idempotency-Key header lines/) })
-      expect((await route(new Request('http://app.test/charges'))).status).toBe(200)
+      expect(await repeated.json()).toMatchObject({ type: 'urn:kysely-idempotency:invalid_key', detail: expect.stringMatching(/several header lines joined into one/) })
       await expect(route(post({ behave: 'throw' }, { 'idempotency-key': 't' }))).rejects.toThrow('handler failed')
-      expect((await route(post({ behave: '503' }, { 'idempotency-key': 'u' }))).status).toBe(503)
-      expect(await fx.effects()).toBe(1)
+      expect(await fx.effects()).toBe(0)
       expect(await fx.rows()).toBe(0)
-      const held = route(post({ behave: 'hold' }, { 'idempotency-key': 'h' }))
-      await new Promise((resolve) => setTimeout(resolve, 50))
-      const busy = await route(post({ behave: 'hold' }, { 'idempotency-key': 'h' }))
-      expect(busy.status).toBe(409)
-      expect(busy.headers.get('retry-after')).toBe('1')
-      hold.open()
-      expect((await held).status).toBe(200)
     })
 
     it('runs atomic-phases flows: replay, a 5xx resumes later, fail() is replayed', async () => {

@@ -113,6 +113,8 @@ export interface Worker {
   readonly done: Promise<{ code: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string }>
   /** Resolves when the child prints `line`. */
   printed(line: string): Promise<void>
+  /** Resolves with the rest of the first line the child prints that starts with `prefix`. */
+  printedAfter(prefix: string): Promise<string>
   kill(signal: NodeJS.Signals): void
 }
 
@@ -120,7 +122,12 @@ export interface Worker {
 const children = new Set<ReturnType<typeof spawn>>()
 
 export function startWorker(args: WorkerArgs): Worker {
-  const child = spawn(process.execPath, ['--import', 'tsx', join(import.meta.dirname, '../fixtures/worker.ts'), JSON.stringify(args)], {
+  return startChild('worker.ts', args)
+}
+
+/** Runs `test/fixtures/<script>` in a child process with `args` as JSON. */
+export function startChild(script: string, args: unknown): Worker {
+  const child = spawn(process.execPath, ['--import', 'tsx', join(import.meta.dirname, '../fixtures', script), JSON.stringify(args)], {
     stdio: ['ignore', 'pipe', 'pipe'],
   })
   let stdout = ''
@@ -146,6 +153,14 @@ export function startWorker(args: WorkerArgs): Worker {
         waiters.push({ line, resolve })
         void done.then((r) => reject(new Error(`worker exited (${r.code ?? r.signal}) before printing ${line}: ${r.stderr}`)))
       }),
+    printedAfter: async (prefix) => {
+      for (;;) {
+        const line = stdout.split('\n').find((l) => l.startsWith(prefix))
+        if (line !== undefined) return line.slice(prefix.length)
+        const exited = await Promise.race([done.then(() => true), new Promise<false>((resolve) => child.stdout.once('data', () => resolve(false)))])
+        if (exited && !stdout.split('\n').some((l) => l.startsWith(prefix))) throw new Error(`worker exited before printing ${prefix}: ${stderr}`)
+      }
+    },
     kill: (signal) => child.kill(signal),
   }
 }

@@ -1,0 +1,206 @@
+/**
+ * SPEC §5 as one table over every HTTP adapter (Express 5 and 4, Fastify, the Fetch API, Hono)
+ * and every database, each over real HTTP: the adapters differ only in how they map requests
+ * and answers, so each row must hold for each of them.
+ */
+import { afterEach, beforeEach, describe, expect, it } from 'vitest'
+import type { HttpResult } from '../http/index.js'
+import { ADAPTER_NAMES, sendLines, startApp, type App } from './support/apps.js'
+import { gate, openFixture, selectedTargets, startChild, type Fixture } from './support/harness.js'
+import { rideEffects, rideFlow, type Ride } from './support/ride.js'
+import { sleep } from './support/util.js'
+import type { Flow } from '../src/index.js'
+
+interface Order {
+  readonly item?: string
+  readonly hold?: boolean
+}
+
+const conflictWait = 1000
+const lockTimeout = 800
+
+for (const target of selectedTargets()) {
+  for (const adapter of ADAPTER_NAMES) {
+    describe(`HTTP conformance: ${adapter}, ${target.id}`, () => {
+      let fx: Fixture
+      let app: App
+      const plan = { throws: 0, fails: 0, entered: gate(), release: gate() }
+
+      beforeEach(async () => {
+        fx = await openFixture(target)
+        Object.assign(plan, { throws: 0, fails: 0, entered: gate(), release: gate() })
+        app = await startApp(adapter, fx.idempotency, { conflictWait, lockTimeout }, {
+          orders: async (body, trx): Promise<HttpResult> => {
+            const order = (body ?? {}) as Order
+            await fx.effect(trx, `order:${order.item}`)
+            if (order.hold) {
+              plan.entered.open()
+              await plan.release.promise
+            }
+            if (plan.throws > 0 && plan.throws--) throw new Error('the handler failed')
+            if (plan.fails > 0 && plan.fails--) return { status: 503, body: { error: 'try later' } }
+            return {
+              status: 201,
+              body: { item: order.item ?? null, at: Math.random() },
+              headers: { Location: `/orders/${order.item}`, 'Set-Cookie': 'session=first', 'X-Order': String(order.item) },
+            }
+          },
+          rides: async (body, flow) => {
+            const { id } = body as { id: string }
+            // The ride flow never calls fail(), the one member whose type differs.
+            const { status, ...answer } = await rideFlow(fx.db, fx.effectsTable, id)(flow as unknown as Flow<any, Ride>)
+            return { status, body: answer }
+          },
+        })
+      })
+      afterEach(async () => {
+        plan.release.open()
+        await app.close()
+        await fx.close()
+      })
+
+      const post = (body: unknown, key?: string, init: RequestInit & { user?: string } = {}) =>
+        fetch(`${app.url}/orders`, {
+          method: 'POST',
+          ...init,
+          headers: { 'content-type': 'application/json', ...(key === undefined ? {} : { 'idempotency-key': key }), ...(init.user ? { 'x-user': init.user } : {}) },
+          body: JSON.stringify(body),
+        })
+
+      async function expectProblem(response: { status: number; headers: Headers } | { status: number; headers: Record<string, unknown> }, text: string, status: number, code: string) {
+        expect(response.status, text).toBe(status)
+        const type = response.headers instanceof Headers ? response.headers.get('content-type') : response.headers['content-type']
+        expect(type).toMatch(/^application\/problem\+json/)
+        const problem = JSON.parse(text) as Record<string, unknown>
+        expect(problem).toMatchObject({ type: `urn:kysely-idempotency:${code}`, status, title: expect.any(String), detail: expect.any(String) })
+        return problem
+      }
+
+      it('stores the first answer and replays its status, body bytes and headers, without Set-Cookie, with Idempotency-Replayed', async () => {
+        const first = await post({ item: 'a' }, 'k1')
+        const stored = await first.text()
+        expect(first.status).toBe(201)
+        expect(first.headers.get('idempotency-replayed')).toBeNull()
+        expect(first.headers.get('set-cookie')).toBe('session=first')
+        for (let i = 0; i < 2; i++) {
+          const replay = await post({ item: 'a' }, 'k1')
+          expect(replay.status).toBe(201)
+          expect(await replay.text()).toBe(stored)
+          expect(replay.headers.get('location')).toBe('/orders/a')
+          expect(replay.headers.get('x-order')).toBe('a')
+          expect(replay.headers.get('content-type')).toBe(first.headers.get('content-type'))
+          expect(replay.headers.get('idempotency-replayed')).toBe('true')
+          expect(replay.headers.get('set-cookie')).toBeNull()
+        }
+        expect(await fx.effects('order:a')).toBe(1)
+      })
+
+      it('answers 400 problem+json to a missing, empty, too long, control-character or repeated key, and runs nothing', async () => {
+        const missing = await post({ item: 'a' })
+        await expectProblem(missing, await missing.text(), 400, 'missing_key')
+        for (const key of ['', 'x'.repeat(256), 'tab\tkey', '"unterminated', 'a, b']) {
+          const bad = await sendLines(`${app.url}/orders`, 'POST', [['content-type', 'application/json'], ['idempotency-key', key]], '{"item":"a"}')
+          await expectProblem({ status: bad.status, headers: bad.headers }, bad.body, 400, 'invalid_key')
+        }
+        const twice = await sendLines(`${app.url}/orders`, 'POST', [['content-type', 'application/json'], ['Idempotency-Key', 'k2'], ['Idempotency-Key', 'k3']], '{"item":"a"}')
+        await expectProblem({ status: twice.status, headers: twice.headers }, twice.body, 400, 'invalid_key')
+        // A key with a comma is fine quoted, as a Structured-Field string.
+        expect((await post({ item: 'comma' }, '"a,b"')).status).toBe(201)
+        expect(await fx.effects('order:a')).toBe(0)
+      })
+
+      it('answers 422 to the same key with another request, and the key still answers its own', async () => {
+        const stored = await (await post({ item: 'a' }, 'k4')).text()
+        const reuse = await post({ item: 'b' }, 'k4')
+        expect((await expectProblem(reuse, await reuse.text(), 422, 'key_reuse')).detail).toMatch(/different request/)
+        const again = await post({ item: 'a' }, 'k4')
+        expect(await again.text()).toBe(stored)
+        expect(await fx.effects('order:b')).toBe(0)
+        // Scopes keep clients apart: another user's same key is another request.
+        expect((await post({ item: 'b' }, 'k4', { user: 'someone-else' })).status).toBe(201)
+      })
+
+      it('answers 409 with Retry-After when the same key stays in flight past conflictWait, and the first still finishes once', async () => {
+        const original = post({ item: 'slow', hold: true }, 'k5')
+        await plan.entered.promise
+        const duplicate = await post({ item: 'slow', hold: true }, 'k5')
+        await expectProblem(duplicate, await duplicate.text(), 409, 'conflict')
+        expect(Number(duplicate.headers.get('retry-after'))).toBeGreaterThanOrEqual(1)
+        plan.release.open()
+        expect((await original).status).toBe(201)
+        expect((await post({ item: 'slow', hold: true }, 'k5')).headers.get('idempotency-replayed')).toBe('true')
+        expect(await fx.effects('order:slow')).toBe(1)
+      })
+
+      it('runs 20 concurrent identical requests once, and answers each with the same bytes', async () => {
+        const answers = await Promise.all(Array.from({ length: 20 }, () => post({ item: 'storm' }, 'k6').then(async (r) => ({ status: r.status, text: await r.text() }))))
+        for (const a of answers) expect(a).toEqual({ status: 201, text: answers[0]!.text })
+        expect(await fx.effects('order:storm')).toBe(1)
+      })
+
+      it('gives a client whose first answer was lost the stored answer when it retries', async () => {
+        const client = new AbortController()
+        const lost = post({ item: 'lost', hold: true }, 'k7', { signal: client.signal })
+        await plan.entered.promise
+        client.abort()
+        await expect(lost).rejects.toThrow()
+        plan.release.open()
+        const retry = await post({ item: 'lost', hold: true }, 'k7')
+        expect(retry.status).toBe(201)
+        expect(retry.headers.get('idempotency-replayed')).toBe('true')
+        expect(await fx.effects('order:lost')).toBe(1)
+      })
+
+      it('sends a returned 5xx without storing it, rolls its writes back, and lets a retry run', async () => {
+        plan.fails = 1
+        const failed = await post({ item: 'later' }, 'k8')
+        expect(failed.status).toBe(503)
+        expect(await failed.json()).toEqual({ error: 'try later' })
+        expect(await fx.effects('order:later')).toBe(0)
+        const retry = await post({ item: 'later' }, 'k8')
+        expect(retry.status).toBe(201)
+        expect(retry.headers.get('idempotency-replayed')).toBeNull()
+        expect(await fx.effects('order:later')).toBe(1)
+      })
+
+      it("passes a thrown error to the framework's error handling, stores nothing, and lets a retry run", async () => {
+        plan.throws = 1
+        const failed = await post({ item: 'thrown' }, 'k9')
+        expect(failed.status).toBe(500)
+        expect(failed.headers.get('content-type') ?? '').not.toMatch(/problem/)
+        expect(await fx.rows()).toBe(0)
+        expect((await post({ item: 'thrown' }, 'k9')).status).toBe(201)
+        expect(await fx.effects('order:thrown')).toBe(1)
+      })
+
+      // The crash runs once per database; the MySQL variant without per-statement waits adds nothing here.
+      if (!target.dialect) it('finishes an idempotentFlow whose server was killed between its phases when the client retries, running no phase twice', async () => {
+        const effects = rideEffects('ride-1')
+        const killed = startChild('http-app.ts', { adapter, target: target.id, location: fx.location, table: fx.table, lockTimeout, stopAt: 'charge_created' })
+        const url = await killed.printedAfter('listening:')
+        const lost = fetch(`${url}/rides`, { method: 'POST', headers: { 'content-type': 'application/json', 'idempotency-key': 'ride-1' }, body: JSON.stringify({ id: 'ride-1' }) })
+        await killed.printed('at:charge_created')
+        killed.kill('SIGKILL')
+        await expect(lost).rejects.toThrow()
+        const retry = () =>
+          fetch(`${app.url}/rides`, { method: 'POST', headers: { 'content-type': 'application/json', 'idempotency-key': 'ride-1' }, body: JSON.stringify({ id: 'ride-1' }) })
+        // Until the dead attempt's lock runs out, the key is in flight.
+        let resumed = await retry()
+        for (let waited = 0; resumed.status === 409 && waited < 5000; waited += 200) {
+          await sleep(200)
+          resumed = await retry()
+        }
+        expect(resumed.status).toBe(201)
+        const body = (await resumed.json()) as { ride: { id: string }; charge: { id: string } }
+        expect(body.ride).toEqual({ id: 'ride-ride-1' })
+        expect(await fx.effects(effects.ride)).toBe(1)
+        expect(await fx.effects(effects.charged)).toBe(1)
+        // The step was recorded before the kill, so the provider was called once, with its step key.
+        expect(await fx.effects(effects.call(body.charge.id.slice('ch-'.length)))).toBe(1)
+        const replay = await retry()
+        expect(replay.headers.get('idempotency-replayed')).toBe('true')
+        expect(await replay.json()).toEqual(body)
+      })
+    })
+  }
+}
