@@ -27,6 +27,8 @@ const clock = sql`utc_timestamp(3)`
 const later = (ms: RawBuilder<unknown>) => sql`(utc_timestamp(3) + interval ${ms} * 1000 microsecond)`
 const jsonText = (column: RawBuilder<unknown>) => column
 const elapsed = (column: RawBuilder<unknown>) => sql`(timestampdiff(microsecond, ${column}, utc_timestamp(3)) div 1000)`
+// DATETIME holds UTC times (utc_timestamp), so the difference to the epoch is taken without a time zone.
+const epochMs = (column: RawBuilder<unknown>) => sql`(timestampdiff(microsecond, '1970-01-01 00:00:00', ${column}) div 1000)`
 const columns = keyRowColumns({ clock, jsonText })
 
 /** How MySQL and MariaDB differ in bounding a row-lock wait for one statement. */
@@ -75,6 +77,7 @@ export function mysqlDialect(options: MysqlDialectOptions = {}): IdempotencyDial
     clock,
     later,
     elapsed,
+    epochMs,
     jsonText,
     columnTypes: {
       id: 'bigint',
@@ -90,6 +93,9 @@ export function mysqlDialect(options: MysqlDialectOptions = {}): IdempotencyDial
         const { rows } = await sql<{ name: string }>`
           select column_name as name from information_schema.columns where table_schema = database() and table_name = ${table}`.execute(db)
         return rows.map((r) => r.name.toLowerCase())
+      },
+      async dropIndex(db, table, name) {
+        await db.schema.dropIndex(name).on(table).execute()
       },
       async indexes(db, table) {
         // A prefix index (sub_part) or a functional one (no column name) is not the plain index the statements need.

@@ -25,6 +25,7 @@ const clock = sql`statement_timestamp()`
 const later = (ms: RawBuilder<unknown>) => sql`(statement_timestamp() + ${ms}::double precision * interval '1 millisecond')`
 const jsonText = (column: RawBuilder<unknown>) => sql`${column}::text`
 const elapsed = (column: RawBuilder<unknown>) => sql`(extract(epoch from statement_timestamp() - ${column}) * 1000)::bigint`
+const epochMs = (column: RawBuilder<unknown>) => sql`(extract(epoch from ${column}) * 1000)::bigint`
 const columns = keyRowColumns({ clock, jsonText })
 /** Where the claim keeps the caller's lock_timeout until it is put back. */
 const PARKED = sql.lit('kysely_idempotency.lock_timeout')
@@ -53,6 +54,7 @@ export const postgresDialect: IdempotencyDialect = {
   clock,
   later,
   elapsed,
+  epochMs,
   jsonText,
   columnTypes: {
     id: 'bigint',
@@ -70,6 +72,9 @@ export const postgresDialect: IdempotencyDialect = {
         select attname as name from pg_attribute
         where attrelid = to_regclass(quote_ident(${table})) and attnum > 0 and not attisdropped`.execute(db)
       return rows.map((r) => r.name)
+    },
+    async dropIndex(db, _table, name) {
+      await db.schema.dropIndex(name).execute()
     },
     async indexes(db, table) {
       const { rows } = await sql<{ unique: boolean; columns: string }>`

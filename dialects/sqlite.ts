@@ -19,6 +19,7 @@ const later = (ms: RawBuilder<unknown>) => sql`(${clock} + ${ms})`
 const jsonText = (column: RawBuilder<unknown>) => column
 const elapsed = (column: RawBuilder<unknown>) => sql`(${clock} - ${column})`
 
+const epochMs = (column: RawBuilder<unknown>) => column
 /**
  * SQLite (`better-sqlite3`, or any Kysely dialect built on `SqliteAdapter`).
  *
@@ -38,6 +39,7 @@ export const sqliteDialect: IdempotencyDialect = {
   clock,
   later,
   elapsed,
+  epochMs,
   jsonText,
   columnTypes: {
     id: 'integer',
@@ -52,6 +54,9 @@ export const sqliteDialect: IdempotencyDialect = {
     async columns(db, table) {
       const { rows } = await sql<{ name: string }>`select name from pragma_table_info(${table})`.execute(db)
       return rows.map((r) => r.name.toLowerCase())
+    },
+    async dropIndex(db, _table, name) {
+      await db.schema.dropIndex(name).execute()
     },
     async indexes(db, table) {
       const { rows } = await sql<{ index: string; unique: number; partial: number; column: string | null; rank: number }>`

@@ -40,6 +40,9 @@ export function idempotencyMigrations(options: IdempotencyMigrationsOptions = {}
  */
 type Mode = 'adopt' | 'baseline' | 'print'
 
+/** The columns migration 0003 adds. */
+const RECOVERY = ['flow_name', 'recovery_failures', 'recover_after'] as const
+
 /** The columns migration 0001 creates. */
 const CREATED = ['id', 'scope', 'key', 'fingerprint', 'recovery_point', 'phase_results', 'response', 'lock_token', 'locked_until', 'created_at', 'last_run_at', 'expires_at']
 
@@ -107,6 +110,39 @@ export function schemaMigrations(table: string, chosen: IdempotencyDialect | und
       },
       async down(db: Kysely<unknown>) {
         await db.schema.alterTable(table).dropColumn('codec').execute()
+      },
+    },
+    // Flows defined by name are stored with it, so that the recovery worker can finish them:
+    // `recover_after` is set only while such a flow is unfinished (its index holds nothing else).
+    [`kysely_idempotency_${table}_0003_recovery`]: {
+      async up(db: Kysely<unknown>) {
+        const dialect = chosen ?? detectDialect(db)
+        const types = dialect.columnTypes
+        const added: Record<(typeof RECOVERY)[number], (alter: ReturnType<Kysely<unknown>['schema']['alterTable']>) => { execute(): Promise<void> }> = {
+          flow_name: (alter) => alter.addColumn('flow_name', types.text),
+          recovery_failures: (alter) => alter.addColumn('recovery_failures', 'integer', (c) => c.notNull().defaultTo(0)),
+          recover_after: (alter) => alter.addColumn('recover_after', types.time),
+        }
+        const index = () => db.schema.createIndex(`${table}_recover_after`).on(table).column('recover_after').execute()
+        if (mode === 'print') {
+          for (const column of RECOVERY) await added[column](db.schema.alterTable(table)).execute()
+          return index()
+        }
+        const columns = await dialect.upgrades.columns(db, table)
+        const missing = RECOVERY.filter((column) => !columns.includes(column))
+        const indexed = (await dialect.upgrades.indexes(db, table)).some((i) => i.columns[0] === 'recover_after')
+        if (mode === 'baseline' && (missing.length || !indexed)) {
+          throw new IdempotencyMigrationError(
+            `The table "${table}" predates migration 0003_recovery (it lacks ${missing.length ? missing.join(', ') : 'the index on recover_after'}), ` +
+              'so there is nothing to record; run `kysely-idempotency migrate` without --baseline (or idempotency.migrate()) to add it.',
+          )
+        }
+        for (const column of missing) await added[column](db.schema.alterTable(table)).execute()
+        if (!indexed) await index()
+      },
+      async down(db: Kysely<unknown>) {
+        await (chosen ?? detectDialect(db)).upgrades.dropIndex(db, table, `${table}_recover_after`)
+        for (const column of [...RECOVERY].reverse()) await db.schema.alterTable(table).dropColumn(column).execute()
       },
     },
   }
@@ -191,6 +227,9 @@ export async function migrateTable(db: Kysely<unknown>, table: string, dialect: 
 function lostRace(error: unknown, dialect: IdempotencyDialect): boolean {
   const kind = dialect.classify(error)
   if (kind === 'serialization_failure' || kind === 'deadlock' || kind === 'lock_timeout') return true
+  // Kysely's Migrator lists every table of the schema to find its history tables; on Postgres a
+  // table that another session drops meanwhile makes that listing fail as if it were missing.
+  if (kind === 'undefined_table') return true
   // Creating the history tables concurrently fails with "already exists" or a duplicate row
   // in the catalog; the other process's creation succeeded, so trying again is right.
   return /already exists|duplicate/i.test(describe(error))

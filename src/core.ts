@@ -1,5 +1,5 @@
 import { AsyncLocalStorage } from 'node:async_hooks'
-import type { IsolationLevel, Kysely, Transaction } from 'kysely'
+import type { DialectAdapter, IsolationLevel, Kysely, Transaction } from 'kysely'
 import type { ValueStore } from './codec.js'
 import { FINISHED, STARTED, type ClaimValues, type IdempotencyDialect, type KeyRow } from './dialect.js'
 import { IdempotencyConflictError, IdempotencyKeyReuseError, IdempotencySetupError } from './errors.js'
@@ -18,6 +18,11 @@ export interface Execution<T> {
 export interface Settings {
   readonly ttl: number
   readonly conflictWait: number
+  /**
+   * How long a claim waits for a holder of the key in another process, when less than
+   * `conflictWait` is left (a duplicate already waited in memory). Default `conflictWait`.
+   */
+  readonly claimWait?: number
   readonly maxAttempts: number
   readonly isolationLevel?: IsolationLevel
 }
@@ -32,6 +37,11 @@ export interface AttemptSlot {
   claiming(): void
   /** Tells duplicates in this instance that the attempt holds its key's lock for `ms` from now, and no longer. */
   leased(ms: number): void
+  /**
+   * Runs `work` (a phase's transaction, which may extend the lock before it commits) with no
+   * end to the lease for duplicates here; if it fails, the lease is what it was before.
+   */
+  holding<T>(work: () => Promise<T>): Promise<T>
 }
 
 /** An attempt in this instance's registry. */
@@ -44,6 +54,14 @@ interface Running {
   claiming: boolean
   /** Local time by which the attempt's lease has surely run out; `Infinity` while it holds no lease. */
   leaseUntil: number
+  /** The attempt has ended. */
+  ended: boolean
+}
+
+/** A call whose function runs in this async context, and whether it still runs. */
+interface Enclosing {
+  readonly entry: string
+  active: boolean
 }
 /**
  * State the CommonJS and ES module builds of this file share when a process loads both: what a
@@ -70,10 +88,12 @@ const running = processWide('running', () => new Map<string, number>())
  */
 const failedClaims = processWide('failedClaims', () => new WeakMap<object, Set<string>>())
 /**
- * The keys (table, scope, key) that the calls enclosing this async context are running, to tell
- * a call nested inside its own function from a duplicate, which waits.
+ * The calls enclosing this async context, to tell a call nested inside its own function from a
+ * duplicate, which waits. Work the function leaves behind (a timer) still sees them, ended.
  */
-const enclosing = processWide('enclosing', () => new AsyncLocalStorage<ReadonlySet<string>>())
+const enclosing = processWide('enclosing', () => new AsyncLocalStorage<readonly Enclosing[]>())
+/** A number per Kysely adapter (one per Kysely instance and its transactions), so that keys of two databases never meet. */
+const databases = processWide('databases', () => ({ ids: new WeakMap<DialectAdapter, number>(), next: 1 }))
 /** Attempts at one prune batch that the database aborts (deadlock with requests on the same rows). */
 const PRUNE_ATTEMPTS = 5
 
@@ -90,10 +110,16 @@ export class Core {
   /** The attempts this instance runs now, by key. */
   readonly #inFlight = new Map<string, Running>()
 
-  constructor(dialect: IdempotencyDialect, table: string, values: ValueStore) {
+  readonly #database: number
+
+  /** `adapter` is the Kysely adapter of the database the instance works on. */
+  constructor(dialect: IdempotencyDialect, table: string, values: ValueStore, adapter: DialectAdapter) {
     this.#dialect = dialect
     this.#table = table
     this.values = values
+    let id = databases.ids.get(adapter)
+    if (id === undefined) databases.ids.set(adapter, (id = databases.next++))
+    this.#database = id
   }
 
   /**
@@ -111,9 +137,13 @@ export class Core {
     const entry = this.#runningEntry(key)
     const deadline = Date.now() + settings.conflictWait
     this.#refuseNested(entry, key, settings)
+    let displaced: Running | undefined
     for (let current = this.#inFlight.get(entry); current; current = this.#inFlight.get(entry)) {
       const now = Date.now()
-      if (now >= current.leaseUntil) break
+      if (now >= current.leaseUntil) {
+        displaced = current
+        break
+      }
       if (now >= deadline) {
         if (current.claiming) throw inFlight(key, settings)
         // It is still reading the key, which may be finished: its answer is ours, not a 409.
@@ -131,9 +161,9 @@ export class Core {
       decided: new Promise<void>((resolve) => (decide = resolve)),
       claiming: false,
       leaseUntil: Infinity,
+      ended: false,
     }
     this.#inFlight.set(entry, mine)
-    const inside = new Set(enclosing.getStore()).add(entry)
     const slot: AttemptSlot = {
       claimWait: Math.max(0, deadline - Date.now()),
       claiming: () => {
@@ -143,12 +173,27 @@ export class Core {
       leased: (ms) => {
         mine.leaseUntil = Date.now() + ms
       },
+      holding: async (work) => {
+        const before = mine.leaseUntil
+        mine.leaseUntil = Infinity
+        try {
+          return await work()
+        } catch (error) {
+          mine.leaseUntil = before
+          throw error
+        }
+      },
     }
     try {
-      return await enclosing.run(inside, () => attempt(slot))
+      return await enclosed(entry, () => attempt(slot))
     } finally {
-      // A duplicate that took over after this attempt's lease ran out owns the entry now.
-      if (this.#inFlight.get(entry) === mine) this.#inFlight.delete(entry)
+      // A duplicate that took over after this attempt's lease ran out owns the entry now. One
+      // that tried and never got the lease (the attempt had renewed it) gives the entry back.
+      if (this.#inFlight.get(entry) === mine) {
+        if (displaced && !displaced.ended && mine.leaseUntil === Infinity) this.#inFlight.set(entry, displaced)
+        else this.#inFlight.delete(entry)
+      }
+      mine.ended = true
       decide()
       settle()
     }
@@ -156,7 +201,7 @@ export class Core {
 
   /** A call inside the function of a call with the same key (in any instance) would wait for itself. */
   #refuseNested(entry: string, key: NormalizedKey, settings: Settings): void {
-    if (!enclosing.getStore()?.has(entry)) return
+    if (!enclosing.getStore()?.some((call) => call.active && call.entry === entry)) return
     throw new IdempotencyConflictError(
       'nested',
       `The idempotency key "${key.key}" is already in use by an enclosing call: a call with the same key is nested inside its own function. Give the inner call a key of its own.`,
@@ -179,12 +224,13 @@ export class Core {
   async execute<T, DB>(trx: Transaction<DB>, key: NormalizedKey, fn: (trx: Transaction<DB>) => Promise<T>, settings: Settings): Promise<Execution<T>> {
     const db = trx.withoutPlugins() as unknown as Kysely<unknown>
     const s = await this.statements(db)
-    const values: ClaimValues = { ...key, expiresIn: settings.ttl, wait: settings.conflictWait, token: null, lease: null, phases: null, codec: null }
+    const wait = claimWait(settings)
+    const values: ClaimValues = { ...key, expiresIn: settings.ttl, wait, token: null, lease: null, phases: null, codec: null, flow: null, recoverIn: null }
     for (let round = 1; ; round++) {
       const claim = await this.guard(settings, () => s.claim(db, values))
       let id = claim.claimed
       if (claim.claimed === null) {
-        const row = claim.row ?? (await this.guard(settings, () => s.latest(db, key.scope, key.key, settings.conflictWait)))
+        const row = claim.row ?? (await this.guard(settings, () => s.latest(db, key.scope, key.key, wait)))
         if (row) {
           const verdict = await this.judge(db, s, row, key, settings, trx)
           if (verdict !== EXPIRED) return { value: verdict.value as T, replayed: true }
@@ -195,7 +241,7 @@ export class Core {
         const entry = this.#runningEntry(key)
         running.set(entry, (running.get(entry) ?? 0) + 1)
         try {
-          const value = await enclosing.run(new Set(enclosing.getStore()).add(entry), () => fn(trx))
+          const value = await enclosed(entry, () => fn(trx))
           await s.finish(db, id, this.values.encode(value), settings.ttl)
           return { value, replayed: false }
         } catch (error) {
@@ -361,7 +407,7 @@ export class Core {
   }
 
   #runningEntry(key: NormalizedKey): string {
-    return `${this.#table}\0${key.scope}\0${key.key}`
+    return `${this.#database}\0${this.#table}\0${key.scope}\0${key.key}`
   }
 
   /** Turns the database errors the library understands into errors that say what happened. */
@@ -418,6 +464,21 @@ async function within(promise: Promise<void>, ms: number): Promise<boolean> {
   } finally {
     clearTimeout(timer)
   }
+}
+
+/** Runs `work` as the function of the call at `entry`, which counts as enclosing only until `work` settles. */
+async function enclosed<T>(entry: string, work: () => Promise<T>): Promise<T> {
+  const call: Enclosing = { entry, active: true }
+  try {
+    return await enclosing.run([...(enclosing.getStore() ?? []), call], work)
+  } finally {
+    call.active = false
+  }
+}
+
+/** How long a claim waits for a holder of the key in another process. */
+export function claimWait(settings: Settings): number {
+  return settings.claimWait ?? settings.conflictWait
 }
 
 function retryAfter(settings: Settings): number {

@@ -59,6 +59,10 @@ export interface ClaimValues {
   readonly phases: string | null
   /** Atomic phases only: the codec that wrote `phases`, else `null`. */
   readonly codec: string | null
+  /** A flow defined by name (`defineFlow`) only: its name, else `null`. */
+  readonly flow: string | null
+  /** A flow defined by name only: milliseconds from now until the recovery worker may pick it, else `null`. */
+  readonly recoverIn: number | null
 }
 
 /** The statements a dialect writes itself, compiled for one table. */
@@ -102,6 +106,8 @@ export interface TableUpgrades {
   columns(db: Kysely<unknown>, table: string): Promise<readonly string[]>
   /** The plain indexes of `table` (unique constraints included; partial and expression indexes left out). */
   indexes(db: Kysely<unknown>, table: string): Promise<readonly TableIndex[]>
+  /** Drops the index `name` of `table` (MySQL names the table, the others must not). */
+  dropIndex(db: Kysely<unknown>, table: string, name: string): Promise<void>
   /**
    * Migration 0002: makes every text column store any Unicode text and compare bytes exactly,
    * whatever the database's defaults (MySQL: `utf8mb4` with a binary collation).
@@ -139,6 +145,8 @@ export interface IdempotencyDialect {
   later(ms: RawBuilder<unknown>): RawBuilder<unknown>
   /** Milliseconds from the time in `column` to the database clock's now, as a number. */
   elapsed(column: RawBuilder<unknown>): RawBuilder<unknown>
+  /** The time in `column` as milliseconds since the Unix epoch (UTC), as a number; `NULL` stays `NULL`. */
+  epochMs(column: RawBuilder<unknown>): RawBuilder<unknown>
   /** A JSON column as JSON text, whatever the driver would parse it into. */
   jsonText(column: RawBuilder<unknown>): RawBuilder<unknown>
   readonly columnTypes: ColumnTypes
@@ -205,11 +213,11 @@ export function errorProperty(error: unknown, name: 'code' | 'errno'): unknown {
 }
 
 /** The slots of a claim statement that {@link insertedColumns} and {@link insertedValues} use. */
-export const CLAIM_SLOTS = ['scope', 'key', 'fingerprint', 'expiresIn', 'token', 'lease', 'phases', 'codec'] as const
+export const CLAIM_SLOTS = ['scope', 'key', 'fingerprint', 'expiresIn', 'token', 'lease', 'phases', 'codec', 'flow', 'recoverIn'] as const
 export type ClaimSlot = (typeof CLAIM_SLOTS)[number]
 
 /** The column list of a claim's insert, in the order of {@link insertedValues}. */
-export const insertedColumns = sql`(scope, ${sql.ref('key')}, fingerprint, recovery_point, phase_results, codec, lock_token, locked_until, created_at, last_run_at, expires_at)`
+export const insertedColumns = sql`(scope, ${sql.ref('key')}, fingerprint, recovery_point, phase_results, codec, lock_token, locked_until, created_at, last_run_at, expires_at, flow_name, recover_after)`
 
 /** The values of a claim's insert, without parentheses (for `values (…)` or `select …`). */
 export function insertedValues(
@@ -217,5 +225,5 @@ export function insertedValues(
   p: Readonly<Record<ClaimSlot, RawBuilder<unknown>>>,
 ): RawBuilder<unknown> {
   const now = dialect.clock
-  return sql`${p.scope}, ${p.key}, ${p.fingerprint}, ${sql.lit(STARTED)}, ${p.phases}, ${p.codec}, ${p.token}, ${dialect.later(p.lease)}, ${now}, ${now}, ${dialect.later(p.expiresIn)}`
+  return sql`${p.scope}, ${p.key}, ${p.fingerprint}, ${sql.lit(STARTED)}, ${p.phases}, ${p.codec}, ${p.token}, ${dialect.later(p.lease)}, ${now}, ${now}, ${dialect.later(p.expiresIn)}, ${p.flow}, ${dialect.later(p.recoverIn)}`
 }

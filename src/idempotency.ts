@@ -215,7 +215,7 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
   const plain = db as unknown as Kysely<unknown>
   const tableName = checkTableName(options.tableName ?? DEFAULT_TABLE)
   const dialect = options.dialect ?? detectDialect(plain)
-  const core = new Core(dialect, tableName, new ValueStore(options.codec))
+  const core = new Core(dialect, tableName, new ValueStore(options.codec), plain.getExecutor().adapter)
   const phases = new Phases(core)
   const base = resolveSettings(DEFAULTS, options)
   const lockTimeout = bounded('lockTimeout', options.lockTimeout ?? DEFAULTS.lockTimeout)
@@ -229,13 +229,13 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
   const executeTransaction = async <T>(key: IdempotencyKeyInput, fn: (trx: Transaction<DB>) => Promise<T>, call?: TransactionOptions) => {
     const normalized = normalizeKey(key)
     const resolved = settings(call)
-    return core.coalesced(normalized, resolved, (slot) => core.transaction(db, normalized, fn, { ...resolved, conflictWait: slot.claimWait }, slot))
+    return core.coalesced(normalized, resolved, (slot) => core.transaction(db, normalized, fn, { ...resolved, claimWait: slot.claimWait }, slot))
   }
   const executeRun = async <T>(key: IdempotencyKeyInput, flow: (flow: Flow<DB, T>) => Promise<T>, call?: RunOptions) => {
     const normalized = normalizeKey(key)
     const leased = bounded('lockTimeout', call?.lockTimeout ?? lockTimeout)
     const resolved = settings(call)
-    return core.coalesced(normalized, resolved, (slot) => phases.run(db, normalized, flow, { ...resolved, lockTimeout: leased }, slot))
+    return core.coalesced(normalized, resolved, (slot) => phases.run(db, normalized, flow, { ...resolved, lockTimeout: leased, flow: null }, slot))
   }
 
   return {
@@ -292,7 +292,7 @@ export async function withIdempotency<DB, T>(
   let cores = shared.get(adapter)
   if (!cores) shared.set(adapter, (cores = new Map()))
   let core = cores.get(tableName)
-  if (!core) cores.set(tableName, (core = new Core(detectDialect(trx as unknown as Kysely<unknown>), tableName, new ValueStore())))
+  if (!core) cores.set(tableName, (core = new Core(detectDialect(trx as unknown as Kysely<unknown>), tableName, new ValueStore(), adapter)))
   const [normalized, resolved] = [normalizeKey(key), resolveSettings(DEFAULTS, options ?? {})]
   core.refuseNested(normalized, resolved)
   return (await core.execute(trx, normalized, fn, resolved)).value

@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto'
 import type { Kysely, Transaction } from 'kysely'
 import type { Encoded, Storable, ValueStore } from './codec.js'
-import { EXPIRED, type AttemptSlot, type Core, type Execution, type Settings } from './core.js'
+import { claimWait, EXPIRED, type AttemptSlot, type Core, type Execution, type Settings } from './core.js'
 import { FINISHED, STARTED, type KeyRow } from './dialect.js'
 import { IdempotencyConflictError, IdempotencyFlowError, IdempotencyLockLostError, IdempotencySerializationError } from './errors.js'
 import type { NormalizedKey } from './request.js'
@@ -94,6 +94,8 @@ export interface AbandonedFlow {
 /** Settings of one `run`. */
 export interface FlowSettings extends Settings {
   readonly lockTimeout: number
+  /** The name the flow was defined with, for the recovery worker; `null` for a flow run without one. */
+  readonly flow: string | null
 }
 
 /** What `phase_results` holds for a flow, written by the instance's codec. */
@@ -140,7 +142,7 @@ export class Phases {
    */
   async run<T, DB>(db: Kysely<DB>, key: NormalizedKey, body: (flow: Flow<DB, T>) => Promise<T>, settings: FlowSettings, slot: AttemptSlot): Promise<Execution<T>> {
     const core = this.#core
-    const claiming = { ...settings, conflictWait: slot.claimWait }
+    const claiming = { ...settings, claimWait: slot.claimWait }
     const plain = db.withoutPlugins() as unknown as Kysely<unknown>
     const s = await core.statements(plain)
     const seen = await core.guard(settings, () => s.lookup(plain, key.scope, key.key))
@@ -183,7 +185,7 @@ export class Phases {
   async #insert(db: Kysely<unknown>, s: Statements, key: NormalizedKey, settings: FlowSettings): Promise<Claimed | undefined> {
     const token = newToken()
     const { phases, ...extension } = renewal(this.#core.values, settings, fresh(key))
-    const values = { ...key, ...extension, wait: settings.conflictWait, token, phases: phases.text, codec: phases.codec }
+    const values = { ...key, ...extension, ...named(settings), wait: claimWait(settings), token, phases: phases.text, codec: phases.codec }
     const claim = await this.#core.guard(settings, () => s.claim(db, values))
     return claim.claimed === null ? undefined : { lease: { id: claim.claimed, token }, stored: phases }
   }
@@ -197,7 +199,7 @@ export class Phases {
   ): Promise<Claimed | { value: unknown }> {
     const core = this.#core
     for (let round = 1; round <= CLAIM_ROUNDS; round++) {
-      const row = await core.guard(settings, () => s.lock(trx, key.scope, key.key, settings.conflictWait))
+      const row = await core.guard(settings, () => s.lock(trx, key.scope, key.key, claimWait(settings)))
       if (!row) {
         const claim = await this.#insert(trx, s, key, settings)
         if (claim) return claim
@@ -213,7 +215,7 @@ export class Phases {
       const verdict = await core.judge(trx, s, row, key, settings)
       if (verdict !== EXPIRED) return verdict
       const { phases, ...extension } = renewal(core.values, settings, fresh(key))
-      const values = { ...key, ...extension, wait: settings.conflictWait, token, phases: phases.text, codec: phases.codec }
+      const values = { ...key, ...extension, ...named(settings), wait: claimWait(settings), token, phases: phases.text, codec: phases.codec }
       if (await core.guard(settings, () => s.reclaim(trx, row.id, values))) return { lease: { id: row.id, token }, stored: phases }
     }
     throw new IdempotencyConflictError('race', 'The key kept changing under concurrent requests; retry the request.', {
@@ -386,7 +388,8 @@ class Attempt<DB, T> {
     const core = this.#core
     const s = this.#s
     const settings = this.#settings
-    const recorded = await core.retrying(settings, () =>
+    // Its fence extends the lock before it commits: duplicates here must not take over meanwhile.
+    const recorded = await this.#slot.holding(() => core.retrying(settings, () =>
       this.#db.transaction().execute(async (trx) => {
         const own = trx.withoutPlugins() as unknown as Kysely<unknown>
         const held = await core.guard(settings, () =>
@@ -396,7 +399,7 @@ class Attempt<DB, T> {
         const value = await fn(trx)
         return { value, state: await this.#record(own, name, value) }
       }),
-    )
+    ))
     this.#slot.leased(settings.lockTimeout)
     this.#state = recorded.state
     return recorded.value
@@ -451,6 +454,11 @@ class Attempt<DB, T> {
     )
     return this.#lost
   }
+}
+
+/** How a new key of the flow is marked for the recovery worker: by its name, due as soon as no attempt holds it. */
+function named(settings: FlowSettings): { flow: string | null; recoverIn: number | null } {
+  return settings.flow === null ? { flow: null, recoverIn: null } : { flow: settings.flow, recoverIn: 0 }
 }
 
 /** The lock and lifetime a flow's statements set: a held key outlives its lock by `ttl`. */

@@ -23,6 +23,26 @@ export interface AbandonedRow {
   readonly codec: unknown
   readonly age: unknown
   readonly idle: unknown
+  readonly flow: unknown
+  readonly failures: unknown
+  /** The recovery worker may pick the flow now. */
+  readonly due: unknown
+}
+
+/** Everything about one key, as {@link Statements.inspect} reads it: times in epoch milliseconds. */
+export interface InspectedRow {
+  readonly id: RowId
+  readonly point: unknown
+  readonly phases: unknown
+  readonly codec: unknown
+  readonly flow: unknown
+  readonly failures: unknown
+  readonly expired: unknown
+  readonly locked: unknown
+  readonly created: unknown
+  readonly ran: unknown
+  readonly expires: unknown
+  readonly lockedUntil: unknown
 }
 
 /** A lock held by one atomic-phases attempt: the row and the attempt's token. */
@@ -74,6 +94,16 @@ export interface Statements extends Required<DialectStatements> {
    */
   release(db: Kysely<unknown>, lease: Lease, ttl: number): Promise<void>
   abandoned(db: Kysely<unknown>, idleFor: number, limit: number): Promise<readonly AbandonedRow[]>
+  /** Unfinished flows of these names that no attempt holds and the recovery worker may pick now, due longest first. */
+  recoverable(db: Kysely<unknown>, names: readonly string[], idleFor: number, limit: number): Promise<readonly AbandonedRow[]>
+  /**
+   * Counts a failed recovery of a flow and puts off its next one by `retryIn` ms; with `retryIn`
+   * `null` the worker leaves it alone from now on.
+   */
+  recoveryFailed(db: Kysely<unknown>, id: RowId, retryIn: number | null): Promise<void>
+  inspect(db: Kysely<unknown>, scope: string, key: string): Promise<InspectedRow | undefined>
+  /** Deletes the row `id`. */
+  remove(db: Kysely<unknown>, id: RowId): Promise<void>
   counts(db: Kysely<unknown>): Promise<KeyCounts>
 }
 
@@ -98,10 +128,11 @@ export async function prepareStatements(db: Kysely<unknown>, dialect: Idempotenc
   const lookup = prepare(db, ['scope', 'key'], (p) => sql`
     select ${keyRowColumns(dialect)} from ${aliased(table)} where k.scope = ${p.scope} and ${sql.ref('k.key')} = ${p.key}`)
   const unheld = sql`(locked_until is null or locked_until <= ${now})`
-  const reclaim = prepare(db, ['id', 'fingerprint', 'expiresIn', 'token', 'lease', 'phases', 'codec'], (p) => sql`
+  const reclaim = prepare(db, ['id', 'fingerprint', 'expiresIn', 'token', 'lease', 'phases', 'codec', 'flow', 'recoverIn'], (p) => sql`
     update ${sql.table(table)} set fingerprint = ${p.fingerprint}, recovery_point = ${sql.lit(STARTED)},
       phase_results = ${p.phases}, codec = ${p.codec}, response = null, lock_token = ${p.token}, locked_until = ${later(p.lease)},
-      created_at = ${now}, last_run_at = ${now}, expires_at = ${later(p.expiresIn)}
+      created_at = ${now}, last_run_at = ${now}, expires_at = ${later(p.expiresIn)},
+      flow_name = ${p.flow}, recovery_failures = 0, recover_after = ${later(p.recoverIn)}
     where id = ${p.id} and expires_at <= ${now} and ${unheld}`)
   const finish = prepare(db, ['id', 'response', 'codec', 'ttl'], (p) => sql`
     update ${sql.table(table)} set response = ${p.response}, codec = ${p.codec}, recovery_point = ${sql.lit(FINISHED)},
@@ -123,18 +154,31 @@ export async function prepareStatements(db: Kysely<unknown>, dialect: Idempotenc
     where ${ours(p)}`)
   const complete = prepare(db, ['id', 'token', 'response', 'codec', 'ttl'], (p) => sql`
     update ${sql.table(table)} set response = ${p.response}, codec = ${p.codec}, recovery_point = ${sql.lit(FINISHED)},
-      lock_token = null, locked_until = null, last_run_at = ${now}, expires_at = ${later(p.ttl)}
+      lock_token = null, locked_until = null, last_run_at = ${now}, expires_at = ${later(p.ttl)}, recover_after = null
     where ${ours(p)}`)
   const release = prepare(db, ['id', 'token', 'ttl'], (p) => sql`
     update ${sql.table(table)} set lock_token = null, locked_until = null, expires_at = ${later(p.ttl)} where ${ours(p)}`)
   const idle = dialect.elapsed(sql.ref('last_run_at'))
+  const abandonedColumns = sql`scope as scope, ${sql.ref('key')} as ${sql.ref('key')}, recovery_point as point,
+    ${dialect.jsonText(sql.ref('phase_results'))} as phases, codec as codec, ${dialect.elapsed(sql.ref('created_at'))} as age, ${idle} as idle,
+    flow_name as flow, recovery_failures as failures, recover_after is not null and recover_after <= ${now} as due`
   const abandoned = prepare(db, ['idle', 'limit'], (p) => sql`
-    select scope as scope, ${sql.ref('key')} as ${sql.ref('key')}, recovery_point as point, ${dialect.jsonText(sql.ref('phase_results'))} as phases,
-      codec as codec, ${dialect.elapsed(sql.ref('created_at'))} as age, ${idle} as idle
-    from ${sql.table(table)}
+    select ${abandonedColumns} from ${sql.table(table)}
     where recovery_point <> ${sql.lit(FINISHED)} and phase_results is not null and expires_at > ${now}
       and ${unheld} and ${idle} >= ${p.idle}
     order by last_run_at limit ${p.limit}`)
+
+  const recoveryFailed = prepare(db, ['id', 'retryIn'], (p) => sql`
+    update ${sql.table(table)} set recovery_failures = recovery_failures + 1, recover_after = ${later(p.retryIn)}
+    where id = ${p.id} and recover_after is not null`)
+  const epoch = (column: string) => dialect.epochMs(sql.ref(column))
+  const inspect = prepare(db, ['scope', 'key'], (p) => sql`
+    select id as id, recovery_point as point, ${dialect.jsonText(sql.ref('phase_results'))} as phases, codec as codec,
+      flow_name as flow, recovery_failures as failures, expires_at <= ${now} as expired,
+      lock_token is not null and locked_until > ${now} as locked, ${epoch('created_at')} as created, ${epoch('last_run_at')} as ran,
+      ${epoch('expires_at')} as expires, ${epoch('locked_until')} as ${sql.ref('lockedUntil')}
+    from ${sql.table(table)} where scope = ${p.scope} and ${sql.ref('key')} = ${p.key}`)
+  const remove = prepare(db, ['id'], (p) => sql`delete from ${sql.table(table)} where id = ${p.id}`)
 
   const unexpired = sql`expires_at > ${now}`
   const unfinished = sql`${unexpired} and recovery_point <> ${sql.lit(FINISHED)}`
@@ -181,6 +225,26 @@ export async function prepareStatements(db: Kysely<unknown>, dialect: Idempotenc
     async abandoned(db, idleFor, limit) {
       const { rows } = await db.executeQuery<AbandonedRow>(abandoned.bind({ idle: idleFor, limit }))
       return rows
+    },
+    // Compiled per call: the list of names varies, and the worker calls it once per pass.
+    async recoverable(db, names, idleFor, limit) {
+      if (!names.length) return []
+      const { rows } = await sql<AbandonedRow>`
+        select ${abandonedColumns} from ${sql.table(table)}
+        where recover_after <= ${now} and flow_name in (${sql.join(names)}) and recovery_point <> ${sql.lit(FINISHED)}
+          and expires_at > ${now} and ${unheld} and ${idle} >= ${idleFor}
+        order by recover_after limit ${limit}`.execute(db)
+      return rows
+    },
+    async recoveryFailed(db, id, retryIn) {
+      await db.executeQuery(recoveryFailed.bind({ id, retryIn }))
+    },
+    async inspect(db, scope, key) {
+      const { rows } = await db.executeQuery<InspectedRow>(inspect.bind({ scope, key }))
+      return rows[0]
+    },
+    async remove(db, id) {
+      await db.executeQuery(remove.bind({ id }))
     },
   }
 }

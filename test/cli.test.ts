@@ -32,6 +32,19 @@ async function cli(args: string[], env: Record<string, string | undefined> = {})
   }
 }
 
+/** The DDL `sql` prints, migration by migration (each follows a `-- <name>` line). */
+async function printedMigrations(dialect: string, table: string): Promise<Array<[string, string[]]>> {
+  const printed = await cli(['sql', '--dialect', dialect, '--table', table])
+  expect(printed.code, printed.stderr).toBe(0)
+  return printed.stdout
+    .split(/^-- /m)
+    .filter(Boolean)
+    .map((part) => {
+      const [name, ...rest] = part.split('\n')
+      return [name!, rest.join('\n').split(';\n').filter((statement) => statement.trim())]
+    })
+}
+
 /** A failure as the CLI must report it: one line on stderr, no stack trace, a non-zero exit. */
 function expectOneLine(outcome: Outcome, pattern: RegExp): void {
   expect(outcome.code, outcome.stdout).not.toBe(0)
@@ -106,6 +119,7 @@ describe.each(databases)('the CLI on %s', (database: DatabaseName) => {
       migrations: [
         { name: `kysely_idempotency_${table}_0001_create`, appliedAt: null },
         { name: `kysely_idempotency_${table}_0002_codec`, appliedAt: null },
+        { name: `kysely_idempotency_${table}_0003_recovery`, appliedAt: null },
       ],
       keys: null,
     })
@@ -147,33 +161,34 @@ describe.each(databases)('the CLI on %s', (database: DatabaseName) => {
     expect(up.code, up.stderr).toBe(0)
     const report = JSON.parse(up.stdout)
     expect(report).toMatchObject({ table, upToDate: true, tableExists: true, keys: { live: 0, finished: 0, expired: 0, abandoned: 0 } })
-    expect(report.migrations.map((m: { appliedAt: string }) => Number.isNaN(Date.parse(m.appliedAt)))).toEqual([false, false])
+    expect(report.migrations.map((m: { appliedAt: string }) => Number.isNaN(Date.parse(m.appliedAt)))).toEqual([false, false, false])
     expect((await cli(['down', '--url', url(), '--table', table, '--yes'])).code).toBe(0)
   })
 
   it('records a table made from the printed DDL with migrate --baseline, without changing it, and refuses a table that lacks a change', async () => {
     const table = `cli_${Math.random().toString(36).slice(2, 8)}`
     const dialect = { postgres: 'postgresql', mysql: 'mariadb', sqlite: 'sqlite' }[database]
-    const printed = await cli(['sql', '--dialect', dialect, '--table', table])
-    const statements = printed.stdout.split(';\n').filter((statement) => statement.trim())
+    const printed = await printedMigrations(dialect, table)
     const db = openDatabase(database, location())
     try {
-      // What Flyway or Prisma would do with the printed DDL, short of its last statement (0002).
-      const last = database === 'mysql' ? -2 : -1
-      for (const statement of statements.slice(0, last)) await sql.raw(statement).execute(db)
+      // What Flyway or Prisma would do with the printed DDL, short of its last migration.
+      for (const [, statements] of printed.slice(0, -1)) for (const statement of statements) await sql.raw(statement).execute(db)
       const before = await cli(['status', '--url', url(), '--table', table, '--json'])
       expect(before.code).toBe(2)
       expect(JSON.parse(before.stdout)).toMatchObject({ upToDate: false, tableExists: true })
       expect((await cli(['status', '--url', url(), '--table', table])).stdout).toContain('exists without a record of these migrations')
 
-      expectOneLine(await cli(['migrate', '--url', url(), '--table', table, '--baseline']), new RegExp(`"${table}" predates migration 0002_codec \\(it has no codec column\\)`))
+      expectOneLine(
+        await cli(['migrate', '--url', url(), '--table', table, '--baseline']),
+        new RegExp(`"${table}" predates migration 0003_recovery \\(it lacks flow_name, recovery_failures, recover_after\\)`),
+      )
       expect(await hasTable(db, `${table}_migration`)).toBe(true)
       expect((await cli(['status', '--url', url(), '--table', table, '--json'])).code).toBe(2)
 
-      for (const statement of statements.slice(last)) await sql.raw(statement).execute(db)
+      for (const statement of printed.at(-1)![1]) await sql.raw(statement).execute(db)
       const baseline = await cli(['migrate', '--url', url(), '--table', table, '--baseline'])
       expect(baseline.code, baseline.stderr).toBe(0)
-      expect(baseline.stdout).toContain(`[✓] kysely_idempotency_${table}_0002_codec recorded`)
+      expect(baseline.stdout).toContain(`[✓] kysely_idempotency_${table}_0003_recovery recorded`)
       const after = await cli(['status', '--url', url(), '--table', table])
       expect(after.code, after.stdout).toBe(0)
       expect(after.stdout).toContain('keys: 0 live')
@@ -218,8 +233,8 @@ describe.each(databases)('the CLI on %s', (database: DatabaseName) => {
     const table = `cli_${Math.random().toString(36).slice(2, 8)}`
     const db = openDatabase(database, location())
     try {
-      const statements = (await cli(['sql', '--dialect', database, '--table', table])).stdout.split(';\n').filter((statement) => statement.trim())
-      for (const statement of statements.slice(0, database === 'mysql' ? -2 : -1)) await sql.raw(statement).execute(db)
+      // The first migration only: the others are made by migrate.
+      for (const statement of (await printedMigrations(database, table))[0]![1]) await sql.raw(statement).execute(db)
       const migrated = await cli(['migrate', '--url', url(), '--table', table])
       expect(migrated.code, migrated.stderr).toBe(0)
       expect((await cli(['status', '--url', url(), '--table', table])).code).toBe(0)
@@ -281,14 +296,15 @@ describe('the CLI without a database', () => {
 
   it('prints the DDL for each dialect without connecting', async () => {
     const dialects = {
-      postgres: [/"phase_results" json/, /alter table "keys" add column "codec" varchar\(255\);\n$/],
-      mysql: [/`key` varbinary\(255\)/, /alter table `keys` convert to character set utf8mb4 collate utf8mb4_bin;\n$/],
-      sqlite: [/"expires_at" integer not null/, /alter table "keys" add column "codec" text;\n$/],
+      postgres: [/"phase_results" json/, /alter table "keys" add column "codec" varchar\(255\);\n/],
+      mysql: [/`key` varbinary\(255\)/, /alter table `keys` convert to character set utf8mb4 collate utf8mb4_bin;\n/],
+      sqlite: [/"expires_at" integer not null/, /alter table "keys" add column "codec" text;\n/],
     }
     for (const [dialect, patterns] of Object.entries(dialects)) {
       const r = await cli(['sql', '--dialect', dialect, '--table', 'keys'])
       expect(r.code, r.stderr).toBe(0)
-      expect(r.stdout).toMatch(/^create table "?`?keys/)
+      expect(r.stdout).toMatch(/^-- kysely_idempotency_keys_0001_create\ncreate table "?`?keys/)
+      expect(r.stdout).toMatch(/\n-- kysely_idempotency_keys_0003_recovery\n(alter table .keys. add column .+;\n){3}create index .keys_recover_after. on .keys. \(.recover_after.\);\n$/)
       expect(r.stdout).toMatch(/create index .keys_expires_at. on .keys. \(.expires_at.\);\n/)
       for (const pattern of patterns) expect(r.stdout).toMatch(pattern)
     }

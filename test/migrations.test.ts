@@ -64,6 +64,7 @@ for (const target of selectedTargets().filter((t) => t.server !== 'pgbouncer')) 
       expect(adopted.results?.map((r) => [r.migrationName, r.status])).toEqual([
         [`kysely_idempotency_${table}_0001_create`, 'Success'],
         [`kysely_idempotency_${table}_0002_codec`, 'Success'],
+        [`kysely_idempotency_${table}_0003_recovery`, 'Success'],
       ])
       expect(await idempotency.transaction('kept', async () => new Date(2))).toEqual(new Date(1))
       expect((await idempotency.migrate()).results).toEqual([])
@@ -102,7 +103,7 @@ for (const target of selectedTargets().filter((t) => t.server !== 'pgbouncer')) 
       await expect(refused).rejects.toThrow(/exists but lacks the columns scope, fingerprint, .*not an idempotency table of this library/)
     })
 
-    /** The table of migrations 0001 and 0002 as someone might write it by hand. */
+    /** The table of every migration as someone might write it by hand. */
     const byHand = async (table: string, { unique = true, expiresIndex = true, upper = false } = {}) => {
       const types = (target.dialect?.() ?? detectDialect(fx.db)).columnTypes
       const name = (column: string) => (upper ? column.toUpperCase() : column)
@@ -114,12 +115,14 @@ for (const target of selectedTargets().filter((t) => t.server !== 'pgbouncer')) 
       for (const column of ['fingerprint', 'recovery_point']) create = create.addColumn(name(column), types.text, (c) => c.notNull())
       for (const column of ['phase_results', 'response']) create = create.addColumn(name(column), types.json)
       for (const column of ['lock_token', 'codec']) create = create.addColumn(name(column), types.text)
-      create = create.addColumn(name('locked_until'), types.time)
+      for (const column of ['locked_until', 'recover_after']) create = create.addColumn(name(column), types.time)
+      create = create.addColumn(name('flow_name'), types.text).addColumn(name('recovery_failures'), 'integer', (c) => c.notNull().defaultTo(0))
       for (const column of ['created_at', 'last_run_at', 'expires_at']) create = create.addColumn(name(column), types.time, (c) => c.notNull())
       if (unique) create = create.addUniqueConstraint(`${table}_unique`, [name('scope'), name('key')])
       await create.execute()
       if (target.database === 'mysql') await sql`alter table ${sql.table(table)} convert to character set utf8mb4 collate utf8mb4_bin`.execute(fx.db)
       if (expiresIndex) await fx.db.schema.createIndex(`${table}_exp`).on(table).column(name('expires_at')).execute()
+      await fx.db.schema.createIndex(`${table}_rec`).on(table).column(name('recover_after')).execute()
     }
 
     it('refuses a table in place without the unique (scope, key) index, which at-most-once needs, in either mode', async () => {
@@ -131,7 +134,7 @@ for (const target of selectedTargets().filter((t) => t.server !== 'pgbouncer')) 
         await expect(refused).rejects.toThrow(/has no unique index on \(scope, key\).*add a unique constraint on \(scope, key\)/)
       }
       const status = await new Migrator({ db: fx.db, provider: idempotencyMigrations({ tableName: idempotency.tableName }), ...migrationTables(idempotency.tableName) }).getMigrations()
-      expect(status.map((m) => m.executedAt)).toEqual([undefined, undefined])
+      expect(status.map((m) => m.executedAt)).toEqual([undefined, undefined, undefined])
       // With the index added, the same table is adopted.
       await fx.db.schema.createIndex(`${idempotency.tableName}_sk`).on(idempotency.tableName).columns(['key', 'scope']).unique().execute()
       expect((await idempotency.migrate({ baseline: true })).error).toBeUndefined()
@@ -176,7 +179,10 @@ for (const target of selectedTargets().filter((t) => t.server !== 'pgbouncer')) 
       })
       expect((await old.migrateToLatest()).error).toBeUndefined()
       await expect(idempotency.migrate({ baseline: true })).rejects.toThrow(new RegExp(`"${table}" predates migration 0002_codec`))
-      expect((await idempotency.migrate()).results?.map((r) => [r.migrationName, r.status])).toEqual([[`kysely_idempotency_${table}_0002_codec`, 'Success']])
+      expect((await idempotency.migrate()).results?.map((r) => [r.migrationName, r.status])).toEqual([
+        [`kysely_idempotency_${table}_0002_codec`, 'Success'],
+        [`kysely_idempotency_${table}_0003_recovery`, 'Success'],
+      ])
     })
 
     it('names its history tables after the table, idempotency_keys by default', () => {
@@ -198,10 +204,11 @@ for (const target of selectedTargets().filter((t) => t.server !== 'pgbouncer')) 
       expect(up.results?.map((r) => [r.migrationName, r.status])).toEqual([
         [`kysely_idempotency_${table}_0001_create`, 'Success'],
         [`kysely_idempotency_${table}_0002_codec`, 'Success'],
+        [`kysely_idempotency_${table}_0003_recovery`, 'Success'],
       ])
       const idempotency = createIdempotency({ db: fx.db, tableName: table })
       expect(await idempotency.transaction('k', async () => 1)).toBe(1)
-      for (let i = 0; i < 2; i++) expect((await migrator.migrateDown()).error).toBeUndefined()
+      for (let i = 0; i < 3; i++) expect((await migrator.migrateDown()).error).toBeUndefined()
       await expect(idempotency.transaction('k2', async () => 1)).rejects.toThrow(/does not exist/)
     })
   })

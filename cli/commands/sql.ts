@@ -46,13 +46,16 @@ export const sqlCommand = defineCommand({
       const got = args.dialect === undefined ? '' : `, got "${args.dialect}"`
       throw new CliError(`Choose the database with --dialect postgres|postgresql|mysql|mariadb|sqlite${got}.`)
     }
-    for (const statement of await ddl(chosen, checkTableName(args.table))) console.log(`${statement};`)
+    for (const [migration, statements] of await ddl(chosen, checkTableName(args.table))) {
+      console.log(`-- ${migration}`)
+      for (const statement of statements) console.log(`${statement};`)
+    }
   },
 })
 
-/** The statements the migrations run, compiled for one database by a Kysely that never connects. */
-async function ddl(chosen: (typeof DIALECTS)[keyof typeof DIALECTS], table: string): Promise<string[]> {
-  const statements: string[] = []
+/** The statements each migration runs, compiled for one database by a Kysely that never connects. */
+async function ddl(chosen: (typeof DIALECTS)[keyof typeof DIALECTS], table: string): Promise<Array<[string, string[]]>> {
+  let statements: string[] = []
   const connection: DatabaseConnection = {
     async executeQuery<R>(query: CompiledQuery): Promise<QueryResult<R>> {
       statements.push(query.sql)
@@ -80,6 +83,11 @@ async function ddl(chosen: (typeof DIALECTS)[keyof typeof DIALECTS], table: stri
     },
   })
   const migrations = await schemaMigrations(table, chosen.module, 'print').getMigrations()
-  for (const name of Object.keys(migrations).sort()) await migrations[name]!.up(db)
-  return statements
+  const printed: Array<[string, string[]]> = []
+  for (const name of Object.keys(migrations).sort()) {
+    statements = []
+    await migrations[name]!.up(db)
+    printed.push([name, statements])
+  }
+  return printed
 }
