@@ -6,10 +6,10 @@ import type { NextFunction as ExpressNext, Request } from 'express'
 import type { Transaction } from 'kysely'
 import type { Idempotency, RunOptions, TransactionOptions } from '../src/idempotency.js'
 import type { Flow } from '../src/phases.js'
-import { IdempotentRoute, rawHeaderLines, type Answer, type HttpResult, type IdempotentOptions, type Outcome, type RequestFacts } from '../http/index.js'
+import { IdempotentRoute, rawHeaderLines, type Answer, type HttpDefinedFlow, type HttpResult, type IdempotentOptions, type Outcome, type RequestFacts } from '../http/index.js'
 
 export { parseKeyHeader, UNSCOPED } from '../http/index.js'
-export type { HttpResult, IdempotentOptions } from '../http/index.js'
+export type { HttpDefinedFlow, HttpFlowRequest, HttpResult, IdempotentOptions } from '../http/index.js'
 
 /** The parts of a request the helpers read; Express 4 and 5 requests have them. */
 export interface IdempotentRequest {
@@ -85,7 +85,7 @@ export function idempotent<DB, Req extends IdempotentRequest = Request>(
 export function idempotentFlow<DB, Req extends IdempotentRequest = Request>(
   idempotency: Idempotency<DB>,
   options: IdempotentOptions<Req> & RunOptions,
-  handler: (req: Req, flow: Flow<DB, HttpResult>) => Promise<HttpResult>,
+  handler: ((req: Req, flow: Flow<DB, HttpResult>) => Promise<HttpResult>) | HttpDefinedFlow,
 ): (req: Req, res: IdempotentResponse, next: (error?: unknown) => void) => void {
   const { ttl, conflictWait, lockTimeout } = options
   return express(new IdempotentRoute(options).flow(idempotency, { ttl, conflictWait, lockTimeout }, handler))

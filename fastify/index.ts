@@ -6,10 +6,10 @@ import type { FastifyReply, FastifyRequest } from 'fastify'
 import type { Transaction } from 'kysely'
 import type { Idempotency, RunOptions, TransactionOptions } from '../src/idempotency.js'
 import type { Flow } from '../src/phases.js'
-import { IdempotentRoute, rawHeaderLines, type Answer, type HttpResult, type IdempotentOptions, type Outcome, type RequestFacts } from '../http/index.js'
+import { IdempotentRoute, rawHeaderLines, type Answer, type HttpDefinedFlow, type HttpResult, type IdempotentOptions, type Outcome, type RequestFacts } from '../http/index.js'
 
 export { parseKeyHeader, UNSCOPED } from '../http/index.js'
-export type { HttpResult, IdempotentOptions } from '../http/index.js'
+export type { HttpDefinedFlow, HttpFlowRequest, HttpResult, IdempotentOptions } from '../http/index.js'
 
 /** The parts of a request the helpers read; Fastify 5 requests have them. */
 export interface IdempotentRequest {
@@ -87,7 +87,7 @@ export function idempotent<DB, Req extends IdempotentRequest = FastifyRequest, R
 export function idempotentFlow<DB, Req extends IdempotentRequest = FastifyRequest, Reply extends IdempotentReply = FastifyReply>(
   idempotency: Idempotency<DB>,
   options: IdempotentOptions<Req> & RunOptions,
-  handler: (request: Req, flow: Flow<DB, HttpResult>) => Promise<HttpResult>,
+  handler: ((request: Req, flow: Flow<DB, HttpResult>) => Promise<HttpResult>) | HttpDefinedFlow,
 ): (request: Req, reply: Reply) => Promise<void> {
   const { ttl, conflictWait, lockTimeout } = options
   return fastify(new IdempotentRoute(options).flow(idempotency, { ttl, conflictWait, lockTimeout }, handler))

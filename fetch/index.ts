@@ -6,10 +6,10 @@
 import type { Transaction } from 'kysely'
 import type { Idempotency, RunOptions, TransactionOptions } from '../src/idempotency.js'
 import type { Flow } from '../src/phases.js'
-import { IdempotentRoute, UNSCOPED, type Answer, type HttpResult, type IdempotentOptions, type Outcome, type RequestFacts } from '../http/index.js'
+import { IdempotentRoute, UNSCOPED, type Answer, type HttpDefinedFlow, type HttpResult, type IdempotentOptions, type Outcome, type RequestFacts } from '../http/index.js'
 
 export { parseKeyHeader, UNSCOPED } from '../http/index.js'
-export type { HttpResult } from '../http/index.js'
+export type { HttpDefinedFlow, HttpFlowRequest, HttpResult } from '../http/index.js'
 
 /** Options of a Fetch API route: those of every framework, with `scope` reading the request and the extra arguments. */
 export type FetchIdempotentOptions<Args extends readonly unknown[]> = Omit<IdempotentOptions<never>, 'scope'> & {
@@ -87,13 +87,12 @@ export function idempotent<DB, Args extends readonly unknown[] = []>(
 export function idempotentFlow<DB, Args extends readonly unknown[] = []>(
   idempotency: Idempotency<DB>,
   options: FetchIdempotentOptions<Args> & RunOptions,
-  handler: (request: Request, flow: Flow<DB, HttpResult>, ...args: Args) => Promise<FetchResult>,
+  handler: ((request: Request, flow: Flow<DB, HttpResult>, ...args: Args) => Promise<FetchResult>) | HttpDefinedFlow,
 ): (request: Request, ...args: Args) => Promise<Response> {
   const { ttl, conflictWait, lockTimeout } = options
-  const route = new IdempotentRoute(routeOptions(options)).flow(idempotency, { ttl, conflictWait, lockTimeout }, async (call: Call<Args>, flow) =>
-    result(await handler(call.request.clone(), flow, ...call.args)),
-  )
-  return serve(route)
+  const served =
+    typeof handler === 'function' ? async (call: Call<Args>, flow: Flow<DB, HttpResult>) => result(await handler(call.request.clone(), flow, ...call.args)) : handler
+  return serve(new IdempotentRoute(routeOptions(options)).flow(idempotency, { ttl, conflictWait, lockTimeout }, served))
 }
 
 function routeOptions<Args extends readonly unknown[]>(options: FetchIdempotentOptions<Args>): IdempotentOptions<Call<Args>> {

@@ -8,6 +8,8 @@ import type { Transaction } from 'kysely'
 import type { Execution } from '../src/core.js'
 import { IdempotencyError, IdempotencySerializationError, IdempotencySetupError, InvalidIdempotencyKeyError } from '../src/errors.js'
 import type { Idempotency, RunOptions, TransactionOptions } from '../src/idempotency.js'
+import { internalsOf } from '../src/flows.js'
+import type { DefinedFlow, DefinedRunOptions } from '../src/flows.js'
 import type { Flow } from '../src/phases.js'
 import { problem, problemDetails, type ProblemDetails } from '../src/problem.js'
 
@@ -64,6 +66,25 @@ export interface IdempotentOptions<Req> {
   /** Store `Set-Cookie` headers too, so replays send them again. Default `false`. */
   readonly persistSetCookie?: boolean
 }
+
+/**
+ * What a flow defined with `defineFlow` receives as its request when an HTTP route serves it:
+ * what the fingerprint covers, as stored with the key, so that the recovery worker can run the
+ * flow again without the original request.
+ */
+export interface HttpFlowRequest<Body = unknown> {
+  /** Upper case. */
+  readonly method: string
+  /** Path and query string as the client sent them. */
+  readonly url: string
+  /** The body as the framework's parsers left it (JSON, form fields, text; bytes as `{ base64 }`), minus `ignoreBodyFields`; `null` without one. */
+  readonly body: Body
+  /** The `fingerprintHeaders`, by lower-case name; `null` for one the request lacks. */
+  readonly headers: Readonly<Record<string, string | null>>
+}
+
+/** A flow defined with `defineFlow` that answers an HTTP route. */
+export type HttpDefinedFlow<Body = never> = DefinedFlow<HttpResult, HttpFlowRequest<Body>>
 
 /** What the shared behaviour reads of a request, whatever the framework. */
 export interface RequestFacts {
@@ -192,14 +213,45 @@ export class IdempotentRoute<Req> {
   }
 
   /**
+   * A route served by a flow defined with `defineFlow`: the flow gets the request as the
+   * fingerprint describes it ({@link HttpFlowRequest}), so that the recovery worker can finish
+   * it, and its answers, whoever finishes it, go through this route's storage rules.
+   */
+  #definedFlow<DB>(idempotency: Idempotency<DB>, settings: DefinedRunOptions, defined: HttpDefinedFlow): (req: Req, facts: RequestFacts) => Promise<Outcome> {
+    const internals = internalsOf(defined)
+    if (!internals) throw new TypeError('idempotentFlow takes a flow function, or a flow defined with idempotency.defineFlow().')
+    const { definition } = internals
+    if (definition.answer && (definition.answer as { route?: unknown }).route !== this.#rules()) {
+      throw new TypeError(`The flow "${definition.name}" already serves a route with other storage rules; define one flow per set of rules.`)
+    }
+    const answer = (result: unknown) => this.#kept(this.#sendable(render(result as HttpResult)))
+    definition.answer = Object.assign(answer, { route: this.#rules() })
+    const run = definition.fn as unknown as (flow: Flow<DB, HttpResult>, request: HttpFlowRequest) => Promise<HttpResult>
+    return this.#route(
+      async (_req, facts) => this.#sendable(render(await run(directFlow(idempotency), this.#describe(facts, await facts.body())))),
+      (_req, key) =>
+        this.#once<Flow<DB, Answer>>(
+          (fn) => internals.execute(key, fn as unknown as (flow: Flow<never, unknown>) => Promise<unknown>, settings) as Promise<Execution<Answer>>,
+          (flow, keep) => run({ ...flow, fail: (response) => flow.fail(keep(response)) }, key.request as HttpFlowRequest),
+        ),
+    )
+  }
+
+  /** The options that decide what is stored, as one comparable text. */
+  #rules(): string {
+    return JSON.stringify([this.#maxStoredBytes, this.#options.persistSetCookie === true])
+  }
+
+  /**
    * A route whose handler runs an atomic-phases flow (`idempotency.run`). An answer given with
    * `flow.fail()` goes through the same rules as a returned one.
    */
   flow<DB>(
     idempotency: Idempotency<DB>,
     settings: RunOptions,
-    handler: (req: Req, flow: Flow<DB, HttpResult>) => Promise<HttpResult>,
+    handler: ((req: Req, flow: Flow<DB, HttpResult>) => Promise<HttpResult>) | HttpDefinedFlow,
   ): (req: Req, facts: RequestFacts) => Promise<Outcome> {
+    if (typeof handler !== 'function') return this.#definedFlow(idempotency, settings, handler)
     return this.#route(
       async (req) => this.#sendable(render(await handler(req, directFlow(idempotency)))),
       (req, key) =>
@@ -211,7 +263,7 @@ export class IdempotentRoute<Req> {
   }
 
   #route(
-    direct: (req: Req) => Promise<Answer>,
+    direct: (req: Req, facts: RequestFacts) => Promise<Answer>,
     keyed: (req: Req, key: KeyInput) => Promise<{ answer: Answer; replayed: boolean }>,
   ): (req: Req, facts: RequestFacts) => Promise<Outcome> {
     const answer = async (req: Req, facts: RequestFacts): Promise<{ answer: Answer; replayed: boolean }> => {
@@ -222,7 +274,7 @@ export class IdempotentRoute<Req> {
         if (idempotent && this.#options.required) {
           return { answer: sent(problem(400, 'missing_key', 'Idempotency key required', `This request needs an ${this.#header} header.`)), replayed: false }
         }
-        return { answer: await direct(req), replayed: false }
+        return { answer: await direct(req, facts), replayed: false }
       }
       const key = parseKeyHeader(lines[0]!)
       return keyed(req, { key, scope: await this.#scope(req, facts), request: this.#describe(facts, await facts.body()) })
@@ -252,7 +304,7 @@ export class IdempotentRoute<Req> {
   }
 
   /** What the fingerprint covers: method, URL, body (minus ignored fields) and chosen headers. */
-  #describe(facts: RequestFacts, body: unknown): unknown {
+  #describe(facts: RequestFacts, body: unknown): HttpFlowRequest {
     return {
       method: facts.method.toUpperCase(),
       url: facts.url,

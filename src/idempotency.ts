@@ -2,11 +2,28 @@ import type { DialectAdapter, IsolationLevel, Kysely, MigrationResultSet, Transa
 import { migrateTable } from '../migrations/index.js'
 import { ValueStore, type Codec, type Storable } from './codec.js'
 import { Core, type Execution, type Settings } from './core.js'
-import { Phases, type AbandonedFlow, type Flow } from './phases.js'
-import type { KeyCounts } from './statements.js'
+import { IdempotencyConflictError, IdempotencyLockLostError } from './errors.js'
+import {
+  attachInternals,
+  Flows,
+  type DefinedFlow,
+  type DefinedFlowKey,
+  type DefinedRunOptions,
+  type DefineFlowOptions,
+  type Definition,
+  type FlowFunction,
+  type RecoverOptions,
+  type RecoveryReport,
+  type RecoveryWorker,
+  type StartRecoveryOptions,
+} from './flows.js'
+import { forgetKey, inspectKey, type KeyInspection, type KeyReference } from './inspect.js'
+import { failureOf, Observer, type ObserveOptions } from './observe.js'
+import { answerOf, NotResumable, Phases, readRequest, type AbandonedFlow, type Flow, type FlowSettings } from './phases.js'
+import type { AbandonedRow, KeyCounts } from './statements.js'
 import type { IdempotencyDialect } from './dialect.js'
 import { checkTableName, DEFAULT_TABLE, detectDialect } from './detect.js'
-import { normalizeKey, type IdempotencyKeyInput } from './request.js'
+import { normalizeKey, type IdempotencyKeyInput, type NormalizedKey } from './request.js'
 
 /** Settings that apply per call as well as per instance. */
 export interface CallOptions {
@@ -27,7 +44,7 @@ export interface CallOptions {
 }
 
 /** Options of {@link createIdempotency}. */
-export interface IdempotencyOptions<DB> extends CallOptions {
+export interface IdempotencyOptions<DB> extends CallOptions, ObserveOptions {
   /** The Kysely instance whose database holds the idempotency table. */
   readonly db: Kysely<DB>
   /** Name of the idempotency table: a plain identifier. Default `idempotency_keys`. */
@@ -186,6 +203,56 @@ export interface Idempotency<DB> {
 
   /** Deletes expired rows that no attempt holds, in batches; returns how many were deleted. */
   prune(options?: PruneOptions): Promise<number>
+
+  /**
+   * Defines a flow of atomic phases by name, so that the recovery worker ({@link recover},
+   * {@link startRecovery}) can finish it after a crash without waiting for the client to retry:
+   * the name is stored with each key, and the worker calls `fn` again with the stored request,
+   * resuming after the last recorded phase. Define each flow once per instance, under a name
+   * that stays the same across deploys (1 to 100 letters, digits, `_ . : -`, starting with a
+   * letter). HTTP routes take a defined flow too (`idempotentFlow(idempotency, options, flow)`).
+   *
+   * ### Examples
+   *
+   * ```ts
+   * const createRide = idempotency.defineFlow('create-ride', async (flow, request: RideRequest) => {
+   *   const ride = await flow.phase('ride_created', (trx) => insertRide(trx, request))
+   *   const charge = await flow.step('charge_created', () =>
+   *     payments.charge(ride, { idempotencyKey: flow.stepKey('charge_created') }))
+   *   await flow.phase('ride_charged', (trx) => markCharged(trx, ride.id, charge.id))
+   *   return { status: 201, body: ride }
+   * })
+   * await createRide.run({ key, scope: userId, request: rideRequest })
+   * ```
+   */
+  defineFlow<T, R = unknown>(name: string, fn: FlowFunction<DB, T, R>, options?: DefineFlowOptions): DefinedFlow<T, R>
+
+  /**
+   * One pass of the recovery worker: takes over each abandoned flow (its lock expired or was
+   * released, it is not finished and not expired) whose name is defined in this instance, the
+   * way a retrying client would (fenced, so a client racing it gets 409 or the replay, never a
+   * second run), and runs it to its end with its stored request. Flows of other names are
+   * counted as skipped and never touched; a flow that fails backs off and, after `maxFailures`,
+   * is left to `abandoned()` and the client.
+   */
+  recover(options?: RecoverOptions): Promise<RecoveryReport>
+
+  /**
+   * Runs {@link recover} in the background, every `every` ms (default 30 s), until `stop()`.
+   * Safe in every process at once: the claim of each flow is its lock. Errors go to `onEvent`
+   * (`recovery_failed`), never into the event loop; the worker does not keep the process alive.
+   */
+  startRecovery(options?: StartRecoveryOptions): RecoveryWorker
+
+  /** What the table holds for one key, for support work; `undefined` when there is nothing. */
+  inspect(key: KeyReference): Promise<KeyInspection | undefined>
+
+  /**
+   * Deletes one key, so that the client's next request with it runs as new: `true` when it was
+   * there, `false` when not. A key an attempt holds right now is refused with
+   * `IdempotencyConflictError`; a finished key's stored answer is lost.
+   */
+  forget(key: KeyReference): Promise<boolean>
 }
 
 /** Options of {@link Idempotency.migrate}. */
@@ -194,7 +261,18 @@ export interface MigrateOptions {
   readonly baseline?: boolean | null
 }
 
-const DEFAULTS = { ttl: 24 * 60 * 60 * 1000, conflictWait: 5000, lockTimeout: 30_000, maxAttempts: 5, batchSize: 1000, abandonedLimit: 100 }
+const DEFAULTS = {
+  ttl: 24 * 60 * 60 * 1000,
+  conflictWait: 5000,
+  lockTimeout: 30_000,
+  maxAttempts: 5,
+  batchSize: 1000,
+  abandonedLimit: 100,
+  recoveryEvery: 30_000,
+  maxFailures: 5,
+}
+/** The first back-off of a flow whose recovery failed, doubled at every failure up to an hour. */
+const RECOVERY_BACKOFF = 1000
 
 /**
  * Creates an idempotency store for one Kysely instance and table. Bad options throw here;
@@ -216,26 +294,91 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
   const tableName = checkTableName(options.tableName ?? DEFAULT_TABLE)
   const dialect = options.dialect ?? detectDialect(plain)
   const core = new Core(dialect, tableName, new ValueStore(options.codec), plain.getExecutor().adapter)
-  const phases = new Phases(core)
+  const observer = new Observer(options)
+  const phases = new Phases(core, observer)
+  const flows = new Flows(observer)
   const base = resolveSettings(DEFAULTS, options)
   const lockTimeout = bounded('lockTimeout', options.lockTimeout ?? DEFAULTS.lockTimeout)
   const settings = (call: TransactionOptions | undefined): Settings => ({ ...resolveSettings(base, call ?? {}), isolationLevel: call?.isolationLevel })
   // Every method is async, so that bad input (a missing key, a bad option) rejects instead of throwing.
+  const outcome = <T>(result: { value: Execution<T> } | { error: unknown }) =>
+    'error' in result ? failureOf(result.error) : { type: result.value.replayed ? ('replayed' as const) : ('executed' as const) }
   const execute = async <T>(trx: Transaction<DB>, key: IdempotencyKeyInput, fn: (trx: Transaction<DB>) => Promise<T>, call?: CallOptions) => {
     const [normalized, resolved] = [normalizeKey(key), settings(call)]
     core.refuseNested(normalized, resolved)
-    return core.execute(requireTransaction(trx), normalized, fn, resolved)
+    return observer.observe('idempotency.withIdempotency', 'withIdempotency', normalized, () => core.execute(requireTransaction(trx), normalized, fn, resolved), outcome)
   }
   const executeTransaction = async <T>(key: IdempotencyKeyInput, fn: (trx: Transaction<DB>) => Promise<T>, call?: TransactionOptions) => {
     const normalized = normalizeKey(key)
     const resolved = settings(call)
-    return core.coalesced(normalized, resolved, (slot) => core.transaction(db, normalized, fn, { ...resolved, claimWait: slot.claimWait }, slot))
+    return observer.observe('idempotency.transaction', 'transaction', normalized, () =>
+      core.coalesced(normalized, resolved, (slot) => core.transaction(db, normalized, fn, { ...resolved, claimWait: slot.claimWait }, slot)),
+      outcome,
+    )
   }
-  const executeRun = async <T>(key: IdempotencyKeyInput, flow: (flow: Flow<DB, T>) => Promise<T>, call?: RunOptions) => {
-    const normalized = normalizeKey(key)
+  /** Runs a flow as one attempt; `flow` names a defined flow, `answer` marks one that answers an HTTP route. */
+  const runFlow = async <T>(
+    normalized: NormalizedKey,
+    body: (flow: Flow<DB, T>) => Promise<T>,
+    call: DefinedRunOptions | undefined,
+    how: Pick<FlowSettings, 'flow' | 'answer'>,
+  ): Promise<Execution<T>> => {
     const leased = bounded('lockTimeout', call?.lockTimeout ?? lockTimeout)
     const resolved = settings(call)
-    return core.coalesced(normalized, resolved, (slot) => phases.run(db, normalized, flow, { ...resolved, lockTimeout: leased, flow: null }, slot))
+    const flowSettings: FlowSettings = { ...resolved, ...how, lockTimeout: leased, resumeOnly: false, operation: 'run' }
+    return observer.observe('idempotency.run', 'run', { ...normalized, ...(how.flow ? { flowName: how.flow } : {}) }, () =>
+      core.coalesced(normalized, resolved, (slot) => phases.run(db, normalized, body, flowSettings, slot)),
+      (result) => ('error' in result ? failureOf(result.error) : result.value.replayed ? { type: 'replayed' } : { type: 'executed', recoveryPoint: 'finished' }),
+    )
+  }
+  const executeRun = async <T>(key: IdempotencyKeyInput, flow: (flow: Flow<DB, T>) => Promise<T>, call?: RunOptions) =>
+    runFlow(normalizeKey(key), flow, call, { flow: null, answer: null })
+
+  /** Takes over one abandoned flow of `definition` as the recovery worker, and runs it to its end. */
+  const resume = async (row: AbandonedRow, definition: Definition): Promise<'finished' | 'skipped'> => {
+    const codec = row.codec == null ? null : String(row.codec)
+    const state = String(row.phases)
+    // A flow that answers an HTTP route is finished under that route's storage rules only.
+    if (answerOf(core.values, state, codec) === 'http' && !definition.answer) return 'skipped'
+    const request = readRequest(core.values, state, codec)
+    const key: NormalizedKey = { scope: text(row.scope), key: text(row.key), fingerprint: String(row.fingerprint), request }
+    const call = definition.options
+    const resolved = { ...settings({ ttl: call.ttl }), conflictWait: 0 }
+    const flowSettings: FlowSettings = {
+      ...resolved,
+      lockTimeout: bounded('lockTimeout', call.lockTimeout ?? lockTimeout),
+      flow: definition.name,
+      answer: null,
+      resumeOnly: true,
+      operation: 'recover',
+    }
+    const body = async (flow: Flow<DB, unknown>) => {
+      const result = await definition.fn(flow as never, request)
+      return definition.answer ? definition.answer(result) : result
+    }
+    try {
+      await observer.observe('idempotency.recover', 'recover', { ...key, flowName: definition.name }, () =>
+        core.coalesced(key, resolved, (slot) => phases.run(db, key, body, flowSettings, slot)),
+        (result) => ('value' in result ? { type: 'recovered', recoveryPoint: 'finished' } : skippedBy(result.error) ? undefined : { type: 'recovery_failed', error: result.error }),
+      )
+      return 'finished'
+    } catch (error) {
+      if (skippedBy(error)) return 'skipped'
+      throw error
+    }
+  }
+  const recover = async (call?: RecoverOptions): Promise<RecoveryReport> => {
+    const limit = bounded('limit', call?.limit ?? DEFAULTS.abandonedLimit)
+    const olderThan = bounded('olderThan', call?.olderThan ?? 0)
+    const maxFailures = bounded('maxFailures', call?.maxFailures ?? DEFAULTS.maxFailures)
+    const p = plain.withoutPlugins()
+    const s = await core.statements(p)
+    const names = flows.names
+    const rows = await core.guard(undefined, () => s.recoverable(p, names, olderThan, limit))
+    const unknown = await core.guard(undefined, () => s.unknownFlows(p, names, olderThan))
+    return flows.recover(rows, unknown, resume, (row, failures) =>
+      core.guard(undefined, () => s.recoveryFailed(p, row.id, failures >= maxFailures ? null : Math.min(HOUR, RECOVERY_BACKOFF * 2 ** (failures - 1)))),
+    )
   }
 
   return {
@@ -255,8 +398,67 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
       return core.guard(undefined, () => s.counts(plain.withoutPlugins()))
     },
     migrate: async (options) => migrateTable(plain, tableName, dialect, options?.baseline === true),
-    prune: async (prune) => core.prune(plain, bounded('batchSize', prune?.batchSize ?? DEFAULTS.batchSize)),
+    prune: async (prune) => {
+      const batchSize = bounded('batchSize', prune?.batchSize ?? DEFAULTS.batchSize)
+      return observer.observe('idempotency.prune', 'prune', {}, () => core.prune(plain, batchSize), (result) =>
+        'error' in result ? failureOf(result.error) : { type: 'pruned', count: result.value },
+      )
+    },
+    defineFlow: <T, R>(name: string, fn: FlowFunction<DB, T, R>, defineOptions: DefineFlowOptions = {}): DefinedFlow<T, R> => {
+      const definition: Definition = { name: checkFlowName(name), fn: fn as unknown as Definition['fn'], options: checkDefineOptions(defineOptions) }
+      flows.define(definition)
+      const executeDefined = async (key: DefinedFlowKey<R>, call?: DefinedRunOptions): Promise<Execution<T>> => {
+        const normalized = normalizeKey(key)
+        return runFlow(normalized, (flow: Flow<DB, T>) => fn(flow, key.request), { ...definition.options, ...call }, { flow: name, answer: null })
+      }
+      const handle: DefinedFlow<T, R> = {
+        name,
+        executeRun: executeDefined,
+        run: async (key, call) => (await executeDefined(key, call)).value,
+      }
+      return attachInternals(handle, {
+        definition,
+        execute: async (key, body, call) =>
+          runFlow(normalizeKey(key), body as unknown as (flow: Flow<DB, unknown>) => Promise<unknown>, { ...definition.options, ...call }, { flow: name, answer: 'http' }),
+      })
+    },
+    recover,
+    startRecovery: (call) => {
+      const every = bounded('every', call?.every ?? DEFAULTS.recoveryEvery)
+      // Checked now, so that a bad option throws here rather than in every pass.
+      bounded('limit', call?.limit ?? DEFAULTS.abandonedLimit)
+      bounded('olderThan', call?.olderThan ?? 0)
+      bounded('maxFailures', call?.maxFailures ?? DEFAULTS.maxFailures)
+      return flows.start(every, () => recover(call), 'recover')
+    },
+    inspect: async (key) => inspectKey(core, plain, normalizeKey(key)),
+    forget: async (key) => forgetKey(core, plain, normalizeKey(key), { ...settings(undefined), lockTimeout }),
   }
+}
+
+/** What makes the recovery worker leave a flow alone: someone else holds it, finished it or took it over. */
+function skippedBy(error: unknown): boolean {
+  return error instanceof NotResumable || error instanceof IdempotencyConflictError || error instanceof IdempotencyLockLostError
+}
+
+const FLOW_NAME = /^[A-Za-z][A-Za-z0-9_.:-]{0,99}$/
+
+function checkFlowName(name: unknown): string {
+  if (typeof name !== 'string' || !FLOW_NAME.test(name)) {
+    throw new TypeError(`${JSON.stringify(name)} is not a valid flow name: use 1 to 100 letters, digits, "_", ".", ":" or "-", starting with a letter.`)
+  }
+  return name
+}
+
+function checkDefineOptions(options: DefineFlowOptions): DefineFlowOptions {
+  if (options.ttl !== undefined) bounded('ttl', options.ttl)
+  if (options.lockTimeout !== undefined) bounded('lockTimeout', options.lockTimeout)
+  return options
+}
+
+/** MySQL returns `VARBINARY` columns as bytes. */
+function text(value: unknown): string {
+  return value instanceof Uint8Array ? new TextDecoder().decode(value) : String(value)
 }
 
 /** Options of the free {@link withIdempotency} function, which uses the default codec. */
@@ -328,6 +530,8 @@ const BOUNDS = {
   batchSize: { min: 1, max: 100_000, label: '' },
   limit: { min: 1, max: 10_000, label: '' },
   olderThan: { min: 0, max: 3650 * DAY, label: '10 years' },
+  maxFailures: { min: 1, max: 100, label: '' },
+  every: { min: 10, max: DAY, label: '24 hours' },
 } as const
 
 function bounded(name: keyof typeof BOUNDS, value: unknown): number {

@@ -11,6 +11,19 @@ export type {
   WithIdempotencyOptions,
 } from './idempotency.js'
 export type { AbandonedFlow, Flow } from './phases.js'
+export type {
+  DefinedFlow,
+  DefinedFlowKey,
+  DefinedRunOptions,
+  DefineFlowOptions,
+  FlowFunction,
+  RecoverOptions,
+  RecoveryReport,
+  RecoveryWorker,
+  StartRecoveryOptions,
+} from './flows.js'
+export type { KeyInspection, KeyReference } from './inspect.js'
+export type { IdempotencyEvent, IdempotencyEventType, IdempotencyOperation, ObserveOptions } from './observe.js'
 export type { KeyCounts } from './statements.js'
 export type { Execution } from './core.js'
 export {

@@ -4,6 +4,7 @@ import type { Encoded, Storable, ValueStore } from './codec.js'
 import { claimWait, EXPIRED, type AttemptSlot, type Core, type Execution, type Settings } from './core.js'
 import { FINISHED, STARTED, type KeyRow } from './dialect.js'
 import { IdempotencyConflictError, IdempotencyFlowError, IdempotencyLockLostError, IdempotencySerializationError } from './errors.js'
+import { failureOf, type IdempotencyOperation, type Observer } from './observe.js'
 import type { NormalizedKey } from './request.js'
 import type { Extension, Lease, Renewal, Statements } from './statements.js'
 
@@ -89,6 +90,15 @@ export interface AbandonedFlow {
   readonly age: number
   /** Milliseconds since an attempt last recorded anything. */
   readonly idle: number
+  /** The name the flow was defined with (`defineFlow`), or `null`. */
+  readonly flowName: string | null
+  /** How many times the recovery worker tried to finish the flow and failed. */
+  readonly recoveryFailures: number
+  /**
+   * Whether the recovery worker may pick the flow now: it is defined by name, not backing off
+   * after a failure, and has not failed too often.
+   */
+  readonly recoverable: boolean
 }
 
 /** Settings of one `run`. */
@@ -96,6 +106,19 @@ export interface FlowSettings extends Settings {
   readonly lockTimeout: number
   /** The name the flow was defined with, for the recovery worker; `null` for a flow run without one. */
   readonly flow: string | null
+  /** `http`: the flow answers an HTTP route, whose rules the recovery worker must apply to its result. */
+  readonly answer: 'http' | null
+  /** Only take over an unfinished flow that no attempt holds (the recovery worker); anything else is {@link NotResumable}. */
+  readonly resumeOnly: boolean
+  /** The method the attempt serves, for its events. */
+  readonly operation: IdempotencyOperation
+}
+
+/** A flow the recovery worker meant to resume was finished, expired, held or gone by the time it looked. */
+export class NotResumable extends Error {
+  constructor() {
+    super('The flow is no longer waiting to be resumed.')
+  }
 }
 
 /** What `phase_results` holds for a flow, written by the instance's codec. */
@@ -106,6 +129,8 @@ interface FlowState {
   readonly request: unknown
   /** Recorded phases and steps with their values, in the order they were recorded. */
   readonly phases: ReadonlyArray<readonly [string, unknown]>
+  /** Present when the flow answers an HTTP route ({@link FlowSettings.answer}). */
+  readonly answer?: 'http'
 }
 
 /** `phase_results` as version 0.1.0 wrote it: plain JSON, phase names beside the flow's `$` members. */
@@ -131,9 +156,11 @@ class Failure<T> extends Error {
 /** The atomic-phases algorithm on top of a {@link Core}. */
 export class Phases {
   readonly #core: Core
+  readonly #observer: Observer
 
-  constructor(core: Core) {
+  constructor(core: Core, observer: Observer) {
     this.#core = core
+    this.#observer = observer
   }
 
   /**
@@ -146,6 +173,7 @@ export class Phases {
     const plain = db.withoutPlugins() as unknown as Kysely<unknown>
     const s = await core.statements(plain)
     const seen = await core.guard(settings, () => s.lookup(plain, key.scope, key.key))
+    if (settings.resumeOnly && !(seen && resumable(seen, key))) throw new NotResumable()
     if (seen && !resumable(seen, key)) {
       const verdict = await core.judge(plain, s, seen, key, settings)
       if (verdict !== EXPIRED) return { value: verdict.value as T, replayed: true }
@@ -159,7 +187,10 @@ export class Phases {
       (await core.retrying(settings, () => plain.transaction().execute((trx) => this.#claim(trx, s, key, claiming))))
     if ('value' in claim) return { value: claim.value as T, replayed: true }
     slot.leased(settings.lockTimeout)
-    const attempt = new Attempt<DB, T>(db, core, s, key, claim.lease, claim.stored, settings, slot)
+    const attempt = new Attempt<DB, T>(db, core, this.#observer, s, key, claim.lease, claim.stored, settings, slot)
+    if (claim.takenOver) {
+      this.#observer.emit({ type: 'taken_over', operation: settings.operation, scope: key.scope, key: key.key, durationMs: 0, ...flowNameOf(settings), recoveryPoint: attempt.resumedFrom })
+    }
     return { value: await attempt.run(body), replayed: false }
   }
 
@@ -177,17 +208,21 @@ export class Phases {
         attempts: state.attempt,
         age: Number(row.age),
         idle: Number(row.idle),
+        flowName: row.flow == null ? null : String(row.flow),
+        recoveryFailures: Number(row.failures ?? 0),
+        recoverable: Number(row.due) === 1,
       }
     })
   }
 
   /** Inserts the key with a new lock; `undefined` if it exists. */
   async #insert(db: Kysely<unknown>, s: Statements, key: NormalizedKey, settings: FlowSettings): Promise<Claimed | undefined> {
+    if (settings.resumeOnly) throw new NotResumable()
     const token = newToken()
-    const { phases, ...extension } = renewal(this.#core.values, settings, fresh(key))
+    const { phases, ...extension } = renewal(this.#core.values, settings, fresh(key, settings))
     const values = { ...key, ...extension, ...named(settings), wait: claimWait(settings), token, phases: phases.text, codec: phases.codec }
     const claim = await this.#core.guard(settings, () => s.claim(db, values))
-    return claim.claimed === null ? undefined : { lease: { id: claim.claimed, token }, stored: phases }
+    return claim.claimed === null ? undefined : { lease: { id: claim.claimed, token }, stored: phases, takenOver: false }
   }
 
   /** In one short transaction: a new row, a takeover of a stopped attempt, or a replay. */
@@ -209,14 +244,15 @@ export class Phases {
       if (resumable(row, key)) {
         const previous = readState(core.values, row.phases!, row.codec)
         const taken = renewal(core.values, settings, { ...previous, attempt: previous.attempt + 1 })
-        if (await s.takeOver(trx, row.id, row.token, { id: row.id, token }, taken)) return { lease: { id: row.id, token }, stored: taken.phases }
+        if (await s.takeOver(trx, row.id, row.token, { id: row.id, token }, taken)) return { lease: { id: row.id, token }, stored: taken.phases, takenOver: true }
         continue
       }
+      if (settings.resumeOnly) throw new NotResumable()
       const verdict = await core.judge(trx, s, row, key, settings)
       if (verdict !== EXPIRED) return verdict
-      const { phases, ...extension } = renewal(core.values, settings, fresh(key))
+      const { phases, ...extension } = renewal(core.values, settings, fresh(key, settings))
       const values = { ...key, ...extension, ...named(settings), wait: claimWait(settings), token, phases: phases.text, codec: phases.codec }
-      if (await core.guard(settings, () => s.reclaim(trx, row.id, values))) return { lease: { id: row.id, token }, stored: phases }
+      if (await core.guard(settings, () => s.reclaim(trx, row.id, values))) return { lease: { id: row.id, token }, stored: phases, takenOver: false }
     }
     throw new IdempotencyConflictError('race', 'The key kept changing under concurrent requests; retry the request.', {
       retryAfter: Math.max(1, Math.ceil(settings.conflictWait / 1000)),
@@ -224,10 +260,11 @@ export class Phases {
   }
 }
 
-/** A claimed key: the attempt's lock, and the flow state as it was written. */
+/** A claimed key: the attempt's lock, the flow state as it was written, and whether another attempt had left it unfinished. */
 interface Claimed {
   readonly lease: Lease
   readonly stored: Encoded
+  readonly takenOver: boolean
 }
 
 /** One attempt's run of a flow body while it holds the lock. */
@@ -235,6 +272,7 @@ class Attempt<DB, T> {
   readonly #db: Kysely<DB>
   readonly #plain: Kysely<unknown>
   readonly #core: Core
+  readonly #observer: Observer
   readonly #s: Statements
   readonly #key: NormalizedKey
   readonly #lease: Lease
@@ -263,10 +301,21 @@ class Attempt<DB, T> {
    */
   #broken: IdempotencyFlowError | IdempotencyLockLostError | undefined
 
-  constructor(db: Kysely<DB>, core: Core, s: Statements, key: NormalizedKey, lease: Lease, stored: Encoded, settings: FlowSettings, slot: AttemptSlot) {
+  constructor(
+    db: Kysely<DB>,
+    core: Core,
+    observer: Observer,
+    s: Statements,
+    key: NormalizedKey,
+    lease: Lease,
+    stored: Encoded,
+    settings: FlowSettings,
+    slot: AttemptSlot,
+  ) {
     this.#db = db
     this.#plain = db.withoutPlugins() as unknown as Kysely<unknown>
     this.#core = core
+    this.#observer = observer
     this.#s = s
     this.#key = key
     this.#lease = lease
@@ -277,6 +326,11 @@ class Attempt<DB, T> {
     const handed = readState(core.values, stored.text, stored.codec).phases
     this.#recorded = new Map(handed)
     this.#order = handed.map(([name]) => name)
+  }
+
+  /** The recovery point this attempt starts from. */
+  get resumedFrom(): string {
+    return this.#order.at(-1) ?? STARTED
   }
 
   async run(body: (flow: Flow<DB, T>) => Promise<T>): Promise<T> {
@@ -322,9 +376,9 @@ class Attempt<DB, T> {
       key: key.key,
       scope: key.scope,
       attempt: this.#state.attempt,
-      resumedFrom: this.#order.at(-1) ?? STARTED,
-      phase: (name, fn) => this.#perform(name, () => this.#phase(name, fn)),
-      step: (name, fn) => this.#perform(name, () => this.#step(name, fn)),
+      resumedFrom: this.resumedFrom,
+      phase: (name, fn) => this.#perform('phase', name, () => this.#phase(name, fn)),
+      step: (name, fn) => this.#perform('step', name, () => this.#step(name, fn)),
       stepKey: (name) => `${flowId}.${checkName(name)}`,
       fail: (response) => {
         throw new Failure(this, response)
@@ -332,20 +386,26 @@ class Attempt<DB, T> {
     }
   }
 
-  /** Checks the call against the recorded order; returns the recorded value or runs `perform`. */
-  async #perform<V>(name: string, perform: () => Promise<V>): Promise<V> {
+  /** Checks the call against the recorded order; returns the recorded value or runs `perform`, in a span. */
+  async #perform<V>(kind: 'phase' | 'step', name: string, perform: () => Promise<V>): Promise<V> {
     if (this.#ended) throw new IdempotencyFlowError(`"${name}" was called after the flow ended.`)
     if (this.#broken) throw this.#broken
     const recorded = this.#admit(name)
-    if (recorded) return recorded.value as V
-    this.#busy = name
+    // Set at once, so that a call made before this one settles is seen as concurrent.
+    if (!recorded) this.#busy = name
     try {
-      return await perform()
+      return await this.#observer.observe(
+        `idempotency.${kind}`,
+        undefined,
+        { attributes: { 'idempotency.phase': name } },
+        async () => (recorded ? (recorded.value as V) : await perform()),
+        (result) => ('error' in result ? failureOf(result.error) : { type: recorded ? 'replayed' : 'executed' }),
+      )
     } catch (error) {
       if (this.#lost && error === this.#lost) this.#break(this.#lost)
       throw error
     } finally {
-      this.#busy = undefined
+      if (!recorded) this.#busy = undefined
     }
   }
 
@@ -461,6 +521,25 @@ function named(settings: FlowSettings): { flow: string | null; recoverIn: number
   return settings.flow === null ? { flow: null, recoverIn: null } : { flow: settings.flow, recoverIn: 0 }
 }
 
+function flowNameOf(settings: FlowSettings): { flowName?: string } {
+  return settings.flow === null ? {} : { flowName: settings.flow }
+}
+
+/** The request a stored flow state was started with. */
+export function readRequest(values: ValueStore, text: string, codec: string | null): unknown {
+  return readState(values, text, codec).request
+}
+
+/** The attempts a stored flow state counts. */
+export function readAttempts(values: ValueStore, text: string, codec: string | null): number {
+  return readState(values, text, codec).attempt
+}
+
+/** The `answer` mark of a stored flow state (see {@link FlowSettings.answer}). */
+export function answerOf(values: ValueStore, text: string, codec: string | null): 'http' | null {
+  return readState(values, text, codec).answer ?? null
+}
+
 /** The lock and lifetime a flow's statements set: a held key outlives its lock by `ttl`. */
 function extension(settings: FlowSettings): Extension {
   return { lease: settings.lockTimeout, expiresIn: settings.lockTimeout + settings.ttl }
@@ -483,8 +562,8 @@ function resumable(row: KeyRow, key: NormalizedKey): boolean {
   return !row.expired && !row.locked && row.phases !== null && row.fingerprint === key.fingerprint && row.recoveryPoint !== FINISHED
 }
 
-function fresh(key: NormalizedKey): FlowState {
-  return { flow: randomBytes(16).toString('base64url'), attempt: 1, request: key.request, phases: [] }
+function fresh(key: NormalizedKey, settings: FlowSettings): FlowState {
+  return { flow: randomBytes(16).toString('base64url'), attempt: 1, request: key.request, phases: [], ...(settings.answer ? { answer: settings.answer } : {}) }
 }
 
 function newToken(): string {

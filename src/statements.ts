@@ -16,6 +16,7 @@ import { prepare } from './sql.js'
 
 /** An unfinished atomic-phases row whose lock expired, as {@link Statements.abandoned} reads it. */
 export interface AbandonedRow {
+  readonly id: RowId
   readonly scope: unknown
   readonly key: unknown
   readonly point: unknown
@@ -27,6 +28,7 @@ export interface AbandonedRow {
   readonly failures: unknown
   /** The recovery worker may pick the flow now. */
   readonly due: unknown
+  readonly fingerprint: unknown
 }
 
 /** Everything about one key, as {@link Statements.inspect} reads it: times in epoch milliseconds. */
@@ -96,6 +98,8 @@ export interface Statements extends Required<DialectStatements> {
   abandoned(db: Kysely<unknown>, idleFor: number, limit: number): Promise<readonly AbandonedRow[]>
   /** Unfinished flows of these names that no attempt holds and the recovery worker may pick now, due longest first. */
   recoverable(db: Kysely<unknown>, names: readonly string[], idleFor: number, limit: number): Promise<readonly AbandonedRow[]>
+  /** How many flows the recovery worker could pick now but for their names, which are not among `names`. */
+  unknownFlows(db: Kysely<unknown>, names: readonly string[], idleFor: number): Promise<number>
   /**
    * Counts a failed recovery of a flow and puts off its next one by `retryIn` ms; with `retryIn`
    * `null` the worker leaves it alone from now on.
@@ -159,9 +163,9 @@ export async function prepareStatements(db: Kysely<unknown>, dialect: Idempotenc
   const release = prepare(db, ['id', 'token', 'ttl'], (p) => sql`
     update ${sql.table(table)} set lock_token = null, locked_until = null, expires_at = ${later(p.ttl)} where ${ours(p)}`)
   const idle = dialect.elapsed(sql.ref('last_run_at'))
-  const abandonedColumns = sql`scope as scope, ${sql.ref('key')} as ${sql.ref('key')}, recovery_point as point,
+  const abandonedColumns = sql`id as id, scope as scope, ${sql.ref('key')} as ${sql.ref('key')}, recovery_point as point,
     ${dialect.jsonText(sql.ref('phase_results'))} as phases, codec as codec, ${dialect.elapsed(sql.ref('created_at'))} as age, ${idle} as idle,
-    flow_name as flow, recovery_failures as failures, recover_after is not null and recover_after <= ${now} as due`
+    flow_name as flow, recovery_failures as failures, recover_after is not null and recover_after <= ${now} as due, fingerprint as fingerprint`
   const abandoned = prepare(db, ['idle', 'limit'], (p) => sql`
     select ${abandonedColumns} from ${sql.table(table)}
     where recovery_point <> ${sql.lit(FINISHED)} and phase_results is not null and expires_at > ${now}
@@ -235,6 +239,14 @@ export async function prepareStatements(db: Kysely<unknown>, dialect: Idempotenc
           and expires_at > ${now} and ${unheld} and ${idle} >= ${idleFor}
         order by recover_after limit ${limit}`.execute(db)
       return rows
+    },
+    async unknownFlows(db, names, idleFor) {
+      const others = names.length ? sql`and flow_name not in (${sql.join(names)})` : sql``
+      const { rows } = await sql<{ n: unknown }>`
+        select count(*) as n from ${sql.table(table)}
+        where recover_after <= ${now} and flow_name is not null ${others} and recovery_point <> ${sql.lit(FINISHED)}
+          and expires_at > ${now} and ${unheld} and ${idle} >= ${idleFor}`.execute(db)
+      return Number(rows[0]?.n ?? 0)
     },
     async recoveryFailed(db, id, retryIn) {
       await db.executeQuery(recoveryFailed.bind({ id, retryIn }))

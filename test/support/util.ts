@@ -20,10 +20,10 @@ export interface WorkerArgs {
   readonly target: string
   readonly location: string
   readonly table: string
-  readonly action: 'storm' | 'hold' | 'migrate' | 'ride'
+  readonly action: 'storm' | 'hold' | 'migrate' | 'ride' | 'defined-ride'
   readonly key?: string
   readonly count?: number
-  /** `ride`: where to print `at:<point>` and then wait to be killed, or stall for `stall` ms. */
+  /** `ride`, `defined-ride`: where to print `at:<point>` and then wait to be killed (`ride`: or stall for `stall` ms). */
   readonly stopAt?: string
   readonly stall?: number
   /** `ride`: the lock timeout of the flow, in milliseconds. */

@@ -1,0 +1,211 @@
+import type { ConflictReason } from './errors.js'
+import { IdempotencyConflictError, IdempotencyKeyReuseError, IdempotencyLockLostError } from './errors.js'
+
+/** What happened, as {@link IdempotencyEvent.type} names it. */
+export type IdempotencyEventType =
+  /** The function or flow ran and its result was stored. */
+  | 'executed'
+  /** The stored result was returned; nothing ran. */
+  | 'replayed'
+  /** The function or flow threw (or a value could not be stored); nothing was stored, a retry runs again. */
+  | 'failed'
+  /** Another attempt holds the key (409); `reason` says how. */
+  | 'conflict'
+  /** The key was used before for a different request (422). */
+  | 'key_reuse'
+  /** A flow's attempt found its lock taken over by another attempt and stopped. */
+  | 'lock_lost'
+  /** A flow's attempt took over an unfinished flow that another attempt left; `recoveryPoint` is where it resumes. */
+  | 'taken_over'
+  /** The recovery worker finished an abandoned flow. */
+  | 'recovered'
+  /** The recovery worker failed to finish a flow (`key` set), or a whole pass failed (no `key`); `error` says why. */
+  | 'recovery_failed'
+  /** `prune` deleted `count` expired keys. */
+  | 'pruned'
+
+/** Which method an event comes from. */
+export type IdempotencyOperation = 'transaction' | 'withIdempotency' | 'run' | 'recover' | 'prune'
+
+/** One outcome, as the `onEvent` hook of `createIdempotency` receives it. */
+export interface IdempotencyEvent {
+  readonly type: IdempotencyEventType
+  readonly operation: IdempotencyOperation
+  readonly scope?: string
+  readonly key?: string
+  /** Milliseconds from the call (or, for the recovery worker, from picking the flow) to this outcome. */
+  readonly durationMs: number
+  /** The name of a flow defined with `defineFlow`. */
+  readonly flowName?: string
+  /** For flows: where the attempt resumed from (`taken_over`), or the point it stopped at. */
+  readonly recoveryPoint?: string
+  /** `conflict` only. */
+  readonly reason?: ConflictReason
+  /** `failed`, `lock_lost`, `recovery_failed`: the error. */
+  readonly error?: unknown
+  /** `pruned`: rows deleted. */
+  readonly count?: number
+}
+
+/** Options of `createIdempotency` that say how the library reports what it does. */
+export interface ObserveOptions {
+  /**
+   * Called for every outcome. It runs inline, so keep it cheap (count, log, queue); what it
+   * throws or rejects with is ignored, and never reaches a request.
+   */
+  readonly onEvent?: (event: IdempotencyEvent) => void | Promise<void>
+  /**
+   * Record the key and scope as span attributes (`idempotency.key`, `idempotency.scope`) when
+   * `@opentelemetry/api` is installed. Default `false`: keys and scopes can be sensitive.
+   */
+  readonly traceKeys?: boolean
+}
+
+/** The parts of `@opentelemetry/api` the library uses, so that the package does not depend on it. */
+interface SpanLike {
+  setAttribute(key: string, value: string | number | boolean): unknown
+  setStatus(status: { code: number; message?: string }): unknown
+  recordException(exception: Error | string): unknown
+  end(): void
+}
+interface TracerLike {
+  startActiveSpan<F extends (span: SpanLike) => unknown>(name: string, options: { attributes?: Record<string, string | number | boolean> }, fn: F): ReturnType<F>
+}
+interface TraceApi {
+  readonly trace: { getTracer(name: string): TracerLike }
+}
+
+const SPAN_ERROR = 2
+// Named through a variable, so that a bundler leaves the optional peer to be found at run time.
+const OPENTELEMETRY = '@opentelemetry/api'
+let tracing: Promise<TracerLike | undefined> | undefined
+
+/** The library's tracer when `@opentelemetry/api` is installed; without a registered SDK its spans cost next to nothing. */
+function loadTracer(): Promise<TracerLike | undefined> {
+  tracing ??= import(OPENTELEMETRY).then(
+    (api: TraceApi) => api.trace.getTracer('kysely-idempotency'),
+    () => undefined,
+  )
+  return tracing
+}
+
+/** What a span and an event are told about one call. */
+export interface Described {
+  readonly scope?: string
+  readonly key?: string
+  readonly flowName?: string
+  /** Attributes of the span only (e.g. the phase name). */
+  readonly attributes?: Readonly<Record<string, string | number | boolean>>
+}
+
+/** What a call ended with, for its span and its event. */
+export interface Ending {
+  readonly type: IdempotencyEventType
+  readonly recoveryPoint?: string
+  readonly reason?: ConflictReason
+  readonly error?: unknown
+  readonly count?: number
+}
+
+/** Reports an instance's outcomes to its hook and its spans to OpenTelemetry. */
+export class Observer {
+  readonly #onEvent: ObserveOptions['onEvent']
+  readonly #traceKeys: boolean
+
+  constructor(options: ObserveOptions = {}) {
+    this.#onEvent = options.onEvent
+    this.#traceKeys = options.traceKeys === true
+  }
+
+  /** Sends `event` to the hook; a hook that throws or rejects is ignored. */
+  emit(event: IdempotencyEvent): void {
+    const hook = this.#onEvent
+    if (!hook) return
+    try {
+      const result = hook(event)
+      if (result && typeof (result as Promise<void>).catch === 'function') (result as Promise<void>).catch(() => undefined)
+    } catch {
+      // The hook's failure is the hook's business, never the request's.
+    }
+  }
+
+  /**
+   * Runs `work` in a span named `name` (when OpenTelemetry is installed) and reports its
+   * outcome, as `outcome` reads it from the value or the error, to the span and, with
+   * `operation`, to the hook; an outcome of `undefined` is nothing to report (a skipped flow).
+   */
+  async observe<T>(
+    name: string,
+    operation: IdempotencyOperation | undefined,
+    described: Described,
+    work: () => Promise<T>,
+    outcome: (result: { value: T } | { error: unknown }) => Ending | undefined,
+  ): Promise<T> {
+    const started = performance.now()
+    const tracer = await loadTracer()
+    const report = (span: SpanLike | undefined, result: { value: T } | { error: unknown }) => {
+      const ending = outcome(result)
+      if (!ending) {
+        span?.setAttribute('idempotency.outcome', 'skipped')
+        return
+      }
+      if (span) {
+        span.setAttribute('idempotency.outcome', ending.type)
+        if (ending.type === 'replayed' || ending.type === 'executed') span.setAttribute('idempotency.replayed', ending.type === 'replayed')
+        if (ending.recoveryPoint) span.setAttribute('idempotency.recovery_point', ending.recoveryPoint)
+        if (ending.reason) span.setAttribute('idempotency.conflict_reason', ending.reason)
+        if (ending.count !== undefined) span.setAttribute('idempotency.count', ending.count)
+        if (ending.type === 'failed' || ending.type === 'lock_lost' || ending.type === 'recovery_failed') {
+          const error = ending.error
+          span.recordException(error instanceof Error ? error : String(error))
+          span.setStatus({ code: SPAN_ERROR, message: error instanceof Error ? error.message : String(error) })
+        }
+      }
+      if (operation) {
+        this.emit({
+          type: ending.type,
+          operation,
+          ...(described.scope !== undefined ? { scope: described.scope } : {}),
+          ...(described.key !== undefined ? { key: described.key } : {}),
+          durationMs: performance.now() - started,
+          ...(described.flowName ? { flowName: described.flowName } : {}),
+          ...(ending.recoveryPoint ? { recoveryPoint: ending.recoveryPoint } : {}),
+          ...(ending.reason ? { reason: ending.reason } : {}),
+          ...('error' in ending && ending.error !== undefined ? { error: ending.error } : {}),
+          ...(ending.count !== undefined ? { count: ending.count } : {}),
+        })
+      }
+    }
+    const run = async (span: SpanLike | undefined) => {
+      try {
+        const value = await work()
+        report(span, { value })
+        return value
+      } catch (error) {
+        report(span, { error })
+        throw error
+      } finally {
+        span?.end()
+      }
+    }
+    if (!tracer) return run(undefined)
+    return tracer.startActiveSpan(name, { attributes: this.#attributes(described) }, run)
+  }
+
+  #attributes(described: Described): Record<string, string | number | boolean> {
+    return {
+      ...(this.#traceKeys && described.key !== undefined ? { 'idempotency.key': described.key } : {}),
+      ...(this.#traceKeys && described.scope !== undefined ? { 'idempotency.scope': described.scope } : {}),
+      ...(described.flowName ? { 'idempotency.flow': described.flowName } : {}),
+      ...described.attributes,
+    }
+  }
+}
+
+/** The event type of an error an entry point ended with. */
+export function failureOf(error: unknown): Ending {
+  if (error instanceof IdempotencyConflictError) return { type: 'conflict', reason: error.reason }
+  if (error instanceof IdempotencyKeyReuseError) return { type: 'key_reuse' }
+  if (error instanceof IdempotencyLockLostError) return { type: 'lock_lost', error }
+  return { type: 'failed', error }
+}

@@ -1,0 +1,255 @@
+import { afterEach, beforeEach, describe, expect, it } from 'vitest'
+import { IdempotencyConflictError, type Flow, type Idempotency, type IdempotencyEvent } from '../src/index.js'
+import { gate, openFixture, selectedTargets, startWorker, type Fixture } from './support/harness.js'
+import { rideEffects, type Ride, type RidePoint } from './support/ride.js'
+import { sleep } from './support/util.js'
+
+const lockTimeout = 400
+
+for (const target of selectedTargets()) {
+  describe(`recovery worker: ${target.id}`, () => {
+    let fx: Fixture
+    let events: IdempotencyEvent[]
+    let idempotency: Idempotency<any>
+    beforeEach(async () => {
+      fx = await openFixture(target)
+      events = []
+      idempotency = fx.with({ lockTimeout, onEvent: (event) => void events.push(event) })
+    })
+    afterEach(async () => {
+      await fx.close()
+    })
+
+    /** The ride flow, defined by name in `on`; `fail` makes its charge step throw that many times. */
+    const defineRide = (on: Idempotency<any>, plan: { fail: number } = { fail: 0 }) =>
+      on.defineFlow('ride', async (flow: Flow<any, Ride>, request: { key: string }) => {
+        const names = rideEffects(request.key)
+        const ride = await flow.phase('ride_created', async (trx) => {
+          await trx.insertInto(fx.effectsTable).values({ k: names.ride }).execute()
+          return { id: `ride-${request.key}` }
+        })
+        const charge = await flow.step('charge_created', async () => {
+          await fx.db.insertInto(fx.effectsTable).values({ k: names.call(flow.stepKey('charge_created')) }).execute()
+          if (plan.fail > 0 && plan.fail--) throw new Error('the provider is down')
+          return { id: `ch-${flow.stepKey('charge_created')}` }
+        })
+        await flow.phase('ride_charged', async (trx) => (await trx.insertInto(fx.effectsTable).values({ k: names.charged }).execute(), true))
+        return { status: 201, ride, charge }
+      })
+
+    it('finishes a defined flow whose attempt failed, once, and the client then gets the stored answer', async () => {
+      const plan = { fail: 1 }
+      const ride = defineRide(idempotency, plan)
+      await expect(ride.run({ key: 'r1', request: { key: 'r1' } })).rejects.toThrow('the provider is down')
+      expect(await idempotency.inspect({ key: 'r1' })).toMatchObject({ state: 'abandoned', recoveryPoint: 'ride_created', flowName: 'ride', attempts: 1 })
+      expect(await idempotency.recover()).toEqual({ finished: 1, failed: 0, skipped: 0 })
+      const names = rideEffects('r1')
+      expect(await fx.effects(names.ride)).toBe(1)
+      expect(await fx.effects(names.charged)).toBe(1)
+      const answer = await ride.executeRun({ key: 'r1', request: { key: 'r1' } })
+      expect(answer.replayed).toBe(true)
+      expect(await fx.effects(names.call(answer.value.charge.id.slice(3)))).toBe(2)
+      expect(await idempotency.recover()).toEqual({ finished: 0, failed: 0, skipped: 0 })
+      expect(events.filter((e) => e.operation === 'recover').map((e) => [e.type, e.key, e.flowName])).toEqual([
+        ['taken_over', 'r1', 'ride'],
+        ['recovered', 'r1', 'ride'],
+      ])
+      expect(await idempotency.inspect({ key: 'r1' })).toMatchObject({ state: 'finished', recoveryPoint: 'finished', attempts: 2 })
+    })
+
+    it('skips flows of names it does not define, and flows run without a name, and never touches them', async () => {
+      const other = fx.with({ lockTimeout })
+      const elsewhere = other.defineFlow('elsewhere', async (flow: Flow<any, string>) => {
+        await flow.phase('one', async () => 1)
+        throw new Error('stops')
+      })
+      await expect(elsewhere.run({ key: 'e1', request: 1 })).rejects.toThrow('stops')
+      await expect(idempotency.run({ key: 'plain', request: 1 }, async (flow) => (await flow.phase('one', async () => 1), flow.fail('x' as never)))).resolves.toBe('x')
+      await expect(idempotency.run({ key: 'plain2', request: 1 }, async (flow) => (await flow.phase('one', async () => 1), Promise.reject(new Error('stops'))))).rejects.toThrow()
+      defineRide(idempotency)
+      const before = await idempotency.inspect({ key: 'e1' })
+      expect(await idempotency.recover()).toEqual({ finished: 0, failed: 0, skipped: 1 })
+      expect(await idempotency.inspect({ key: 'e1' })).toEqual(before)
+      expect((await idempotency.abandoned()).map((f) => [f.key, f.flowName, f.recoverable]).sort()).toEqual([
+        ['e1', 'elsewhere', true],
+        ['plain2', null, false],
+      ])
+    })
+
+    it('backs off a flow that keeps failing and leaves it alone after maxFailures, reporting each failure', async () => {
+      const ride = defineRide(idempotency, { fail: 100 })
+      await expect(ride.run({ key: 'bad', request: { key: 'bad' } })).rejects.toThrow()
+      expect(await idempotency.recover({ maxFailures: 2 })).toEqual({ finished: 0, failed: 1, skipped: 0 })
+      // Backing off: not picked again at once.
+      expect(await idempotency.recover({ maxFailures: 2 })).toEqual({ finished: 0, failed: 0, skipped: 0 })
+      expect(await idempotency.abandoned()).toMatchObject([{ key: 'bad', recoveryFailures: 1, recoverable: false }])
+      await sleep(1100)
+      expect(await idempotency.recover({ maxFailures: 2 })).toEqual({ finished: 0, failed: 1, skipped: 0 })
+      await sleep(2100)
+      expect(await idempotency.recover({ maxFailures: 2 })).toEqual({ finished: 0, failed: 0, skipped: 0 })
+      expect(await idempotency.abandoned()).toMatchObject([{ key: 'bad', recoveryFailures: 2, recoverable: false }])
+      const failures = events.filter((e) => e.type === 'recovery_failed')
+      expect(failures).toHaveLength(2)
+      for (const f of failures) expect(f).toMatchObject({ operation: 'recover', key: 'bad', flowName: 'ride', error: expect.objectContaining({ message: 'the provider is down' }) })
+      // The client's own retry still resumes it.
+      await expect(ride.run({ key: 'bad', request: { key: 'bad' } })).rejects.toThrow('the provider is down')
+      expect(await idempotency.inspect({ key: 'bad' })).toMatchObject({ attempts: 4, recoveryFailures: 2 })
+    })
+
+    it('never runs a flow twice when two workers and a retrying client race on the same abandoned flows', async () => {
+      const keys = Array.from({ length: 8 }, (_, i) => `race-${i}`)
+      const client = defineRide(idempotency, { fail: keys.length })
+      for (const key of keys) await expect(client.run({ key, request: { key } })).rejects.toThrow()
+      const workers = [fx.with({ lockTimeout }), fx.with({ lockTimeout })]
+      for (const worker of workers) defineRide(worker)
+      const retries = keys.map(async (key) => {
+        for (;;) {
+          try {
+            return await client.executeRun({ key, request: { key } })
+          } catch (error) {
+            if (!(error instanceof IdempotencyConflictError)) throw error
+            await sleep(50)
+          }
+        }
+      })
+      const reports = await Promise.all(workers.map((w) => w.recover()))
+      const answers = await Promise.all(retries)
+      const byWorkers = reports.reduce((n, r) => n + r.finished, 0)
+      expect(byWorkers + answers.filter((a) => !a.replayed).length).toBe(keys.length)
+      for (const key of keys) {
+        const names = rideEffects(key)
+        expect(await fx.effects(names.ride)).toBe(1)
+        expect(await fx.effects(names.charged)).toBe(1)
+      }
+    })
+
+    it('runs in the background until stopped, and reports a pass that fails without throwing', async () => {
+      const ride = defineRide(idempotency, { fail: 1 })
+      await expect(ride.run({ key: 'bg', request: { key: 'bg' } })).rejects.toThrow()
+      const worker = idempotency.startRecovery({ every: 50 })
+      for (let waited = 0; (await idempotency.inspect({ key: 'bg' }))?.state !== 'finished' && waited < 5000; waited += 50) await sleep(50)
+      expect(await idempotency.inspect({ key: 'bg' })).toMatchObject({ state: 'finished' })
+      await worker.stop()
+      // A pass that cannot read the table is reported to the hook and the worker goes on.
+      const broken = fx.with({ tableName: 'no_such_table', onEvent: (event) => void events.push(event) })
+      broken.defineFlow('ride', async () => 'never')
+      const failing = broken.startRecovery({ every: 20 })
+      await sleep(200)
+      await failing.stop()
+      const passes = events.filter((e) => e.type === 'recovery_failed' && e.key === undefined)
+      expect(passes.length).toBeGreaterThan(1)
+      expect(String((passes[0]!.error as Error).message)).toMatch(/does not exist/)
+      expect(() => idempotency.startRecovery({ every: 1 })).toThrow(RangeError)
+    })
+
+    it('reports every outcome to the hook, and a hook that throws breaks nothing', async () => {
+      const seen: IdempotencyEvent[] = []
+      const observed = fx.with({
+        lockTimeout,
+        conflictWait: 0,
+        onEvent: (event) => {
+          seen.push(event)
+          throw new Error('a broken hook')
+        },
+      })
+      await observed.transaction({ key: 't', request: 1 }, async () => 1)
+      await observed.transaction({ key: 't', request: 1 }, async () => 1)
+      await expect(observed.transaction({ key: 't', request: 2 }, async () => 1)).rejects.toThrow()
+      await expect(observed.transaction({ key: 'f', request: 1 }, async () => Promise.reject(new Error('boom')))).rejects.toThrow('boom')
+      const hold = gate()
+      const held = observed.transaction({ key: 'h', request: 1 }, () => hold.promise.then(() => 1))
+      await sleep(50)
+      await expect(observed.transaction({ key: 'h', request: 1 }, async () => 1)).rejects.toThrow(IdempotencyConflictError)
+      hold.open()
+      await held
+      await fx.db.transaction().execute((trx) => observed.withIdempotency(trx, { key: 'w', request: 1 }, async () => 1))
+      // A flow stalls past its lock, another attempt takes it over, and the first loses its lock.
+      const stall = gate()
+      const stalled = observed.run({ key: 'l', request: 1 }, async (flow) => {
+        await flow.step('slow', () => stall.promise.then(() => 1))
+        return 1
+      })
+      await sleep(lockTimeout + 200)
+      await fx.with({ lockTimeout }).run({ key: 'l', request: 1 }, async (flow) => (await flow.step('slow', async () => 2), 2))
+      stall.open()
+      await expect(stalled).rejects.toMatchObject({ code: 'lock_lost' })
+      const resumed = observed.defineFlow('resumed', async (flow: Flow<any, number>) => (await flow.phase('one', async () => 1), 1))
+      await fx.with({ lockTimeout }).run({ key: 'r', request: 1 }, async (flow) => (await flow.phase('one', async () => 1), Promise.reject(new Error('x')))).catch(() => {})
+      await expect(resumed.run({ key: 'r', request: 1 })).resolves.toBe(1)
+      expect(await observed.prune()).toBe(0)
+      const types = seen.map((e) => `${e.operation}:${e.type}${e.reason ? `:${e.reason}` : ''}`)
+      expect(types).toEqual([
+        'transaction:executed',
+        'transaction:replayed',
+        'transaction:key_reuse',
+        'transaction:failed',
+        'transaction:conflict:in_flight',
+        'transaction:executed',
+        'withIdempotency:executed',
+        'run:lock_lost',
+        'run:taken_over',
+        'run:executed',
+        'prune:pruned',
+      ])
+      for (const e of seen) expect(e.durationMs).toBeGreaterThanOrEqual(0)
+      expect(seen.find((e) => e.type === 'taken_over')).toMatchObject({ key: 'r', flowName: 'resumed', recoveryPoint: 'one' })
+      expect(seen.find((e) => e.type === 'pruned')).toMatchObject({ count: 0 })
+    })
+
+    it('inspects and forgets keys, and refuses to forget one an attempt holds', async () => {
+      expect(await idempotency.inspect({ key: 'none' })).toBeUndefined()
+      expect(await idempotency.forget({ key: 'none' })).toBe(false)
+      await idempotency.transaction({ key: 'done', scope: 'acct', request: 1 }, async () => 'first')
+      const seen = await idempotency.inspect({ key: 'done', scope: 'acct' })
+      expect(seen).toEqual({
+        state: 'finished',
+        recoveryPoint: 'finished',
+        flowName: null,
+        attempts: 1,
+        recoveryFailures: 0,
+        createdAt: expect.any(Date),
+        lastRunAt: expect.any(Date),
+        expiresAt: expect.any(Date),
+        lockedUntil: null,
+      })
+      expect(Math.abs(seen!.createdAt.getTime() - Date.now())).toBeLessThan(5000)
+      expect(seen!.expiresAt.getTime() - seen!.lastRunAt.getTime()).toBe(24 * 3600 * 1000)
+      expect(await idempotency.inspect({ key: 'done' })).toBeUndefined()
+      expect(await idempotency.forget({ key: 'done', scope: 'acct' })).toBe(true)
+      expect(await idempotency.transaction({ key: 'done', scope: 'acct', request: 1 }, async () => 'again')).toBe('again')
+      const hold = gate()
+      const running = idempotency.run({ key: 'held', request: 1 }, async (flow) => flow.step('wait', () => hold.promise.then(() => 1)))
+      await sleep(100)
+      const held = await idempotency.inspect({ key: 'held' })
+      expect(held).toMatchObject({ state: 'running', recoveryPoint: 'started', lockedUntil: expect.any(Date) })
+      expect(held!.lockedUntil!.getTime()).toBeGreaterThan(Date.now() - 1000)
+      await expect(idempotency.forget({ key: 'held' })).rejects.toMatchObject({ reason: 'in_flight', status: 409 })
+      hold.open()
+      await running
+      await expect(idempotency.inspect({ key: '' })).rejects.toMatchObject({ code: 'invalid_key' })
+    })
+
+    const points: RidePoint[] = ['creating_ride', 'ride_created', 'charge_called', 'charge_created', 'ride_charged']
+    it('finishes a defined flow whose process was killed (SIGKILL) at each boundary, running each phase once', async () => {
+      const ride = defineRide(idempotency)
+      for (const point of points) {
+        const key = `killed-${point}`
+        const child = startWorker({ target: target.id, location: fx.location, table: fx.table, action: 'defined-ride', key, stopAt: point, lockTimeout })
+        await child.printed(`at:${point}`)
+        child.kill('SIGKILL')
+        await child.done
+        await sleep(lockTimeout + 100)
+        expect(await idempotency.recover(), point).toEqual({ finished: 1, failed: 0, skipped: 0 })
+        const names = rideEffects(key)
+        expect(await fx.effects(names.ride), point).toBe(1)
+        expect(await fx.effects(names.charged), point).toBe(1)
+        const answer = await ride.executeRun({ key, request: { key } })
+        expect(answer.replayed, point).toBe(true)
+        // The provider saw one step key, at most twice (a kill between its call and the record).
+        const calls = await fx.effects(names.call(answer.value.charge.id.slice(3)))
+        expect(calls, point).toBe(point === 'charge_called' ? 2 : 1)
+      }
+    })
+  })
+}
+
