@@ -15,6 +15,18 @@ export const connectionArgs = {
   debug: { type: 'boolean', description: 'Show the stack trace of an error', default: false },
 } as const
 
+/** Arguments of the commands that work on one key. */
+export const keyArgs = {
+  key: { type: 'string', description: "The client's idempotency key (required)", valueHint: 'key' },
+  scope: { type: 'string', description: 'Whom the key belongs to (the scope the app gave it)', default: '', valueHint: 'scope' },
+} as const
+
+/** The `--key` of a command that works on one key, which must be given. */
+export function requiredKey(args: { key?: string | undefined }): string {
+  if (args.key === undefined) throw new CliError('Give the key with --key (and its scope with --scope, when the app scopes keys).')
+  return args.key
+}
+
 /** What a command gets once connected. */
 export interface Opened {
   readonly db: Kysely<unknown>

@@ -1,6 +1,8 @@
 import { defineCommand, runMain, type CommandDef } from 'citty'
 import { abandoned } from './commands/abandoned.js'
 import { down } from './commands/down.js'
+import { forget } from './commands/forget.js'
+import { inspect } from './commands/inspect.js'
 import { migrate } from './commands/migrate.js'
 import { prune } from './commands/prune.js'
 import { sqlCommand } from './commands/sql.js'
@@ -8,7 +10,7 @@ import { status } from './commands/status.js'
 import { CliError, describe, EXIT } from './errors.js'
 import { packageVersion } from './version.js'
 
-const commands = { migrate, status, down, sql: sqlCommand, prune, abandoned }
+const commands = { migrate, status, down, sql: sqlCommand, prune, abandoned, inspect, forget }
 
 // Every command reports its failure as one line and a non-zero exit; --debug adds the stack.
 for (const command of Object.values(commands) as CommandDef[]) {

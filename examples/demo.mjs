@@ -2,14 +2,18 @@
 // your choice: Express, Fastify, or a plain Fetch API handler (what Hono, Next.js, Bun and Deno run).
 //   npm run demo                                  serve it with Express and print curl lines to try
 //   npm run demo -- --framework fastify|fetch     the same API on another framework
-//   npm run demo -- --selftest                    fire retries, a storm and a reused key at each framework
+//   npm run demo -- --selftest                    fire retries, a storm and a reused key at each framework,
+//                                                 then kill a process in the middle of a flow and let the
+//                                                 recovery worker finish it
 import Database from 'better-sqlite3'
 import { Kysely, SqliteDialect } from 'kysely'
 import { createIdempotency } from 'kysely-idempotency'
+import { fork } from 'node:child_process'
 import { mkdtempSync } from 'node:fs'
 import { createServer } from 'node:http'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import { fileURLToPath } from 'node:url'
 
 const FRAMEWORKS = ['express', 'fastify', 'fetch']
 const selftest = process.argv.includes('--selftest')
@@ -19,13 +23,14 @@ if (process.argv.includes('--framework') && !FRAMEWORKS.includes(chosen)) {
   process.exit(1)
 }
 
-/** A fresh database with the idempotency table and the charges table. */
-async function open() {
-  const file = join(mkdtempSync(join(tmpdir(), 'kysely-idempotency-demo-')), 'payments.db')
+/** A fresh database with the idempotency table and the charges table (or the one in `existing`). */
+async function open(existing) {
+  const file = existing ?? join(mkdtempSync(join(tmpdir(), 'kysely-idempotency-demo-')), 'payments.db')
   const sqlite = new Database(file)
   sqlite.pragma('journal_mode = WAL')
   const db = new Kysely({ dialect: new SqliteDialect({ database: sqlite }) })
-  const idempotency = createIdempotency({ db })
+  const idempotency = createIdempotency({ db, lockTimeout: 1000 })
+  if (existing) return { file, db, idempotency }
   await idempotency.migrate()
   await db.schema
     .createTable('charges')
@@ -93,7 +98,27 @@ async function listen(server) {
   return server
 }
 
-if (!selftest) {
+/**
+ * A ride booking of atomic phases, defined by name so that the recovery worker can finish it:
+ * the ride is written, the card is charged at a (pretend) provider with a stable key, and the
+ * ride is marked paid. With `crash`, the process dies right after the provider answered.
+ */
+function defineBooking(idempotency, crash = false) {
+  return idempotency.defineFlow('book-ride', async (flow, request) => {
+    const ride = await flow.phase('ride_created', (trx) =>
+      trx.insertInto('charges').values({ customer: request.customer, amount: request.amount, currency: 'ride' }).returningAll().executeTakeFirstOrThrow())
+    const payment = await flow.step('card_charged', async () => ({ provider: 'pretend-pay', reference: flow.stepKey('card_charged') }))
+    if (crash) process.kill(process.pid, 'SIGKILL')
+    await flow.phase('ride_paid', (trx) => trx.updateTable('charges').set({ currency: 'ride-paid' }).where('id', '=', ride.id).execute())
+    return { status: 201, body: { ride: ride.id, payment } }
+  })
+}
+
+const crashChild = process.argv.includes('--crash-child') ? process.argv[process.argv.indexOf('--crash-child') + 1] : undefined
+if (crashChild) {
+  const { idempotency } = await open(crashChild)
+  await defineBooking(idempotency, true).run({ key: 'ride-1', scope: 'alice', request: { customer: 'alice', amount: 2300 } })
+} else if (!selftest) {
   const framework = chosen ?? 'express'
   const database = await open()
   const server = await serve[framework](database, Number(process.env.PORT ?? 3000))
@@ -118,8 +143,34 @@ Ctrl-C to stop.`)
     await new Promise((resolve) => server.close(resolve))
     await database.db.destroy()
   }
-  console.log(failed ? 'selftest FAILED' : 'selftest passed: one charge per key and customer')
+  failed = !(await crashAndRecover()) || failed
+  console.log(failed ? 'selftest FAILED' : 'selftest passed: one charge per key and customer, and the killed flow finished once')
   process.exitCode = failed ? 1 : 0
+}
+
+/** Kills a process in the middle of a booking, then lets the recovery worker of this one finish it. */
+async function crashAndRecover() {
+  const { file, db, idempotency } = await open()
+  console.log('a process dies in the middle of a flow; the recovery worker finishes it:')
+  const child = fork(fileURLToPath(import.meta.url), ['--crash-child', file])
+  const [, signal] = await new Promise((resolve) => child.once('exit', (...ended) => resolve(ended)))
+  const stopped = await idempotency.inspect({ key: 'ride-1', scope: 'alice' })
+  console.log(`  ${'the booking process'.padEnd(42)} killed (${signal}) at "${stopped?.recoveryPoint}", its key ${stopped?.state}`)
+  const booking = defineBooking(idempotency)
+  const worker = idempotency.startRecovery({ every: 100 })
+  let state = stopped?.state
+  for (let waited = 0; state !== 'finished' && waited < 5000; waited += 100) {
+    await new Promise((resolve) => setTimeout(resolve, 100))
+    state = (await idempotency.inspect({ key: 'ride-1', scope: 'alice' }))?.state
+  }
+  await worker.stop()
+  console.log(`  ${'after the lock ran out, the worker'.padEnd(42)} ${state === 'finished' ? 'finished it' : `left it ${state}`}`)
+  const retry = await booking.executeRun({ key: 'ride-1', scope: 'alice', request: { customer: 'alice', amount: 2300 } })
+  console.log(`  ${"the client's retry".padEnd(42)} ${retry.value.status}${retry.replayed ? ' (replayed)' : ''} ${JSON.stringify(retry.value.body)}`)
+  const rides = await db.selectFrom('charges').selectAll().execute()
+  console.log(`  rides in the database: ${rides.length}, ${rides.map((r) => r.currency).join(', ')}\n`)
+  await db.destroy()
+  return state === 'finished' && retry.replayed && rides.length === 1 && rides[0].currency === 'ride-paid'
 }
 
 /** Retries, a storm and a reused key against one server; whether each got what it should. */

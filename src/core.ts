@@ -94,6 +94,13 @@ const failedClaims = processWide('failedClaims', () => new WeakMap<object, Set<s
 const enclosing = processWide('enclosing', () => new AsyncLocalStorage<readonly Enclosing[]>())
 /** A number per Kysely adapter (one per Kysely instance and its transactions), so that keys of two databases never meet. */
 const databases = processWide('databases', () => ({ ids: new WeakMap<DialectAdapter, number>(), next: 1 }))
+/**
+ * Milliseconds added to an attempt's lease before a duplicate here takes it over, for the clocks
+ * of the app and the database to disagree by (SQLite's is read through a float).
+ */
+const LEASE_MARGIN = 20
+/** How soon a duplicate that found a lease not yet run out in the database looks again. */
+const LEASE_RECHECK = 50
 /** Attempts at one prune batch that the database aborts (deadlock with requests on the same rows). */
 const PRUNE_ATTEMPTS = 5
 
@@ -137,23 +144,40 @@ export class Core {
     const entry = this.#runningEntry(key)
     const deadline = Date.now() + settings.conflictWait
     this.#refuseNested(entry, key, settings)
-    let displaced: Running | undefined
-    for (let current = this.#inFlight.get(entry); current; current = this.#inFlight.get(entry)) {
-      const now = Date.now()
-      if (now >= current.leaseUntil) {
-        displaced = current
-        break
+    for (;;) {
+      // No await between finding no attempt running and registering this one (in #attempt's
+      // synchronous start): another duplicate would find none too.
+      let displaced: Running | undefined
+      for (let current = this.#inFlight.get(entry); current; current = this.#inFlight.get(entry)) {
+        const now = Date.now()
+        if (now >= current.leaseUntil) {
+          displaced = current
+          break
+        }
+        if (now >= deadline) {
+          if (current.claiming) throw inFlight(key, settings)
+          // It is still reading the key, which may be finished: its answer is ours, not a 409.
+          await current.decided
+          continue
+        }
+        // A finished key is read in a turn of its own too: it may have expired meanwhile, and then
+        // the read becomes a run that no other waiter may share.
+        await within(current.settled, Math.min(deadline, current.leaseUntil) - now)
       }
-      if (now >= deadline) {
-        if (current.claiming) throw inFlight(key, settings)
-        // It is still reading the key, which may be finished: its answer is ours, not a 409.
-        await current.decided
-        continue
+      try {
+        return await this.#attempt(entry, deadline, displaced, attempt)
+      } catch (error) {
+        // The database still saw the lock it meant to take over (the clocks' last millisecond):
+        // the attempt gave the entry back, and the duplicate waits on while it has time.
+        const early = displaced && error instanceof IdempotencyConflictError && error.reason === 'in_flight'
+        if (!early || Date.now() + LEASE_RECHECK >= deadline) throw error
+        await new Promise((resolve) => setTimeout(resolve, LEASE_RECHECK))
       }
-      // A finished key is read in a turn of its own too: it may have expired meanwhile, and then
-      // the read becomes a run that no other waiter may share.
-      await within(current.settled, Math.min(deadline, current.leaseUntil) - now)
     }
+  }
+
+  /** Runs `attempt` as the instance's attempt at `entry`, in place of `displaced` if its lease ran out. */
+  async #attempt<T>(entry: string, deadline: number, displaced: Running | undefined, attempt: (slot: AttemptSlot) => Promise<Execution<T>>): Promise<Execution<T>> {
     let settle!: () => void
     let decide!: () => void
     const mine: Running = {
@@ -171,7 +195,7 @@ export class Core {
         decide()
       },
       leased: (ms) => {
-        mine.leaseUntil = Date.now() + ms
+        mine.leaseUntil = Date.now() + ms + LEASE_MARGIN
       },
       holding: async (work) => {
         const before = mine.leaseUntil

@@ -229,6 +229,39 @@ describe.each(databases)('the CLI on %s', (database: DatabaseName) => {
     await cli(['down', '--url', url(), '--table', table, '--yes'])
   })
 
+  it('inspects and forgets one key, and refuses to forget a key an attempt holds', async () => {
+    const table = `cli_${Math.random().toString(36).slice(2, 8)}`
+    expect((await cli(['migrate', '--url', url(), '--table', table])).code).toBe(0)
+    const db = openDatabase(database, location())
+    try {
+      const idempotency = createIdempotency({ db, tableName: table, lockTimeout: 60_000 })
+      await idempotency.transaction({ key: 'order-1', scope: 'acct_1', request: 1 }, async () => 'stored')
+      const json = await cli(['inspect', '--url', url(), '--table', table, '--key', 'order-1', '--scope', 'acct_1', '--json'])
+      expect(json.code, json.stderr).toBe(0)
+      expect(JSON.parse(json.stdout)).toMatchObject({ state: 'finished', recoveryPoint: 'finished', flowName: null, attempts: 1, lockedUntil: null })
+      expect(Date.parse(JSON.parse(json.stdout).expiresAt)).toBeGreaterThan(Date.now())
+      const text = await cli(['inspect', '--url', url(), '--table', table, '--key', 'order-1', '--scope', 'acct_1'])
+      expect(text.stdout).toMatch(/^state +finished\nrecovery point +finished\n/)
+      expect((await cli(['inspect', '--url', url(), '--table', table, '--key', 'order-1', '--json'])).stdout.trim()).toBe('null')
+      expect((await cli(['forget', '--url', url(), '--table', table, '--key', 'order-1', '--scope', 'acct_1'])).stdout).toContain('Forgot the key "order-1" in scope "acct_1".')
+      expect((await cli(['forget', '--url', url(), '--table', table, '--key', 'order-1', '--scope', 'acct_1'])).stdout).toContain('nothing to forget')
+      expect(await idempotency.transaction({ key: 'order-1', scope: 'acct_1', request: 1 }, async () => 'again')).toBe('again')
+
+      // A flow that stops in a step holds its lock until it runs out.
+      let held!: () => void
+      const running = idempotency.run({ key: 'held', request: 1 }, (flow) => flow.step('wait', () => new Promise<number>((resolve) => (held = () => resolve(1)))))
+      await sleep(200)
+      expect(JSON.parse((await cli(['inspect', '--url', url(), '--table', table, '--key', 'held', '--json'])).stdout)).toMatchObject({ state: 'running' })
+      expectOneLine(await cli(['forget', '--url', url(), '--table', table, '--key', 'held']), /"held" is held by a running attempt/)
+      held()
+      await running
+      expectOneLine(await cli(['inspect', '--url', url(), '--table', table]), /Give the key with --key/)
+    } finally {
+      await db.destroy()
+    }
+    await cli(['down', '--url', url(), '--table', table, '--yes'])
+  })
+
   it('migrate adopts a table that is in place without its history, making only what it lacks', async () => {
     const table = `cli_${Math.random().toString(36).slice(2, 8)}`
     const db = openDatabase(database, location())
@@ -311,7 +344,7 @@ describe('the CLI without a database', () => {
   })
 
   it('shows help for every command', async () => {
-    for (const command of [[], ['migrate'], ['status'], ['down'], ['sql'], ['prune'], ['abandoned']]) {
+    for (const command of [[], ['migrate'], ['status'], ['down'], ['sql'], ['prune'], ['abandoned'], ['inspect'], ['forget']]) {
       const r = await cli([...command, '--help'])
       expect(r.code, command.join(' ')).toBe(0)
       expect(r.stdout).toContain('USAGE')

@@ -198,7 +198,7 @@ for (const target of selectedTargets()) {
       const flows = await Promise.allSettled(
         Array.from({ length: 10 }, () => idempotency.executeRun({ key: 'flow-done', request: 1 }, async (f) => f.phase('only', async () => 'ran'))),
       )
-      expect(flows.filter((r) => r.status === 'fulfilled' && !r.value.replayed)).toHaveLength(1)
+      expect(flows.filter((r) => r.status === 'fulfilled' && !r.value.replayed), JSON.stringify(flows.map((r) => (r.status === 'fulfilled' ? r.value : String(r.reason))))).toHaveLength(1)
       for (const r of flows) {
         if (r.status === 'rejected') expect(r.reason).toMatchObject({ reason: 'in_flight' })
       }

@@ -299,7 +299,7 @@ describe('the packed package', () => {
     const installed = join(project, 'node_modules', 'kysely-idempotency')
     const { bin } = JSON.parse(readFileSync(join(installed, 'package.json'), 'utf8')) as { bin: Record<string, string> }
     const output = run(join(installed, bin['kysely-idempotency']!), ['sql', '--dialect', 'sqlite'], project)
-    expect(output).toMatch(/^create table "idempotency_keys"/)
+    expect(output).toMatch(/^-- kysely_idempotency_idempotency_keys_0001_create\ncreate table "idempotency_keys"/)
   })
 
   it('runs the demo API and its self-test', () => {

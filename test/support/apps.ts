@@ -9,17 +9,19 @@ import express5 from 'express'
 import express4 from 'express4'
 import Fastify, { type FastifyRequest } from 'fastify'
 import { Hono } from 'hono'
-import type { Transaction } from 'kysely'
+import type { Kysely, Transaction } from 'kysely'
 import * as forExpress from '../../express/index.js'
 import * as forFastify from '../../fastify/index.js'
 import * as forFetch from '../../fetch/index.js'
-import type { HttpResult } from '../../http/index.js'
+import type { HttpDefinedFlow, HttpFlowRequest, HttpResult } from '../../http/index.js'
+import { rideFlow, type Ride, type RidePoint } from './ride.js'
 import type { Flow, Idempotency } from '../../src/index.js'
 
 /** What a route does, whatever the framework: the parsed JSON body in (`undefined` without one), an answer out. */
 export interface Routes {
   readonly orders: (body: unknown, trx: Transaction<any>) => Promise<HttpResult>
-  readonly rides?: (body: unknown, flow: Flow<any, HttpResult>) => Promise<HttpResult>
+  /** A flow function of the body, or a flow defined with `defineFlow` (which gets the request as stored). */
+  readonly rides?: ((body: unknown, flow: Flow<any, HttpResult>) => Promise<HttpResult>) | HttpDefinedFlow
 }
 
 export interface RouteSettings {
@@ -40,12 +42,28 @@ export type AdapterName = (typeof ADAPTER_NAMES)[number]
 
 const user = (value: string | null | undefined) => value ?? 'anonymous'
 
+/**
+ * The ride flow (test/support/ride.ts) defined as `ride` for the `/rides` route: the body's `id`
+ * names the ride, and `at` runs at every point of it.
+ */
+export function defineRides(idempotency: Idempotency<any>, db: Kysely<any>, effects: string, at?: (point: RidePoint) => Promise<void>): HttpDefinedFlow {
+  return idempotency.defineFlow('ride', async (flow, request: HttpFlowRequest<{ id: string }>) => {
+    // The ride flow never calls fail(), the one member whose type differs.
+    const { status, ...answer } = await rideFlow(db, effects, request.body.id, at)(flow as unknown as Flow<any, Ride>)
+    return { status, body: answer }
+  })
+}
+
 /** Starts the API on `adapter`, on a free port. */
 export async function startApp(adapter: AdapterName, idempotency: Idempotency<any>, settings: RouteSettings, routes: Routes): Promise<App> {
   const { ttl, conflictWait, lockTimeout } = settings
   const orders = { ttl, conflictWait, required: true }
   const rides = { ttl, conflictWait, lockTimeout, required: true }
   const noRides = async (): Promise<HttpResult> => ({ status: 404 })
+  const ridesOf = <Req>(body: (req: Req) => unknown) => {
+    const rides = routes.rides ?? noRides
+    return typeof rides === 'function' ? async (req: Req, flow: Flow<any, HttpResult>) => rides(await body(req), flow) : rides
+  }
   switch (adapter) {
     case 'express 5':
     case 'express 4': {
@@ -57,7 +75,7 @@ export async function startApp(adapter: AdapterName, idempotency: Idempotency<an
       const route = idempotent(idempotency, { ...orders, scope }, (req, trx) => routes.orders(req.body, trx))
       app.post('/orders', route)
       app.get('/orders', route)
-      app.post('/rides', idempotentFlow(idempotency, { ...rides, scope }, (req, flow) => (routes.rides ?? noRides)(req.body, flow)))
+      app.post('/rides', idempotentFlow(idempotency, { ...rides, scope }, ridesOf((req: express5.Request) => req.body)))
       return listening(app.listen(0, '127.0.0.1'))
     }
     case 'fastify': {
@@ -67,7 +85,7 @@ export async function startApp(adapter: AdapterName, idempotency: Idempotency<an
       const route = idempotent(idempotency, { ...orders, scope }, (request, trx) => routes.orders(request.body, trx))
       app.post('/orders', route)
       app.get('/orders', route)
-      app.post('/rides', idempotentFlow(idempotency, { ...rides, scope }, (request, flow) => (routes.rides ?? noRides)(request.body, flow)))
+      app.post('/rides', idempotentFlow(idempotency, { ...rides, scope }, ridesOf((request: FastifyRequest) => request.body)))
       await app.listen({ port: 0, host: '127.0.0.1' })
       return {
         url: `http://127.0.0.1:${(app.server.address() as AddressInfo).port}`,
@@ -81,7 +99,7 @@ export async function startApp(adapter: AdapterName, idempotency: Idempotency<an
       const { idempotent, idempotentFlow } = forFetch
       const scope = (request: Request) => user(request.headers.get('x-user'))
       const route = idempotent(idempotency, { ...orders, scope }, async (request, trx) => routes.orders(await jsonOf(request), trx))
-      const ride = idempotentFlow(idempotency, { ...rides, scope }, async (request, flow) => (routes.rides ?? noRides)(await jsonOf(request), flow))
+      const ride = idempotentFlow(idempotency, { ...rides, scope }, ridesOf(jsonOf))
       return serveFetch((request) => {
         const path = new URL(request.url).pathname
         if (path === '/orders') return route(request)
@@ -97,12 +115,10 @@ export async function startApp(adapter: AdapterName, idempotency: Idempotency<an
         c.set('user', user(c.req.header('x-user')))
         await next()
       })
-      const route = idempotent(idempotency, { ...orders, scope: (_request, c: { get(name: 'user'): string }) => c.get('user') }, async (request, trx) =>
-        routes.orders(await jsonOf(request), trx),
-      )
-      const ride = idempotentFlow(idempotency, { ...rides, scope: (_request, c: { get(name: 'user'): string }) => c.get('user') }, async (request, flow) =>
-        (routes.rides ?? noRides)(await jsonOf(request), flow),
-      )
+      type Context = { get(name: 'user'): string }
+      const scope = (_request: Request, c: Context) => c.get('user')
+      const route = idempotent(idempotency, { ...orders, scope }, async (request, trx) => routes.orders(await jsonOf(request), trx))
+      const ride = idempotentFlow<any, [Context]>(idempotency, { ...rides, scope }, ridesOf(jsonOf))
       app.on(['GET', 'POST'], '/orders', (c) => route(c.req.raw, c))
       app.post('/rides', (c) => ride(c.req.raw, c))
       return serveFetch((request) => Promise.resolve(app.fetch(request)))
