@@ -5,7 +5,7 @@ import { dirname, join } from 'node:path'
 import { sql, type Kysely, type Transaction } from 'kysely'
 import { createIdempotency, type Idempotency } from '../src/index.js'
 import { migrationTables } from '../migrations/index.js'
-import { openDatabase, ping, SERVER_LOCATIONS, type DatabaseName } from '../test/support/databases.js'
+import { locateServer, openDatabase, type DatabaseName } from '../test/support/databases.js'
 
 /** The idempotency table of the benchmark, apart from any table an application uses. */
 export const KEYS_TABLE = 'bench_keys'
@@ -32,7 +32,7 @@ export interface Bench {
 
 /** Finds the database (failing with the env var to set), then creates the benchmark's tables in it. */
 export async function openBench(database: DatabaseName, poolSize: number): Promise<Bench> {
-  const location = database === 'sqlite' ? join(mkdtempSync(join(tmpdir(), 'kysely-idempotency-bench-')), 'bench.db') : await locate(database)
+  const location = database === 'sqlite' ? join(mkdtempSync(join(tmpdir(), 'kysely-idempotency-bench-')), 'bench.db') : await locateServer(database)
   const db = openDatabase(database, location, poolSize) as Kysely<BenchDB>
   const idempotency = createIdempotency({ db, tableName: KEYS_TABLE })
   await dropTables(db)
@@ -68,18 +68,6 @@ export async function placeOrder(trx: Transaction<BenchDB>, customer: string, am
   await trx.insertInto('bench_order_lines').values({ order_id: id, sku: 'sku-1', quantity: 1 }).execute()
   await trx.insertInto('bench_ledger').values({ order_id: id, account: customer, amount }).execute()
   return { id, amount }
-}
-
-/** The env var's server, else the local default (as the tests find them, without containers). */
-async function locate(database: Exclude<DatabaseName, 'sqlite'>): Promise<string> {
-  const { env, local } = SERVER_LOCATIONS[database]
-  const location = process.env[env] ?? local
-  try {
-    await ping(database, location)
-  } catch (error) {
-    throw new Error(`${database} did not answer at ${location}: ${(error as Error).message}. Set ${env} to a reachable server.`)
-  }
-  return location
 }
 
 async function dropTables(db: Kysely<BenchDB>): Promise<void> {

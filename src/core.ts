@@ -321,7 +321,16 @@ export class Core {
       try {
         return await attempt()
       } catch (error) {
-        if (n >= settings.maxAttempts || !this.#retryable(error)) throw error
+        if (!this.#retryable(error)) throw error
+        if (n >= settings.maxAttempts) {
+          // What the database said goes in `cause`; the caller gets the answer a client can act on.
+          if (error instanceof IdempotencyConflictError) throw error
+          throw new IdempotencyConflictError(
+            'race',
+            `Concurrent requests kept conflicting with this one in the database (${n} attempts); retry the request.`,
+            { retryAfter: retryAfter(settings), cause: error },
+          )
+        }
         await backOff(n)
       }
     }

@@ -15,7 +15,7 @@ describe('npm run bench (a short run on SQLite)', () => {
   afterAll(() => rmSync(dir, { recursive: true, force: true }))
 
   it('counts the statements of each path and one order per key in the duplicate storm', () => {
-    execFileSync(process.execPath, [tsc, '-p', 'tsconfig.bench.json'], { cwd: root, stdio: 'pipe' })
+    execFileSync(process.execPath, [tsc, '-p', 'tsconfig.tools.json'], { cwd: root, stdio: 'pipe' })
     const file = join(dir, 'figures.json')
     const args = ['build/bench/index.js', '--only', 'sqlite', '--seconds', '0.2', '--rounds', '1', '--json', file]
     execFileSync(process.execPath, args, { cwd: root, stdio: 'pipe' })

@@ -376,7 +376,9 @@ for (const target of selectedTargets()) {
           const results = await Promise.allSettled([prune(), ...keys.map((key) => fx.idempotency.transaction(key, async () => 'new')), prune(), prune()])
           for (const result of results) if (result.status === 'rejected') failures.push(result.reason)
         }
-        expect(failures).toEqual([])
+        // Under SERIALIZABLE the database may abort a request more often than it is retried: a 409 to retry, never a raw error.
+        const tolerated = (f: unknown) => target.server === 'postgres-serializable' && f instanceof IdempotencyConflictError && f.reason === 'race'
+        expect(failures.filter((f) => !tolerated(f))).toEqual([])
       })
     })
 

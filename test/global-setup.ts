@@ -1,5 +1,6 @@
 import type { TestProject } from 'vitest/node'
-import { ALL_TARGETS, ping, SERVER_LOCATIONS, type DatabaseName, type Locations } from './support/databases.js'
+import { sql } from 'kysely'
+import { ALL_TARGETS, openDatabase, ping, SERVER_LOCATIONS, type DatabaseName, type Locations } from './support/databases.js'
 
 declare module 'vitest' {
   export interface ProvidedContext {
@@ -48,6 +49,28 @@ const SERVERS: readonly Server[] = [
   },
 ]
 
+/**
+ * A database beside `url`'s whose transactions are SERIALIZABLE by default (made once, kept):
+ * what CockroachDB and YugabyteDB give every transaction.
+ */
+async function serializableDatabase(url: string): Promise<string> {
+  const name = 'kidem_serializable'
+  const db = openDatabase('postgres', url, 1)
+  try {
+    const { rows } = await sql`select 1 from pg_database where datname = ${name}`.execute(db)
+    if (!rows.length) await sql`create database ${sql.id(name)}`.execute(db).catch((error: { code?: string }) => {
+      // Another run made it meanwhile.
+      if (error.code !== '42P04') throw error
+    })
+    await sql`alter database ${sql.id(name)} set default_transaction_isolation to 'serializable'`.execute(db)
+  } finally {
+    await db.destroy()
+  }
+  const serializable = new URL(url)
+  serializable.pathname = `/${name}`
+  return serializable.toString()
+}
+
 async function dockerAnswers(): Promise<boolean> {
   try {
     const { getContainerRuntimeClient } = await import('testcontainers')
@@ -93,6 +116,9 @@ export default async function setup(project: TestProject): Promise<() => Promise
       )
     }
     locations[server.database] = url
+  }
+  if (locations.postgres && targets.some((t) => t.server === 'postgres-serializable')) {
+    locations['postgres-serializable'] = process.env.KIDEM_PG_SERIALIZABLE_URL ?? (await serializableDatabase(locations.postgres))
   }
   const pooler = process.env.KIDEM_PGBOUNCER_URL
   if (pooler && targets.some((t) => t.server === 'pgbouncer')) {

@@ -18,7 +18,8 @@ interface Order {
 const conflictWait = 1000
 const lockTimeout = 800
 
-for (const target of selectedTargets()) {
+// Nothing here waits on a row lock, so one of the MySQL lock-wait paths is enough.
+for (const target of selectedTargets({ statementPaths: false })) {
   for (const adapter of ADAPTER_NAMES) {
     describe(`HTTP conformance: ${adapter}, ${target.id}`, () => {
       let fx: Fixture

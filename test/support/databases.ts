@@ -19,14 +19,16 @@ export interface Target {
   readonly server?: Server
 }
 
-/** A server the tests connect to: a database, or PgBouncer in front of Postgres. */
-export type Server = Exclude<DatabaseName, 'sqlite'> | 'pgbouncer'
+/** A server the tests connect to: a database, PgBouncer in front of Postgres, or a Postgres database whose default isolation is SERIALIZABLE. */
+export type Server = Exclude<DatabaseName, 'sqlite'> | 'pgbouncer' | 'postgres-serializable'
 
 export const ALL_TARGETS: readonly Target[] = [
   { id: 'postgres', database: 'postgres' },
   { id: 'mysql', database: 'mysql' },
   { id: 'mysql-session-wait', database: 'mysql', dialect: () => mysqlDialect({ statementLockWait: false }) },
   { id: 'sqlite', database: 'sqlite' },
+  // Every transaction SERIALIZABLE unless it says otherwise, as CockroachDB and YugabyteDB default.
+  { id: 'postgres-serializable', database: 'postgres', server: 'postgres-serializable' },
   // Only when a pooler is given: there is no default one to look for.
   ...(process.env.KIDEM_PGBOUNCER_URL ? [{ id: 'pgbouncer', database: 'postgres', server: 'pgbouncer' } as const] : []),
 ]
@@ -51,6 +53,8 @@ export function openDatabase(database: DatabaseName, location: string, poolSize 
       // A backend killed under a checked-out client also emits 'error' on that client; the
       // failing query already reports it, so the event only needs a listener.
       pool.on('connect', (client) => client.on('error', () => {}))
+      // An idle client whose backend is terminated is reported on the pool, which drops it.
+      pool.on('error', () => {})
       return new Kysely({ dialect: new PostgresDialect({ pool }), log })
     }
     case 'mysql':
@@ -61,6 +65,18 @@ export function openDatabase(database: DatabaseName, location: string, poolSize 
       return new Kysely({ dialect: new SqliteDialect({ database: file }), log })
     }
   }
+}
+
+/** The env var's server, else the local default (as the tests find them, without containers), once it answers. */
+export async function locateServer(database: Exclude<DatabaseName, 'sqlite'>): Promise<string> {
+  const { env, local } = SERVER_LOCATIONS[database]
+  const location = process.env[env] ?? local
+  try {
+    await ping(database, location)
+  } catch (error) {
+    throw new Error(`${database} did not answer at ${location}: ${(error as Error).message}. Set ${env} to a reachable server.`)
+  }
+  return location
 }
 
 /** Resolves to nothing when the server answers a query, else rejects with the driver's error. */
