@@ -266,12 +266,20 @@ async function endOneSession(): Promise<void> {
   }
 }
 
+/** Injects faults until `until`: every kind once per round, in an order the seed shuffles. */
 async function faults(until: number): Promise<void> {
-  while (Date.now() < until) {
-    await sleep(between(200, 800, schedule))
-    if (Date.now() >= until) return
-    // Faults overlap: one runs while the next is chosen.
-    void fault(FAULTS[Math.floor(schedule() * FAULTS.length)]!, Math.floor(schedule() * servers.length))
+  for (;;) {
+    const round = [...FAULTS]
+    for (let i = round.length - 1; i > 0; i--) {
+      const j = Math.floor(schedule() * (i + 1))
+      ;[round[i], round[j]] = [round[j]!, round[i]!]
+    }
+    for (const kind of round) {
+      await sleep(between(200, 800, schedule))
+      if (Date.now() >= until) return
+      // Faults overlap: one runs while the next is chosen.
+      void fault(kind, Math.floor(schedule() * servers.length))
+    }
   }
 }
 

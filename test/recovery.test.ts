@@ -1,5 +1,5 @@
 import { afterEach, beforeEach, describe, expect, it } from 'vitest'
-import { IdempotencyConflictError, type Flow, type Idempotency, type IdempotencyEvent } from '../src/index.js'
+import { IdempotencyConflictError, IdempotencyLockLostError, type Flow, type Idempotency, type IdempotencyEvent } from '../src/index.js'
 import { gate, openFixture, selectedTargets, startWorker, type Fixture } from './support/harness.js'
 import { rideEffects, type Ride, type RidePoint } from './support/ride.js'
 import { sleep } from './support/util.js'
@@ -107,7 +107,8 @@ for (const target of selectedTargets()) {
           try {
             return await client.executeRun({ key, request: { key } })
           } catch (error) {
-            if (!(error instanceof IdempotencyConflictError)) throw error
+            // A 409 either way: another attempt holds the key, or took it over from this one.
+            if (!(error instanceof IdempotencyConflictError || error instanceof IdempotencyLockLostError)) throw error
             await sleep(50)
           }
         }
