@@ -19,7 +19,7 @@ import {
 } from './flows.js'
 import { forgetKey, inspectKey, type KeyInspection, type KeyReference } from './inspect.js'
 import { failureOf, Observer, type ObserveOptions } from './observe.js'
-import { answerOf, NotResumable, Phases, readRequest, type AbandonedFlow, type Flow, type FlowSettings } from './phases.js'
+import { isFailure, NotResumable, Phases, readStarted, type AbandonedFlow, type Flow, type FlowSettings } from './phases.js'
 import type { AbandonedRow, KeyCounts } from './statements.js'
 import type { IdempotencyDialect } from './dialect.js'
 import { checkTableName, DEFAULT_TABLE, detectDialect } from './detect.js'
@@ -273,6 +273,8 @@ const DEFAULTS = {
 }
 /** The first back-off of a flow whose recovery failed, doubled at every failure up to an hour. */
 const RECOVERY_BACKOFF = 1000
+/** How long the worker leaves a flow of an HTTP route it does not serve before it looks again. */
+const UNBOUND_POSTPONE = 60_000
 
 /**
  * Creates an idempotency store for one Kysely instance and table. Bad options throw here;
@@ -305,8 +307,16 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
     'error' in result ? failureOf(result.error) : { type: result.value.replayed ? ('replayed' as const) : ('executed' as const) }
   const execute = async <T>(trx: Transaction<DB>, key: IdempotencyKeyInput, fn: (trx: Transaction<DB>) => Promise<T>, call?: CallOptions) => {
     const [normalized, resolved] = [normalizeKey(key), settings(call)]
-    core.refuseNested(normalized, resolved)
-    return observer.observe('idempotency.withIdempotency', 'withIdempotency', normalized, () => core.execute(requireTransaction(trx), normalized, fn, resolved), outcome)
+    return observer.observe(
+      'idempotency.withIdempotency',
+      'withIdempotency',
+      normalized,
+      async () => {
+        core.refuseNested(normalized, resolved)
+        return core.execute(requireTransaction(trx), normalized, fn, resolved)
+      },
+      outcome,
+    )
   }
   const executeTransaction = async <T>(key: IdempotencyKeyInput, fn: (trx: Transaction<DB>) => Promise<T>, call?: TransactionOptions) => {
     const normalized = normalizeKey(key)
@@ -336,36 +346,63 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
 
   /** Takes over one abandoned flow of `definition` as the recovery worker, and runs it to its end. */
   const resume = async (row: AbandonedRow, definition: Definition): Promise<'finished' | 'skipped'> => {
-    const codec = row.codec == null ? null : String(row.codec)
-    const state = String(row.phases)
-    // A flow that answers an HTTP route is finished under that route's storage rules only.
-    if (answerOf(core.values, state, codec) === 'http' && !definition.answer) return 'skipped'
-    const request = readRequest(core.values, state, codec)
-    const key: NormalizedKey = { scope: text(row.scope), key: text(row.key), fingerprint: String(row.fingerprint), request }
-    const call = definition.options
-    const resolved = { ...settings({ ttl: call.ttl }), conflictWait: 0 }
-    const flowSettings: FlowSettings = {
-      ...resolved,
-      lockTimeout: bounded('lockTimeout', call.lockTimeout ?? lockTimeout),
-      flow: definition.name,
-      answer: null,
-      resumeOnly: true,
-      operation: 'recover',
-    }
-    const body = async (flow: Flow<DB, unknown>) => {
-      const result = await definition.fn(flow as never, request)
-      return definition.answer ? definition.answer(result) : result
-    }
-    try {
-      await observer.observe('idempotency.recover', 'recover', { ...key, flowName: definition.name }, () =>
-        core.coalesced(key, resolved, (slot) => phases.run(db, key, body, flowSettings, slot)),
-        (result) => ('value' in result ? { type: 'recovered', recoveryPoint: 'finished' } : skippedBy(result.error) ? undefined : { type: 'recovery_failed', error: result.error }),
-      )
-      return 'finished'
-    } catch (error) {
-      if (skippedBy(error)) return 'skipped'
+    const key = { scope: text(row.scope), key: text(row.key), fingerprint: String(row.fingerprint) }
+    const outcome = await observer.observe(
+      'idempotency.recover',
+      'recover',
+      { ...key, flowName: definition.name },
+      async () => {
+        const started = readStarted(core.values, String(row.phases), row.codec == null ? null : String(row.codec))
+        const http = started.answer === 'http'
+        // A flow that answers an HTTP route is finished under that route's storage rules only.
+        if (http && !definition.answer) return 'unbound'
+        const normalized: NormalizedKey = { ...key, request: started.request }
+        // The run's own lease and lifetime, which a worker with other defaults must not shorten.
+        const resolved = settings({ ttl: started.ttl ?? definition.options.ttl })
+        const flowSettings: FlowSettings = {
+          ...resolved,
+          lockTimeout: bounded('lockTimeout', started.lockTimeout ?? definition.options.lockTimeout ?? lockTimeout),
+          flow: definition.name,
+          answer: http ? 'http' : null,
+          resumeOnly: true,
+          operation: 'recover',
+        }
+        const answer = http ? definition.answer : undefined
+        const body = async (flow: Flow<DB, unknown>) => {
+          const handle = answer ? { ...flow, fail: (response: unknown) => flow.fail(answer(response)) } : flow
+          try {
+            const result = await definition.fn(handle as never, started.request)
+            return answer ? answer(result) : result
+          } catch (error) {
+            // Whatever the flow's own code throws is its failure, even a conflict of another key.
+            if (isFailure(error)) throw error
+            throw new FlowCodeError(error)
+          }
+        }
+        // No wait for an attempt in flight: it is not abandoned. Its phases still wait on row locks as usual.
+        await core.coalesced(normalized, { ...resolved, conflictWait: 0 }, (slot) => phases.run(db, normalized, body, flowSettings, slot))
+        return 'finished'
+      },
+      (result) =>
+        'value' in result
+          ? result.value === 'finished'
+            ? { type: 'recovered', recoveryPoint: 'finished' }
+            : undefined
+          : skippedBy(result.error)
+            ? undefined
+            : { type: 'recovery_failed', error: result.error instanceof FlowCodeError ? result.error.cause : result.error },
+    ).catch((error: unknown) => {
+      if (skippedBy(error)) return 'skipped' as const
       throw error
+    })
+    if (outcome === 'unbound') {
+      // Not this process's to finish: look again later, not at every pass before the others.
+      const p = plain.withoutPlugins()
+      const s = await core.statements(p)
+      await core.guard(undefined, () => s.postpone(p, row.id, UNBOUND_POSTPONE))
+      return 'skipped'
     }
+    return outcome
   }
   const recover = async (call?: RecoverOptions): Promise<RecoveryReport> => {
     const limit = bounded('limit', call?.limit ?? DEFAULTS.abandonedLimit)
@@ -377,7 +414,7 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
     const rows = await core.guard(undefined, () => s.recoverable(p, names, olderThan, limit))
     const unknown = await core.guard(undefined, () => s.unknownFlows(p, names, olderThan))
     return flows.recover(rows, unknown, resume, (row, failures) =>
-      core.guard(undefined, () => s.recoveryFailed(p, row.id, failures >= maxFailures ? null : Math.min(HOUR, RECOVERY_BACKOFF * 2 ** (failures - 1)))),
+      core.guard(undefined, () => s.recoveryFailed(p, row.id, failures - 1, failures >= maxFailures ? null : Math.min(HOUR, RECOVERY_BACKOFF * 2 ** (failures - 1)))),
     )
   }
 
@@ -436,9 +473,19 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
   }
 }
 
-/** What makes the recovery worker leave a flow alone: someone else holds it, finished it or took it over. */
+/**
+ * What makes the recovery worker leave a flow alone: someone else holds it, finished it or took
+ * it over. (The flow's own code cannot throw these: its errors come wrapped in {@link FlowCodeError}.)
+ */
 function skippedBy(error: unknown): boolean {
   return error instanceof NotResumable || error instanceof IdempotencyConflictError || error instanceof IdempotencyLockLostError
+}
+
+/** An error of a defined flow's own code, as the recovery worker runs it. */
+class FlowCodeError extends Error {
+  constructor(cause: unknown) {
+    super(cause instanceof Error ? cause.message : String(cause), { cause })
+  }
 }
 
 const FLOW_NAME = /^[A-Za-z][A-Za-z0-9_.:-]{0,99}$/

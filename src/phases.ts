@@ -131,6 +131,9 @@ interface FlowState {
   readonly phases: ReadonlyArray<readonly [string, unknown]>
   /** Present when the flow answers an HTTP route ({@link FlowSettings.answer}). */
   readonly answer?: 'http'
+  /** The lease and lifetime of the run that started the flow, for the recovery worker to keep. */
+  readonly lockTimeout?: number
+  readonly ttl?: number
 }
 
 /** `phase_results` as version 0.1.0 wrote it: plain JSON, phase names beside the flow's `$` members. */
@@ -172,6 +175,7 @@ export class Phases {
     const claiming = { ...settings, claimWait: slot.claimWait }
     const plain = db.withoutPlugins() as unknown as Kysely<unknown>
     const s = await core.statements(plain)
+    const started = performance.now()
     const seen = await core.guard(settings, () => s.lookup(plain, key.scope, key.key))
     if (settings.resumeOnly && !(seen && resumable(seen, key))) throw new NotResumable()
     if (seen && !resumable(seen, key)) {
@@ -189,7 +193,15 @@ export class Phases {
     slot.leased(settings.lockTimeout)
     const attempt = new Attempt<DB, T>(db, core, this.#observer, s, key, claim.lease, claim.stored, settings, slot)
     if (claim.takenOver) {
-      this.#observer.emit({ type: 'taken_over', operation: settings.operation, scope: key.scope, key: key.key, durationMs: 0, ...flowNameOf(settings), recoveryPoint: attempt.resumedFrom })
+      this.#observer.emit({
+        type: 'taken_over',
+        operation: settings.operation,
+        scope: key.scope,
+        key: key.key,
+        durationMs: performance.now() - started,
+        ...flowNameOf(settings),
+        recoveryPoint: attempt.resumedFrom,
+      })
     }
     return { value: await attempt.run(body), replayed: false }
   }
@@ -244,7 +256,9 @@ export class Phases {
       if (resumable(row, key)) {
         const previous = readState(core.values, row.phases!, row.codec)
         const taken = renewal(core.values, settings, { ...previous, attempt: previous.attempt + 1 })
-        if (await s.takeOver(trx, row.id, row.token, { id: row.id, token }, taken)) return { lease: { id: row.id, token }, stored: taken.phases, takenOver: true }
+        const due = settings.resumeOnly && settings.flow !== null ? settings.flow : undefined
+        if (await s.takeOver(trx, row.id, row.token, { id: row.id, token }, taken, due)) return { lease: { id: row.id, token }, stored: taken.phases, takenOver: true }
+        if (due !== undefined) throw new NotResumable()
         continue
       }
       if (settings.resumeOnly) throw new NotResumable()
@@ -525,9 +539,15 @@ function flowNameOf(settings: FlowSettings): { flowName?: string } {
   return settings.flow === null ? {} : { flowName: settings.flow }
 }
 
-/** The request a stored flow state was started with. */
-export function readRequest(values: ValueStore, text: string, codec: string | null): unknown {
-  return readState(values, text, codec).request
+/** What the recovery worker needs of a stored flow state: its request, its mark, and the lease and lifetime it was started with. */
+export function readStarted(values: ValueStore, text: string, codec: string | null): Pick<FlowState, 'request' | 'answer' | 'lockTimeout' | 'ttl'> {
+  const { request, answer, lockTimeout, ttl } = readState(values, text, codec)
+  return { request, ...(answer ? { answer } : {}), ...(lockTimeout ? { lockTimeout } : {}), ...(ttl ? { ttl } : {}) }
+}
+
+/** Whether `error` is what `flow.fail()` throws to end a flow with an answer. */
+export function isFailure(error: unknown): boolean {
+  return error instanceof Failure
 }
 
 /** The attempts a stored flow state counts. */
@@ -535,10 +555,7 @@ export function readAttempts(values: ValueStore, text: string, codec: string | n
   return readState(values, text, codec).attempt
 }
 
-/** The `answer` mark of a stored flow state (see {@link FlowSettings.answer}). */
-export function answerOf(values: ValueStore, text: string, codec: string | null): 'http' | null {
-  return readState(values, text, codec).answer ?? null
-}
+
 
 /** The lock and lifetime a flow's statements set: a held key outlives its lock by `ttl`. */
 function extension(settings: FlowSettings): Extension {
@@ -563,7 +580,8 @@ function resumable(row: KeyRow, key: NormalizedKey): boolean {
 }
 
 function fresh(key: NormalizedKey, settings: FlowSettings): FlowState {
-  return { flow: randomBytes(16).toString('base64url'), attempt: 1, request: key.request, phases: [], ...(settings.answer ? { answer: settings.answer } : {}) }
+  const how = { ...(settings.answer ? { answer: settings.answer } : {}), lockTimeout: settings.lockTimeout, ttl: settings.ttl }
+  return { flow: randomBytes(16).toString('base64url'), attempt: 1, request: key.request, phases: [], ...how }
 }
 
 function newToken(): string {

@@ -80,7 +80,11 @@ export interface Statements extends Required<DialectStatements> {
   /** Milliseconds until the key expires, on the database clock. */
   remaining(db: Kysely<unknown>, id: RowId): Promise<number>
   /** Gives the lock of an unfinished key to a new attempt; `false` if `previous` no longer holds it. */
-  takeOver(db: Kysely<unknown>, id: RowId, previous: string | null, lease: Lease, renewal: Renewal): Promise<boolean>
+  /**
+   * Gives the lock of an unfinished key to a new attempt; `false` if `previous` no longer holds
+   * it. With `due`, only a flow of that name that the recovery worker may pick now.
+   */
+  takeOver(db: Kysely<unknown>, id: RowId, previous: string | null, lease: Lease, renewal: Renewal, due?: string): Promise<boolean>
   /**
    * Checks that `lease` still holds the key and extends its lock; inside a transaction, the row
    * stays locked until it ends.
@@ -101,10 +105,13 @@ export interface Statements extends Required<DialectStatements> {
   /** How many flows the recovery worker could pick now but for their names, which are not among `names`. */
   unknownFlows(db: Kysely<unknown>, names: readonly string[], idleFor: number): Promise<number>
   /**
-   * Counts a failed recovery of a flow and puts off its next one by `retryIn` ms; with `retryIn`
-   * `null` the worker leaves it alone from now on.
+   * Counts a failed recovery of a flow that had failed `seen` times, and puts off its next one by
+   * `retryIn` ms (with `null` the worker leaves it alone from now on); nothing if someone else
+   * counted meanwhile.
    */
-  recoveryFailed(db: Kysely<unknown>, id: RowId, retryIn: number | null): Promise<void>
+  recoveryFailed(db: Kysely<unknown>, id: RowId, seen: number, retryIn: number | null): Promise<void>
+  /** Puts off the recovery worker's next look at a flow by `ms`, counting no failure. */
+  postpone(db: Kysely<unknown>, id: RowId, ms: number): Promise<void>
   inspect(db: Kysely<unknown>, scope: string, key: string): Promise<InspectedRow | undefined>
   /** Deletes the row `id`. */
   remove(db: Kysely<unknown>, id: RowId): Promise<void>
@@ -144,11 +151,15 @@ export async function prepareStatements(db: Kysely<unknown>, dialect: Idempotenc
     where id = ${p.id}`)
   const remaining = prepare(db, ['id'], (p) => sql`
     select ${dialect.elapsed(sql.ref('expires_at'))} as elapsed from ${sql.table(table)} where id = ${p.id}`)
-  const takeOver = prepare(db, ['id', 'previous', 'token', 'lease', 'expiresIn', 'phases', 'codec'], (p) => sql`
+  const takeOverSlots = ['id', 'previous', 'token', 'lease', 'expiresIn', 'phases', 'codec'] as const
+  const takeOverSet = (p: Readonly<Record<(typeof takeOverSlots)[number], RawBuilder<unknown>>>) => sql`
     update ${sql.table(table)} set lock_token = ${p.token}, locked_until = ${later(p.lease)}, phase_results = ${p.phases},
       codec = ${p.codec}, last_run_at = ${now}, expires_at = ${later(p.expiresIn)}
     where id = ${p.id} and recovery_point <> ${sql.lit(FINISHED)}
-      and coalesce(lock_token, '') = coalesce(${p.previous}, '') and ${unheld}`)
+      and coalesce(lock_token, '') = coalesce(${p.previous}, '') and ${unheld}`
+  const takeOver = prepare(db, takeOverSlots, takeOverSet)
+  // The recovery worker's candidates may be stale: another worker may have backed the flow off or given it up.
+  const takeOverDue = prepare(db, [...takeOverSlots, 'flow'], (p) => sql`${takeOverSet(p)} and flow_name = ${p.flow} and recover_after <= ${now}`)
   const fence = prepare(db, ['id', 'token', 'lease', 'expiresIn'], (p) => sql`
     update ${sql.table(table)} set locked_until = ${later(p.lease)}, last_run_at = ${now}, expires_at = ${later(p.expiresIn)}
     where ${ours(p)}`)
@@ -172,9 +183,11 @@ export async function prepareStatements(db: Kysely<unknown>, dialect: Idempotenc
       and ${unheld} and ${idle} >= ${p.idle}
     order by last_run_at limit ${p.limit}`)
 
-  const recoveryFailed = prepare(db, ['id', 'retryIn'], (p) => sql`
+  const recoveryFailed = prepare(db, ['id', 'seen', 'retryIn'], (p) => sql`
     update ${sql.table(table)} set recovery_failures = recovery_failures + 1, recover_after = ${later(p.retryIn)}
-    where id = ${p.id} and recover_after is not null`)
+    where id = ${p.id} and recover_after is not null and recovery_failures = ${p.seen}`)
+  const postpone = prepare(db, ['id', 'ms'], (p) => sql`
+    update ${sql.table(table)} set recover_after = ${later(p.ms)} where id = ${p.id} and recover_after is not null`)
   const epoch = (column: string) => dialect.epochMs(sql.ref(column))
   const inspect = prepare(db, ['scope', 'key'], (p) => sql`
     select id as id, recovery_point as point, ${dialect.jsonText(sql.ref('phase_results'))} as phases, codec as codec,
@@ -212,8 +225,10 @@ export async function prepareStatements(db: Kysely<unknown>, dialect: Idempotenc
       const { rows } = await db.executeQuery<{ elapsed: unknown }>(remaining.bind({ id }))
       return -Number(rows[0]?.elapsed ?? 0)
     },
-    takeOver: (db, id, previous, lease, renewal) =>
-      changed(db, takeOver.bind({ ...renewal, id, previous, token: lease.token, phases: renewal.phases.text, codec: renewal.phases.codec })),
+    takeOver: (db, id, previous, lease, renewal, due) => {
+      const values = { ...renewal, id, previous, token: lease.token, phases: renewal.phases.text, codec: renewal.phases.codec }
+      return changed(db, due === undefined ? takeOver.bind(values) : takeOverDue.bind({ ...values, flow: due }))
+    },
     fence: (db, lease, extension) => changed(db, fence.bind({ ...lease, ...extension })),
     record: (db, lease, point, renewal) =>
       changed(db, record.bind({ ...lease, ...renewal, point, phases: renewal.phases.text, codec: renewal.phases.codec })),
@@ -248,8 +263,11 @@ export async function prepareStatements(db: Kysely<unknown>, dialect: Idempotenc
           and expires_at > ${now} and ${unheld} and ${idle} >= ${idleFor}`.execute(db)
       return Number(rows[0]?.n ?? 0)
     },
-    async recoveryFailed(db, id, retryIn) {
-      await db.executeQuery(recoveryFailed.bind({ id, retryIn }))
+    async recoveryFailed(db, id, seen, retryIn) {
+      await db.executeQuery(recoveryFailed.bind({ id, seen, retryIn }))
+    },
+    async postpone(db, id, ms) {
+      await db.executeQuery(postpone.bind({ id, ms }))
     },
     async inspect(db, scope, key) {
       const { rows } = await db.executeQuery<InspectedRow>(inspect.bind({ scope, key }))

@@ -1,4 +1,5 @@
 import { afterEach, beforeEach, describe, expect, it } from 'vitest'
+import { IdempotentRoute, type HttpFlowRequest, type HttpResult, type RequestFacts } from '../http/index.js'
 import { IdempotencyConflictError, IdempotencyLockLostError, type Flow, type Idempotency, type IdempotencyEvent } from '../src/index.js'
 import { gate, openFixture, selectedTargets, startWorker, type Fixture } from './support/harness.js'
 import { rideEffects, type Ride, type RidePoint } from './support/ride.js'
@@ -228,6 +229,84 @@ for (const target of selectedTargets()) {
       hold.open()
       await running
       await expect(idempotency.inspect({ key: '' })).rejects.toMatchObject({ code: 'invalid_key' })
+    })
+
+    it('applies the route\'s storage rules to what the worker stores, fail() included, and only to flows that came through the route', async () => {
+      const defined = idempotency.defineFlow('http-flow', async (flow: Flow<any, HttpResult>, request: HttpFlowRequest<{ fail?: boolean }>) => {
+        await flow.phase('a', async () => 1)
+        if (flow.attempt === 1) throw new Error('crash')
+        if (request.body?.fail) return flow.fail({ status: 503, headers: { 'Set-Cookie': 'sid=secret' }, body: { e: 1 } })
+        return { status: 201, headers: { 'Set-Cookie': 'sid=secret', 'X-Kept': 'yes' }, body: { ok: true } }
+      })
+      const route = new IdempotentRoute<unknown>({ scope: () => 'u', required: true }).flow(idempotency, {}, defined)
+      const facts = (body: unknown, key: string): RequestFacts => ({ method: 'POST', url: '/x', body: () => body, headerLines: (name) => (name === 'Idempotency-Key' ? [key] : []) })
+      expect(await route({}, facts({ fail: true }, 'h-fail'))).toMatchObject({ error: expect.objectContaining({ message: 'crash' }) })
+      expect(await route({}, facts({}, 'h-ok'))).toMatchObject({ error: expect.objectContaining({ message: 'crash' }) })
+      // Called without the route, the same flow stores its value as it is.
+      await expect(defined.run({ key: 'plain', request: { method: 'POST', url: '/x', body: {}, headers: {} } })).rejects.toThrow('crash')
+      expect(await idempotency.recover()).toEqual({ finished: 2, failed: 1, skipped: 0 })
+      expect(await idempotency.inspect({ key: 'h-fail', scope: 'u' })).toMatchObject({ state: 'abandoned', recoveryFailures: 1 })
+      const replayed = await route({}, facts({}, 'h-ok'))
+      expect(replayed).toMatchObject({ replayed: true, answer: { status: 201, headers: { 'X-Kept': 'yes' } } })
+      expect(JSON.stringify(replayed)).not.toContain('sid=secret')
+      expect(await defined.executeRun({ key: 'plain', request: { method: 'POST', url: '/x', body: {}, headers: {} } })).toEqual({
+        value: { status: 201, headers: { 'Set-Cookie': 'sid=secret', 'X-Kept': 'yes' }, body: { ok: true } },
+        replayed: true,
+      })
+    })
+
+    it('puts off the flows of a route it does not serve, so that they never crowd out the others', async () => {
+      const api = fx.with({ lockTimeout })
+      const served = api.defineFlow('served', async (flow: Flow<any, HttpResult>) => (await flow.phase('a', async () => 1), Promise.reject(new Error('crash'))))
+      const route = new IdempotentRoute<unknown>({ scope: () => 'u', required: true }).flow(api, {}, served)
+      for (const key of ['h1', 'h2']) await route({}, { method: 'POST', url: '/x', body: () => ({}), headerLines: (name) => (name === 'Idempotency-Key' ? [key] : []) })
+      idempotency.defineFlow('served', async () => ({ status: 200 }))
+      const plain = defineRide(idempotency, { fail: 1 })
+      await expect(plain.run({ key: 'p1', request: { key: 'p1' } })).rejects.toThrow()
+      expect(await idempotency.recover({ limit: 2 })).toEqual({ finished: 0, failed: 0, skipped: 2 })
+      expect(await idempotency.recover({ limit: 2 })).toEqual({ finished: 1, failed: 0, skipped: 0 })
+    })
+
+    it('counts and backs off what the flow code throws, even a conflict, and never acts on a stale pick', async () => {
+      let runs = 0
+      const busy = idempotency.defineFlow('busy', async (flow: Flow<any, string>) => {
+        await flow.phase('a', async () => 1)
+        runs++
+        // A call of the flow's own that meets a conflict: the flow's failure, not a reason to skip it.
+        throw new IdempotencyConflictError('in_flight', 'another operation is busy', { retryAfter: 1 })
+      })
+      await expect(busy.run({ key: 'b1', request: 1 })).rejects.toThrow('busy')
+      expect(await idempotency.recover()).toEqual({ finished: 0, failed: 1, skipped: 0 })
+      expect(await idempotency.recover()).toEqual({ finished: 0, failed: 0, skipped: 0 })
+      expect(runs).toBe(2)
+      expect(await idempotency.inspect({ key: 'b1' })).toMatchObject({ recoveryFailures: 1 })
+      // A second worker whose list predates the first one's failure leaves the flow alone.
+      const late = fx.with({ lockTimeout })
+      late.defineFlow('busy', async () => 'never')
+      await sleep(1100)
+      const [first, second] = await Promise.all([idempotency.recover(), late.recover()])
+      expect(first.failed + second.failed).toBe(1)
+      expect(runs).toBeLessThanOrEqual(3)
+      expect(await idempotency.inspect({ key: 'b1' })).toMatchObject({ recoveryFailures: 2 })
+    })
+
+    it("resumes a flow with its own run's lease and lifetime, not the worker's defaults", async () => {
+      let calls = 0
+      const slow = idempotency.defineFlow('slow', async (flow: Flow<any, string>) => {
+        await flow.phase('a', async () => 1)
+        if (flow.attempt === 1) throw new Error('crash')
+        await flow.step('s', async () => (calls++, await sleep(lockTimeout * 3), 1))
+        return 'done'
+      })
+      await expect(slow.run({ key: 'lt', request: 1 }, { lockTimeout: 5000, ttl: 60_000 })).rejects.toThrow('crash')
+      const pass = idempotency.recover()
+      await sleep(lockTimeout + 200)
+      // The worker's step outlasts the worker's default lease, but not the run's: the key is still held.
+      await expect(fx.with({ lockTimeout }).run({ key: 'lt', request: 1 }, async () => 'client')).rejects.toMatchObject({ reason: 'in_flight' })
+      expect(await pass).toEqual({ finished: 1, failed: 0, skipped: 0 })
+      expect(calls).toBe(1)
+      const seen = await idempotency.inspect({ key: 'lt' })
+      expect(seen!.expiresAt.getTime() - seen!.lastRunAt.getTime()).toBe(60_000)
     })
 
     const points: RidePoint[] = ['creating_ride', 'ride_created', 'charge_called', 'charge_created', 'ride_charged']
