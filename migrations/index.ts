@@ -231,8 +231,9 @@ function lostRace(error: unknown, dialect: IdempotencyDialect): boolean {
   // table that another session drops meanwhile makes that listing fail as if it were missing.
   if (kind === 'undefined_table') return true
   // Creating the history tables concurrently fails with "already exists" or a duplicate row
-  // in the catalog; the other process's creation succeeded, so trying again is right.
-  return /already exists|duplicate/i.test(describe(error))
+  // (in the catalog, or in SQLite's history table); the other process succeeded, so trying
+  // again is right.
+  return /already exists|duplicate|unique constraint/i.test(describe(error))
 }
 
 function describe(error: unknown): string {

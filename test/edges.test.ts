@@ -370,7 +370,9 @@ for (const target of selectedTargets()) {
         const failures: unknown[] = []
         for (let round = 0; round < 10; round++) {
           const keys = Array.from({ length: 60 }, (_, i) => `race-${round}-${i}`)
-          await Promise.all(keys.map((key) => expiring.transaction(key, async () => 'old')))
+          // Under SERIALIZABLE, 60 first executions at once abort one another more often than retried.
+          if (target.server === 'postgres-serializable') for (const key of keys) await expiring.transaction(key, async () => 'old')
+          else await Promise.all(keys.map((key) => expiring.transaction(key, async () => 'old')))
           await sleep(5)
           const prune = () => fx.idempotency.prune({ batchSize: 3 })
           const results = await Promise.allSettled([prune(), ...keys.map((key) => fx.idempotency.transaction(key, async () => 'new')), prune(), prune()])
