@@ -413,8 +413,10 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
     const names = flows.names
     const rows = await core.guard(undefined, () => s.recoverable(p, names, olderThan, limit))
     const unknown = await core.guard(undefined, () => s.unknownFlows(p, names, olderThan))
+    const retryIn = (failures: number) => (failures >= maxFailures ? null : Math.min(HOUR, RECOVERY_BACKOFF * 2 ** (failures - 1)))
+    // Counting a failure can meet a deadlock with another worker's claim of the same row (InnoDB): try it again.
     return flows.recover(rows, unknown, resume, (row, failures) =>
-      core.guard(undefined, () => s.recoveryFailed(p, row.id, failures - 1, failures >= maxFailures ? null : Math.min(HOUR, RECOVERY_BACKOFF * 2 ** (failures - 1)))),
+      core.retrying(settings(undefined), () => core.guard(undefined, () => s.recoveryFailed(p, row.id, failures - 1, retryIn(failures)))),
     )
   }
 
