@@ -19,7 +19,7 @@ import {
 } from './flows.js'
 import { forgetKey, inspectKey, type KeyInspection, type KeyReference } from './inspect.js'
 import { failureOf, Observer, type ObserveOptions } from './observe.js'
-import { isFailure, NotResumable, Phases, readStarted, type AbandonedFlow, type Flow, type FlowSettings } from './phases.js'
+import { isFailure, NotResumable, Phases, readStarted, text, type AbandonedFlow, type Flow, type FlowSettings } from './phases.js'
 import type { AbandonedRow, KeyCounts } from './statements.js'
 import type { IdempotencyDialect } from './dialect.js'
 import { checkTableName, DEFAULT_TABLE, detectDialect } from './detect.js'
@@ -503,11 +503,6 @@ function checkDefineOptions(options: DefineFlowOptions): DefineFlowOptions {
   if (options.ttl !== undefined) bounded('ttl', options.ttl)
   if (options.lockTimeout !== undefined) bounded('lockTimeout', options.lockTimeout)
   return options
-}
-
-/** MySQL returns `VARBINARY` columns as bytes. */
-function text(value: unknown): string {
-  return value instanceof Uint8Array ? new TextDecoder().decode(value) : String(value)
 }
 
 /** Options of the free {@link withIdempotency} function, which uses the default codec. */

@@ -597,7 +597,7 @@ function checkName(name: string): string {
   return name
 }
 
-/** MySQL returns `VARBINARY` columns as bytes. */
-function text(value: unknown): string {
+/** A text column as a string: MySQL returns `VARBINARY` columns (`scope`, `key`) as bytes. */
+export function text(value: unknown): string {
   return value instanceof Uint8Array ? new TextDecoder().decode(value) : String(value)
 }

@@ -198,6 +198,19 @@ for (const target of selectedTargets()) {
       expect(seen.find((e) => e.type === 'pruned')).toMatchObject({ count: 0 })
     })
 
+    it('refuses a bad flow name, a name defined twice and bad options, and rejects bad input to recover, inspect and forget', async () => {
+      for (const name of ['', '1flow', 'a b', 'x'.repeat(101), undefined]) expect(() => idempotency.defineFlow(name as string, async () => 1)).toThrow(/is not a valid flow name/)
+      idempotency.defineFlow('once', async () => 1)
+      expect(() => idempotency.defineFlow('once', async () => 2)).toThrow(/already defined in this instance/)
+      expect(() => idempotency.defineFlow('ttl', async () => 1, { ttl: 0 })).toThrow(RangeError)
+      expect(() => idempotency.defineFlow('lease', async () => 1, { lockTimeout: -1 })).toThrow(RangeError)
+      await expect(idempotency.recover({ limit: 0 })).rejects.toThrow(RangeError)
+      await expect(idempotency.recover({ maxFailures: 1.5 })).rejects.toThrow(RangeError)
+      await expect(idempotency.inspect({ key: undefined as unknown as string })).rejects.toMatchObject({ code: 'invalid_key' })
+      await expect(idempotency.forget({ key: 'k', scope: 'a\0b' })).rejects.toMatchObject({ code: 'invalid_key' })
+      expect(await fx.rows()).toBe(0)
+    })
+
     it('inspects and forgets keys, and refuses to forget one an attempt holds', async () => {
       expect(await idempotency.inspect({ key: 'none' })).toBeUndefined()
       expect(await idempotency.forget({ key: 'none' })).toBe(false)
