@@ -1,18 +1,26 @@
 import { writeFileSync } from 'node:fs'
 import { availableParallelism, cpus, totalmem } from 'node:os'
 import { parseArgs } from 'node:util'
-import { sql } from 'kysely'
+import { sql, type Kysely } from 'kysely'
+import { createIdempotency } from '../src/index.js'
+import { openDatabase } from '../test/support/databases.js'
 import { measureCodecs, printCodecs } from './codec.js'
 import { measureRoutes, startServer, storm, type RouteFigures, type StormFigures } from './http.js'
-import { openBench, type Bench } from './support.js'
+import { KEYS_TABLE, openBench, type Bench, type BenchDB } from './support.js'
+import { openDbosPeer, openRedisPeer } from './peers.js'
+import { startPooler } from './pooler.js'
 import { measureTransactions, PATHS, type PathName, type TransactionFigures } from './transactions.js'
 
-const usage = `npm run bench -- [--json FILE] [--seconds N] [--rounds N] [--only codec,postgres,mysql,sqlite] [--skip-http]
+const usage = `npm run bench -- [--json FILE] [--seconds N] [--rounds N] [--only codec,postgres,mysql,sqlite] [--skip-http] [--skip-peers]
   Measures the value codecs (superjson, devalue, JSON: fidelity, time, size), then, on each
   database: a bare three-insert transaction against the same transaction through
-  kysely-idempotency (first executions and replays), the Express and Fastify routes against
-  plain ones and a Redis-based peer (Postgres), and a duplicate storm. KIDEM_PG_URL, KIDEM_MYSQL_URL and
-  KIDEM_REDIS_URL say where the servers are (default: the local ones).`
+  kysely-idempotency (first executions and replays) and against the library's statements sent
+  by hand (raw SQL, claim first and claim last); on Postgres also the peers (a DBOS Transact
+  workflow and @node-idempotency/core with Redis) and, when PgBouncer is installed, the rows
+  through it; then the Express and Fastify routes against plain ones and the Redis peer
+  (Postgres), and a duplicate storm. KIDEM_PG_URL, KIDEM_MYSQL_URL, KIDEM_REDIS_URL and
+  KIDEM_PGBOUNCER_URL say where the servers are (default: the local ones, and a PgBouncer of
+  its own).`
 
 const { values } = parseArgs({
   options: {
@@ -21,6 +29,7 @@ const { values } = parseArgs({
     rounds: { type: 'string', default: '3' },
     only: { type: 'string', default: 'codec,postgres,mysql,sqlite' },
     'skip-http': { type: 'boolean', default: false },
+    'skip-peers': { type: 'boolean', default: false },
     help: { type: 'boolean', default: false },
   },
 })
@@ -58,16 +67,35 @@ for (const database of selected) {
   const bench = await openBench(database, clients)
   try {
     machine.servers[database] = await serverVersion(bench)
-    const figures = await measureTransactions(bench, clients, seconds, rounds)
-    transactions.push(figures)
-    console.log(`${database} ${machine.servers[database]}, ${clients} client${clients > 1 ? 's' : ''}`)
-    for (const name of Object.keys(PATHS) as PathName[]) {
-      const sent = figures.statements[name]
-      const spread = `${Math.round(Math.min(...figures.rounds[name]))}–${Math.round(Math.max(...figures.rounds[name]))}`.padStart(12)
-      console.log(`  ${PATHS[name].padEnd(58)}${fmt(figures.opsPerSecond[name])} ops/s ${spread}  ${String(sent.length).padStart(2)} statements: ${sent.join(' ')}`)
+    const mariadb = machine.servers[database].includes('MariaDB')
+    const measure = { clients, seconds, rounds, mariadb }
+    if (database === 'postgres' && !values['skip-peers']) {
+      const dbos = await openDbosPeer(bench.location, clients)
+      const redis = await openRedisPeer(redisUrl)
+      try {
+        report(await measureTransactions({ ...bench, via: 'direct' }, { ...measure, peers: { dbos, redis } }))
+      } finally {
+        await redis.close()
+        await dbos.close()
+      }
+    } else {
+      report(await measureTransactions({ ...bench, via: 'direct' }, measure))
     }
-    const { firstToBare, insideToBare, replayToBare } = figures.ratios
-    console.log(`  b/a ${firstToBare.toFixed(2)}   b'/a ${insideToBare.toFixed(2)}   c/a ${replayToBare.toFixed(2)}\n`)
+    if (database === 'postgres') {
+      const pooler = await startPooler(bench.location)
+      if (!pooler) console.log('PgBouncer is not installed (apt-get install pgbouncer, or set KIDEM_PGBOUNCER_URL): no rows through it.\n')
+      else {
+        machine.servers.pgbouncer = pooler.origin
+        const db = openDatabase('postgres', pooler.url, clients) as Kysely<BenchDB>
+        try {
+          const idempotency = createIdempotency({ db, tableName: KEYS_TABLE })
+          report(await measureTransactions({ database, location: pooler.url, db, idempotency, via: 'PgBouncer' }, measure))
+        } finally {
+          await db.destroy()
+          await pooler.stop()
+        }
+      }
+    }
 
     if (!values['skip-http']) {
       await bench.reset()
@@ -104,6 +132,23 @@ if (values.json) {
 if (storms.some((s) => s.sideEffects !== s.keys)) {
   console.error('A duplicate storm made a different number of orders than it had keys.')
   process.exitCode = 1
+}
+
+/** Prints one target's paths and ratios, and keeps its figures. */
+function report(figures: TransactionFigures): void {
+  transactions.push(figures)
+  const { database, via, clients, paths, statements } = figures
+  console.log(`${database} ${machine.servers[database]}${via === 'direct' ? '' : ` through ${via}`}, ${clients} client${clients > 1 ? 's' : ''}`)
+  console.log(`  ${'path'.padEnd(58)}${'ops/s'.padStart(8)} ${'rounds'.padStart(13)} ${'p99 ms'.padStart(7)} ${'/a'.padStart(5)}  statements`)
+  for (const name of Object.keys(PATHS) as PathName[]) {
+    const path = paths[name]
+    if (!path) continue
+    const spread = `${Math.round(Math.min(...path.rounds))}–${Math.round(Math.max(...path.rounds))}`.padStart(13)
+    const sent = name in statements ? `${statements[name as keyof typeof statements].length}: ${statements[name as keyof typeof statements].join(' ')}` : ''
+    console.log(`  ${PATHS[name].padEnd(58)}${fmt(path.opsPerSecond)} ${spread} ${path.p99Ms.toFixed(1).padStart(7)} ${path.toBare.toFixed(2).padStart(5)}  ${sent}`)
+  }
+  const same = figures.rawIsLibrarySql ? 'r sends the same SQL as b' : 'r DIFFERS from the SQL of b'
+  console.log(`  efficiency (b/a ÷ r/a) ${figures.efficiency.toFixed(2)}   claim-last gain (r'/r) ${figures.claimLastGain.toFixed(2)}   (${same})\n`)
 }
 
 async function serverVersion(bench: Bench): Promise<string> {

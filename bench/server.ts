@@ -1,12 +1,11 @@
 import express, { type Request, type Response } from 'express'
 import Fastify, { type FastifyRequest } from 'fastify'
 import type { Kysely } from 'kysely'
-import { Idempotency as PeerIdempotency } from '@node-idempotency/core'
-import { RedisStorageAdapter } from '@node-idempotency/storage-adapter-redis'
 import { createIdempotency } from '../src/index.js'
 import { idempotent } from '../express/index.js'
 import { idempotent as fastifyIdempotent } from '../fastify/index.js'
 import { openDatabase, type DatabaseName } from '../test/support/databases.js'
+import { openRedisPeer, PeerRefusal } from './peers.js'
 import { KEYS_TABLE, placeOrder, type BenchDB } from './support.js'
 
 /**
@@ -37,29 +36,17 @@ app.post(
 )
 
 if (redisUrl) {
-  // @node-idempotency/express is not on the npm registry this project can reach; this is the
-  // middleware its core package documents: onRequest before the handler, onResponse after.
-  const storage = new RedisStorageAdapter({ url: redisUrl })
-  await storage.connect()
-  const peer = new PeerIdempotency(storage, { cacheTTLMS: 24 * 3600 * 1000 })
+  // @node-idempotency/express is not on the npm registry this project can reach; the peer is
+  // used the way its core package documents for a middleware.
+  const peer = await openRedisPeer(redisUrl)
   app.post('/peer', async (req: Request, res: Response, next) => {
-    const params = { headers: req.headers, path: req.path, body: req.body as Record<string, unknown>, method: req.method }
+    const request = { headers: req.headers, path: req.path, body: req.body as Record<string, unknown>, method: req.method }
     try {
-      const stored = await peer.onRequest<unknown, unknown>(params)
-      if (stored) {
-        res.status(Number(stored.additional?.status ?? 200)).json(stored.body)
-        return
-      }
+      const answer = await peer.handle(request, () => db.transaction().execute((trx) => placeOrder(trx, customer(req), req.body.amount)))
+      res.status(201).json(answer.body)
     } catch (error) {
-      res.status((error as { code?: string }).code === 'REQUEST_IN_PROGRESS' ? 409 : 422).json({ error: (error as Error).message })
-      return
-    }
-    try {
-      const order = await db.transaction().execute((trx) => placeOrder(trx, customer(req), req.body.amount))
-      await peer.onResponse(params, { body: order, additional: { status: 201 } })
-      res.status(201).json(order)
-    } catch (error) {
-      next(error)
+      if (error instanceof PeerRefusal) res.status(error.status).json({ error: error.message })
+      else next(error)
     }
   })
 }

@@ -77,18 +77,29 @@ async function dropTables(db: Kysely<BenchDB>): Promise<void> {
   }
 }
 
-/** Calls `op` from `clients` concurrent loops for `ms` milliseconds; returns completed calls per second. */
-export async function throughput(clients: number, ms: number, op: (client: number, n: number) => Promise<unknown>): Promise<number> {
+/** What {@link throughput} measured: completed calls per second, and the 99th percentile of their latency. */
+export interface Throughput {
+  readonly perSecond: number
+  readonly p99Ms: number
+}
+
+/** Calls `op` from `clients` concurrent loops for `ms` milliseconds. */
+export async function throughput(clients: number, ms: number, op: (client: number, n: number) => Promise<unknown>): Promise<Throughput> {
   const until = performance.now() + ms
   const started = performance.now()
-  let done = 0
+  const latencies: number[] = []
   await Promise.all(
     Array.from({ length: clients }, async (_, client) => {
       for (let n = 0; performance.now() < until; n++) {
+        const start = performance.now()
         await op(client, n)
-        done++
+        latencies.push(performance.now() - start)
       }
     }),
   )
-  return done / ((performance.now() - started) / 1000)
+  latencies.sort((a, b) => a - b)
+  return {
+    perSecond: latencies.length / ((performance.now() - started) / 1000),
+    p99Ms: latencies[Math.min(latencies.length - 1, Math.floor(latencies.length * 0.99))] ?? 0,
+  }
 }

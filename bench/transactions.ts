@@ -1,6 +1,8 @@
 import type { LogEvent } from 'kysely'
 import { createIdempotency } from '../src/index.js'
 import { openDatabase, type DatabaseName } from '../test/support/databases.js'
+import type { DbosPeer, RedisPeer } from './peers.js'
+import { rawSequences } from './raw.js'
 import { KEYS_TABLE, placeOrder, throughput, type Bench, type BenchDB } from './support.js'
 
 /** The paths measured against each other, all running the same three-insert transaction. */
@@ -9,85 +11,152 @@ export const PATHS = {
   first: 'b: first execution, idempotency.transaction',
   inside: "b': first execution, withIdempotency in your transaction",
   replay: 'c: replay, idempotency.transaction',
+  rawFirst: "r: raw SQL, b's statements (claim first)",
+  rawLast: "r': raw SQL, claim last (writes, then finished key)",
+  dbosFirst: 'DBOS workflow (ID = key), first execution',
+  dbosReplay: 'DBOS workflow (ID = key), replay',
+  redisFirst: '@node-idempotency/core + Redis, first execution',
+  redisReplay: '@node-idempotency/core + Redis, replay',
 } as const
 export type PathName = keyof typeof PATHS
+/** The paths whose statements the benchmark counts (the peers' go through other clients). */
+type CountedPath = 'bare' | 'first' | 'inside' | 'replay' | 'rawFirst' | 'rawLast'
+
+export interface PathFigures {
+  /** Calls per second, the mean over the rounds. */
+  readonly opsPerSecond: number
+  /** Calls per second in each round, to show how much the machine wandered. */
+  readonly rounds: number[]
+  /** The 99th percentile of a call's latency in ms, the mean over the rounds. */
+  readonly p99Ms: number
+  /** `opsPerSecond` divided by the bare transaction's. */
+  readonly toBare: number
+}
 
 export interface TransactionFigures {
   readonly database: DatabaseName
+  /** How the clients reach the server: directly, or through PgBouncer in transaction mode. */
+  readonly via: 'direct' | 'PgBouncer'
   readonly clients: number
-  /** Calls per second, the mean over the rounds. */
-  readonly opsPerSecond: Record<PathName, number>
-  /** Calls per second in each round, to show how much the machine wandered. */
-  readonly rounds: Record<PathName, number[]>
-  readonly ratios: { readonly firstToBare: number; readonly insideToBare: number; readonly replayToBare: number }
+  /** The measured paths, in the order they ran in each round. */
+  readonly paths: Partial<Record<PathName, PathFigures>>
+  /**
+   * The library's own cost: b/a divided by r/a, the same statements sent by hand (1.0 = the
+   * library adds nothing to its SQL); and what the claim-last sequence would gain, r'/r.
+   */
+  readonly efficiency: number
+  readonly claimLastGain: number
   /** What one call of each path sends, in order. */
-  readonly statements: Record<PathName, string[]>
+  readonly statements: Record<CountedPath, string[]>
+  /** Whether path r sends exactly the SQL text that path b does (parameters apart). */
+  readonly rawIsLibrarySql: boolean
 }
 
-/** Replayable keys made before measuring, cycled through by the replay path. */
+/** Where the benchmark measures: a database, and the library's instance on it. */
+export type Target = Pick<Bench, 'database' | 'location' | 'db' | 'idempotency'> & { readonly via: TransactionFigures['via'] }
+
+/** Replayable keys made before measuring, cycled through by the replay paths. */
 const REPLAY_KEYS = 1000
+const CUSTOMER = 'c'
+const AMOUNT = 100
 
 /**
- * Measures the paths in interleaved rounds (a, b, b', c, a, b, …) so that drift of the
- * machine (autovacuum, checkpoints, a growing table) falls on all of them alike.
+ * Measures the paths in interleaved rounds (a, b, b', c, r, r', …, a, b, …) so that drift of the
+ * machine (autovacuum, checkpoints, a growing table) falls on all of them alike. `peers` adds
+ * their rows; `mariadb` says how a MySQL server bounds a lock wait (for the raw paths).
  */
-export async function measureTransactions(bench: Bench, clients: number, seconds: number, rounds: number): Promise<TransactionFigures> {
-  const { db, idempotency } = bench
-  const run = Date.now().toString(36)
-  await Promise.all(
-    Array.from({ length: REPLAY_KEYS }, (_, i) => idempotency.transaction(`replay-${run}-${i}`, (trx) => placeOrder(trx, 'c', 100))),
-  )
-  const ops: Record<PathName, (client: number, n: number, round: number) => Promise<unknown>> = {
-    bare: () => db.transaction().execute((trx) => placeOrder(trx, 'c', 100)),
-    first: (client, n, round) => idempotency.transaction(`first-${run}-${round}-${client}-${n}`, (trx) => placeOrder(trx, 'c', 100)),
-    inside: (client, n, round) =>
-      db.transaction().execute((trx) => idempotency.withIdempotency(trx, `inside-${run}-${round}-${client}-${n}`, (t) => placeOrder(t, 'c', 100))),
-    replay: (client, n) => idempotency.transaction(`replay-${run}-${(client * 7919 + n) % REPLAY_KEYS}`, (trx) => placeOrder(trx, 'c', 100)),
+export async function measureTransactions(
+  target: Target,
+  options: { clients: number; seconds: number; rounds: number; mariadb: boolean; peers?: { dbos: DbosPeer; redis: RedisPeer } },
+): Promise<TransactionFigures> {
+  const { db, idempotency } = target
+  const { clients, seconds, rounds, peers } = options
+  const run = `${target.via}-${Date.now().toString(36)}`
+  const raw = rawSequences(target.database, db, options.mariadb)
+  const order = (trx: Parameters<typeof placeOrder>[0]) => placeOrder(trx, CUSTOMER, AMOUNT)
+  const bare = () => db.transaction().execute(order)
+  const redisCall = (redis: RedisPeer, key: string) =>
+    redis.handle({ headers: { 'idempotency-key': key }, path: '/orders', method: 'POST', body: { amount: AMOUNT } }, bare)
+  const replayKey = (client: number, n: number) => `replay-${run}-${(client * 7919 + n) % REPLAY_KEYS}`
+  const ops: Partial<Record<PathName, (key: string, client: number, n: number) => Promise<unknown>>> = {
+    bare: () => bare(),
+    first: (key) => idempotency.transaction(key, order),
+    inside: (key) => db.transaction().execute((trx) => idempotency.withIdempotency(trx, key, order)),
+    replay: (_key, client, n) => idempotency.transaction(replayKey(client, n), order),
+    rawFirst: (key) => raw.claimFirst(key, order),
+    rawLast: (key) => raw.claimLast(key, order),
+    ...(peers && {
+      dbosFirst: (key: string) => peers.dbos.order(key, CUSTOMER, AMOUNT),
+      dbosReplay: (_key: string, client: number, n: number) => peers.dbos.order(replayKey(client, n), CUSTOMER, AMOUNT),
+      redisFirst: (key: string) => redisCall(peers.redis, key),
+      redisReplay: (_key: string, client: number, n: number) => redisCall(peers.redis, replayKey(client, n)),
+    }),
   }
-  const names = Object.keys(PATHS) as PathName[]
-  for (const name of names) await throughput(clients, 500, (client, n) => ops[name](client, n, -1))
-  const perRound = Object.fromEntries(names.map((name) => [name, [] as number[]])) as Record<PathName, number[]>
+  for (let i = 0; i < REPLAY_KEYS; i += clients) {
+    const batch = Array.from({ length: Math.min(clients, REPLAY_KEYS - i) }, (_, j) => `replay-${run}-${i + j}`)
+    await Promise.all(
+      batch.flatMap((key) => [
+        idempotency.transaction(key, order),
+        ...(peers ? [peers.dbos.order(key, CUSTOMER, AMOUNT), redisCall(peers.redis, key)] : []),
+      ]),
+    )
+  }
+  const names = (Object.keys(PATHS) as PathName[]).filter((name) => ops[name])
+  const call = (name: PathName, round: number) => (client: number, n: number) => ops[name]!(`${name}-${run}-${round}-${client}-${n}`, client, n)
+  for (const name of names) await throughput(clients, 500, call(name, -1))
+  const measured = Object.fromEntries(names.map((name) => [name, [] as Array<{ perSecond: number; p99Ms: number }>]))
   for (let round = 0; round < rounds; round++) {
-    for (const name of names) perRound[name].push(await throughput(clients, seconds * 1000, (client, n) => ops[name](client, n, round)))
+    for (const name of names) measured[name]!.push(await throughput(clients, seconds * 1000, call(name, round)))
   }
-  const opsPerSecond = Object.fromEntries(names.map((name) => [name, perRound[name].reduce((a, b) => a + b, 0) / rounds])) as Record<PathName, number>
+  const mean = (values: number[]) => values.reduce((a, b) => a + b, 0) / values.length
+  const bareOps = mean(measured.bare!.map((r) => r.perSecond))
+  const paths = Object.fromEntries(
+    names.map((name) => {
+      const perRound = measured[name]!
+      const opsPerSecond = mean(perRound.map((r) => r.perSecond))
+      return [name, { opsPerSecond, rounds: perRound.map((r) => r.perSecond), p99Ms: mean(perRound.map((r) => r.p99Ms)), toBare: opsPerSecond / bareOps }]
+    }),
+  ) as Partial<Record<PathName, PathFigures>>
   return {
-    database: bench.database,
+    database: target.database,
+    via: target.via,
     clients,
-    opsPerSecond,
-    rounds: perRound,
-    ratios: {
-      firstToBare: opsPerSecond.first / opsPerSecond.bare,
-      insideToBare: opsPerSecond.inside / opsPerSecond.bare,
-      replayToBare: opsPerSecond.replay / opsPerSecond.bare,
-    },
-    statements: await countStatements(bench, run),
+    paths,
+    efficiency: paths.first!.opsPerSecond / paths.rawFirst!.opsPerSecond,
+    claimLastGain: paths.rawLast!.opsPerSecond / paths.rawFirst!.opsPerSecond,
+    ...(await countStatements(target, run, options.mariadb)),
   }
 }
 
-/** Runs each path once on a logging connection and names what it sent. */
-async function countStatements(bench: Bench, run: string): Promise<Record<PathName, string[]>> {
+/** Runs each counted path once on a logging connection, names what it sent, and compares the raw path's SQL with the library's. */
+async function countStatements(target: Target, run: string, mariadb: boolean): Promise<Pick<TransactionFigures, 'statements' | 'rawIsLibrarySql'>> {
   let sent: string[] = []
-  const db = openDatabase(bench.database, bench.location, 1, 5000, (event: LogEvent) => {
-    sent.push(label(event.query.sql))
+  const db = openDatabase(target.database, target.location, 1, 5000, (event: LogEvent) => {
+    sent.push(event.query.sql.replace(/\s+/g, ' ').trim())
   })
   try {
     const idempotency = createIdempotency<BenchDB>({ db, tableName: KEYS_TABLE })
+    const raw = rawSequences(target.database, db, mariadb)
+    const order = (trx: Parameters<typeof placeOrder>[0]) => placeOrder(trx, CUSTOMER, AMOUNT)
     const record = async (op: () => Promise<unknown>): Promise<string[]> => {
       sent = []
       await op()
       return sent.splice(0)
     }
-    const bare = await record(() => db.transaction().execute((trx) => placeOrder(trx, 'c', 100)))
+    const bare = await record(() => db.transaction().execute(order))
     // The first call of an instance compiles its statements (and MySQL asks the server's
     // version once); count a later call, as a running application sends it.
-    await idempotency.transaction(`count-${run}-warm`, (trx) => placeOrder(trx, 'c', 100))
-    const first = await record(() => idempotency.transaction(`count-${run}-first`, (trx) => placeOrder(trx, 'c', 100)))
-    const inside = await record(() =>
-      db.transaction().execute((trx) => idempotency.withIdempotency(trx, `count-${run}-inside`, (t) => placeOrder(t, 'c', 100))),
-    )
-    const replay = await record(() => idempotency.transaction(`count-${run}-first`, (trx) => placeOrder(trx, 'c', 100)))
-    return { bare, first, inside, replay }
+    await idempotency.transaction(`count-${run}-warm`, order)
+    const first = await record(() => idempotency.transaction(`count-${run}-first`, order))
+    const inside = await record(() => db.transaction().execute((trx) => idempotency.withIdempotency(trx, `count-${run}-inside`, order)))
+    const replay = await record(() => idempotency.transaction(`count-${run}-first`, order))
+    const rawFirst = await record(() => raw.claimFirst(`count-${run}-raw-first`, order))
+    const rawLast = await record(() => raw.claimLast(`count-${run}-raw-last`, order))
+    const texts = { bare, first, inside, replay, rawFirst, rawLast }
+    return {
+      statements: Object.fromEntries(Object.entries(texts).map(([name, sent]) => [name, sent.map(label)])) as Record<CountedPath, string[]>,
+      rawIsLibrarySql: rawFirst.length === first.length && rawFirst.every((text, i) => text === first[i]),
+    }
   } finally {
     await db.destroy()
   }
