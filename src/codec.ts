@@ -333,6 +333,43 @@ superjson.registerCustom<Date, string>(
 const DEFAULT_NAME = 'superjson'
 
 /**
+ * Whether `value` is JSON that superjson writes without any meta, as `{"json": <its JSON>}`:
+ * finite numbers other than -0, strings, booleans, null, dense arrays and plain objects of
+ * those, with no key superjson guards against and no object met twice (superjson would record
+ * the shared reference). Most responses are; they skip both walks of the full encoding.
+ */
+function isPlainJson(value: unknown, seen: Set<object>): boolean {
+  switch (typeof value) {
+    case 'string':
+    case 'boolean':
+      return true
+    case 'number':
+      return Number.isFinite(value) && !Object.is(value, -0)
+    case 'object':
+      break
+    default:
+      return false
+  }
+  if (value === null) return true
+  if (seen.has(value)) return false
+  seen.add(value)
+  const prototype: unknown = Object.getPrototypeOf(value)
+  if (prototype === Array.prototype) {
+    const array = value as unknown[]
+    if (Object.getOwnPropertyNames(array).length !== array.length + 1) return false
+    for (let i = 0; i < array.length; i++) if (!(i in array) || !isPlainJson(array[i], seen)) return false
+    return true
+  }
+  if (prototype !== Object.prototype || Object.getOwnPropertySymbols(value).length > 0) return false
+  const names = Object.getOwnPropertyNames(value)
+  const record = value as Record<string, unknown>
+  for (const name of names) {
+    if (GUARDED_KEYS.includes(name) || !Object.prototype.propertyIsEnumerable.call(value, name) || !isPlainJson(record[name], seen)) return false
+  }
+  return true
+}
+
+/**
  * The default codec: superjson's JSON (`{"json": …, "meta": …}`, readable in the table),
  * after a check that refuses, with `IdempotencySerializationError` naming where, anything it
  * could not rebuild exactly: functions, symbols, class instances other than the kinds listed
@@ -345,6 +382,7 @@ const DEFAULT_NAME = 'superjson'
 export const defaultCodec: Codec = {
   name: DEFAULT_NAME,
   encode(value) {
+    if (isPlainJson(value, new Set())) return `{"json":${JSON.stringify(value)}}`
     checkStorable(value, new Path(), new Set(), new Set(), false)
     try {
       return superjson.stringify(value)

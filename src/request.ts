@@ -36,6 +36,8 @@ export interface NormalizedKey {
 
 const KEY_PATTERN = /^[\x20-\x7e]{1,255}$/
 const MAX_SCOPE_LENGTH = 255
+/** The fingerprint of a call that names no request (the common case), hashed once. */
+const NO_REQUEST = fingerprint(null)
 
 /** Validates a key input and fingerprints its request. Throws before anything touches the database. */
 export function normalizeKey(input: IdempotencyKeyInput): NormalizedKey {
@@ -48,7 +50,7 @@ export function normalizeKey(input: IdempotencyKeyInput): NormalizedKey {
       `The idempotency scope must be a string of at most ${MAX_SCOPE_LENGTH} characters without NUL or lone surrogates.`,
     )
   }
-  return { scope, key, fingerprint: fingerprint(request), request }
+  return { scope, key, fingerprint: request === null ? NO_REQUEST : fingerprint(request), request }
 }
 
 function describeBadKey(key: unknown): string {

@@ -2,6 +2,7 @@ import { deepStrictEqual } from 'node:assert/strict'
 import { isDeepStrictEqual } from 'node:util'
 import fc from 'fast-check'
 import { InsertResult, UpdateResult } from 'kysely'
+import SuperJSON from 'superjson'
 import { describe, expect, it } from 'vitest'
 import {
   canonicalJson,
@@ -122,6 +123,38 @@ describe('the codec', () => {
       }),
       { numRuns: 300 },
     )
+  })
+
+  it("writes superjson's own text for JSON values, shared objects and -0 included", () => {
+    fc.assert(
+      fc.property(fc.jsonValue().filter((v) => !/"(__proto__|constructor|prototype)":/.test(JSON.stringify(v))), fc.boolean(), (value, share) => {
+        // Plain JSON skips superjson's walk; what it writes must not change for it.
+        const candidate = share ? { a: value, b: [value] } : value
+        expect(defaultCodec.encode(candidate)).toBe(SuperJSON.stringify(candidate))
+      }),
+      { numRuns: 500 },
+    )
+  })
+
+  it('keeps what plain JSON would lose, at the top and deep inside', () => {
+    const shared = { s: 1 }
+    const sparse = [1, , 3]
+    const extra = Object.assign([1, 2], { note: 'x' })
+    const hidden = Object.defineProperty({ a: 1 }, 'b', { value: 2, enumerable: false })
+    const edges: unknown[] = [-0, Number.NaN, Number.POSITIVE_INFINITY, undefined, { a: undefined }, { a: shared, b: shared }, [shared, shared]]
+    edges.push(Object.assign(Object.create(null) as object, { a: 1 }), JSON.parse('{"__proto__": 1, "a": 2}'), { s: Symbol.for('k') }, sparse, extra, hidden)
+    for (const edge of edges) {
+      for (const value of [edge, { deep: [edge] }]) {
+        let text: string
+        try {
+          text = defaultCodec.encode(value)
+        } catch (error) {
+          expect(error).toBeInstanceOf(IdempotencySerializationError)
+          continue
+        }
+        deepStrictEqual(defaultCodec.decode(text), value)
+      }
+    }
   })
 
   it('writes JSON, the value itself when it is plain JSON', () => {
