@@ -43,16 +43,19 @@ export interface RouteFigures {
   readonly errors: number
 }
 
-/** Each route, and how its requests are keyed: a new key per request, or one key for all (replays). */
+/** Replayable keys made on each replay route before measuring. */
+const REPLAY_KEYS = 500
+
+/** Each route, and how its requests are keyed: a new key per request, or a key made before (replays). */
 export const ROUTES = [
   { route: 'Express: plain route (bare transaction)', path: '/plain', key: 'none', on: 'express' },
   { route: 'Express: idempotent(), first executions', path: '/idempotent', key: 'fresh', on: 'express' },
-  { route: 'Express: idempotent(), replays', path: '/idempotent', key: 'fixed', on: 'express' },
+  { route: 'Express: idempotent(), replays', path: '/idempotent', key: 'replay', on: 'express' },
   { route: 'Express: peer @node-idempotency/core + Redis, first executions', path: '/peer', key: 'fresh', on: 'express' },
-  { route: 'Express: peer @node-idempotency/core + Redis, replays', path: '/peer', key: 'fixed', on: 'express' },
+  { route: 'Express: peer @node-idempotency/core + Redis, replays', path: '/peer', key: 'replay', on: 'express' },
   { route: 'Fastify: plain route (bare transaction)', path: '/plain', key: 'none', on: 'fastify' },
   { route: 'Fastify: idempotent(), first executions', path: '/idempotent', key: 'fresh', on: 'fastify' },
-  { route: 'Fastify: idempotent(), replays', path: '/idempotent', key: 'fixed', on: 'fastify' },
+  { route: 'Fastify: idempotent(), replays', path: '/idempotent', key: 'replay', on: 'fastify' },
 ] as const
 
 /**
@@ -62,7 +65,22 @@ export const ROUTES = [
 export async function measureRoutes(server: Server, connections: number, seconds: number, rounds: number): Promise<RouteFigures[]> {
   const body = JSON.stringify({ amount: 1500 })
   const headers = { 'content-type': 'application/json', 'x-customer': 'bench' }
-  const fixed = `replay-${randomUUID()}`
+  // Replays are spread over keys made first, as retries of many clients are: replays of one key
+  // at once are answered one after another (each may find the key expired and run it).
+  const replayKeys = Array.from({ length: REPLAY_KEYS }, (_, i) => `replay-${randomUUID()}-${i}`)
+  for (const spec of ROUTES.filter((r) => r.key === 'replay')) {
+    const url = `${spec.on === 'fastify' ? server.fastifyUrl : server.url}${spec.path}`
+    for (let i = 0; i < replayKeys.length; i += connections) {
+      await Promise.all(
+        replayKeys.slice(i, i + connections).map(async (key) => {
+          const response = await fetch(url, { method: 'POST', headers: { ...headers, 'idempotency-key': key }, body })
+          if (response.status !== 201) throw new Error(`Making the replay key ${key} on ${spec.route} answered ${response.status}.`)
+          await response.arrayBuffer()
+        }),
+      )
+    }
+  }
+  let next = 0
   const drive = (spec: (typeof ROUTES)[number], duration: number) => {
     const request: autocannon.Request = {
       method: 'POST',
@@ -71,7 +89,8 @@ export async function measureRoutes(server: Server, connections: number, seconds
       body,
       setupRequest: (req) => {
         if (spec.key === 'none') return req
-        return { ...req, headers: { ...req.headers, 'idempotency-key': spec.key === 'fixed' ? fixed : randomUUID() } }
+        const key = spec.key === 'replay' ? replayKeys[next++ % replayKeys.length]! : randomUUID()
+        return { ...req, headers: { ...req.headers, 'idempotency-key': key } }
       },
     }
     return autocannon({ url: spec.on === 'fastify' ? server.fastifyUrl : server.url, connections, requests: [request], duration })

@@ -301,10 +301,10 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
   const flows = new Flows(observer)
   const base = resolveSettings(DEFAULTS, options)
   const lockTimeout = bounded('lockTimeout', options.lockTimeout ?? DEFAULTS.lockTimeout)
-  // Most calls pass no options: their settings are the instance's, resolved once.
+  // Most calls pass no options (`undefined`, or `null` from plain JavaScript): their settings are the instance's, resolved once.
   const defaults: Settings = { ...base, isolationLevel: undefined }
   const settings = (call: TransactionOptions | undefined): Settings =>
-    call === undefined ? defaults : { ...resolveSettings(base, call), isolationLevel: call.isolationLevel }
+    call == null ? defaults : { ...resolveSettings(base, call), isolationLevel: call.isolationLevel }
   // Every method is async, so that bad input (a missing key, a bad option) rejects instead of throwing.
   const outcome = <T>(result: { value: Execution<T> } | { error: unknown }) =>
     'error' in result ? failureOf(result.error) : { type: result.value.replayed ? ('replayed' as const) : ('executed' as const) }

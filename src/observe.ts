@@ -71,22 +71,42 @@ interface SpanLike {
 interface TracerLike {
   startActiveSpan<F extends (span: SpanLike) => unknown>(name: string, options: { attributes?: Record<string, string | number | boolean> }, fn: F): ReturnType<F>
 }
+interface TracerProviderLike {
+  /** The API's proxy provider: the registered SDK's tracer, `undefined` while none is registered. */
+  getDelegateTracer?(name: string): TracerLike | undefined
+}
 interface TraceApi {
-  readonly trace: { getTracer(name: string): TracerLike }
+  readonly trace: { getTracer(name: string): TracerLike; getTracerProvider(): TracerProviderLike }
 }
 
 const SPAN_ERROR = 2
+const TRACER_NAME = 'kysely-idempotency'
 // Named through a variable, so that a bundler leaves the optional peer to be found at run time.
 const OPENTELEMETRY = '@opentelemetry/api'
-let tracing: Promise<TracerLike | undefined> | undefined
+/** `@opentelemetry/api`'s trace API once looked up: `undefined` when it is not installed, `null` before the first call. */
+let traceApi: TraceApi['trace'] | undefined | null = null
+let loading: Promise<void> | undefined
 
-/** The library's tracer when `@opentelemetry/api` is installed; without a registered SDK its spans cost next to nothing. */
-function loadTracer(): Promise<TracerLike | undefined> {
-  tracing ??= import(OPENTELEMETRY).then(
-    (api: TraceApi) => api.trace.getTracer('kysely-idempotency'),
-    () => undefined,
+function loadTraceApi(): Promise<void> {
+  loading ??= import(OPENTELEMETRY).then(
+    (api: TraceApi) => {
+      traceApi = api.trace
+    },
+    () => {
+      traceApi = undefined
+    },
   )
-  return tracing
+  return loading
+}
+
+/**
+ * The tracer of the SDK registered now, if any. Without one the API's tracer only makes no-op
+ * spans, which still cost a context switch per call, so the call runs without a span; an SDK
+ * registered later is found by the next call.
+ */
+function activeTracer(trace: TraceApi['trace']): TracerLike | undefined {
+  const provider = trace.getTracerProvider()
+  return typeof provider.getDelegateTracer === 'function' ? provider.getDelegateTracer(TRACER_NAME) : trace.getTracer(TRACER_NAME)
 }
 
 /** What a span and an event are told about one call. */
@@ -142,7 +162,8 @@ export class Observer {
     outcome: (result: { value: T } | { error: unknown }) => Ending | undefined,
   ): Promise<T> {
     const started = performance.now()
-    const tracer = await loadTracer()
+    if (traceApi === null) await loadTraceApi()
+    const tracer = traceApi ? activeTracer(traceApi) : undefined
     const report = (span: SpanLike | undefined, result: { value: T } | { error: unknown }) => {
       const ending = outcome(result)
       if (!ending) {

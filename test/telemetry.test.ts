@@ -97,3 +97,20 @@ for (const target of selectedTargets({ statementPaths: false })) {
     })
   })
 }
+
+describe('OpenTelemetry spans: an SDK registered late', () => {
+  it('makes no span while no SDK is registered, and finds one registered after the first calls', async () => {
+    const fx = await openFixture(selectedTargets().find((t) => t.database === 'sqlite')!)
+    try {
+      trace.disable()
+      exporter.reset()
+      expect(await fx.idempotency.transaction('late', async () => 1)).toBe(1)
+      expect(exporter.getFinishedSpans()).toEqual([])
+      trace.setGlobalTracerProvider(new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(exporter)] }))
+      expect(await fx.idempotency.transaction('late', async () => 2)).toBe(1)
+      expect(named('idempotency.transaction').map((s) => s.attributes['idempotency.outcome'])).toEqual(['replayed'])
+    } finally {
+      await fx.close()
+    }
+  })
+})
