@@ -357,16 +357,23 @@ function isPlainJson(value: unknown, seen: Set<object>): boolean {
   if (prototype === Array.prototype) {
     const array = value as unknown[]
     if (Object.getOwnPropertyNames(array).length !== array.length + 1) return false
-    for (let i = 0; i < array.length; i++) if (!(i in array) || !isPlainJson(array[i], seen)) return false
+    for (let i = 0; i < array.length; i++) if (!isPlainData(array, String(i), seen)) return false
     return true
   }
   if (prototype !== Object.prototype || Object.getOwnPropertySymbols(value).length > 0) return false
-  const names = Object.getOwnPropertyNames(value)
-  const record = value as Record<string, unknown>
-  for (const name of names) {
-    if (GUARDED_KEYS.includes(name) || !Object.prototype.propertyIsEnumerable.call(value, name) || !isPlainJson(record[name], seen)) return false
+  for (const name of Object.getOwnPropertyNames(value)) {
+    if (GUARDED_KEYS.includes(name) || !isPlainData(value, name, seen)) return false
   }
   return true
+}
+
+/**
+ * Whether `object[name]` is an enumerable data property holding plain JSON. A getter is left to
+ * the full encoding: JSON.stringify would call it again and might get something else.
+ */
+function isPlainData(object: object, name: string, seen: Set<object>): boolean {
+  const property = Object.getOwnPropertyDescriptor(object, name)
+  return property !== undefined && property.enumerable === true && 'value' in property && isPlainJson(property.value, seen)
 }
 
 /**

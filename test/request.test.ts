@@ -148,6 +148,7 @@ describe('the codec', () => {
     const hidden = Object.defineProperty({ a: 1 }, 'b', { value: 2, enumerable: false })
     const edges: unknown[] = [-0, Number.NaN, Number.POSITIVE_INFINITY, undefined, { a: undefined }, { a: shared, b: shared }, [shared, shared]]
     edges.push(Object.assign(Object.create(null) as object, { a: 1 }), JSON.parse('{"__proto__": 1, "a": 2}'), { s: Symbol.for('k') }, sparse, extra, hidden)
+    edges.push(Object.defineProperty({}, 'when', { get: () => new Date(0), enumerable: true }), Object.defineProperty([1], 0, { get: () => 2n, enumerable: true }))
     for (const edge of edges) {
       for (const value of [edge, { deep: [edge] }]) keptOrRefused(value)
     }
