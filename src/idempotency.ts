@@ -347,8 +347,11 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
   const executeRun = async <T>(key: IdempotencyKeyInput, flow: (flow: Flow<DB, T>) => Promise<T>, call?: RunOptions) =>
     runFlow(normalizeKey(key), flow, call, { flow: null, answer: null })
 
-  /** Takes over one abandoned flow of `definition` as the recovery worker, and runs it to its end. */
-  const resume = async (row: AbandonedRow, definition: Definition): Promise<'finished' | 'skipped'> => {
+  /**
+   * Takes over one abandoned flow of `definition` as the recovery worker, and runs it to its end;
+   * if the run fails, the flow is put off by `retryIn` ms (`null`: left to the client).
+   */
+  const resume = async (row: AbandonedRow, definition: Definition, retryIn: number | null): Promise<'finished' | 'skipped'> => {
     const key = { scope: text(row.scope), key: text(row.key), fingerprint: String(row.fingerprint) }
     const outcome = await observer.observe(
       'idempotency.recover',
@@ -368,6 +371,7 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
           flow: definition.name,
           answer: http ? 'http' : null,
           resumeOnly: true,
+          failure: { retryIn },
           operation: 'recover',
         }
         const answer = http ? definition.answer : undefined
@@ -402,7 +406,7 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
       // Not this process's to finish: look again later, not at every pass before the others.
       const p = plain.withoutPlugins()
       const s = await core.statements(p)
-      await core.guard(undefined, () => s.postpone(p, row.id, UNBOUND_POSTPONE))
+      await core.guard(undefined, () => s.postpone(p, row.id, UNBOUND_POSTPONE)).catch(touchedElsewhere)
       return 'skipped'
     }
     return outcome
@@ -414,12 +418,18 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
     const p = plain.withoutPlugins()
     const s = await core.statements(p)
     const names = flows.names
-    const rows = await core.guard(undefined, () => s.recoverable(p, names, olderThan, limit))
-    const unknown = await core.guard(undefined, () => s.unknownFlows(p, names, olderThan))
+    // A SERIALIZABLE database may cancel even a read under concurrent passes and clients: read again.
+    const read = <T>(statement: () => Promise<T>) => core.retrying(defaults, () => core.guard(undefined, statement))
+    const rows = await read(() => s.recoverable(p, names, olderThan, limit))
+    const unknown = await read(() => s.unknownFlows(p, names, olderThan))
     const retryIn = (failures: number) => (failures >= maxFailures ? null : Math.min(HOUR, RECOVERY_BACKOFF * 2 ** (failures - 1)))
-    // Counting a failure can meet a deadlock with another worker's claim of the same row (InnoDB): try it again.
-    return flows.recover(rows, unknown, resume, (row, failures) =>
-      core.retrying(settings(undefined), () => core.guard(undefined, () => s.recoveryFailed(p, row.id, failures - 1, retryIn(failures)))),
+    return flows.recover(
+      rows,
+      unknown,
+      (row, definition) => resume(row, definition, retryIn(Number(row.failures ?? 0) + 1)),
+      // Usually the failed attempt counted itself as it let go of the flow; this counts a failure
+      // before any takeover, and does nothing if the count moved meanwhile.
+      (row, failures) => read(() => s.recoveryFailed(p, row.id, failures - 1, retryIn(failures))).catch(touchedElsewhere),
     )
   }
 
@@ -476,6 +486,14 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
     inspect: async (key) => inspectKey(core, plain, normalizeKey(key)),
     forget: async (key) => forgetKey(core, plain, normalizeKey(key), { ...settings(undefined), lockTimeout }),
   }
+}
+
+/**
+ * A conflict on the worker's own bookkeeping of one flow (a count, a postponement) means another
+ * worker or a client acted on that flow meanwhile: that flow's turn is over, not the pass.
+ */
+function touchedElsewhere(error: unknown): void {
+  if (!(error instanceof IdempotencyConflictError)) throw error
 }
 
 /**

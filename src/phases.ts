@@ -110,6 +110,8 @@ export interface FlowSettings extends Settings {
   readonly answer: 'http' | null
   /** Only take over an unfinished flow that no attempt holds (the recovery worker); anything else is {@link NotResumable}. */
   readonly resumeOnly: boolean
+  /** The recovery worker's attempt: if it fails, its release counts the failure and backs the flow off this long (`null`: for good). */
+  readonly failure?: { readonly retryIn: number | null }
   /** The method the attempt serves, for its events. */
   readonly operation: IdempotencyOperation
 }
@@ -369,7 +371,7 @@ class Attempt<DB, T> {
       const reported = this.#broken ?? error
       if (reported !== this.#lost) {
         // The lease runs out by itself if this fails, so the original error is the one to report.
-        await this.#s.release(this.#plain, this.#lease, this.#settings.ttl).catch(() => undefined)
+        await this.#s.release(this.#plain, this.#lease, this.#settings.ttl, this.#settings.failure).catch(() => undefined)
       }
       throw reported
     }

@@ -96,9 +96,11 @@ export interface Statements extends Required<DialectStatements> {
   complete(db: Kysely<unknown>, lease: Lease, response: Encoded, ttl: number): Promise<boolean>
   /**
    * Clears the lock so that a retry resumes at once, if `lease` still holds it; the unfinished
-   * key then lives `ttl` ms from now.
+   * key then lives `ttl` ms from now. With `failure` (the recovery worker's attempt failed), the
+   * same statement counts the failure and puts off the worker's next look by `retryIn` ms (`null`:
+   * never), so that no worker holding a stale list can take the flow over in between.
    */
-  release(db: Kysely<unknown>, lease: Lease, ttl: number): Promise<void>
+  release(db: Kysely<unknown>, lease: Lease, ttl: number, failure?: { readonly retryIn: number | null }): Promise<void>
   abandoned(db: Kysely<unknown>, idleFor: number, limit: number): Promise<readonly AbandonedRow[]>
   /** Unfinished flows of these names that no attempt holds and the recovery worker may pick now, due longest first. */
   recoverable(db: Kysely<unknown>, names: readonly string[], idleFor: number, limit: number): Promise<readonly AbandonedRow[]>
@@ -173,6 +175,10 @@ export async function prepareStatements(db: Kysely<unknown>, dialect: Idempotenc
     where ${ours(p)}`)
   const release = prepare(db, ['id', 'token', 'ttl'], (p) => sql`
     update ${sql.table(table)} set lock_token = null, locked_until = null, expires_at = ${later(p.ttl)} where ${ours(p)}`)
+  const releaseFailed = prepare(db, ['id', 'token', 'ttl', 'retryIn'], (p) => sql`
+    update ${sql.table(table)} set lock_token = null, locked_until = null, expires_at = ${later(p.ttl)},
+      recovery_failures = recovery_failures + 1, recover_after = ${later(p.retryIn)}
+    where ${ours(p)}`)
   const idle = dialect.elapsed(sql.ref('last_run_at'))
   const abandonedColumns = sql`id as id, scope as scope, ${sql.ref('key')} as ${sql.ref('key')}, recovery_point as point,
     ${dialect.jsonText(sql.ref('phase_results'))} as phases, codec as codec, ${dialect.elapsed(sql.ref('created_at'))} as age, ${idle} as idle,
@@ -233,8 +239,8 @@ export async function prepareStatements(db: Kysely<unknown>, dialect: Idempotenc
     record: (db, lease, point, renewal) =>
       changed(db, record.bind({ ...lease, ...renewal, point, phases: renewal.phases.text, codec: renewal.phases.codec })),
     complete: (db, lease, response, ttl) => changed(db, complete.bind({ ...lease, response: response.text, codec: response.codec, ttl })),
-    async release(db, lease, ttl) {
-      await db.executeQuery(release.bind({ ...lease, ttl }))
+    async release(db, lease, ttl, failure) {
+      await db.executeQuery(failure ? releaseFailed.bind({ ...lease, ttl, retryIn: failure.retryIn }) : release.bind({ ...lease, ttl }))
     },
     async counts(db) {
       const { rows } = await db.executeQuery<Record<keyof KeyCounts, unknown>>(counts.bind({}))

@@ -103,8 +103,10 @@ for (const target of selectedTargets()) {
       for (const key of keys) await expect(client.run({ key, request: { key } })).rejects.toThrow()
       const workers = [fx.with({ lockTimeout }), fx.with({ lockTimeout })]
       for (const worker of workers) defineRide(worker)
+      // The test owns its retry loops: whatever fails, they stop before the table is dropped.
+      let stopped = false
       const retries = keys.map(async (key) => {
-        for (;;) {
+        while (!stopped) {
           try {
             return await client.executeRun({ key, request: { key } })
           } catch (error) {
@@ -113,8 +115,17 @@ for (const target of selectedTargets()) {
             await sleep(50)
           }
         }
+        throw new Error(`the retries of ${key} were stopped`)
       })
-      const reports = await Promise.all(workers.map((w) => w.recover()))
+      let reports: Awaited<ReturnType<Idempotency<any>['recover']>>[]
+      try {
+        reports = await Promise.all(workers.map((w) => w.recover()))
+      } finally {
+        // Retries end by themselves once every flow is finished; a failed pass must not leave them running.
+        const backstop = setTimeout(() => (stopped = true), 10_000)
+        await Promise.allSettled(retries)
+        clearTimeout(backstop)
+      }
       const answers = await Promise.all(retries)
       const byWorkers = reports.reduce((n, r) => n + r.finished, 0)
       expect(byWorkers + answers.filter((a) => !a.replayed).length).toBe(keys.length)
