@@ -1,5 +1,5 @@
 import type { Kysely } from 'kysely'
-import { checkTableName } from '../src/detect.js'
+import { checkTableName, locateTable, qualified, type TableName } from '../src/table.js'
 import { createIdempotency, type Idempotency } from '../src/idempotency.js'
 import { connect } from './connect.js'
 import { CliError, describe } from './errors.js'
@@ -12,6 +12,7 @@ export const connectionArgs = {
     valueHint: 'url',
   },
   table: { type: 'string', description: 'Name of the idempotency table', default: 'idempotency_keys', valueHint: 'name' },
+  schema: { type: 'string', description: "Schema the table is in, as the app's withSchema() names it (Postgres schema, MySQL database; default: the connection's)", valueHint: 'name' },
   debug: { type: 'boolean', description: 'Show the stack trace of an error', default: false },
 } as const
 
@@ -29,8 +30,11 @@ export function requiredKey(args: { key?: string | undefined }): string {
 
 /** What a command gets once connected. */
 export interface Opened {
+  /** The database, in the schema given with `--schema`. */
   readonly db: Kysely<unknown>
+  /** The table for messages: `schema.name` with a schema. */
   readonly table: string
+  readonly where: TableName
   readonly idempotency: Idempotency<unknown>
 }
 
@@ -40,17 +44,20 @@ export interface Opened {
  * file may be created (only `migrate` should).
  */
 export async function withDatabase<T>(
-  args: { url?: string | undefined; table: string },
+  args: { url?: string | undefined; table: string; schema?: string | undefined },
   options: { create: boolean },
   command: (opened: Opened) => Promise<T>,
 ): Promise<T> {
   const table = checkTableName(args.table)
-  const { db, label } = await connect(args.url, options)
+  const { db: connected, label } = await connect(args.url, options)
   try {
-    return await command({ db, table, idempotency: createIdempotency({ db, tableName: table }) })
+    const db = args.schema === undefined ? connected : connected.withSchema(args.schema)
+    const idempotency = createIdempotency({ db, tableName: table })
+    const where = locateTable(db, table)
+    return await command({ db, table: qualified(where), where, idempotency })
   } catch (error) {
     throw new CliError(describe(error, label), { cause: error })
   } finally {
-    await db.destroy().catch(() => undefined)
+    await connected.destroy().catch(() => undefined)
   }
 }

@@ -1,5 +1,6 @@
 import { MysqlAdapter, sql, type Kysely, type RawBuilder } from 'kysely'
 import { prepare } from '../src/sql.js'
+import { qualified, type TableName } from '../src/table.js'
 import {
   isAdapter,
   aliased,
@@ -26,6 +27,7 @@ const ERRNO: Readonly<Record<number, DatabaseErrorKind>> = {
 const clock = sql`utc_timestamp(3)`
 const later = (ms: RawBuilder<unknown>) => sql`(utc_timestamp(3) + interval ${ms} * 1000 microsecond)`
 const jsonText = (column: RawBuilder<unknown>) => column
+const json = (text: RawBuilder<unknown>) => text
 const elapsed = (column: RawBuilder<unknown>) => sql`(timestampdiff(microsecond, ${column}, utc_timestamp(3)) div 1000)`
 // DATETIME holds UTC times (utc_timestamp), so the difference to the epoch is taken without a time zone.
 const epochMs = (column: RawBuilder<unknown>) => sql`(timestampdiff(microsecond, '1970-01-01 00:00:00', ${column}) div 1000)`
@@ -73,12 +75,14 @@ export interface MysqlDialectOptions {
 export function mysqlDialect(options: MysqlDialectOptions = {}): IdempotencyDialect {
   return {
     name: 'mysql',
+    schemas: true,
     supports: (adapter) => isAdapter(adapter, MysqlAdapter),
     clock,
     later,
     elapsed,
     epochMs,
     jsonText,
+    json,
     columnTypes: {
       id: 'bigint',
       identity: (column) => column.autoIncrement().primaryKey(),
@@ -91,18 +95,18 @@ export function mysqlDialect(options: MysqlDialectOptions = {}): IdempotencyDial
     upgrades: {
       async columns(db, table) {
         const { rows } = await sql<{ name: string }>`
-          select column_name as name from information_schema.columns where table_schema = database() and table_name = ${table}`.execute(db)
+          select column_name as name from information_schema.columns where ${inTable(table)}`.execute(db)
         return rows.map((r) => r.name.toLowerCase())
       },
       async dropIndex(db, table, name) {
-        await db.schema.dropIndex(name).on(table).execute()
+        await db.schema.dropIndex(name).on(qualified(table)).execute()
       },
       async indexes(db, table) {
         // A prefix index (sub_part) or a functional one (no column name) is not the plain index the statements need.
         const { rows } = await sql<{ nonUnique: number | string; columns: string; partial: number | string }>`
           select non_unique as ${sql.ref('nonUnique')}, group_concat(lower(column_name) order by seq_in_index separator ',') as columns,
             sum(sub_part is not null or column_name is null) as partial
-          from information_schema.statistics where table_schema = database() and table_name = ${table}
+          from information_schema.statistics where ${inTable(table)}
           group by index_name, non_unique`.execute(db)
         return rows.filter((r) => Number(r.partial) === 0).map((r) => ({ unique: Number(r.nonUnique) === 0, columns: String(r.columns).split(',') }))
       },
@@ -111,14 +115,14 @@ export function mysqlDialect(options: MysqlDialectOptions = {}): IdempotencyDial
         async applied(db, table) {
           const { rows } = await sql<{ other: number | string }>`
             select count(*) as other from information_schema.columns
-            where table_schema = database() and table_name = ${table} and collation_name is not null and collation_name <> 'utf8mb4_bin'
+            where ${inTable(table)} and collation_name is not null and collation_name <> 'utf8mb4_bin'
             union all
             select count(*) from information_schema.tables
-            where table_schema = database() and table_name = ${table} and table_collation <> 'utf8mb4_bin'`.execute(db)
+            where ${inTable(table)} and table_collation <> 'utf8mb4_bin'`.execute(db)
           return rows.every((r) => Number(r.other) === 0)
         },
         async apply(db, table) {
-          await sql`alter table ${sql.table(table)} convert to character set utf8mb4 collate utf8mb4_bin`.execute(db)
+          await sql`alter table ${sql.table(qualified(table))} convert to character set utf8mb4 collate utf8mb4_bin`.execute(db)
         },
       },
     },
@@ -131,7 +135,7 @@ export function mysqlDialect(options: MysqlDialectOptions = {}): IdempotencyDial
       const waitPrefix = (seconds: RawBuilder<unknown>) =>
         statementLockWait ? sql`set statement innodb_lock_wait_timeout = ${seconds} for ` : sql``
       const claim = prepare(db, [...CLAIM_SLOTS, 'seconds'], (p) => sql`${waitPrefix(p.seconds)}
-        insert into ${sql.table(table)} ${insertedColumns} values (${insertedValues({ clock, later }, p)})`)
+        insert into ${sql.table(table)} ${insertedColumns} values (${insertedValues({ clock, later, json }, p)})`)
       const latest = prepare(db, ['scope', 'key', 'seconds'], (p) => sql`${waitPrefix(p.seconds)}
         select ${columns} from ${aliased(table)} where k.scope = ${p.scope} and k.\`key\` = ${p.key} lock in share mode`)
       const lock = prepare(db, ['scope', 'key', 'seconds'], (p) => sql`${waitPrefix(p.seconds)}
@@ -192,6 +196,12 @@ export function mysqlDialect(options: MysqlDialectOptions = {}): IdempotencyDial
       return statements
     },
   }
+}
+
+/** The catalog rows of `table`: in its database (`withSchema`), else in the connection's. */
+function inTable(table: TableName): RawBuilder<unknown> {
+  const schema = table.schema === undefined ? sql`database()` : sql`${table.schema}`
+  return sql`table_schema = ${schema} and table_name = ${table.name}`
 }
 
 /**

@@ -1,5 +1,6 @@
 import { PostgresAdapter, sql, type RawBuilder } from 'kysely'
 import { prepare } from '../src/sql.js'
+import { qualified, type TableName } from '../src/table.js'
 import {
   isAdapter,
   aliased,
@@ -24,6 +25,8 @@ const SQLSTATE: Readonly<Record<string, DatabaseErrorKind>> = {
 const clock = sql`statement_timestamp()`
 const later = (ms: RawBuilder<unknown>) => sql`(statement_timestamp() + ${ms}::double precision * interval '1 millisecond')`
 const jsonText = (column: RawBuilder<unknown>) => sql`${column}::text`
+// Typed as text first: a parameter the server types as json, postgres.js would encode as a JSON string.
+const json = (text: RawBuilder<unknown>) => sql`${text}::text::json`
 const elapsed = (column: RawBuilder<unknown>) => sql`(extract(epoch from statement_timestamp() - ${column}) * 1000)::bigint`
 const epochMs = (column: RawBuilder<unknown>) => sql`(extract(epoch from ${column}) * 1000)::bigint`
 const columns = keyRowColumns({ clock, jsonText })
@@ -50,12 +53,14 @@ const restore = sql`set_config('lock_timeout', coalesce(nullif(current_setting($
  */
 export const postgresDialect: IdempotencyDialect = {
   name: 'postgres',
+  schemas: true,
   supports: (adapter) => isAdapter(adapter, PostgresAdapter),
   clock,
   later,
   elapsed,
   epochMs,
   jsonText,
+  json,
   columnTypes: {
     id: 'bigint',
     identity: (column) => column.generatedByDefaultAsIdentity().primaryKey(),
@@ -66,15 +71,15 @@ export const postgresDialect: IdempotencyDialect = {
     time: 'timestamptz',
   },
   upgrades: {
-    // to_regclass resolves the name through search_path, as the library's statements do.
     async columns(db, table) {
       const { rows } = await sql<{ name: string }>`
         select attname as name from pg_attribute
-        where attrelid = to_regclass(quote_ident(${table})) and attnum > 0 and not attisdropped`.execute(db)
+        where attrelid = ${regclass(table)} and attnum > 0 and not attisdropped`.execute(db)
       return rows.map((r) => r.name)
     },
-    async dropIndex(db, _table, name) {
-      await db.schema.dropIndex(name).execute()
+    async dropIndex(db, table, name) {
+      // An index lives in its table's schema.
+      await db.schema.dropIndex(qualified(table, name)).execute()
     },
     async indexes(db, table) {
       const { rows } = await sql<{ unique: boolean; columns: string }>`
@@ -82,7 +87,7 @@ export const postgresDialect: IdempotencyDialect = {
         from pg_index i
         cross join lateral unnest(i.indkey) with ordinality as k(attnum, n)
         join pg_attribute a on a.attrelid = i.indrelid and a.attnum = k.attnum
-        where i.indrelid = to_regclass(quote_ident(${table})) and i.indpred is null and i.indexprs is null
+        where i.indrelid = ${regclass(table)} and i.indpred is null and i.indexprs is null
         group by i.indexrelid, i.indisunique`.execute(db)
       return rows.map((r) => ({ unique: r.unique, columns: r.columns.split(',') }))
     },
@@ -97,7 +102,7 @@ export const postgresDialect: IdempotencyDialect = {
     // planning costs more than the insert itself).
     const claim = prepare(db, [...CLAIM_SLOTS, 'wait'], (p) => sql`
       insert into ${sql.table(table)} ${insertedColumns}
-      select ${insertedValues({ clock, later }, p)}
+      select ${insertedValues({ clock, later, json }, p)}
       where set_config('lock_timeout', ${p.wait} || left(set_config(${PARKED}, current_setting('lock_timeout'), true), 0), true) is not null
       on conflict (scope, "key") do nothing
       returning id, ${restore} as restored`)
@@ -141,6 +146,16 @@ export const postgresDialect: IdempotencyDialect = {
     }
     return statements
   },
+}
+
+/**
+ * The table's oid, or `NULL` when there is none: in its schema, else found through
+ * `search_path`, as the library's statements find it.
+ */
+function regclass(table: TableName): RawBuilder<unknown> {
+  return table.schema === undefined
+    ? sql`to_regclass(quote_ident(${table.name}))`
+    : sql`to_regclass(quote_ident(${table.schema}) || '.' || quote_ident(${table.name}))`
 }
 
 /** `lock_timeout` for a wait of `ms`: 0 would mean no limit, so "do not wait" is the shortest, 1 ms. */

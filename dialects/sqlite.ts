@@ -17,6 +17,7 @@ import {
 const clock = sql`cast((julianday('now') - 2440587.5) * 86400000 as integer)`
 const later = (ms: RawBuilder<unknown>) => sql`(${clock} + ${ms})`
 const jsonText = (column: RawBuilder<unknown>) => column
+const json = (text: RawBuilder<unknown>) => text
 const elapsed = (column: RawBuilder<unknown>) => sql`(${clock} - ${column})`
 
 const epochMs = (column: RawBuilder<unknown>) => column
@@ -35,12 +36,15 @@ const epochMs = (column: RawBuilder<unknown>) => column
  */
 export const sqliteDialect: IdempotencyDialect = {
   name: 'sqlite',
+  // `withSchema` names an attached database there, where Kysely's schema builder cannot make an index.
+  schemas: false,
   supports: (adapter) => isAdapter(adapter, SqliteAdapter),
   clock,
   later,
   elapsed,
   epochMs,
   jsonText,
+  json,
   columnTypes: {
     id: 'integer',
     identity: (column) => column.primaryKey(),
@@ -52,7 +56,7 @@ export const sqliteDialect: IdempotencyDialect = {
   },
   upgrades: {
     async columns(db, table) {
-      const { rows } = await sql<{ name: string }>`select name from pragma_table_info(${table})`.execute(db)
+      const { rows } = await sql<{ name: string }>`select name from pragma_table_info(${table.name})`.execute(db)
       return rows.map((r) => r.name.toLowerCase())
     },
     async dropIndex(db, _table, name) {
@@ -61,7 +65,7 @@ export const sqliteDialect: IdempotencyDialect = {
     async indexes(db, table) {
       const { rows } = await sql<{ index: string; unique: number; partial: number; column: string | null; rank: number }>`
         select l.name as "index", l."unique" as "unique", l.partial as partial, i.name as "column", i.seqno as rank
-        from pragma_index_list(${table}) as l join pragma_index_info(l.name) as i`.execute(db)
+        from pragma_index_list(${table.name}) as l join pragma_index_info(l.name) as i`.execute(db)
       const byIndex = new Map<string, typeof rows>()
       for (const row of rows) byIndex.set(row.index, [...(byIndex.get(row.index) ?? []), row])
       return [...byIndex.values()]
@@ -79,7 +83,7 @@ export const sqliteDialect: IdempotencyDialect = {
   },
   async prepare(db, table) {
     const claim = prepare(db, CLAIM_SLOTS, (p) => sql`
-      insert into ${sql.table(table)} ${insertedColumns} values (${insertedValues({ clock, later }, p)})
+      insert into ${sql.table(table)} ${insertedColumns} values (${insertedValues({ clock, later, json }, p)})
       on conflict (scope, "key") do nothing
       returning id as id`)
     // A write statement takes the write lock even when it changes no row.

@@ -1,7 +1,17 @@
-import { Migrator, sql, type Kysely, type Migration, type MigrationProvider, type MigrationResultSet } from 'kysely'
+import { sql, type Kysely } from 'kysely'
 import type { IdempotencyDialect } from '../src/dialect.js'
-import { checkTableName, DEFAULT_TABLE, detectDialect } from '../src/detect.js'
+import { detectDialect } from '../src/detect.js'
 import { IdempotencyMigrationError } from '../src/errors.js'
+import { checkTableName, DEFAULT_TABLE, locateTable, qualified, type TableName } from '../src/table.js'
+import {
+  historyOf,
+  migrateToLatest,
+  type IdempotencyMigration,
+  type IdempotencyMigrationProvider,
+  type MigrationResultSet,
+} from './history.js'
+
+export type { IdempotencyMigration, IdempotencyMigrationProvider, MigrationResult, MigrationResultSet } from './history.js'
 
 /** Options of {@link idempotencyMigrations}. */
 export interface IdempotencyMigrationsOptions {
@@ -17,19 +27,21 @@ export interface IdempotencyMigrationsOptions {
  * `kysely_idempotency_<table>_`, so they sort apart from yours and two tables never collide.
  * Record them in the history tables {@link migrationTables} names, as `idempotency.migrate()`
  * and the command-line tool do. A migration whose change is already in the table (applied
- * from the printed DDL, or recorded in another history) is recorded without running again.
+ * from the printed DDL, or recorded in another history) is recorded without running again. A
+ * `Migrator` given `db.withSchema(schema)` makes the table in that schema (give it
+ * `migrationTableSchema: schema` too, so that the history is there as well).
  *
  * ### Examples
  *
  * ```ts
- * import { Migrator } from 'kysely'
+ * import { Migrator } from 'kysely/migration' // Kysely 0.28: from 'kysely'
  * import { idempotencyMigrations, migrationTables } from 'kysely-idempotency'
  *
  * const migrator = new Migrator({ db, provider: idempotencyMigrations(), ...migrationTables() })
  * const { error } = await migrator.migrateToLatest()
  * ```
  */
-export function idempotencyMigrations(options: IdempotencyMigrationsOptions = {}): MigrationProvider {
+export function idempotencyMigrations(options: IdempotencyMigrationsOptions = {}): IdempotencyMigrationProvider {
   return schemaMigrations(checkTableName(options.tableName ?? DEFAULT_TABLE), options.dialect, 'adopt')
 }
 
@@ -46,21 +58,27 @@ const RECOVERY = ['flow_name', 'recovery_failures', 'recover_after'] as const
 /** The columns migration 0001 creates. */
 const CREATED = ['id', 'scope', 'key', 'fingerprint', 'recovery_point', 'phase_results', 'response', 'lock_token', 'locked_until', 'created_at', 'last_run_at', 'expires_at']
 
-export function schemaMigrations(table: string, chosen: IdempotencyDialect | undefined, mode: Mode): MigrationProvider {
-  const migrations: Record<string, Migration> = {
+/**
+ * The migrations of the table `table`. Each finds the table where the Kysely instance it is given
+ * would (in the schema of `withSchema`, if any), and then runs without that instance's plugins.
+ */
+export function schemaMigrations(table: string, chosen: IdempotencyDialect | undefined, mode: Mode): IdempotencyMigrationProvider {
+  /** What every migration works with: the database without plugins, the table, and the dialect. */
+  const open = (db: Kysely<unknown>) => ({ plain: db.withoutPlugins(), where: locateTable(db, table), dialect: chosen ?? detectDialect(db) })
+  const migrations: Record<string, IdempotencyMigration> = {
     [`kysely_idempotency_${table}_0001_create`]: {
       async up(db: Kysely<unknown>) {
-        const dialect = chosen ?? detectDialect(db)
+        const { plain, where, dialect } = open(db)
         if (mode !== 'print') {
-          const columns = await dialect.upgrades.columns(db, table)
+          const columns = await dialect.upgrades.columns(plain, where)
           if (columns.length || mode === 'baseline') {
             expectColumns(table, columns, CREATED, '0001_create')
-            return expectIndexes(db, table, dialect, mode)
+            return expectIndexes(plain, where, dialect, mode)
           }
         }
         const types = dialect.columnTypes
-        await db.schema
-          .createTable(table)
+        await plain.schema
+          .createTable(qualified(where))
           .addColumn('id', types.id, (c) => types.identity(c))
           .addColumn('scope', types.scope, (c) => c.notNull())
           .addColumn('key', types.key, (c) => c.notNull())
@@ -75,74 +93,77 @@ export function schemaMigrations(table: string, chosen: IdempotencyDialect | und
           .addColumn('expires_at', types.time, (c) => c.notNull())
           .addUniqueConstraint(`${table}_scope_key`, ['scope', 'key'])
           .execute()
-        await db.schema.createIndex(`${table}_expires_at`).on(table).column('expires_at').execute()
+        await plain.schema.createIndex(`${table}_expires_at`).on(qualified(where)).column('expires_at').execute()
       },
       async down(db: Kysely<unknown>) {
-        await db.schema.dropTable(table).execute()
+        const { plain, where } = open(db)
+        await plain.schema.dropTable(qualified(where)).execute()
       },
     },
     // Stored values name the codec that wrote them (rows from before hold plain JSON, codec
     // null); MySQL tables become utf8mb4 with a binary collation whatever the database default.
     [`kysely_idempotency_${table}_0002_codec`]: {
       async up(db: Kysely<unknown>) {
-        const dialect = chosen ?? detectDialect(db)
+        const { plain, where, dialect } = open(db)
         const unicode = dialect.upgrades.unicode
         if (mode === 'print') {
-          await db.schema.alterTable(table).addColumn('codec', dialect.columnTypes.text).execute()
-          return unicode?.apply(db, table)
+          await plain.schema.alterTable(qualified(where)).addColumn('codec', dialect.columnTypes.text).execute()
+          return unicode?.apply(plain, where)
         }
-        const columns = await dialect.upgrades.columns(db, table)
+        const columns = await dialect.upgrades.columns(plain, where)
         if (mode === 'baseline' && !columns.includes('codec')) {
           throw new IdempotencyMigrationError(
             `The table "${table}" predates migration 0002_codec (it has no codec column), so there is nothing to record; ` +
               'run `kysely-idempotency migrate` without --baseline (or idempotency.migrate()) to add the column.',
           )
         }
-        if (!columns.includes('codec')) await db.schema.alterTable(table).addColumn('codec', dialect.columnTypes.text).execute()
-        if (!unicode || (await unicode.applied(db, table))) return
+        if (!columns.includes('codec')) await plain.schema.alterTable(qualified(where)).addColumn('codec', dialect.columnTypes.text).execute()
+        if (!unicode || (await unicode.applied(plain, where))) return
         if (mode === 'baseline') {
           throw new IdempotencyMigrationError(
             `The table "${table}" is not in utf8mb4 with the utf8mb4_bin collation (migration 0002_codec); ` +
               'apply the DDL that `kysely-idempotency sql` prints, or migrate without baseline.',
           )
         }
-        await unicode.apply(db, table)
+        await unicode.apply(plain, where)
       },
       async down(db: Kysely<unknown>) {
-        await db.schema.alterTable(table).dropColumn('codec').execute()
+        const { plain, where } = open(db)
+        await plain.schema.alterTable(qualified(where)).dropColumn('codec').execute()
       },
     },
     // Flows defined by name are stored with it, so that the recovery worker can finish them:
     // `recover_after` is set only while such a flow is unfinished (its index holds nothing else).
     [`kysely_idempotency_${table}_0003_recovery`]: {
       async up(db: Kysely<unknown>) {
-        const dialect = chosen ?? detectDialect(db)
+        const { plain, where, dialect } = open(db)
         const types = dialect.columnTypes
         const added: Record<(typeof RECOVERY)[number], (alter: ReturnType<Kysely<unknown>['schema']['alterTable']>) => { execute(): Promise<void> }> = {
           flow_name: (alter) => alter.addColumn('flow_name', types.text),
           recovery_failures: (alter) => alter.addColumn('recovery_failures', 'integer', (c) => c.notNull().defaultTo(0)),
           recover_after: (alter) => alter.addColumn('recover_after', types.time),
         }
-        const index = () => db.schema.createIndex(`${table}_recover_after`).on(table).column('recover_after').execute()
+        const index = () => plain.schema.createIndex(`${table}_recover_after`).on(qualified(where)).column('recover_after').execute()
         if (mode === 'print') {
-          for (const column of RECOVERY) await added[column](db.schema.alterTable(table)).execute()
+          for (const column of RECOVERY) await added[column](plain.schema.alterTable(qualified(where))).execute()
           return index()
         }
-        const columns = await dialect.upgrades.columns(db, table)
+        const columns = await dialect.upgrades.columns(plain, where)
         const missing = RECOVERY.filter((column) => !columns.includes(column))
-        const indexed = (await dialect.upgrades.indexes(db, table)).some((i) => i.columns[0] === 'recover_after')
+        const indexed = (await dialect.upgrades.indexes(plain, where)).some((i) => i.columns[0] === 'recover_after')
         if (mode === 'baseline' && (missing.length || !indexed)) {
           throw new IdempotencyMigrationError(
             `The table "${table}" predates migration 0003_recovery (it lacks ${missing.length ? missing.join(', ') : 'the index on recover_after'}), ` +
               'so there is nothing to record; run `kysely-idempotency migrate` without --baseline (or idempotency.migrate()) to add it.',
           )
         }
-        for (const column of missing) await added[column](db.schema.alterTable(table)).execute()
+        for (const column of missing) await added[column](plain.schema.alterTable(qualified(where))).execute()
         if (!indexed) await index()
       },
       async down(db: Kysely<unknown>) {
-        await (chosen ?? detectDialect(db)).upgrades.dropIndex(db, table, `${table}_recover_after`)
-        for (const column of [...RECOVERY].reverse()) await db.schema.alterTable(table).dropColumn(column).execute()
+        const { plain, where, dialect } = open(db)
+        await dialect.upgrades.dropIndex(plain, where, `${table}_recover_after`)
+        for (const column of [...RECOVERY].reverse()) await plain.schema.alterTable(qualified(where)).dropColumn(column).execute()
       },
     },
   }
@@ -169,8 +190,9 @@ function expectColumns(table: string, found: readonly string[], wanted: readonly
  * is what makes a second claim of a key wait or fail, so a table without it is refused; the
  * `expires_at` index only speeds up pruning, so it is made unless nothing may change.
  */
-async function expectIndexes(db: Kysely<unknown>, table: string, dialect: IdempotencyDialect, mode: Mode): Promise<void> {
-  const indexes = await dialect.upgrades.indexes(db, table)
+async function expectIndexes(db: Kysely<unknown>, where: TableName, dialect: IdempotencyDialect, mode: Mode): Promise<void> {
+  const table = where.name
+  const indexes = await dialect.upgrades.indexes(db, where)
   const unique = indexes.some((i) => i.unique && i.columns.length === 2 && i.columns.includes('scope') && i.columns.includes('key'))
   if (!unique) {
     throw new IdempotencyMigrationError(
@@ -185,7 +207,7 @@ async function expectIndexes(db: Kysely<unknown>, table: string, dialect: Idempo
         'apply the DDL that `kysely-idempotency sql` prints, or migrate without baseline to create it.',
     )
   }
-  await db.schema.createIndex(`${table}_expires_at`).on(table).column('expires_at').execute()
+  await db.schema.createIndex(`${table}_expires_at`).on(qualified(where)).column('expires_at').execute()
 }
 
 /**
@@ -194,8 +216,8 @@ async function expectIndexes(db: Kysely<unknown>, table: string, dialect: Idempo
  * spread this into its options.
  */
 export function migrationTables(table: string = DEFAULT_TABLE): { migrationTableName: string; migrationLockTableName: string } {
-  const checked = checkTableName(table)
-  return { migrationTableName: `${checked}_migration`, migrationLockTableName: `${checked}_migration_lock` }
+  const history = historyOf({ schema: undefined, name: checkTableName(table) })
+  return { migrationTableName: history.table.name, migrationLockTableName: history.lock.name }
 }
 
 /** Attempts of a migration that lost a race against the same migration in another process. */
@@ -205,20 +227,18 @@ const MIGRATE_ATTEMPTS = 5
  * Brings `table` to the latest schema with its own migration history; with `baseline`, only
  * records as applied what the table already has, and fails on anything it lacks. When several
  * processes migrate at once, the loser of a race on the history tables tries again and finds
- * the work done.
+ * the work done. `db` is the instance's own Kysely instance: its `withSchema` names the schema.
  */
-export async function migrateTable(db: Kysely<unknown>, table: string, dialect: IdempotencyDialect, baseline = false): Promise<MigrationResultSet> {
-  const migrator = new Migrator({
-    db: db.withoutPlugins(),
-    provider: schemaMigrations(table, dialect, baseline ? 'baseline' : 'adopt'),
-    ...migrationTables(table),
-  })
+export async function migrateTable(db: Kysely<unknown>, table: TableName, dialect: IdempotencyDialect, baseline = false): Promise<MigrationResultSet> {
+  const migrations = await schemaMigrations(table.name, dialect, baseline ? 'baseline' : 'adopt').getMigrations()
   for (let attempt = 1; ; attempt++) {
-    const result = await migrator.migrateToLatest()
-    if (!result.error) return result
-    if (result.error instanceof IdempotencyMigrationError) throw result.error
-    if (attempt === MIGRATE_ATTEMPTS || !lostRace(result.error, dialect)) {
-      throw new IdempotencyMigrationError(`Migrating the table "${table}" failed: ${describe(result.error)}`, { cause: result.error })
+    try {
+      return await migrateToLatest(db, dialect, table, migrations)
+    } catch (error) {
+      if (error instanceof IdempotencyMigrationError) throw error
+      if (attempt === MIGRATE_ATTEMPTS || !lostRace(error, dialect)) {
+        throw new IdempotencyMigrationError(`Migrating the table "${qualified(table)}" failed: ${describe(error)}`, { cause: error })
+      }
     }
     await new Promise((resolve) => setTimeout(resolve, 50 * attempt * Math.random()))
   }
@@ -227,12 +247,9 @@ export async function migrateTable(db: Kysely<unknown>, table: string, dialect: 
 function lostRace(error: unknown, dialect: IdempotencyDialect): boolean {
   const kind = dialect.classify(error)
   if (kind === 'serialization_failure' || kind === 'deadlock' || kind === 'lock_timeout') return true
-  // Kysely's Migrator lists every table of the schema to find its history tables; on Postgres a
-  // table that another session drops meanwhile makes that listing fail as if it were missing.
-  if (kind === 'undefined_table') return true
-  // Creating the history tables concurrently fails with "already exists" or a duplicate row
-  // (in the catalog, or in SQLite's history table); the other process succeeded, so trying
-  // again is right.
+  // Creating a table or an index concurrently fails with "already exists" or a duplicate row
+  // (in the catalog, or in the history table); the other process succeeded, so trying again is
+  // right.
   return /already exists|duplicate|unique constraint/i.test(describe(error))
 }
 
@@ -241,9 +258,9 @@ function describe(error: unknown): string {
 }
 
 /** How many keys `table` holds, or `undefined` when there is no such table. */
-export async function countKeys(db: Kysely<unknown>, table: string, dialect: IdempotencyDialect): Promise<number | undefined> {
+export async function countKeys(db: Kysely<unknown>, table: TableName, dialect: IdempotencyDialect): Promise<number | undefined> {
   if (!(await dialect.upgrades.columns(db, table)).length) return undefined
-  const { rows } = await sql<{ keys: number | string | bigint }>`select count(*) as ${sql.ref('keys')} from ${sql.table(table)}`.execute(db)
+  const { rows } = await sql<{ keys: number | string | bigint }>`select count(*) as ${sql.ref('keys')} from ${sql.table(qualified(table))}`.execute(db)
   return Number(rows[0]?.keys ?? 0)
 }
 
@@ -251,7 +268,7 @@ export async function countKeys(db: Kysely<unknown>, table: string, dialect: Ide
  * Drops `table` and its migration history tables, whatever the history says (undoing 0002 alone
  * would leave values that only the codec column tells how to read).
  */
-export async function dropTable(db: Kysely<unknown>, table: string): Promise<void> {
-  const { migrationTableName, migrationLockTableName } = migrationTables(table)
-  for (const name of [table, migrationTableName, migrationLockTableName]) await db.schema.dropTable(name).ifExists().execute()
+export async function dropTable(db: Kysely<unknown>, table: TableName): Promise<void> {
+  const history = historyOf(table)
+  for (const name of [table, history.table, history.lock]) await db.schema.dropTable(qualified(name)).ifExists().execute()
 }

@@ -5,6 +5,7 @@ import { FINISHED, STARTED, type ClaimValues, type IdempotencyDialect, type KeyR
 import { IdempotencyConflictError, IdempotencyKeyReuseError, IdempotencySetupError } from './errors.js'
 import type { NormalizedKey } from './request.js'
 import { prepareStatements, type Statements } from './statements.js'
+import { qualified, type TableName } from './table.js'
 
 /** What an idempotent execution gave: the value, and whether it was replayed from storage. */
 export interface Execution<T> {
@@ -110,6 +111,7 @@ const PRUNE_ATTEMPTS = 5
  */
 export class Core {
   readonly #dialect: IdempotencyDialect
+  /** The table as statements and messages name it: `schema.name` when it has a schema. */
   readonly #table: string
   /** How this instance stores values. */
   readonly values: ValueStore
@@ -120,9 +122,9 @@ export class Core {
   readonly #database: number
 
   /** `adapter` is the Kysely adapter of the database the instance works on. */
-  constructor(dialect: IdempotencyDialect, table: string, values: ValueStore, adapter: DialectAdapter) {
+  constructor(dialect: IdempotencyDialect, table: TableName, values: ValueStore, adapter: DialectAdapter) {
     this.#dialect = dialect
-    this.#table = table
+    this.#table = qualified(table)
     this.values = values
     let id = databases.ids.get(adapter)
     if (id === undefined) databases.ids.set(adapter, (id = databases.next++))

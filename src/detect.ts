@@ -19,16 +19,3 @@ export function detectDialect(db: Kysely<unknown>): IdempotencyDialect {
   }
   return dialect
 }
-
-export const DEFAULT_TABLE = 'idempotency_keys'
-const TABLE_NAME = /^[A-Za-z_][A-Za-z0-9_]{0,47}$/
-
-/** Table names are spliced into SQL as identifiers, so only plain ones are accepted. */
-export function checkTableName(name: unknown): string {
-  if (typeof name !== 'string' || !TABLE_NAME.test(name)) {
-    throw new IdempotencySetupError(
-      `The table name ${JSON.stringify(name)} is not a plain identifier: use 1 to 48 letters, digits and underscores, not starting with a digit.`,
-    )
-  }
-  return name
-}

@@ -1,3 +1,4 @@
+import type { TableName } from './table.js'
 import { sql, type ColumnDataType, type ColumnDefinitionBuilder, type DialectAdapter, type Expression, type Kysely, type RawBuilder } from 'kysely'
 
 /** A column type as Kysely's schema builder takes it. */
@@ -103,18 +104,18 @@ export interface TableUpgrades {
    * The columns of `table` as the library's statements would see it, in lower case where the
    * database compares column names without case; empty when there is no such table.
    */
-  columns(db: Kysely<unknown>, table: string): Promise<readonly string[]>
+  columns(db: Kysely<unknown>, table: TableName): Promise<readonly string[]>
   /** The plain indexes of `table` (unique constraints included; partial and expression indexes left out). */
-  indexes(db: Kysely<unknown>, table: string): Promise<readonly TableIndex[]>
+  indexes(db: Kysely<unknown>, table: TableName): Promise<readonly TableIndex[]>
   /** Drops the index `name` of `table` (MySQL names the table, the others must not). */
-  dropIndex(db: Kysely<unknown>, table: string, name: string): Promise<void>
+  dropIndex(db: Kysely<unknown>, table: TableName, name: string): Promise<void>
   /**
    * Migration 0002: makes every text column store any Unicode text and compare bytes exactly,
    * whatever the database's defaults (MySQL: `utf8mb4` with a binary collation).
    */
   readonly unicode?: {
-    applied(db: Kysely<unknown>, table: string): Promise<boolean>
-    apply(db: Kysely<unknown>, table: string): Promise<void>
+    applied(db: Kysely<unknown>, table: TableName): Promise<boolean>
+    apply(db: Kysely<unknown>, table: TableName): Promise<void>
   }
 }
 
@@ -137,6 +138,8 @@ export interface ColumnTypes {
 export interface IdempotencyDialect {
   /** For messages only. */
   readonly name: string
+  /** Whether the table may live in a schema other than the connection's default (`db.withSchema(…)`). */
+  readonly schemas: boolean
   /** Whether this module fits the adapter of a Kysely instance. */
   supports(adapter: DialectAdapter): boolean
   /** The database clock, in the representation of `ColumnTypes.time`. */
@@ -149,10 +152,18 @@ export interface IdempotencyDialect {
   epochMs(column: RawBuilder<unknown>): RawBuilder<unknown>
   /** A JSON column as JSON text, whatever the driver would parse it into. */
   jsonText(column: RawBuilder<unknown>): RawBuilder<unknown>
+  /**
+   * JSON text (a parameter) as a value of a JSON column, whatever the driver makes of a parameter
+   * the server types as JSON (postgres.js would encode the text as a JSON string of its own).
+   */
+  json(text: RawBuilder<unknown>): RawBuilder<unknown>
   readonly columnTypes: ColumnTypes
   /** Table changes this database needs beyond the portable schema. */
   readonly upgrades: TableUpgrades
-  /** Compiles the dialect's statements for `table` (may ask the server what it is, once). */
+  /**
+   * Compiles the dialect's statements for `table` (may ask the server what it is, once);
+   * `table` is as `sql.table()` takes it, `schema.name` when it has a schema.
+   */
   prepare(db: Kysely<unknown>, table: string): Promise<DialectStatements>
   /** Classifies a driver error, or returns `undefined` for anything the library does not handle. */
   classify(error: unknown): DatabaseErrorKind | undefined
@@ -221,9 +232,9 @@ export const insertedColumns = sql`(scope, ${sql.ref('key')}, fingerprint, recov
 
 /** The values of a claim's insert, without parentheses (for `values (…)` or `select …`). */
 export function insertedValues(
-  dialect: Pick<IdempotencyDialect, 'clock' | 'later'>,
+  dialect: Pick<IdempotencyDialect, 'clock' | 'later' | 'json'>,
   p: Readonly<Record<ClaimSlot, RawBuilder<unknown>>>,
 ): RawBuilder<unknown> {
   const now = dialect.clock
-  return sql`${p.scope}, ${p.key}, ${p.fingerprint}, ${sql.lit(STARTED)}, ${p.phases}, ${p.codec}, ${p.token}, ${dialect.later(p.lease)}, ${now}, ${now}, ${dialect.later(p.expiresIn)}, ${p.flow}, ${dialect.later(p.recoverIn)}`
+  return sql`${p.scope}, ${p.key}, ${p.fingerprint}, ${sql.lit(STARTED)}, ${dialect.json(p.phases)}, ${p.codec}, ${p.token}, ${dialect.later(p.lease)}, ${now}, ${now}, ${dialect.later(p.expiresIn)}, ${p.flow}, ${dialect.later(p.recoverIn)}`
 }

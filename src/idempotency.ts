@@ -1,5 +1,5 @@
-import type { DialectAdapter, IsolationLevel, Kysely, MigrationResultSet, Transaction } from 'kysely'
-import { migrateTable } from '../migrations/index.js'
+import type { DialectAdapter, IsolationLevel, Kysely, Transaction } from 'kysely'
+import { migrateTable, type MigrationResultSet } from '../migrations/index.js'
 import { ValueStore, type Codec, type Storable } from './codec.js'
 import { Core, type Execution, type Settings } from './core.js'
 import { IdempotencyConflictError, IdempotencyLockLostError } from './errors.js'
@@ -22,7 +22,9 @@ import { failureOf, Observer, type ObserveOptions } from './observe.js'
 import { isFailure, NotResumable, Phases, readStarted, text, type AbandonedFlow, type Flow, type FlowSettings } from './phases.js'
 import type { AbandonedRow, KeyCounts } from './statements.js'
 import type { IdempotencyDialect } from './dialect.js'
-import { checkTableName, DEFAULT_TABLE, detectDialect } from './detect.js'
+import { detectDialect } from './detect.js'
+import { IdempotencySetupError } from './errors.js'
+import { DEFAULT_TABLE, locateTable, qualified, type TableName } from './table.js'
 import { normalizeKey, type IdempotencyKeyInput, type NormalizedKey } from './request.js'
 
 /** Settings that apply per call as well as per instance. */
@@ -293,9 +295,10 @@ const UNBOUND_POSTPONE = 60_000
 export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempotency<DB> {
   const db = options.db
   const plain = db as unknown as Kysely<unknown>
-  const tableName = checkTableName(options.tableName ?? DEFAULT_TABLE)
   const dialect = options.dialect ?? detectDialect(plain)
-  const core = new Core(dialect, tableName, new ValueStore(options.codec), plain.getExecutor().adapter)
+  const table = placeTable(plain, options.tableName ?? DEFAULT_TABLE, dialect)
+  const tableName = table.name
+  const core = new Core(dialect, table, new ValueStore(options.codec), plain.getExecutor().adapter)
   const observer = new Observer(options)
   const phases = new Phases(core, observer)
   const flows = new Flows(observer)
@@ -449,7 +452,7 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
       const s = await core.statements(plain.withoutPlugins())
       return core.guard(undefined, () => s.counts(plain.withoutPlugins()))
     },
-    migrate: async (options) => migrateTable(plain, tableName, dialect, options?.baseline === true),
+    migrate: async (options) => migrateTable(plain, table, dialect, options?.baseline === true),
     prune: async (prune) => {
       const batchSize = bounded('batchSize', prune?.batchSize ?? DEFAULTS.batchSize)
       return observer.observe('idempotency.prune', 'prune', {}, () => core.prune(plain, batchSize), (result) =>
@@ -555,14 +558,28 @@ export async function withIdempotency<DB, T>(
   options?: WithIdempotencyOptions,
 ): Promise<T> {
   const adapter = requireTransaction(trx).getExecutor().adapter
-  const tableName = checkTableName(options?.tableName ?? DEFAULT_TABLE)
+  const plain = trx as unknown as Kysely<unknown>
+  const dialect = detectDialect(plain)
+  const table = placeTable(plain, options?.tableName ?? DEFAULT_TABLE, dialect)
   let cores = shared.get(adapter)
   if (!cores) shared.set(adapter, (cores = new Map()))
-  let core = cores.get(tableName)
-  if (!core) cores.set(tableName, (core = new Core(detectDialect(trx as unknown as Kysely<unknown>), tableName, new ValueStore(), adapter)))
+  let core = cores.get(qualified(table))
+  if (!core) cores.set(qualified(table), (core = new Core(dialect, table, new ValueStore(), adapter)))
   const [normalized, resolved] = [normalizeKey(key), resolveSettings(DEFAULTS, options ?? {})]
   core.refuseNested(normalized, resolved)
   return (await core.execute(trx, normalized, fn, resolved)).value
+}
+
+/** Where `db` puts the table `name`; a schema (`withSchema`) only where the dialect has schemas. */
+function placeTable(db: Kysely<unknown>, name: string, dialect: IdempotencyDialect): TableName {
+  const table = locateTable(db, name)
+  if (table.schema !== undefined && !dialect.schemas) {
+    throw new IdempotencySetupError(
+      `This Kysely instance puts tables in the schema "${table.schema}" (withSchema), which ${dialect.name} cannot hold the idempotency table in; ` +
+        'create the idempotency instance from a Kysely instance without withSchema.',
+    )
+  }
+  return table
 }
 
 function requireTransaction<DB>(trx: Transaction<DB>): Transaction<DB> {

@@ -50,4 +50,10 @@ export { mysqlDialect } from '../dialects/mysql.js'
 export type { MysqlDialectOptions } from '../dialects/mysql.js'
 export { sqliteDialect } from '../dialects/sqlite.js'
 export { idempotencyMigrations, migrationTables } from '../migrations/index.js'
-export type { IdempotencyMigrationsOptions } from '../migrations/index.js'
+export type {
+  IdempotencyMigration,
+  IdempotencyMigrationProvider,
+  IdempotencyMigrationsOptions,
+  MigrationResult,
+  MigrationResultSet,
+} from '../migrations/index.js'

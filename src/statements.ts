@@ -137,25 +137,26 @@ export async function prepareStatements(db: Kysely<unknown>, dialect: Idempotenc
   const own = await dialect.prepare(db, table)
   const now = dialect.clock
   const later = dialect.later
+  const json = dialect.json
   const ours = (p: { id: unknown; token: unknown }) => sql`id = ${p.id} and lock_token = ${p.token}`
   const lookup = prepare(db, ['scope', 'key'], (p) => sql`
     select ${keyRowColumns(dialect)} from ${aliased(table)} where k.scope = ${p.scope} and ${sql.ref('k.key')} = ${p.key}`)
   const unheld = sql`(locked_until is null or locked_until <= ${now})`
   const reclaim = prepare(db, ['id', 'fingerprint', 'expiresIn', 'token', 'lease', 'phases', 'codec', 'flow', 'recoverIn'], (p) => sql`
     update ${sql.table(table)} set fingerprint = ${p.fingerprint}, recovery_point = ${sql.lit(STARTED)},
-      phase_results = ${p.phases}, codec = ${p.codec}, response = null, lock_token = ${p.token}, locked_until = ${later(p.lease)},
+      phase_results = ${json(p.phases)}, codec = ${p.codec}, response = null, lock_token = ${p.token}, locked_until = ${later(p.lease)},
       created_at = ${now}, last_run_at = ${now}, expires_at = ${later(p.expiresIn)},
       flow_name = ${p.flow}, recovery_failures = 0, recover_after = ${later(p.recoverIn)}
     where id = ${p.id} and expires_at <= ${now} and ${unheld}`)
   const finish = prepare(db, ['id', 'response', 'codec', 'ttl'], (p) => sql`
-    update ${sql.table(table)} set response = ${p.response}, codec = ${p.codec}, recovery_point = ${sql.lit(FINISHED)},
+    update ${sql.table(table)} set response = ${json(p.response)}, codec = ${p.codec}, recovery_point = ${sql.lit(FINISHED)},
       last_run_at = ${now}, expires_at = ${later(p.ttl)}
     where id = ${p.id}`)
   const remaining = prepare(db, ['id'], (p) => sql`
     select ${dialect.elapsed(sql.ref('expires_at'))} as elapsed from ${sql.table(table)} where id = ${p.id}`)
   const takeOverSlots = ['id', 'previous', 'token', 'lease', 'expiresIn', 'phases', 'codec'] as const
   const takeOverSet = (p: Readonly<Record<(typeof takeOverSlots)[number], RawBuilder<unknown>>>) => sql`
-    update ${sql.table(table)} set lock_token = ${p.token}, locked_until = ${later(p.lease)}, phase_results = ${p.phases},
+    update ${sql.table(table)} set lock_token = ${p.token}, locked_until = ${later(p.lease)}, phase_results = ${json(p.phases)},
       codec = ${p.codec}, last_run_at = ${now}, expires_at = ${later(p.expiresIn)}
     where id = ${p.id} and recovery_point <> ${sql.lit(FINISHED)}
       and coalesce(lock_token, '') = coalesce(${p.previous}, '') and ${unheld}`
@@ -166,11 +167,11 @@ export async function prepareStatements(db: Kysely<unknown>, dialect: Idempotenc
     update ${sql.table(table)} set locked_until = ${later(p.lease)}, last_run_at = ${now}, expires_at = ${later(p.expiresIn)}
     where ${ours(p)}`)
   const record = prepare(db, ['id', 'token', 'point', 'lease', 'expiresIn', 'phases', 'codec'], (p) => sql`
-    update ${sql.table(table)} set phase_results = ${p.phases}, codec = ${p.codec}, recovery_point = ${p.point},
+    update ${sql.table(table)} set phase_results = ${json(p.phases)}, codec = ${p.codec}, recovery_point = ${p.point},
       locked_until = ${later(p.lease)}, last_run_at = ${now}, expires_at = ${later(p.expiresIn)}
     where ${ours(p)}`)
   const complete = prepare(db, ['id', 'token', 'response', 'codec', 'ttl'], (p) => sql`
-    update ${sql.table(table)} set response = ${p.response}, codec = ${p.codec}, recovery_point = ${sql.lit(FINISHED)},
+    update ${sql.table(table)} set response = ${json(p.response)}, codec = ${p.codec}, recovery_point = ${sql.lit(FINISHED)},
       lock_token = null, locked_until = null, last_run_at = ${now}, expires_at = ${later(p.ttl)}, recover_after = null
     where ${ours(p)}`)
   const release = prepare(db, ['id', 'token', 'ttl'], (p) => sql`

@@ -9,10 +9,10 @@ import {
   InvalidIdempotencyKeyError,
   withIdempotency,
 } from '../src/index.js'
-import { gate, openFixture, selectedTargets, type Fixture } from './support/harness.js'
+import { gate, itIf, itWhere, openFixture, targetsFor, type Fixture } from './support/harness.js'
 import { sleep } from './support/util.js'
 
-for (const target of selectedTargets()) {
+for (const target of targetsFor('conformance')) {
   describe(`conformance: ${target.id}`, () => {
     let fx: Fixture
     beforeEach(async () => {
@@ -143,27 +143,38 @@ for (const target of selectedTargets()) {
       expect(await fx.idempotency.prune()).toBe(0)
     })
 
-    it('answers 409 while the same key is in flight, and replays once it commits', async () => {
+    /** Starts a transaction that claims `key` and holds it until `release` is called. */
+    const holding = async (key: string) => {
       const hold = gate()
       const claimed = gate()
-      const first = fx.idempotency.transaction('busy', async (trx) => {
-        await fx.effect(trx, 'busy')
+      const first = fx.idempotency.transaction(key, async (trx) => {
+        await fx.effect(trx, key)
         claimed.open()
         await hold.promise
         return 'first'
       })
       await claimed.promise
-      if (target.database !== 'sqlite') {
-        const impatient = fx.with({ conflictWait: 300 })
-        const started = Date.now()
-        const second = impatient.transaction('busy', once('busy'))
-        await expect(second).rejects.toBeInstanceOf(IdempotencyConflictError)
-        await expect(second).rejects.toMatchObject({ status: 409, reason: 'in_flight' })
-        expect(Date.now() - started).toBeLessThan(4000)
-      }
+      return { first, release: hold.open }
+    }
+
+    itWhere(target, 'pool')('answers 409 while the same key is in flight in another transaction', async () => {
+      const { first, release } = await holding('busy')
+      const impatient = fx.with({ conflictWait: 300 })
+      const started = Date.now()
+      const second = impatient.transaction('busy', once('busy'))
+      await expect(second).rejects.toBeInstanceOf(IdempotencyConflictError)
+      await expect(second).rejects.toMatchObject({ status: 409, reason: 'in_flight' })
+      expect(Date.now() - started).toBeLessThan(4000)
+      release()
+      expect(await first).toBe('first')
+      expect(await fx.effects('busy')).toBe(1)
+    })
+
+    it('replays a duplicate that waited for the first attempt once it commits', async () => {
+      const { first, release } = await holding('busy')
       const patient = fx.idempotency.executeTransaction('busy', once('busy'))
       await sleep(100)
-      hold.open()
+      release()
       expect(await first).toBe('first')
       expect(await patient).toEqual({ value: 'first', replayed: true })
       expect(await fx.effects('busy')).toBe(1)
@@ -185,7 +196,7 @@ for (const target of selectedTargets()) {
       expect(String(afterReplay)).toBe(String(before))
     })
 
-    if (target.database === 'postgres') it("puts back a lock_timeout the caller set in its transaction", async () => {
+    itIf(target.database === 'postgres', 'lock_timeout is a Postgres setting')('puts back a lock_timeout the caller set in its transaction', async () => {
       const setting = sql<{ v: string }>`select current_setting('lock_timeout') as v`
       const run = () =>
         fx.db.transaction().execute(async (trx) => {
@@ -197,8 +208,7 @@ for (const target of selectedTargets()) {
       expect(await run()).toEqual(['7s', '7s'])
     })
 
-    // SQLite has one connection per file here: a second transaction would wait for the first.
-    if (target.database !== 'sqlite') it('leaves the session lock-wait setting as it found it after a conflict', async () => {
+    itWhere(target, 'pool')('leaves the session lock-wait setting as it found it after a conflict', async () => {
       const setting = {
         postgres: sql<{ v: string }>`select current_setting('lock_timeout') as v`,
         mysql: sql<{ v: string }>`select @@innodb_lock_wait_timeout as v`,

@@ -1,7 +1,7 @@
-import { afterEach, beforeEach, describe, expect, it } from 'vitest'
-import { gate, openFixture, selectedTargets, sessions, startWorker, type Fixture } from './support/harness.js'
+import { afterEach, beforeEach, describe, expect } from 'vitest'
+import { gate, itWhere, openFixture, sessions, startWorker, targetsFor, type Fixture } from './support/harness.js'
 
-for (const target of selectedTargets()) {
+for (const target of targetsFor('crashes')) {
   describe(`crashes: ${target.id}`, () => {
     let fx: Fixture
     beforeEach(async () => {
@@ -11,7 +11,7 @@ for (const target of selectedTargets()) {
       await fx.close()
     })
 
-    it('stores nothing when the process dies (SIGKILL) in the middle of the function', async () => {
+    itWhere(target, 'processes')('stores nothing when the process dies (SIGKILL) in the middle of the function', async () => {
       const worker = startWorker({ target: target.id, location: fx.location, table: fx.table, action: 'hold', key: 'crash' })
       await worker.printed('claimed')
       worker.kill('SIGKILL')
@@ -26,8 +26,7 @@ for (const target of selectedTargets()) {
     })
 
     const session = target.database === 'sqlite' ? undefined : sessions[target.database]
-    // SQLite has no server to drop the connection; the SIGKILL test above is its crash.
-    if (session) it('stores nothing when the database kills the connection in the middle of the function', async () => {
+    itWhere(target, 'sessions')('stores nothing when the database kills the connection in the middle of the function', async () => {
       const killed = gate()
       const first = fx.idempotency.transaction('killed', async (trx) => {
         await fx.effect(trx, 'killed')

@@ -5,11 +5,11 @@
  */
 import { afterEach, beforeEach, describe, expect, it } from 'vitest'
 import { ADAPTER_NAMES, startApp, type App } from './support/apps.js'
-import { gate, openFixture, selectedTargets, type Fixture } from './support/harness.js'
+import { gate, openFixture, targetsFor, type Fixture } from './support/harness.js'
 import { sleep } from './support/util.js'
 
 // Nothing here waits on a row lock, so one of the MySQL lock-wait paths is enough.
-for (const target of selectedTargets({ statementPaths: false })) {
+for (const target of targetsFor('draft-ietf-httpapi-idempotency-key-header-07', ['statement-paths'])) {
   for (const adapter of ADAPTER_NAMES) {
     describe(`draft-ietf-httpapi-idempotency-key-header-07: ${adapter}, ${target.id}`, () => {
       let fx: Fixture

@@ -91,16 +91,22 @@ describe('error classes', () => {
 })
 
 describe('dialect detection', () => {
-  it('recognises the adapters of another copy of Kysely (its CommonJS build), and no other database', async () => {
+  it('recognises the adapters of another copy of Kysely (0.28, CommonJS, beside 0.29), and no other database', async () => {
     const { createRequire } = await import('node:module')
-    const cjs = createRequire(import.meta.url)('kysely') as typeof import('kysely')
+    const other = createRequire(import.meta.url)('kysely028') as typeof import('kysely')
     const { SqliteAdapter } = await import('kysely')
-    expect(cjs.SqliteAdapter).not.toBe(SqliteAdapter)
-    expect(sqliteDialect.supports(new cjs.SqliteAdapter())).toBe(true)
-    expect(postgresDialect.supports(new cjs.SqliteAdapter())).toBe(false)
-    expect(mysqlDialect().supports(new cjs.PostgresAdapter())).toBe(false)
-    expect(postgresDialect.supports(new cjs.PostgresAdapter())).toBe(true)
-    class Custom extends cjs.MysqlAdapter {}
+    expect(other.SqliteAdapter).not.toBe(SqliteAdapter)
+    expect(sqliteDialect.supports(new other.SqliteAdapter())).toBe(true)
+    expect(postgresDialect.supports(new other.SqliteAdapter())).toBe(false)
+    expect(mysqlDialect().supports(new other.PostgresAdapter())).toBe(false)
+    expect(postgresDialect.supports(new other.PostgresAdapter())).toBe(true)
+    class Custom extends other.MysqlAdapter {}
     expect(mysqlDialect().supports(new Custom())).toBe(true)
+  })
+
+  it("takes PGlite (Kysely 0.29's PGliteAdapter extends PostgresAdapter) for Postgres", async () => {
+    const { PGliteAdapter } = await import('kysely')
+    expect(postgresDialect.supports(new PGliteAdapter())).toBe(true)
+    expect(sqliteDialect.supports(new PGliteAdapter())).toBe(false)
   })
 })

@@ -4,7 +4,7 @@ import Stripe from 'stripe'
 import { afterEach, beforeEach, describe, expect, expectTypeOf, it } from 'vitest'
 import { idempotent, idempotentFlow, UNSCOPED, type HttpResult } from '../fastify/index.js'
 import type { Idempotency } from '../src/index.js'
-import { openFixture, selectedTargets, type Fixture } from './support/harness.js'
+import { openFixture, targetsFor, type Fixture } from './support/harness.js'
 
 // What an app's authentication adds to every request; the helpers must see it without generics.
 declare module 'fastify' {
@@ -25,7 +25,7 @@ const PER_RESPONSE = new Set(['date', 'connection', 'keep-alive', 'idempotency-r
 const headersOf = (response: Response) => Object.fromEntries([...response.headers].filter(([name]) => !PER_RESPONSE.has(name)))
 
 // Nothing here waits on a row lock, so one of the MySQL lock-wait paths is enough.
-for (const target of selectedTargets({ statementPaths: false })) {
+for (const target of targetsFor('fastify helper', ['statement-paths'])) {
   describe(`fastify helper: ${target.id}`, () => {
     let fx: Fixture
     let app: FastifyInstance

@@ -5,7 +5,7 @@ import type { Transaction } from 'kysely'
 import Stripe from 'stripe'
 import { afterEach, beforeEach, describe, expect, it } from 'vitest'
 import { idempotent, idempotentFlow, UNSCOPED } from '../fetch/index.js'
-import { openFixture, selectedTargets, type Fixture } from './support/harness.js'
+import { openFixture, targetsFor, type Fixture } from './support/harness.js'
 
 /** A Node HTTP server in front of a Fetch API handler (what Bun.serve or @hono/node-server do). */
 async function serveFetch(handler: (request: Request) => Promise<Response>, drop: (request: Request) => boolean): Promise<Server> {
@@ -29,7 +29,7 @@ async function serveFetch(handler: (request: Request) => Promise<Response>, drop
 type Env = { Variables: { account: string } }
 
 // Nothing here waits on a row lock, so one of the MySQL lock-wait paths is enough.
-for (const target of selectedTargets({ statementPaths: false })) {
+for (const target of targetsFor('fetch helper', ['statement-paths'])) {
   describe(`fetch helper: ${target.id}`, () => {
     let fx: Fixture
     beforeEach(async () => {

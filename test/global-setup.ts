@@ -88,13 +88,14 @@ async function dockerAnswers(): Promise<boolean> {
  */
 export default async function setup(project: TestProject): Promise<() => Promise<void>> {
   const wanted = process.env.KIDEM_TARGETS?.split(',').map((s) => s.trim()).filter(Boolean)
-  const targets = ALL_TARGETS.filter((t) => !wanted || wanted.includes(t.id) || wanted.includes(t.database))
+  const targets = ALL_TARGETS.filter((t) => !wanted || wanted.includes(t.id) || wanted.includes(t.database) || wanted.includes(t.driver))
   if (targets.length === 0) throw new Error(`KIDEM_TARGETS=${process.env.KIDEM_TARGETS} selects nothing; use ids from: ${ALL_TARGETS.map((t) => t.id).join(', ')}`)
   const locations: Locations = {}
   const stops: Array<() => Promise<unknown>> = []
   let docker: boolean | undefined
   for (const server of SERVERS) {
-    if (!targets.some((t) => t.database === server.database)) continue
+    // PGlite runs in process: it needs no server.
+    if (!targets.some((t) => t.database === server.database && t.driver !== 'pglite')) continue
     let url = process.env[server.env]
     let origin = server.env
     if (!url && (docker ??= await dockerAnswers())) {

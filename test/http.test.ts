@@ -6,7 +6,7 @@
 import { afterEach, beforeEach, describe, expect, it } from 'vitest'
 import type { HttpResult } from '../http/index.js'
 import { ADAPTER_NAMES, defineRides, sendLines, startApp, type App } from './support/apps.js'
-import { gate, openFixture, selectedTargets, startChild, type Fixture } from './support/harness.js'
+import { gate, itWhere, openFixture, startChild, targetsFor, type Fixture } from './support/harness.js'
 import { rideEffects } from './support/ride.js'
 import { sleep } from './support/util.js'
 
@@ -19,7 +19,7 @@ const conflictWait = 1000
 const lockTimeout = 800
 
 // Nothing here waits on a row lock, so one of the MySQL lock-wait paths is enough.
-for (const target of selectedTargets({ statementPaths: false })) {
+for (const target of targetsFor('HTTP conformance', ['statement-paths'])) {
   for (const adapter of ADAPTER_NAMES) {
     describe(`HTTP conformance: ${adapter}, ${target.id}`, () => {
       let fx: Fixture
@@ -168,8 +168,7 @@ for (const target of selectedTargets({ statementPaths: false })) {
         expect(await fx.effects('order:thrown')).toBe(1)
       })
 
-      // The crash runs once per database; the MySQL variant without per-statement waits adds nothing here.
-      if (!target.dialect) it('finishes a defined flow whose server was killed between its phases with the recovery worker, and replays its answer to the retry', async () => {
+      itWhere(target, 'processes')('finishes a defined flow whose server was killed between its phases with the recovery worker, and replays its answer to the retry', async () => {
         const effects = rideEffects('ride-1')
         const killed = startChild('http-app.ts', { adapter, target: target.id, location: fx.location, table: fx.table, lockTimeout, stopAt: 'charge_created' })
         const url = await killed.printedAfter('listening:')

@@ -1,7 +1,7 @@
 import { afterEach, beforeEach, describe, expect, it } from 'vitest'
 import { IdempotencyConflictError, IdempotencyKeyReuseError, createIdempotency, type Flow, type Idempotency } from '../src/index.js'
 import { openDatabase } from './support/databases.js'
-import { gate, openFixture, selectedTargets, type Fixture } from './support/harness.js'
+import { gate, itIf, itWhere, openFixture, targetsFor, type Fixture } from './support/harness.js'
 import { sleep } from './support/util.js'
 
 /** When a promise settled, relative to `since`, and how. */
@@ -14,8 +14,8 @@ async function timed<T>(since: number, call: Promise<T>): Promise<{ at: number; 
   }
 }
 
-for (const target of selectedTargets()) {
-  const serverPool = target.database !== 'sqlite'
+for (const target of targetsFor('in-flight duplicates')) {
+  const serverPool = target.lacks.pool === undefined
 
   describe(`in-flight duplicates: ${target.id}`, () => {
     let fx: Fixture
@@ -28,7 +28,7 @@ for (const target of selectedTargets()) {
 
     /** An instance on a pool of `size` connections, as a small app server has. */
     const onPool = (size: number, options: { conflictWait?: number } = {}) => {
-      const db = openDatabase(target.database, fx.location, size)
+      const db = openDatabase(target.driver, fx.location, size)
       const idempotency = createIdempotency({ db, tableName: fx.table, ...(target.dialect ? { dialect: target.dialect() } : {}), ...options })
       return { db, idempotency }
     }
@@ -62,8 +62,8 @@ for (const target of selectedTargets()) {
         expect(runs.n).toBe(1)
         expect(await fx.effects('slow')).toBe(1)
         expect(otherDone.value).toBe('done')
-        // SQLite's Kysely dialect runs one query at a time per process, so there the other
-        // request waits for the slow transaction whatever the duplicates do (README).
+        // With one connection (SQLite's, PGlite's), the other request waits for the slow
+        // transaction whatever the duplicates do (README).
         if (serverPool) expect(otherDone.at).toBeLessThan(firstDone.at)
       } finally {
         await db.destroy()
@@ -92,7 +92,7 @@ for (const target of selectedTargets()) {
     })
 
     // Across SQLite processes a writer waits for the write lock (any writer's) for the busy timeout.
-    if (serverPool) it('with conflictWait 0, answers a duplicate from another process (another instance) 409 without waiting for the first', async () => {
+    itWhere(target, 'pool')('with conflictWait 0, answers a duplicate from another process (another instance) 409 without waiting for the first', async () => {
       const here = onPool(2)
       const there = onPool(2, { conflictWait: 0 })
       try {
@@ -250,7 +250,7 @@ for (const target of selectedTargets()) {
     })
 
     // SQLite has no row locks to hold.
-    if (serverPool) it('gives the phases of a duplicate that waited its whole conflictWait in memory the full wait on their rows', async () => {
+    itWhere(target, 'pool')('gives the phases of a duplicate that waited its whole conflictWait in memory the full wait on their rows', async () => {
       const conflictWait = 3000
       const first = fx.idempotency.run({ key: 'budget', request: 1 }, async () => {
         await sleep(conflictWait - 400)
@@ -323,7 +323,7 @@ for (const target of selectedTargets()) {
     })
 
     // SQLite has no row lock for a phase to hold while it renews the lease.
-    if (serverPool) it('keeps waiting in memory for a flow that renewed its lease while a waiter tried to take it over', async () => {
+    itWhere(target, 'pool')('keeps waiting in memory for a flow that renewed its lease while a waiter tried to take it over', async () => {
       const settings = { lockTimeout: 600, conflictWait: 5000 }
       const first = fx.idempotency.executeRun(
         { key: 'renewed', request: 1 },
@@ -364,7 +364,7 @@ for (const target of selectedTargets()) {
     })
 
     // Two SQLite files are two databases with the same table name; two server tables could not be.
-    if (!serverPool) it('does not count a call with the same key and table on another database as nested', async () => {
+    itIf(target.driver === 'better-sqlite3', 'two databases with one table name need two SQLite files')('does not count a call with the same key and table on another database as nested', async () => {
       const elsewhere = await openFixture(target)
       try {
         const other = createIdempotency({ db: elsewhere.db, tableName: fx.table })
@@ -397,8 +397,8 @@ for (const target of selectedTargets()) {
       expect(await fx.effects('ride')).toBe(1)
     })
 
-    // On SQLite the caller's own transaction cannot even begin while the first one is open.
-    if (serverPool) it('withIdempotency in your own transaction: a duplicate waits in the database, or with conflictWait 0 gets 409 at once', async () => {
+    // With one connection the caller's own transaction cannot even begin while the first one is open.
+    itWhere(target, 'pool')('withIdempotency in your own transaction: a duplicate waits in the database, or with conflictWait 0 gets 409 at once', async () => {
       const hold = gate()
       const first = fx.idempotency.transaction({ key: 'own', request: 1 }, async () => {
         await hold.promise

@@ -168,10 +168,16 @@ export const handler: (request: Request, context: { params: Promise<{ id: string
 fetchIdempotent(idempotency, { scope: () => 'a' }, async () => 'text')
 `
 
-/** Each TypeScript resolution mode a consumer may use: its compiler options and its files. */
+/**
+ * Each TypeScript resolution mode a consumer may use: its compiler options and its files. Kysely
+ * 0.29 is an ES module only, so a CommonJS file reaches its types (and ours, which name them)
+ * under `nodenext` (require of ES modules, TypeScript 5.8+), not under `node16`, which refuses
+ * Kysely itself there.
+ */
 const TYPE_MODES: Record<string, { compilerOptions: Record<string, string>; files: string[] }> = {
   node10: { compilerOptions: { module: 'commonjs', moduleResolution: 'node10' }, files: ['node10.ts'] },
-  node16: { compilerOptions: { module: 'node16', moduleResolution: 'node16' }, files: ['node16.cts', 'node16.mts'] },
+  node16: { compilerOptions: { module: 'node16', moduleResolution: 'node16' }, files: ['node16.mts'] },
+  nodenext: { compilerOptions: { module: 'nodenext', moduleResolution: 'nodenext' }, files: ['nodenext.cts', 'nodenext.mts'] },
   bundler: { compilerOptions: { module: 'esnext', moduleResolution: 'bundler' }, files: ['bundler.ts'] },
 }
 

@@ -7,11 +7,11 @@ import {
   IdempotencySerializationError,
   type Flow,
 } from '../src/index.js'
-import { expectOneOutcome, gate, openFixture, selectedTargets, startWorker, type Fixture } from './support/harness.js'
+import { expectOneOutcome, gate, itWhere, openFixture, startWorker, targetsFor, type Fixture } from './support/harness.js'
 import { rideEffects, rideFlow, type Ride, type RidePoint } from './support/ride.js'
 import { answer, sleep, type Answer } from './support/util.js'
 
-for (const target of selectedTargets()) {
+for (const target of targetsFor('atomic phases')) {
   describe(`atomic phases: ${target.id}`, () => {
     let fx: Fixture
     beforeEach(async () => {
@@ -284,7 +284,7 @@ for (const target of selectedTargets()) {
       await expectRideOnce(answers, 'resume-storm')
     })
 
-    it('runs every phase once when 4 processes run the same key at once', async () => {
+    itWhere(target, 'processes')('runs every phase once when 4 processes run the same key at once', async () => {
       const startAt = Date.now() + 1500
       const workers = Array.from({ length: 4 }, () =>
         startWorker({ target: target.id, location: fx.location, table: fx.table, action: 'ride', key: 'multi', count: 10, startAt }),
@@ -305,7 +305,7 @@ for (const target of selectedTargets()) {
       ride_charged: 'ride_charged',
     }
 
-    it('completes exactly once after a process is killed (SIGKILL) at each phase boundary', async () => {
+    itWhere(target, 'processes')('completes exactly once after a process is killed (SIGKILL) at each phase boundary', async () => {
       // Each process is killed where it stopped; a retry while its lease lasts gets a 409.
       const kill = async (points: RidePoint[]) => {
         const workers = points.map((point) => {
@@ -337,7 +337,7 @@ for (const target of selectedTargets()) {
       }
     })
 
-    it('lets another process take over a stalled attempt, which then loses its lock and writes nothing', async () => {
+    itWhere(target, 'processes')('lets another process take over a stalled attempt, which then loses its lock and writes nothing', async () => {
       const stalls: RidePoint[] = ['ride_created', 'charge_created']
       const workers = stalls.map((point) => {
         const key = `stall-${point}`

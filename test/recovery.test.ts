@@ -1,13 +1,13 @@
 import { afterEach, beforeEach, describe, expect, it } from 'vitest'
 import { IdempotentRoute, type HttpFlowRequest, type HttpResult, type RequestFacts } from '../http/index.js'
 import { IdempotencyConflictError, IdempotencyLockLostError, type Flow, type Idempotency, type IdempotencyEvent } from '../src/index.js'
-import { gate, openFixture, selectedTargets, startWorker, type Fixture } from './support/harness.js'
+import { gate, itWhere, openFixture, startWorker, targetsFor, type Fixture } from './support/harness.js'
 import { rideEffects, type Ride, type RidePoint } from './support/ride.js'
 import { sleep } from './support/util.js'
 
 const lockTimeout = 400
 
-for (const target of selectedTargets()) {
+for (const target of targetsFor('recovery worker')) {
   describe(`recovery worker: ${target.id}`, () => {
     let fx: Fixture
     let events: IdempotencyEvent[]
@@ -334,7 +334,7 @@ for (const target of selectedTargets()) {
     })
 
     const points: RidePoint[] = ['creating_ride', 'ride_created', 'charge_called', 'charge_created', 'ride_charged']
-    it('finishes a defined flow whose process was killed (SIGKILL) at each boundary, running each phase once', async () => {
+    itWhere(target, 'processes')('finishes a defined flow whose process was killed (SIGKILL) at each boundary, running each phase once', async () => {
       const ride = defineRide(idempotency)
       for (const point of points) {
         const key = `killed-${point}`

@@ -2,7 +2,7 @@ import { context, trace } from '@opentelemetry/api'
 import { AsyncLocalStorageContextManager } from '@opentelemetry/context-async-hooks'
 import { BasicTracerProvider, InMemorySpanExporter, SimpleSpanProcessor, type ReadableSpan } from '@opentelemetry/sdk-trace-base'
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest'
-import { openFixture, selectedTargets, type Fixture } from './support/harness.js'
+import { openFixture, selectedTargets, targetsFor, type Fixture } from './support/harness.js'
 
 // One provider for the file, as an app registers one: the library finds it through the API.
 const exporter = new InMemorySpanExporter()
@@ -19,7 +19,7 @@ const named = (name: string) => exporter.getFinishedSpans().filter((span) => spa
 const parentOf = (span: ReadableSpan) => span.parentSpanContext?.spanId
 
 // Nothing here waits on a row lock, so one of the MySQL lock-wait paths is enough.
-for (const target of selectedTargets({ statementPaths: false })) {
+for (const target of targetsFor('OpenTelemetry spans', ['statement-paths'])) {
   describe(`OpenTelemetry spans: ${target.id}`, () => {
     let fx: Fixture
     beforeEach(async () => {

@@ -15,8 +15,8 @@ export const down = defineCommand({
     yes: { type: 'boolean', description: 'Drop without asking (needed when not run from a terminal)', default: false },
   },
   run: ({ args }) =>
-    withDatabase(args, { create: false }, async ({ db, table }) => {
-      const keys = await countKeys(db, table, detectDialect(db))
+    withDatabase(args, { create: false }, async ({ db, table, where }) => {
+      const keys = await countKeys(db.withoutPlugins(), where, detectDialect(db))
       const what = keys === undefined ? `the migration history of "${table}" (there is no such table)` : `the table "${table}" with its ${plural(keys)}, and its migration history`
       if (!args.yes) {
         if (!process.stdin.isTTY || !process.stdout.isTTY) throw new CliError(`down drops ${what}; pass --yes to confirm.`)
@@ -24,7 +24,7 @@ export const down = defineCommand({
         const answer = await prompt.question(`Drop ${what}? Replays of those keys are lost. [y/N] `).finally(() => prompt.close())
         if (!/^y(es)?$/i.test(answer.trim())) return console.log('Nothing dropped.')
       }
-      await dropTable(db, table)
+      await dropTable(db.withoutPlugins(), where)
       console.log(`Dropped ${what}.`)
     }),
 })

@@ -17,7 +17,7 @@ export const migrate = defineCommand({
   },
   run: ({ args }) =>
     withDatabase(args, { create: !args.baseline }, async ({ idempotency, table }) => {
-      const { results = [] } = await idempotency.migrate({ baseline: args.baseline })
+      const { results } = await idempotency.migrate({ baseline: args.baseline })
       for (const r of results) console.log(`[✓] ${r.migrationName}${args.baseline ? ' recorded' : ''}`)
       console.log(results.length ? `The table "${table}" is up to date.` : `The table "${table}" was already up to date.`)
     }),

@@ -19,7 +19,7 @@ import { mysqlDialect } from '../../dialects/mysql.js'
 import { postgresDialect } from '../../dialects/postgres.js'
 import { sqliteDialect } from '../../dialects/sqlite.js'
 import { schemaMigrations } from '../../migrations/index.js'
-import { checkTableName, DEFAULT_TABLE } from '../../src/detect.js'
+import { checkTableName, DEFAULT_TABLE } from '../../src/table.js'
 import { CliError } from '../errors.js'
 
 const DIALECTS = {

@@ -1,6 +1,6 @@
 import { defineCommand } from 'citty'
-import { Migrator } from 'kysely'
-import { idempotencyMigrations, migrationTables } from '../../migrations/index.js'
+import { migrationStates } from '../../migrations/history.js'
+import { idempotencyMigrations } from '../../migrations/index.js'
 import { detectDialect } from '../../src/detect.js'
 import { connectionArgs, withDatabase } from '../args.js'
 import { EXIT } from '../errors.js'
@@ -15,11 +15,12 @@ export const status = defineCommand({
     json: { type: 'boolean', description: 'Print one JSON object instead of text', default: false },
   },
   run: ({ args }) =>
-    withDatabase(args, { create: false }, async ({ db, table, idempotency }) => {
-      const migrator = new Migrator({ db, provider: idempotencyMigrations({ tableName: table }), ...migrationTables(table) })
-      const migrations = (await migrator.getMigrations()).map((m) => ({ name: m.name, appliedAt: m.executedAt?.toISOString() ?? null }))
+    withDatabase(args, { create: false }, async ({ db, table, where, idempotency }) => {
+      const dialect = detectDialect(db)
+      const states = await migrationStates(db, dialect, where, await idempotencyMigrations({ tableName: where.name }).getMigrations())
+      const migrations = states.map((m) => ({ name: m.name, appliedAt: m.executedAt?.toISOString() ?? null }))
       const pending = migrations.some((m) => m.appliedAt === null)
-      const exists = !pending || (await detectDialect(db).upgrades.columns(db, table)).length > 0
+      const exists = !pending || (await dialect.upgrades.columns(db.withoutPlugins(), where)).length > 0
       // A table made from the printed DDL, or migrated with another history, is in place but unrecorded.
       const inPlace = exists && migrations.every((m) => m.appliedAt === null)
       const keys = pending ? null : await idempotency.counts()

@@ -3,19 +3,44 @@ import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { sql, type Kysely, type Transaction } from 'kysely'
-import { expect, inject } from 'vitest'
+import { describe, expect, inject, it } from 'vitest'
 import { createIdempotency, IdempotencyConflictError, migrationTables, type Idempotency, type IdempotencyOptions } from '../../src/index.js'
-import { ALL_TARGETS, openDatabase, type Target } from './databases.js'
+import { ALL_TARGETS, openDatabase, PGLITE_LOCATION, type Capability, type Target } from './databases.js'
 import type { Answer, WorkerArgs } from './util.js'
 
-/**
- * The targets this run covers (all, or those picked with KIDEM_TARGETS). `statementPaths: false`
- * leaves out the targets that only force another dialect module on a database already covered
- * (MySQL without per-statement lock waits), for tests whose statements do not depend on it.
- */
-export function selectedTargets(options: { statementPaths?: boolean } = {}): readonly Target[] {
+/** The targets of this run (all, or those picked with KIDEM_TARGETS) that this lane's Kysely can run. */
+export function selectedTargets(): readonly Target[] {
   const ids = inject('targets')
-  return ALL_TARGETS.filter((t) => ids.includes(t.id) && (options.statementPaths !== false || !t.dialect))
+  return ALL_TARGETS.filter((t) => ids.includes(t.id) && t.unavailable === undefined)
+}
+
+/**
+ * The targets of this run (all, or those picked with KIDEM_TARGETS) for the suite `suite`, whose
+ * tests need `needs` of their target. A target that lacks one of them, or cannot run on this
+ * lane's Kysely, is reported as N/A with its reason (a skipped test named for it), never left
+ * out silently.
+ */
+export function targetsFor(suite: string, needs: readonly Capability[] = []): readonly Target[] {
+  const ids = inject('targets')
+  const selected = ALL_TARGETS.filter((t) => ids.includes(t.id))
+  for (const target of selected) {
+    const reason = target.unavailable ?? needs.map((need) => target.lacks[need]).find((r) => r !== undefined)
+    if (reason !== undefined) describe(`${suite}: ${target.id}`, () => it.skip(`N/A: ${reason}`))
+  }
+  return selected.filter((t) => t.unavailable === undefined && needs.every((need) => t.lacks[need] === undefined))
+}
+
+type Test = (name: string, fn: () => Promise<unknown>, timeout?: number) => void
+
+/** `it`, or where `target` lacks `capability`, a test reported as N/A with the target's reason. */
+export function itWhere(target: Target, capability: Capability): Test {
+  return itIf(target.lacks[capability] === undefined, target.lacks[capability] ?? '')
+}
+
+/** `it` when `applies`, else a test reported as N/A because of `reason`. */
+export function itIf(applies: boolean, reason: string): Test {
+  if (applies) return (name, fn, timeout) => it(name, fn, timeout)
+  return (name) => it.skip(`${name} (N/A: ${reason})`)
 }
 
 /** One database and a fresh idempotency table (with a side-effect table beside it) for one test. */
@@ -42,9 +67,9 @@ export interface Fixture {
 }
 
 export async function openFixture(target: Target, options: Omit<IdempotencyOptions<any>, 'db'> = {}): Promise<Fixture> {
-  const dir = target.database === 'sqlite' ? mkdtempSync(join(tmpdir(), 'kidem-')) : undefined
-  const location = dir ? join(dir, 'test.db') : inject('locations')[target.server ?? (target.database as 'postgres' | 'mysql')]!
-  const db = openDatabase(target.database, location)
+  const dir = target.driver === 'better-sqlite3' ? mkdtempSync(join(tmpdir(), 'kidem-')) : undefined
+  const location = dir ? join(dir, 'test.db') : target.driver === 'pglite' ? PGLITE_LOCATION : inject('locations')[target.server ?? (target.database as 'postgres' | 'mysql')]!
+  const db = openDatabase(target.driver, location)
   const table = `t_${Math.random().toString(36).slice(2, 10)}`
   const effectsTable = `${table}_fx`
   const make = (more: Omit<IdempotencyOptions<any>, 'db'>) =>
@@ -97,7 +122,7 @@ async function migrateDirectly(target: Target, db: Kysely<any>, table: string): 
     await createIdempotency({ db, tableName: table, ...(target.dialect ? { dialect: target.dialect() } : {}) }).migrate()
     return
   }
-  const direct = openDatabase(target.database, inject('locations').postgres!, 1)
+  const direct = openDatabase(target.driver, inject('locations').postgres!, 1)
   try {
     await createIdempotency({ db: direct, tableName: table }).migrate()
   } finally {
