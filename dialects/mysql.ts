@@ -21,6 +21,9 @@ const DUPLICATE_KEY = 1062
 const ERRNO: Readonly<Record<number, DatabaseErrorKind>> = {
   1213: 'deadlock',
   1205: 'lock_timeout',
+  // MariaDB's max_statement_time, MySQL's max_execution_time (which bounds a SELECT).
+  1969: 'statement_timeout',
+  3024: 'statement_timeout',
   1146: 'undefined_table',
 }
 

@@ -19,6 +19,8 @@ const SQLSTATE: Readonly<Record<string, DatabaseErrorKind>> = {
   '40001': 'serialization_failure',
   '40P01': 'deadlock',
   '55P03': 'lock_timeout',
+  // query_canceled: statement_timeout (or an operator's pg_cancel_backend) ended the statement.
+  '57014': 'statement_timeout',
   '42P01': 'undefined_table',
 }
 

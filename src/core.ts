@@ -454,6 +454,7 @@ export class Core {
       const after = settings ? retryAfter(settings) : 1
       switch (kind) {
         case 'lock_timeout':
+        case 'statement_timeout':
           throw new IdempotencyConflictError('in_flight', 'A request with the same idempotency key is still in progress; retry later.', {
             retryAfter: after,
             cause: error,

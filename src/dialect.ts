@@ -12,6 +12,12 @@ export type DatabaseErrorKind =
   | 'deadlock'
   /** A lock was not granted within the configured wait. */
   | 'lock_timeout'
+  /**
+   * A statement ran past a timeout the caller set on the session (Postgres `statement_timeout`,
+   * MariaDB `max_statement_time`, MySQL `max_execution_time`): for the library's statements,
+   * a wait for a key another transaction holds, which the caller bounded more tightly.
+   */
+  | 'statement_timeout'
   /** The idempotency table does not exist. */
   | 'undefined_table'
 

@@ -9,7 +9,7 @@ import {
   InvalidIdempotencyKeyError,
   withIdempotency,
 } from '../src/index.js'
-import { gate, itIf, itWhere, openFixture, targetsFor, type Fixture } from './support/harness.js'
+import { gate, itIf, itWhere, openFixture, startWorker, targetsFor, type Fixture } from './support/harness.js'
 import { sleep } from './support/util.js'
 
 for (const target of targetsFor('conformance')) {
@@ -230,6 +230,13 @@ for (const target of targetsFor('conformance')) {
       release.open()
       expect(await holder).toBe('held')
       expect(String(after)).toBe(String(before))
+    })
+
+    it('lets a process end by itself, cleanly, once its Kysely instance is destroyed', async () => {
+      const child = startWorker({ target: target.id, location: fx.location, table: fx.table, action: 'clean-exit' })
+      const { code, signal, stdout, stderr } = await child.done
+      expect({ code, signal, stderr }).toEqual({ code: 0, signal: null, stderr: '' })
+      expect(stdout).toContain('done')
     })
 
     it('needs a transaction for withIdempotency', async () => {

@@ -164,6 +164,15 @@ async function sharedPglite(): Promise<KyselyPGlite> {
   }
 }
 
+/**
+ * Closes this process's PGlite, if it started one: a child process that opened a PGlite target
+ * calls it after `db.destroy()`, which leaves the shared instance open (PGlite would keep the
+ * process alive for seconds).
+ */
+export async function closeSharedPglite(): Promise<void> {
+  await (await pglite)?.close()
+}
+
 /** The env var's server, else the local default (as the tests find them, without containers), once it answers. */
 export async function locateServer(database: Exclude<DatabaseName, 'sqlite'>): Promise<string> {
   const { env, local } = SERVER_LOCATIONS[database]

@@ -20,7 +20,7 @@ export interface WorkerArgs {
   readonly target: string
   readonly location: string
   readonly table: string
-  readonly action: 'storm' | 'hold' | 'migrate' | 'ride' | 'defined-ride'
+  readonly action: 'storm' | 'hold' | 'migrate' | 'ride' | 'defined-ride' | 'clean-exit'
   readonly key?: string
   readonly count?: number
   /** `ride`, `defined-ride`: where to print `at:<point>` and then wait to be killed (`ride`: or stall for `stall` ms). */
