@@ -34,7 +34,7 @@ export default defineConfig({
       {
         extends: true,
         // Each test has tables of its own, so two files at a time share the servers safely.
-        test: { name: 'library', include: ['test/**/*.test.ts'], exclude: TOOLS, fileParallelism: true, maxWorkers: 2, sequence: { groupOrder: 0 } },
+        test: { name: 'library', include: ['test/**/*.test.ts'], exclude: TOOLS, fileParallelism: true, maxWorkers: 3, sequence: { groupOrder: 0 } },
       },
       { extends: true, test: { name: 'tools', include: TOOLS, fileParallelism: false, sequence: { groupOrder: 1 } } },
     ],

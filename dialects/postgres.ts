@@ -24,6 +24,9 @@ const SQLSTATE: Readonly<Record<string, DatabaseErrorKind>> = {
   '42P01': 'undefined_table',
 }
 
+/** The advisory lock id of Kysely's `PostgresAdapter.acquireMigrationLock`. */
+const KYSELY_MIGRATION_LOCK = '3853314791062309107'
+
 const clock = sql`statement_timestamp()`
 const later = (ms: RawBuilder<unknown>) => sql`(statement_timestamp() + ${ms}::double precision * interval '1 millisecond')`
 const jsonText = (column: RawBuilder<unknown>) => sql`${column}::text`
@@ -82,6 +85,11 @@ export const postgresDialect: IdempotencyDialect = {
     async dropIndex(db, table, name) {
       // An index lives in its table's schema.
       await db.schema.dropIndex(qualified(table, name)).execute()
+    },
+    async migrationLock(db) {
+      // Kysely's Migrator (0.28 and 0.29) holds this advisory lock for the session; taken for the
+      // transaction here, it waits for a Migrator's, and a pooler cannot strand it.
+      await sql`select pg_advisory_xact_lock(${sql.raw(KYSELY_MIGRATION_LOCK)})`.execute(db)
     },
     async indexes(db, table) {
       const { rows } = await sql<{ unique: boolean; columns: string }>`

@@ -1,11 +1,13 @@
-// A small payments API on SQLite (a file in a temp dir, no server needed), on the framework of
-// your choice: Express, Fastify, or a plain Fetch API handler (what Hono, Next.js, Bun and Deno run).
-//   npm run demo                                  serve it with Express and print curl lines to try
+// A small payments API on an embedded database (no server needed): SQLite (better-sqlite3, a
+// file in a temp dir), or PostgreSQL itself compiled to WebAssembly (PGlite, a folder in a temp
+// dir), on the framework of your choice: Express, Fastify, or a plain Fetch API handler (what
+// Hono, Next.js, Bun and Deno run).
+//   npm run demo                                  serve it with Express on SQLite and print curl lines to try
 //   npm run demo -- --framework fastify|fetch     the same API on another framework
+//   npm run demo -- --db pglite                   the same API on PostgreSQL (PGlite, in process)
 //   npm run demo -- --selftest                    fire retries, a storm and a reused key at each framework,
 //                                                 then kill a process in the middle of a flow and let the
 //                                                 recovery worker finish it
-import Database from 'better-sqlite3'
 import { Kysely, SqliteDialect } from 'kysely'
 import { createIdempotency } from 'kysely-idempotency'
 import { fork } from 'node:child_process'
@@ -16,25 +18,49 @@ import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 
 const FRAMEWORKS = ['express', 'fastify', 'fetch']
+const DATABASES = ['sqlite', 'pglite']
 const selftest = process.argv.includes('--selftest')
-const chosen = process.argv.includes('--framework') ? process.argv[process.argv.indexOf('--framework') + 1] : undefined
-if (process.argv.includes('--framework') && !FRAMEWORKS.includes(chosen)) {
-  console.error(`--framework must be one of ${FRAMEWORKS.join(', ')}`)
+const option = (name, choices, fallback) => {
+  if (!process.argv.includes(name)) return fallback
+  const value = process.argv[process.argv.indexOf(name) + 1]
+  if (choices.includes(value)) return value
+  console.error(`${name} must be one of ${choices.join(', ')}`)
   process.exit(1)
+}
+const chosen = option('--framework', FRAMEWORKS, undefined)
+const database = option('--db', DATABASES, 'sqlite')
+
+/** The demo's database, a file (SQLite) or a folder (PGlite); the driver is loaded only when used. */
+const engines = {
+  sqlite: {
+    where: () => join(mkdtempSync(join(tmpdir(), 'kysely-idempotency-demo-')), 'payments.db'),
+    async dialect(file) {
+      const { default: Database } = await import('better-sqlite3')
+      const sqlite = new Database(file)
+      sqlite.pragma('journal_mode = WAL')
+      return new SqliteDialect({ database: sqlite })
+    },
+  },
+  pglite: {
+    where: () => mkdtempSync(join(tmpdir(), 'kysely-idempotency-demo-pglite-')),
+    async dialect(folder) {
+      // Kysely 0.29 ships PGliteDialect; one process at a time opens the folder.
+      const [{ PGlite }, { PGliteDialect }] = await Promise.all([import('@electric-sql/pglite'), import('kysely')])
+      return new PGliteDialect({ pglite: new PGlite(folder) })
+    },
+  },
 }
 
 /** A fresh database with the idempotency table and the charges table (or the one in `existing`). */
 async function open(existing) {
-  const file = existing ?? join(mkdtempSync(join(tmpdir(), 'kysely-idempotency-demo-')), 'payments.db')
-  const sqlite = new Database(file)
-  sqlite.pragma('journal_mode = WAL')
-  const db = new Kysely({ dialect: new SqliteDialect({ database: sqlite }) })
+  const file = existing ?? engines[database].where()
+  const db = new Kysely({ dialect: await engines[database].dialect(file) })
   const idempotency = createIdempotency({ db, lockTimeout: 1000 })
   if (existing) return { file, db, idempotency }
   await idempotency.migrate()
   await db.schema
     .createTable('charges')
-    .addColumn('id', 'integer', (c) => c.primaryKey())
+    .addColumn('id', database === 'pglite' ? 'serial' : 'integer', (c) => c.primaryKey())
     .addColumn('customer', 'text', (c) => c.notNull())
     .addColumn('amount', 'integer', (c) => c.notNull())
     .addColumn('currency', 'text', (c) => c.notNull())
@@ -120,10 +146,10 @@ if (crashChild) {
   await defineBooking(idempotency, true).run({ key: 'ride-1', scope: 'alice', request: { customer: 'alice', amount: 2300 } })
 } else if (!selftest) {
   const framework = chosen ?? 'express'
-  const database = await open()
-  const server = await serve[framework](database, Number(process.env.PORT ?? 3000))
+  const opened = await open()
+  const server = await serve[framework](opened, Number(process.env.PORT ?? 3000))
   const url = `http://127.0.0.1:${server.address().port}`
-  console.log(`Payments API on ${url} (${framework}; SQLite file ${database.file})
+  console.log(`Payments API on ${url} (${framework}; ${database === 'pglite' ? 'PGlite folder' : 'SQLite file'} ${opened.file})
 
 Charge, then retry with the same key: the second answer is a replay (Idempotency-Replayed: true).
   curl -i -X POST ${url}/charges -H 'Content-Type: application/json' -H 'X-Customer: alice' -H 'Idempotency-Key: order-1' -d '{"amount": 1500}'
@@ -136,12 +162,12 @@ Ctrl-C to stop.`)
 } else {
   let failed = false
   for (const framework of chosen ? [chosen] : FRAMEWORKS) {
-    const database = await open()
-    const server = await serve[framework](database, 0)
-    console.log(`${framework}:`)
-    failed = !(await check(database.db, `http://127.0.0.1:${server.address().port}`)) || failed
+    const opened = await open()
+    const server = await serve[framework](opened, 0)
+    console.log(`${framework} on ${database}:`)
+    failed = !(await check(opened.db, `http://127.0.0.1:${server.address().port}`)) || failed
     await new Promise((resolve) => server.close(resolve))
-    await database.db.destroy()
+    await opened.db.destroy()
   }
   failed = !(await crashAndRecover()) || failed
   console.log(failed ? 'selftest FAILED' : 'selftest passed: one charge per key and customer, and the killed flow finished once')
@@ -150,10 +176,13 @@ Ctrl-C to stop.`)
 
 /** Kills a process in the middle of a booking, then lets the recovery worker of this one finish it. */
 async function crashAndRecover() {
-  const { file, db, idempotency } = await open()
+  // Made here, then left to the booking process (a PGlite folder is open in one process at a time).
+  const made = await open()
+  await made.db.destroy()
   console.log('a process dies in the middle of a flow; the recovery worker finishes it:')
-  const child = fork(fileURLToPath(import.meta.url), ['--crash-child', file])
+  const child = fork(fileURLToPath(import.meta.url), ['--crash-child', made.file, '--db', database])
   const [, signal] = await new Promise((resolve) => child.once('exit', (...ended) => resolve(ended)))
+  const { db, idempotency } = await open(made.file)
   const stopped = await idempotency.inspect({ key: 'ride-1', scope: 'alice' })
   console.log(`  ${'the booking process'.padEnd(42)} killed (${signal}) at "${stopped?.recoveryPoint}", its key ${stopped?.state}`)
   const booking = defineBooking(idempotency)

@@ -1,5 +1,5 @@
 import { sql, type Kysely } from 'kysely'
-import type { IdempotencyDialect } from '../src/dialect.js'
+import type { IdempotencyDialect, TableUpgrades } from '../src/dialect.js'
 import { qualified, type TableName } from '../src/table.js'
 
 /** One migration of the idempotency table, as Kysely's `Migrator` and kysely-ctl take it. */
@@ -50,12 +50,14 @@ const LOCK_ROW = 'migration_lock'
  * each. Kysely's `Migrator` moved between Kysely versions (`kysely` in 0.28, `kysely/migration`
  * in 0.29), so the library runs its few migrations itself, with the same history format.
  *
- * Where DDL is transactional (Postgres, SQLite), everything runs in one transaction that first
- * locks the history's lock row: a second migrator waits for it, then finds the work recorded
- * (or, under SERIALIZABLE, fails and is retried by the caller). The lock is a row, not a
- * session-level advisory lock, so this also works through a pooler in transaction mode.
- * Elsewhere (MySQL), one connection holds the adapter's own migration lock (`GET_LOCK`, the one
- * Kysely's `Migrator` takes) while the migrations run.
+ * When the history lists every migration (every start of an app but the first), nothing is
+ * locked. Otherwise, where DDL is transactional (Postgres, SQLite), everything runs in one READ
+ * COMMITTED transaction that first locks the history's lock row: a second migrator waits for it,
+ * then finds the work recorded. The lock is a row, not a session-level advisory lock, so this
+ * also works through a pooler in transaction mode; the dialect may add the lock Kysely's
+ * `Migrator` takes, as a transaction-level one ({@link TableUpgrades.migrationLock}). Elsewhere
+ * (MySQL), one connection holds the adapter's own migration lock (`GET_LOCK`, the one Kysely's
+ * `Migrator` takes) while the migrations run.
  *
  * `migrations` receive `db` itself (with its plugins, so that they find the schema of a
  * `withSchema` instance) or a transaction or connection of it.
@@ -67,13 +69,17 @@ export async function migrateToLatest(
   migrations: Record<string, IdempotencyMigration>,
 ): Promise<MigrationResultSet> {
   const history = historyOf(table)
-  await ensureHistory(db.withoutPlugins(), dialect, history)
+  const pending = async (on: Kysely<unknown>) => {
+    const done = await recorded(on, history.table)
+    return Object.keys(migrations).sort().filter((name) => !done.has(name))
+  }
+  const plain = db.withoutPlugins()
+  if ((await dialect.upgrades.columns(plain, history.table)).length && !(await pending(plain)).length) return { results: [] }
+  await ensureHistory(plain, dialect, history)
   const run = async (on: Kysely<unknown>): Promise<MigrationResultSet> => {
     const plain = on.withoutPlugins()
-    const done = await recorded(plain, history.table)
-    const pending = Object.keys(migrations).sort().filter((name) => !done.has(name))
     const results: MigrationResult[] = []
-    for (const name of pending) {
+    for (const name of await pending(plain)) {
       await migrations[name]!.up(on)
       await plain.insertInto(qualified(history.table) as never).values({ name, timestamp: new Date().toISOString() } as never).execute()
       results.push({ migrationName: name, direction: 'Up', status: 'Success' })
@@ -82,7 +88,10 @@ export async function migrateToLatest(
   }
   const adapter = db.getExecutor().adapter
   if (adapter.supportsTransactionalDdl) {
-    return db.transaction().execute(async (trx) => {
+    // Under SERIALIZABLE or REPEATABLE READ, every migrator that waited for the lock row would fail
+    // once the first commits; READ COMMITTED lets it read the history the first one wrote.
+    return db.transaction().setIsolationLevel('read committed').execute(async (trx) => {
+      await dialect.upgrades.migrationLock?.(trx.withoutPlugins())
       await sql`update ${sql.table(qualified(history.lock))} set is_locked = 1 where id = ${LOCK_ROW}`.execute(trx.withoutPlugins())
       const result = await run(trx)
       await sql`update ${sql.table(qualified(history.lock))} set is_locked = 0 where id = ${LOCK_ROW}`.execute(trx.withoutPlugins())
@@ -125,13 +134,16 @@ async function recorded(db: Kysely<unknown>, history: TableName): Promise<Map<st
  * `create table if not exists` that loses a race in its catalog).
  */
 async function ensureHistory(db: Kysely<unknown>, dialect: IdempotencyDialect, history: ReturnType<typeof historyOf>): Promise<void> {
-  if (history.table.schema !== undefined) {
-    const create = () => db.schema.createSchema(history.table.schema!).ifNotExists().execute()
-    // A second `if not exists` succeeds once the schema that won the race is there.
-    await create().catch(create)
-  }
   const exists = async (t: TableName) => (await dialect.upgrades.columns(db, t)).length > 0
   if (!(await exists(history.table))) {
+    const schema = history.table.schema
+    // Creating a schema needs a privilege that creating a table in it does not, even with
+    // `if not exists` (Postgres checks it first): only a schema that is missing is created.
+    if (schema !== undefined && !(await db.introspection.getSchemas()).some((s) => s.name === schema)) {
+      const create = () => db.schema.createSchema(schema).ifNotExists().execute()
+      // A second `if not exists` succeeds once the schema that won the race is there.
+      await create().catch(create)
+    }
     await tolerate(
       () =>
         db.schema

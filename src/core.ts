@@ -253,14 +253,14 @@ export class Core {
     const wait = claimWait(settings)
     const values: ClaimValues = { ...key, expiresIn: settings.ttl, wait, token: null, lease: null, phases: null, codec: null, flow: null, recoverIn: null }
     for (let round = 1; ; round++) {
-      const claim = await this.guard(settings, () => s.claim(db, values))
+      const claim = await this.waiting(settings, () => s.claim(db, values))
       let id = claim.claimed
       if (claim.claimed === null) {
-        const row = claim.row ?? (await this.guard(settings, () => s.latest(db, key.scope, key.key, wait)))
+        const row = claim.row ?? (await this.waiting(settings, () => s.latest(db, key.scope, key.key, wait)))
         if (row) {
           const verdict = await this.judge(db, s, row, key, settings, trx)
           if (verdict !== EXPIRED) return { value: verdict.value as T, replayed: true }
-          if (await this.guard(settings, () => s.reclaim(db, row.id, values))) id = row.id
+          if (await this.waiting(settings, () => s.reclaim(db, row.id, values))) id = row.id
         }
       }
       if (id !== null) {
@@ -446,15 +446,30 @@ export class Core {
   }
 
   /** Turns the database errors the library understands into errors that say what happened. */
-  async guard<T>(settings: Settings | undefined, statement: () => Promise<T>): Promise<T> {
+  guard<T>(settings: Settings | undefined, statement: () => Promise<T>): Promise<T> {
+    return this.#translated(settings, statement, false)
+  }
+
+  /**
+   * {@link guard} for a statement that may wait for a key another transaction holds (a claim, a
+   * locking read, a fence): a statement timeout the caller set on the session that ends it is
+   * the end of that wait, a conflict. Elsewhere it is the database's own error.
+   */
+  waiting<T>(settings: Settings | undefined, statement: () => Promise<T>): Promise<T> {
+    return this.#translated(settings, statement, true)
+  }
+
+  async #translated<T>(settings: Settings | undefined, statement: () => Promise<T>, waits: boolean): Promise<T> {
     try {
       return await statement()
     } catch (error) {
       const kind = this.#dialect.classify(error)
       const after = settings ? retryAfter(settings) : 1
       switch (kind) {
-        case 'lock_timeout':
         case 'statement_timeout':
+          if (!waits) throw error
+        // falls through: it ended a wait for the key
+        case 'lock_timeout':
           throw new IdempotencyConflictError('in_flight', 'A request with the same idempotency key is still in progress; retry later.', {
             retryAfter: after,
             cause: error,

@@ -116,6 +116,12 @@ export interface TableUpgrades {
   /** Drops the index `name` of `table` (MySQL names the table, the others must not). */
   dropIndex(db: Kysely<unknown>, table: TableName, name: string): Promise<void>
   /**
+   * Takes, in the transaction that migrates, the lock Kysely's own `Migrator` takes, so that the
+   * library's migrations and a user's `Migrator` (kysely-ctl at deploy, say) never run at once.
+   * For databases with transactional DDL; released when the transaction ends.
+   */
+  migrationLock?(db: Kysely<unknown>): Promise<void>
+  /**
    * Migration 0002: makes every text column store any Unicode text and compare bytes exactly,
    * whatever the database's defaults (MySQL: `utf8mb4` with a binary collation).
    */

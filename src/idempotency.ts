@@ -20,7 +20,7 @@ import {
 import { forgetKey, inspectKey, type KeyInspection, type KeyReference } from './inspect.js'
 import { failureOf, Observer, type ObserveOptions } from './observe.js'
 import { isFailure, NotResumable, Phases, readStarted, text, type AbandonedFlow, type Flow, type FlowSettings } from './phases.js'
-import type { AbandonedRow, KeyCounts } from './statements.js'
+import type { AbandonedRow, KeyCounts, RecoveryFailure } from './statements.js'
 import type { IdempotencyDialect } from './dialect.js'
 import { detectDialect } from './detect.js'
 import { IdempotencySetupError } from './errors.js'
@@ -273,8 +273,6 @@ const DEFAULTS = {
   recoveryEvery: 30_000,
   maxFailures: 5,
 }
-/** The first back-off of a flow whose recovery failed, doubled at every failure up to an hour. */
-const RECOVERY_BACKOFF = 1000
 /** How long the worker leaves a flow of an HTTP route it does not serve before it looks again. */
 const UNBOUND_POSTPONE = 60_000
 
@@ -352,9 +350,9 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
 
   /**
    * Takes over one abandoned flow of `definition` as the recovery worker, and runs it to its end;
-   * if the run fails, the flow is put off by `retryIn` ms (`null`: left to the client).
+   * if the run fails, the flow backs off as `failure` says.
    */
-  const resume = async (row: AbandonedRow, definition: Definition, retryIn: number | null): Promise<'finished' | 'skipped'> => {
+  const resume = async (row: AbandonedRow, definition: Definition, failure: RecoveryFailure): Promise<'finished' | 'skipped'> => {
     const key = { scope: text(row.scope), key: text(row.key), fingerprint: String(row.fingerprint) }
     const outcome = await observer.observe(
       'idempotency.recover',
@@ -374,7 +372,7 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
           flow: definition.name,
           answer: http ? 'http' : null,
           resumeOnly: true,
-          failure: { retryIn },
+          failure,
           operation: 'recover',
         }
         const answer = http ? definition.answer : undefined
@@ -425,14 +423,14 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
     const read = <T>(statement: () => Promise<T>) => core.retrying(defaults, () => core.guard(undefined, statement))
     const rows = await read(() => s.recoverable(p, names, olderThan, limit))
     const unknown = await read(() => s.unknownFlows(p, names, olderThan))
-    const retryIn = (failures: number) => (failures >= maxFailures ? null : Math.min(HOUR, RECOVERY_BACKOFF * 2 ** (failures - 1)))
+    const failure: RecoveryFailure = { maxFailures }
     return flows.recover(
       rows,
       unknown,
-      (row, definition) => resume(row, definition, retryIn(Number(row.failures ?? 0) + 1)),
+      (row, definition) => resume(row, definition, failure),
       // Usually the failed attempt counted itself as it let go of the flow; this counts a failure
       // before any takeover, and does nothing if the count moved meanwhile.
-      (row, failures) => read(() => s.recoveryFailed(p, row.id, failures - 1, retryIn(failures))).catch(touchedElsewhere),
+      (row, failures) => read(() => s.recoveryFailed(p, row.id, failures - 1, failure)).catch(touchedElsewhere),
     )
   }
 

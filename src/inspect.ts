@@ -67,7 +67,7 @@ export async function forgetKey(core: Core, db: Kysely<unknown>, key: Normalized
   const plain = db.withoutPlugins()
   const s = await core.statements(plain)
   return plain.transaction().execute(async (trx) => {
-    const row = await core.guard(settings, () => s.lock(trx, key.scope, key.key, settings.conflictWait))
+    const row = await core.waiting(settings, () => s.lock(trx, key.scope, key.key, settings.conflictWait))
     if (!row) return false
     if (row.locked) {
       throw new IdempotencyConflictError(

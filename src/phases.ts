@@ -6,7 +6,7 @@ import { FINISHED, STARTED, type KeyRow } from './dialect.js'
 import { IdempotencyConflictError, IdempotencyFlowError, IdempotencyLockLostError, IdempotencySerializationError } from './errors.js'
 import { failureOf, type IdempotencyOperation, type Observer } from './observe.js'
 import type { NormalizedKey } from './request.js'
-import type { Extension, Lease, Renewal, Statements } from './statements.js'
+import type { Extension, Lease, RecoveryFailure, Renewal, Statements } from './statements.js'
 
 /**
  * The handle an atomic-phases flow receives from {@link Idempotency.run}: it runs each phase
@@ -110,8 +110,8 @@ export interface FlowSettings extends Settings {
   readonly answer: 'http' | null
   /** Only take over an unfinished flow that no attempt holds (the recovery worker); anything else is {@link NotResumable}. */
   readonly resumeOnly: boolean
-  /** The recovery worker's attempt: if it fails, its release counts the failure and backs the flow off this long (`null`: for good). */
-  readonly failure?: { readonly retryIn: number | null }
+  /** The recovery worker's attempt: if it fails, its release counts the failure and backs the flow off. */
+  readonly failure?: RecoveryFailure
   /** The method the attempt serves, for its events. */
   readonly operation: IdempotencyOperation
 }
@@ -235,7 +235,7 @@ export class Phases {
     const token = newToken()
     const { phases, ...extension } = renewal(this.#core.values, settings, fresh(key, settings))
     const values = { ...key, ...extension, ...named(settings), wait: claimWait(settings), token, phases: phases.text, codec: phases.codec }
-    const claim = await this.#core.guard(settings, () => s.claim(db, values))
+    const claim = await this.#core.waiting(settings, () => s.claim(db, values))
     return claim.claimed === null ? undefined : { lease: { id: claim.claimed, token }, stored: phases, takenOver: false }
   }
 
@@ -248,7 +248,7 @@ export class Phases {
   ): Promise<Claimed | { value: unknown }> {
     const core = this.#core
     for (let round = 1; round <= CLAIM_ROUNDS; round++) {
-      const row = await core.guard(settings, () => s.lock(trx, key.scope, key.key, claimWait(settings)))
+      const row = await core.waiting(settings, () => s.lock(trx, key.scope, key.key, claimWait(settings)))
       if (!row) {
         const claim = await this.#insert(trx, s, key, settings)
         if (claim) return claim
@@ -268,7 +268,7 @@ export class Phases {
       if (verdict !== EXPIRED) return verdict
       const { phases, ...extension } = renewal(core.values, settings, fresh(key, settings))
       const values = { ...key, ...extension, ...named(settings), wait: claimWait(settings), token, phases: phases.text, codec: phases.codec }
-      if (await core.guard(settings, () => s.reclaim(trx, row.id, values))) return { lease: { id: row.id, token }, stored: phases, takenOver: false }
+      if (await core.waiting(settings, () => s.reclaim(trx, row.id, values))) return { lease: { id: row.id, token }, stored: phases, takenOver: false }
     }
     throw new IdempotencyConflictError('race', 'The key kept changing under concurrent requests; retry the request.', {
       retryAfter: Math.max(1, Math.ceil(settings.conflictWait / 1000)),
@@ -468,7 +468,7 @@ class Attempt<DB, T> {
     const recorded = await this.#slot.holding(() => core.retrying(settings, () =>
       this.#db.transaction().execute(async (trx) => {
         const own = trx.withoutPlugins() as unknown as Kysely<unknown>
-        const held = await core.guard(settings, () =>
+        const held = await core.waiting(settings, () =>
           s.withLockWait(own, settings.conflictWait, () => s.fence(own, this.#lease, extension(settings))),
         )
         if (!held) throw this.#lockLost(name)
@@ -484,7 +484,7 @@ class Attempt<DB, T> {
   async #step<V>(name: string, fn: () => Promise<V>): Promise<V> {
     // A stalled attempt that lost its lock finds out before calling the other system again,
     // and a live one gets a whole lease for the call.
-    const held = await this.#core.guard(this.#settings, () => this.#s.fence(this.#plain, this.#lease, extension(this.#settings)))
+    const held = await this.#core.waiting(this.#settings, () => this.#s.fence(this.#plain, this.#lease, extension(this.#settings)))
     if (!held) throw this.#lockLost(name)
     this.#slot.leased(this.#settings.lockTimeout)
     const value = await fn()
@@ -500,7 +500,7 @@ class Attempt<DB, T> {
   async #record(db: Kysely<unknown>, name: string, value: unknown): Promise<FlowState> {
     if (this.#ended) throw new IdempotencyFlowError(`"${name}" finished after the flow ended, so it was not recorded; await every phase and step.`)
     const r = this.#renewed(name, value)
-    if (!(await this.#core.guard(this.#settings, () => this.#s.record(db, this.#lease, name, r)))) throw this.#lockLost(name)
+    if (!(await this.#core.waiting(this.#settings, () => this.#s.record(db, this.#lease, name, r)))) throw this.#lockLost(name)
     return readState(this.#core.values, r.phases.text, r.phases.codec)
   }
 
@@ -521,7 +521,7 @@ class Attempt<DB, T> {
   async #complete(value: T): Promise<void> {
     const settings = this.#settings
     const response = this.#core.values.encode(value)
-    if (!(await this.#core.guard(settings, () => this.#s.complete(this.#plain, this.#lease, response, settings.ttl)))) throw this.#lockLost(FINISHED)
+    if (!(await this.#core.waiting(settings, () => this.#s.complete(this.#plain, this.#lease, response, settings.ttl)))) throw this.#lockLost(FINISHED)
   }
 
   #lockLost(name: string): IdempotencyLockLostError {

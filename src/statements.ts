@@ -97,27 +97,36 @@ export interface Statements extends Required<DialectStatements> {
   /**
    * Clears the lock so that a retry resumes at once, if `lease` still holds it; the unfinished
    * key then lives `ttl` ms from now. With `failure` (the recovery worker's attempt failed), the
-   * same statement counts the failure and puts off the worker's next look by `retryIn` ms (`null`:
-   * never), so that no worker holding a stale list can take the flow over in between.
+   * same statement counts the failure and backs the flow off ({@link RecoveryFailure}), so that
+   * no worker holding a stale list can take the flow over in between.
    */
-  release(db: Kysely<unknown>, lease: Lease, ttl: number, failure?: { readonly retryIn: number | null }): Promise<void>
+  release(db: Kysely<unknown>, lease: Lease, ttl: number, failure?: RecoveryFailure): Promise<void>
   abandoned(db: Kysely<unknown>, idleFor: number, limit: number): Promise<readonly AbandonedRow[]>
   /** Unfinished flows of these names that no attempt holds and the recovery worker may pick now, due longest first. */
   recoverable(db: Kysely<unknown>, names: readonly string[], idleFor: number, limit: number): Promise<readonly AbandonedRow[]>
   /** How many flows the recovery worker could pick now but for their names, which are not among `names`. */
   unknownFlows(db: Kysely<unknown>, names: readonly string[], idleFor: number): Promise<number>
   /**
-   * Counts a failed recovery of a flow that had failed `seen` times, and puts off its next one by
-   * `retryIn` ms (with `null` the worker leaves it alone from now on); nothing if someone else
-   * counted meanwhile.
+   * Counts a failed recovery of a flow that had failed `seen` times, and backs it off
+   * ({@link RecoveryFailure}); nothing if someone else counted meanwhile.
    */
-  recoveryFailed(db: Kysely<unknown>, id: RowId, seen: number, retryIn: number | null): Promise<void>
+  recoveryFailed(db: Kysely<unknown>, id: RowId, seen: number, failure: RecoveryFailure): Promise<void>
   /** Puts off the recovery worker's next look at a flow by `ms`, counting no failure. */
   postpone(db: Kysely<unknown>, id: RowId, ms: number): Promise<void>
   inspect(db: Kysely<unknown>, scope: string, key: string): Promise<InspectedRow | undefined>
   /** Deletes the row `id`. */
   remove(db: Kysely<unknown>, id: RowId): Promise<void>
   counts(db: Kysely<unknown>): Promise<KeyCounts>
+}
+
+/**
+ * How a failed recovery backs a flow off, counted from the failures the row holds when it is
+ * written (a count read earlier may be stale): the worker looks again 1 s after the first
+ * failure, doubling up to an hour, and leaves the flow alone (`recover_after` null) at the
+ * `maxFailures`th.
+ */
+export interface RecoveryFailure {
+  readonly maxFailures: number
 }
 
 /** How many keys the table holds in each state; see {@link Statements.counts}. */
@@ -131,6 +140,11 @@ export interface KeyCounts {
   /** Unfinished atomic-phases flows whose lock expired or was released. */
   readonly abandoned: number
 }
+
+/** The recovery worker's back-off ({@link RecoveryFailure}): 1 s, doubled at each failure, and an hour after 12. */
+const BACKOFF_FIRST = 1000
+const BACKOFF_DOUBLINGS = 12
+const BACKOFF_CAP = 60 * 60 * 1000
 
 /** Compiles every statement for `table` once. */
 export async function prepareStatements(db: Kysely<unknown>, dialect: IdempotencyDialect, table: string): Promise<Statements> {
@@ -176,9 +190,12 @@ export async function prepareStatements(db: Kysely<unknown>, dialect: Idempotenc
     where ${ours(p)}`)
   const release = prepare(db, ['id', 'token', 'ttl'], (p) => sql`
     update ${sql.table(table)} set lock_token = null, locked_until = null, expires_at = ${later(p.ttl)} where ${ours(p)}`)
-  const releaseFailed = prepare(db, ['id', 'token', 'ttl', 'retryIn'], (p) => sql`
-    update ${sql.table(table)} set lock_token = null, locked_until = null, expires_at = ${later(p.ttl)},
-      recovery_failures = recovery_failures + 1, recover_after = ${later(p.retryIn)}
+  // `recover_after` before `recovery_failures`: MySQL evaluates each assignment with the ones before it done.
+  const backOff = (max: RawBuilder<unknown>) => sql`recover_after = case when recovery_failures + 1 >= ${max} then null
+      else ${later(sql`(case when recovery_failures >= ${sql.lit(BACKOFF_DOUBLINGS)} then ${sql.lit(BACKOFF_CAP)} else ${sql.lit(BACKOFF_FIRST)} * (1 << recovery_failures) end)`)} end,
+    recovery_failures = recovery_failures + 1`
+  const releaseFailed = prepare(db, ['id', 'token', 'ttl', 'max'], (p) => sql`
+    update ${sql.table(table)} set lock_token = null, locked_until = null, expires_at = ${later(p.ttl)}, ${backOff(p.max)}
     where ${ours(p)}`)
   const idle = dialect.elapsed(sql.ref('last_run_at'))
   const abandonedColumns = sql`id as id, scope as scope, ${sql.ref('key')} as ${sql.ref('key')}, recovery_point as point,
@@ -190,8 +207,8 @@ export async function prepareStatements(db: Kysely<unknown>, dialect: Idempotenc
       and ${unheld} and ${idle} >= ${p.idle}
     order by last_run_at limit ${p.limit}`)
 
-  const recoveryFailed = prepare(db, ['id', 'seen', 'retryIn'], (p) => sql`
-    update ${sql.table(table)} set recovery_failures = recovery_failures + 1, recover_after = ${later(p.retryIn)}
+  const recoveryFailed = prepare(db, ['id', 'seen', 'max'], (p) => sql`
+    update ${sql.table(table)} set ${backOff(p.max)}
     where id = ${p.id} and recover_after is not null and recovery_failures = ${p.seen}`)
   const postpone = prepare(db, ['id', 'ms'], (p) => sql`
     update ${sql.table(table)} set recover_after = ${later(p.ms)} where id = ${p.id} and recover_after is not null`)
@@ -241,7 +258,7 @@ export async function prepareStatements(db: Kysely<unknown>, dialect: Idempotenc
       changed(db, record.bind({ ...lease, ...renewal, point, phases: renewal.phases.text, codec: renewal.phases.codec })),
     complete: (db, lease, response, ttl) => changed(db, complete.bind({ ...lease, response: response.text, codec: response.codec, ttl })),
     async release(db, lease, ttl, failure) {
-      await db.executeQuery(failure ? releaseFailed.bind({ ...lease, ttl, retryIn: failure.retryIn }) : release.bind({ ...lease, ttl }))
+      await db.executeQuery(failure ? releaseFailed.bind({ ...lease, ttl, max: failure.maxFailures }) : release.bind({ ...lease, ttl }))
     },
     async counts(db) {
       const { rows } = await db.executeQuery<Record<keyof KeyCounts, unknown>>(counts.bind({}))
@@ -270,8 +287,8 @@ export async function prepareStatements(db: Kysely<unknown>, dialect: Idempotenc
           and expires_at > ${now} and ${unheld} and ${idle} >= ${idleFor}`.execute(db)
       return Number(rows[0]?.n ?? 0)
     },
-    async recoveryFailed(db, id, seen, retryIn) {
-      await db.executeQuery(recoveryFailed.bind({ id, seen, retryIn }))
+    async recoveryFailed(db, id, seen, failure) {
+      await db.executeQuery(recoveryFailed.bind({ id, seen, max: failure.maxFailures }))
     },
     async postpone(db, id, ms) {
       await db.executeQuery(postpone.bind({ id, ms }))

@@ -204,6 +204,25 @@ describe.each(databases)('the CLI on %s', (database: DatabaseName) => {
     expectOneLine(await cli(['migrate', '--url', url(), '--table', table, '--baseline']), new RegExp(`no table "${table}" to record as migrated`))
   })
 
+  it.skipIf(database === 'sqlite')('works on the table in the schema --schema names, as the app\'s withSchema does', async () => {
+    const table = `cli_${Math.random().toString(36).slice(2, 8)}`
+    const schema = `${table}_s`
+    const db = openDatabase(database, location())
+    try {
+      const migrated = await cli(['migrate', '--url', url(), '--table', table, '--schema', schema])
+      expect(migrated.code, migrated.stderr).toBe(0)
+      expect(migrated.stdout).toContain(`The table "${schema}.${table}" is up to date.`)
+      await createIdempotency({ db: db.withSchema(schema), tableName: table }).transaction('k', async () => 1)
+      expect((await cli(['status', '--url', url(), '--table', table, '--schema', schema])).stdout).toContain('keys: 0 live, 1 finished')
+      // The connection's own schema has no such table.
+      expect((await cli(['status', '--url', url(), '--table', table])).code).toBe(2)
+      expect((await cli(['inspect', '--url', url(), '--table', table, '--schema', schema, '--key', 'k'])).stdout).toContain('finished')
+    } finally {
+      await (database === 'mysql' ? sql`drop database if exists ${sql.id(schema)}` : sql`drop schema if exists ${sql.id(schema)} cascade`).execute(db)
+      await db.destroy()
+    }
+  })
+
   it('status tells a table migrated by 0.1.0 (0001 recorded, 0002 pending) to migrate, not that it lacks a record', async () => {
     const table = `cli_${Math.random().toString(36).slice(2, 8)}`
     const db = openDatabase(database, location())

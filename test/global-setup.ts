@@ -51,7 +51,7 @@ const SERVERS: readonly Server[] = [
 
 /**
  * A database beside `url`'s whose transactions are SERIALIZABLE by default (made once, kept):
- * what CockroachDB and YugabyteDB give every transaction.
+ * what CockroachDB gives every transaction (YugabyteDB defaults to snapshot isolation or read committed).
  */
 async function serializableDatabase(url: string): Promise<string> {
   const name = 'kidem_serializable'

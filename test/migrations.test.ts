@@ -4,11 +4,9 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest'
 import { createIdempotency, IdempotencyMigrationError, idempotencyMigrations, migrationTables } from '../src/index.js'
 import { detectDialect } from '../src/detect.js'
 import type { TableName } from '../src/table.js'
-import { itIf, itWhere, openFixture, selectedTargets, startWorker, targetsFor, type Fixture } from './support/harness.js'
+import { itIf, itWhere, openFixture, startWorker, targetsFor, type Fixture } from './support/harness.js'
 
-// Migrations run on a direct connection, never through a pooler in transaction mode (the README
-// says why), so the pgbouncer target has no migration tests.
-for (const target of targetsFor('migrations').filter((t) => t.server !== 'pgbouncer')) {
+for (const target of targetsFor('migrations')) {
   describe(`migrations: ${target.id}`, () => {
     let fx: Fixture
     let extra: string[]
@@ -35,6 +33,27 @@ for (const target of targetsFor('migrations').filter((t) => t.server !== 'pgboun
       expect((await fx.idempotency.migrate()).results).toEqual([])
     })
 
+    it('runs each migration once when 30 instances migrate at once, under any default isolation', async () => {
+      const table = fresh('many').tableName
+      const instances = Array.from({ length: 30 }, () => createIdempotency({ db: fx.db, tableName: table, ...(target.dialect ? { dialect: target.dialect() } : {}) }))
+      const ran = (await Promise.all(instances.map((i) => i.migrate()))).flatMap((r) => r.results.map((m) => m.migrationName))
+      expect(ran.sort()).toEqual(['0001_create', '0002_codec', '0003_recovery'].map((m) => `kysely_idempotency_${table}_${m}`))
+      expect(await instances[0]!.transaction('k', async () => 'works')).toBe('works')
+    })
+
+    // Kysely's Migrator holds a session-level advisory lock.
+    itWhere(target, 'session-state')('never migrates at the same moment as a Migrator of your own', async () => {
+      for (let round = 0; round < 3; round++) {
+        const idempotency = fresh(`mixed${round}`)
+        const table = idempotency.tableName
+        const own = new Migrator({ db: fx.db, provider: idempotencyMigrations({ tableName: table }), ...migrationTables(table) })
+        const [library, theirs] = await Promise.all([idempotency.migrate(), own.migrateToLatest()])
+        expect(theirs.error).toBeUndefined()
+        const ran = [...library.results, ...(theirs.results ?? [])].map((m) => m.migrationName)
+        expect(ran.sort()).toEqual(['0001_create', '0002_codec', '0003_recovery'].map((m) => `kysely_idempotency_${table}_${m}`))
+      }
+    })
+
     itWhere(target, 'processes')('is safe to run from 4 processes at once', async () => {
       const idempotency = fresh('m')
       const startAt = Date.now() + 1500
@@ -49,7 +68,8 @@ for (const target of targetsFor('migrations').filter((t) => t.server !== 'pgboun
       expect((await idempotency.migrate()).results).toEqual([])
     })
 
-    it('adopts a table a Migrator made under another history table (0.1.0\'s README), making nothing again', async () => {
+    // Kysely's Migrator holds a session-level advisory lock.
+    itWhere(target, 'session-state')('adopts a table a Migrator made under another history table (0.1.0\'s README), making nothing again', async () => {
       const idempotency = fresh('adopt')
       const table = idempotency.tableName
       extra.push(`${table}_old`, `${table}_old_lock`)
@@ -74,7 +94,8 @@ for (const target of targetsFor('migrations').filter((t) => t.server !== 'pgboun
       expect((await own.migrateToLatest()).results).toEqual([])
     })
 
-    it('baseline records only what the table has, changes nothing, and names what it lacks', async () => {
+    // Kysely's Migrator holds a session-level advisory lock.
+    itWhere(target, 'session-state')('baseline records only what the table has, changes nothing, and names what it lacks', async () => {
       const idempotency = fresh('base')
       const table = idempotency.tableName
       await expect(idempotency.migrate({ baseline: true })).rejects.toThrow(new RegExp(`no table "${table}" to record as migrated`))
@@ -126,7 +147,8 @@ for (const target of targetsFor('migrations').filter((t) => t.server !== 'pgboun
       await fx.db.schema.createIndex(`${table}_rec`).on(table).column(name('recover_after')).execute()
     }
 
-    it('refuses a table in place without the unique (scope, key) index, which at-most-once needs, in either mode', async () => {
+    // Kysely's Migrator holds a session-level advisory lock.
+    itWhere(target, 'session-state')('refuses a table in place without the unique (scope, key) index, which at-most-once needs, in either mode', async () => {
       const idempotency = fresh('nouniq')
       await byHand(idempotency.tableName, { unique: false })
       for (const baseline of [false, true]) {
@@ -169,7 +191,8 @@ for (const target of targetsFor('migrations').filter((t) => t.server !== 'pgboun
       expect(await idempotency.run({ key: 'f', scope: 's', request: 1 }, async (flow) => (await flow.phase('one', async () => 2)) + 10)).toBe(11)
     })
 
-    it('tells a table migrated by 0.1.0 (0001 recorded, 0002 not) that it predates 0002, and migrates it', async () => {
+    // Kysely's Migrator holds a session-level advisory lock.
+    itWhere(target, 'session-state')('tells a table migrated by 0.1.0 (0001 recorded, 0002 not) that it predates 0002, and migrates it', async () => {
       const idempotency = fresh('old')
       const table = idempotency.tableName
       const first = `kysely_idempotency_${table}_0001_create`
@@ -191,7 +214,8 @@ for (const target of targetsFor('migrations').filter((t) => t.server !== 'pgboun
       expect(() => migrationTables('a;b')).toThrow(/not a plain identifier/)
     })
 
-    it('hands its migrations to a Migrator of your own, which can also undo them', async () => {
+    // Kysely's Migrator holds a session-level advisory lock.
+    itWhere(target, 'session-state')('hands its migrations to a Migrator of your own, which can also undo them', async () => {
       const table = `${fx.table}_own`
       extra.push(table, `${table}_history`, `${table}_history_lock`)
       const migrator = new Migrator({
@@ -211,20 +235,6 @@ for (const target of targetsFor('migrations').filter((t) => t.server !== 'pgboun
       expect(await idempotency.transaction('k', async () => 1)).toBe(1)
       for (let i = 0; i < 3; i++) expect((await migrator.migrateDown()).error).toBeUndefined()
       await expect(idempotency.transaction('k2', async () => 1)).rejects.toThrow(/does not exist/)
-    })
-  })
-}
-
-for (const target of selectedTargets().filter((t) => t.server === 'pgbouncer')) {
-  describe(`migrations: ${target.id}`, () => {
-    it('migrates on the direct connection, and the pooler then serves the table', async () => {
-      const fx = await openFixture(target)
-      try {
-        expect(await fx.idempotency.transaction('k', async () => 'through the pooler')).toBe('through the pooler')
-        expect(await fx.idempotency.transaction('k', async () => 'again')).toBe('through the pooler')
-      } finally {
-        await fx.close()
-      }
     })
   })
 }

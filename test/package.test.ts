@@ -17,12 +17,14 @@ const run = (file: string, args: string[], cwd: string) =>
 const CONSUMER = `
 import { Kysely, MysqlDialect, PostgresDialect, SqliteDialect } from 'kysely'
 import { createIdempotency, IdempotencyKeyReuseError } from 'kysely-idempotency'
-const [database, location] = process.argv.slice(2)
+const [driver, location] = process.argv.slice(2)
 const dialect = {
-  postgres: async () => new PostgresDialect({ pool: new (await import('pg')).default.Pool({ connectionString: location }) }),
-  mysql: async () => new MysqlDialect({ pool: (await import('mysql2')).createPool({ uri: location }) }),
-  sqlite: async () => new SqliteDialect({ database: new (await import('better-sqlite3')).default(location) }),
-}[database]
+  pg: async () => new PostgresDialect({ pool: new (await import('pg')).default.Pool({ connectionString: location }) }),
+  'postgres-js': async () => new (await import('kysely-postgres-js')).PostgresJSDialect({ postgres: (await import('postgres')).default(location, { onnotice() {} }) }),
+  pglite: async () => new (await import('kysely')).PGliteDialect({ pglite: new (await import('@electric-sql/pglite')).PGlite() }),
+  mysql2: async () => new MysqlDialect({ pool: (await import('mysql2')).createPool({ uri: location }) }),
+  'better-sqlite3': async () => new SqliteDialect({ database: new (await import('better-sqlite3')).default(location) }),
+}[driver]
 const db = new Kysely({ dialect: await dialect() })
 const tableName = 'pack_' + process.pid
 const idempotency = createIdempotency({ db, tableName })
@@ -209,10 +211,13 @@ describe('the packed package', () => {
     const { dependencies } = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')) as { dependencies: Record<string, string> }
     // ...and the type declarations a TypeScript consumer would have installed.
     const types = withDependencies(['@types/node', '@types/express', '@types/better-sqlite3'])
-    for (const name of new Set(['kysely', 'pg', 'mysql2', 'better-sqlite3', 'express', ...withDependencies(['fastify', ...Object.keys(dependencies)]), ...types])) {
+    const drivers = ['pg', 'postgres', '@electric-sql/pglite', 'mysql2', 'better-sqlite3']
+    for (const name of new Set(['kysely', ...drivers, 'express', ...withDependencies(['fastify', ...Object.keys(dependencies)]), ...types])) {
       mkdirSync(dirname(join(project, 'node_modules', name)), { recursive: true })
       symlinkSync(join(root, 'node_modules', name), join(project, 'node_modules', name))
     }
+    // kysely-postgres-js 5 is installed here under another name, beside the 3 that kysely-ctl accepts.
+    symlinkSync(join(root, 'node_modules', 'kysely-postgres-js5'), join(project, 'node_modules', 'kysely-postgres-js'))
     writeFileSync(join(project, 'package.json'), JSON.stringify({ type: 'module', private: true }))
     writeFileSync(join(project, 'consumer.mjs'), CONSUMER)
     writeFileSync(join(project, 'consumer.cjs'), CJS_CONSUMER)
@@ -264,6 +269,25 @@ describe('the packed package', () => {
     })
   })
 
+  it('installs beside Kysely 0.29 and 0.28 with plain npm install (its peer range), and not beside 0.27', () => {
+    const install = (kysely: string) => {
+      const dir = mkdtempSync(join(tmpdir(), 'kidem-peer-'))
+      try {
+        writeFileSync(join(dir, 'package.json'), JSON.stringify({ name: 'peer-check', private: true, type: 'module' }))
+        // Resolution only: the registry's metadata (from npm's cache when it has it), nothing written.
+        return spawnSync('npm', ['install', '--dry-run', '--prefer-offline', '--no-audit', '--no-fund', tarballPath, `kysely@${kysely}`], { cwd: dir, encoding: 'utf8' })
+      } finally {
+        rmSync(dir, { recursive: true, force: true })
+      }
+    }
+    for (const version of ['0.29', '0.28']) {
+      const { status, stderr } = install(version)
+      expect(stderr).not.toMatch(/ERESOLVE/)
+      expect(status, stderr).toBe(0)
+    }
+    expect(install('0.27').stderr).toMatch(/ERESOLVE[\s\S]*peer kysely@"\^0\.28\.0 \|\| \^0\.29\.0"/)
+  })
+
   it('passes publint with no errors, warnings or suggestions', async () => {
     const data = readFileSync(tarballPath)
     const { messages, pkg } = await publint({ pack: { tarball: data.buffer.slice(data.byteOffset, data.byteOffset + data.byteLength) as ArrayBuffer }, level: 'suggestion' })
@@ -308,8 +332,9 @@ describe('the packed package', () => {
     expect(output).toMatch(/^-- kysely_idempotency_idempotency_keys_0001_create\ncreate table "idempotency_keys"/)
   })
 
-  it('runs the demo API and its self-test', () => {
-    const output = run(join(project, 'node_modules', 'kysely-idempotency', 'examples', 'demo.mjs'), ['--selftest'], project)
+  it.each([['sqlite'], ['pglite']])('runs the demo API and its self-test on %s', (database) => {
+    const output = run(join(project, 'node_modules', 'kysely-idempotency', 'examples', 'demo.mjs'), ['--selftest', '--db', database], project)
+    expect(output).toContain(`express on ${database}:`)
     expect(output).toContain('selftest passed: one charge per key and customer')
   })
 
@@ -320,10 +345,11 @@ describe('the packed package', () => {
     expect(output).toContain('orders in the table: 1')
   })
 
-  const databases = [...new Set(selectedTargets().map((t) => t.database))]
-  it.each(databases)('works from a consumer project on %s', (database) => {
-    const location = database === 'sqlite' ? join(project, 'consumer.db') : inject('locations')[database]!
-    const result = JSON.parse(run(join(project, 'consumer.mjs'), [database, location], project))
+  const drivers = [...new Set(selectedTargets().map((t) => t.driver))]
+  it.each(drivers)('works from a consumer project through %s', (driver) => {
+    const target = selectedTargets().find((t) => t.driver === driver)!
+    const location = { sqlite: join(project, 'consumer.db'), postgres: inject('locations').postgres!, mysql: inject('locations').mysql! }[target.database]
+    const result = JSON.parse(run(join(project, 'consumer.mjs'), [driver, location], project))
     expect(result).toEqual({
       first: { value: { ok: true }, replayed: false },
       again: { value: { ok: true }, replayed: true },

@@ -103,6 +103,32 @@ for (const target of targetsFor('setups', ['statement-paths'])) {
       },
     )
 
+    itIf(target.database === 'postgres' && target.driver !== 'pglite', 'needs a Postgres server with roles')(
+      'migrates a withSchema instance as a role that may not create schemas, once its schema and table exist',
+      async () => {
+        const tenant = schema('app')
+        await createIdempotency({ db: fx.db.withSchema(tenant), tableName: fx.table }).migrate()
+        const role = `${fx.table}_role`
+        cleanups.push(async () => {
+          await sql`drop owned by ${sql.id(role)}`.execute(fx.db)
+          await sql`drop role ${sql.id(role)}`.execute(fx.db)
+        })
+        await sql`create role ${sql.id(role)} login`.execute(fx.db)
+        await sql`grant usage on schema ${sql.id(tenant)} to ${sql.id(role)}`.execute(fx.db)
+        await sql`grant select, insert, update, delete on all tables in schema ${sql.id(tenant)} to ${sql.id(role)}`.execute(fx.db)
+        const url = new URL(fx.location)
+        url.username = role
+        const app = withDriverSettings(target, url.toString())
+        try {
+          const idempotency = createIdempotency({ db: app.withSchema(tenant), tableName: fx.table })
+          expect((await idempotency.migrate()).results).toEqual([])
+          expect(await idempotency.transaction('k', async () => 'as the app')).toBe('as the app')
+        } finally {
+          await app.destroy()
+        }
+      },
+    )
+
     itIf(target.database === 'sqlite', 'only SQLite has no schemas')('refuses withSchema on SQLite when the instance is created, naming why', async () => {
       const refused = () => createIdempotency({ db: fx.db.withSchema('tenant'), tableName: fx.table })
       expect(refused).toThrow(IdempotencySetupError)
@@ -146,7 +172,8 @@ for (const target of targetsFor('setups', ['statement-paths'])) {
       }
     })
 
-    itWhere(target, 'pool')('answers 409 in_flight when a statement timeout set on the sessions ends the wait for the key, and replays once it finished', async () => {
+    // The timeouts are settings of each session, which a pooler hands from client to client.
+    itWhere(target, 'pool', 'session-state')('answers 409 in_flight when a statement timeout set on the sessions ends the wait for the key, and replays once it finished', async () => {
       const db = withStatementTimeout(target, fx.location, 300)
       try {
         const hurried = createIdempotency({ db, tableName: fx.table, conflictWait: 5000 })
@@ -175,7 +202,7 @@ for (const target of targetsFor('setups', ['statement-paths'])) {
       }
     })
 
-    itWhere(target, 'pool')('keeps waiting its conflictWait whatever lock wait the sessions have, and replays the first answer', async () => {
+    itWhere(target, 'pool', 'session-state')('keeps waiting its conflictWait whatever lock wait the sessions have, and replays the first answer', async () => {
       const db = withLockWaitTimeout(target, fx.location)
       try {
         const patient = createIdempotency({ db, tableName: fx.table, conflictWait: 5000 })

@@ -26,6 +26,8 @@ export type Capability =
   | 'sessions'
   /** Per-statement lock waits on MySQL/MariaDB (only the targets that force another module lack it). */
   | 'statement-paths'
+  /** What a session holds (an advisory lock) lasts from one transaction to the next. */
+  | 'session-state'
 
 /**
  * One row of the conformance matrix: a database through one driver, and optionally a dialect
@@ -85,7 +87,17 @@ export const ALL_TARGETS: readonly Target[] = [
   // Every transaction SERIALIZABLE unless it says otherwise, as CockroachDB defaults.
   { id: 'postgres-serializable', database: 'postgres', driver: 'pg', server: 'postgres-serializable', lacks: {} },
   // Only when a pooler is given: there is no default one to look for.
-  ...(process.env.KIDEM_PGBOUNCER_URL ? [{ id: 'pgbouncer', database: 'postgres', driver: 'pg', server: 'pgbouncer', lacks: {} } as const] : []),
+  ...(process.env.KIDEM_PGBOUNCER_URL
+    ? [
+        {
+          id: 'pgbouncer',
+          database: 'postgres',
+          driver: 'pg',
+          server: 'pgbouncer',
+          lacks: { 'session-state': 'PgBouncer in transaction mode hands the session to another client after each transaction' },
+        } as const,
+      ]
+    : []),
 ]
 
 /** The driver a test that only names a database uses. */

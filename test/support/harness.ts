@@ -32,9 +32,10 @@ export function targetsFor(suite: string, needs: readonly Capability[] = []): re
 
 type Test = (name: string, fn: () => Promise<unknown>, timeout?: number) => void
 
-/** `it`, or where `target` lacks `capability`, a test reported as N/A with the target's reason. */
-export function itWhere(target: Target, capability: Capability): Test {
-  return itIf(target.lacks[capability] === undefined, target.lacks[capability] ?? '')
+/** `it`, or where `target` lacks one of `capabilities`, a test reported as N/A with the target's reason. */
+export function itWhere(target: Target, ...capabilities: Capability[]): Test {
+  const reason = capabilities.map((capability) => target.lacks[capability]).find((r) => r !== undefined)
+  return itIf(reason === undefined, reason ?? '')
 }
 
 /** `it` when `applies`, else a test reported as N/A because of `reason`. */
@@ -75,7 +76,9 @@ export async function openFixture(target: Target, options: Omit<IdempotencyOptio
   const make = (more: Omit<IdempotencyOptions<any>, 'db'>) =>
     createIdempotency({ db, tableName: table, ...(target.dialect ? { dialect: target.dialect() } : {}), ...more })
   const idempotency = make(options)
-  await migrateDirectly(target, db, table)
+  // Through the target itself, a pooler in transaction mode included: the migrations lock a row
+  // of their history in their transaction, not the session.
+  await idempotency.migrate()
   await db.schema.createTable(effectsTable).addColumn('k', 'varchar(255)', (c) => c.notNull()).execute()
   return {
     target,
@@ -109,24 +112,6 @@ export async function openFixture(target: Target, options: Omit<IdempotencyOptio
       await db.destroy()
       if (dir) rmSync(dir, { recursive: true, force: true })
     },
-  }
-}
-
-/**
- * Migrates `table`. Behind a pooler in transaction mode, on a direct connection: Kysely's
- * Migrator holds a session-level advisory lock across transactions, which a pooler would hand
- * to another client (see the README, Connection poolers).
- */
-async function migrateDirectly(target: Target, db: Kysely<any>, table: string): Promise<void> {
-  if (target.server !== 'pgbouncer') {
-    await createIdempotency({ db, tableName: table, ...(target.dialect ? { dialect: target.dialect() } : {}) }).migrate()
-    return
-  }
-  const direct = openDatabase(target.driver, inject('locations').postgres!, 1)
-  try {
-    await createIdempotency({ db: direct, tableName: table }).migrate()
-  } finally {
-    await direct.destroy()
   }
 }
 
