@@ -89,21 +89,22 @@ function targetTable(report: string): string {
     testResults: Array<{ name: string; assertionResults: Array<{ ancestorTitles: string[]; title: string; status: string }> }>
   }
   const ids = new Set(ALL_TARGETS.map((t) => t.id))
-  const cells = new Map<string, Map<string, { ran: number; na: number }>>()
+  const cells = new Map<string, Map<string, { ran: number; na: number; marks: Set<string> }>>()
   const reasons = new Map<string, string>()
   for (const file of testResults) {
     for (const test of file.assertionResults) {
       const target = test.ancestorTitles.flatMap((title) => title.split(/[:,]\s*/)).find((token) => ids.has(token))
       if (!target) continue
-      const row = cells.get(target) ?? new Map<string, { ran: number; na: number }>()
+      const row = cells.get(target) ?? new Map<string, { ran: number; na: number; marks: Set<string> }>()
       cells.set(target, row)
-      const cell = row.get(basename(file.name, '.test.ts')) ?? { ran: 0, na: 0 }
+      const cell = row.get(basename(file.name, '.test.ts')) ?? { ran: 0, na: 0, marks: new Set<string>() }
       row.set(basename(file.name, '.test.ts'), cell)
       const na = /\(?N\/A: (.*?)\)?$/.exec(test.title)
       if (na) {
         cell.na++
         const reason = na[1]!
         if (!reasons.has(reason)) reasons.set(reason, `[${reasons.size + 1}]`)
+        cell.marks.add(reasons.get(reason)!)
       } else if (test.status !== 'skipped' && test.status !== 'pending') cell.ran++
     }
   }
@@ -113,8 +114,9 @@ function targetTable(report: string): string {
     const cell = (file: string) => {
       const c = row.get(file)
       if (!c) return ''
-      if (c.ran === 0) return 'N/A'
-      return c.na ? `${c.ran} (+${c.na} N/A)` : String(c.ran)
+      const marks = [...c.marks].join('')
+      if (c.ran === 0) return `N/A ${marks}`
+      return c.na ? `${c.ran} (+${c.na} N/A ${marks})` : String(c.ran)
     }
     lines.push(`| ${target} | ${files.map(cell).join(' | ')} |`)
   }

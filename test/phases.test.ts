@@ -310,7 +310,7 @@ for (const target of targetsFor('atomic phases')) {
       const kill = async (points: RidePoint[]) => {
         const workers = points.map((point) => {
           const key = `kill-${point}`
-          return { point, key, worker: startWorker({ target: target.id, location: fx.location, table: fx.table, action: 'ride', key, stopAt: point, lockTimeout: 1500 }) }
+          return { point, key, worker: startWorker({ target: target.id, location: fx.location, table: fx.table, action: 'ride', key, stopAt: point, lockTimeout: 3000 }) }
         })
         for (const { point, worker } of workers) await worker.printed(`at:${point}`)
         for (const { worker } of workers) worker.kill('SIGKILL')
