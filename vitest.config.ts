@@ -33,7 +33,8 @@ export default defineConfig({
     projects: [
       {
         extends: true,
-        // Each test has tables of its own, so two files at a time share the servers safely.
+        // Each test has tables of its own, so three files at a time share the servers safely (their
+        // tests mostly wait on locks and timers; the two cores are not the limit).
         test: { name: 'library', include: ['test/**/*.test.ts'], exclude: TOOLS, fileParallelism: true, maxWorkers: 3, sequence: { groupOrder: 0 } },
       },
       { extends: true, test: { name: 'tools', include: TOOLS, fileParallelism: false, sequence: { groupOrder: 1 } } },
