@@ -4,6 +4,7 @@
  */
 import type { NextFunction as ExpressNext, Request } from 'express'
 import type { Transaction } from 'kysely'
+import { IdempotencySetupError } from '../src/errors.js'
 import type { Idempotency, RunOptions, TransactionOptions } from '../src/idempotency.js'
 import type { Flow } from '../src/phases.js'
 import { IdempotentRoute, rawHeaderLines, type Answer, type HttpDefinedFlow, type HttpResult, type IdempotentOptions, type Outcome, type RequestFacts } from '../http/index.js'
@@ -20,6 +21,10 @@ export interface IdempotentRequest {
   readonly body?: unknown
   /** Header names and values as received, one pair per line (Node's `IncomingMessage.rawHeaders`). */
   readonly rawHeaders: readonly string[]
+  /** Whether the body stream was read to its end (by a body parser). */
+  readonly readableEnded: boolean
+  /** The response (Express sets it), to tell whether the handler already answered by itself. */
+  readonly res?: { readonly headersSent: boolean }
   get(name: string): string | undefined
 }
 
@@ -29,6 +34,7 @@ export interface IdempotentResponse {
   setHeader(name: string, value: string | number | readonly string[]): unknown
   send(body: unknown): unknown
   end(): unknown
+  readonly headersSent: boolean
 }
 
 export type NextFunction = ExpressNext
@@ -40,6 +46,12 @@ export type NextFunction = ExpressNext
  * `application/problem+json` (409 with `Retry-After`, 422, 400). A thrown error goes to
  * `next(err)` and nothing is stored; a returned 5xx is sent, not stored, and its writes roll back.
  * `req` is Express's own `Request`, with your augmentations (`req.user`).
+ *
+ * Mount a body parser before the route (`express.json()` and the like): a request whose body no
+ * parser read is refused (500, `IdempotencySetupError`), since its fingerprint could not cover
+ * the body. The handler returns its answer and never sends it itself: one that calls
+ * `res.json()`/`res.send()` is refused before anything commits, its writes rolled back (the
+ * client has what it sent, and the error goes to `next`).
  *
  * ### Examples
  *
@@ -60,7 +72,7 @@ export function idempotent<DB, Req extends IdempotentRequest = Request>(
   handler: (req: Req, trx: Transaction<DB>) => Promise<HttpResult>,
 ): (req: Req, res: IdempotentResponse, next: (error?: unknown) => void) => void {
   const { ttl, conflictWait, isolationLevel } = options
-  return express(new IdempotentRoute(options).transaction(idempotency, { ttl, conflictWait, isolationLevel }, handler))
+  return express(new IdempotentRoute(options).transaction(idempotency, { ttl, conflictWait, isolationLevel }, async (req, trx) => returned(req, await handler(req, trx))))
 }
 
 /**
@@ -88,7 +100,19 @@ export function idempotentFlow<DB, Req extends IdempotentRequest = Request>(
   handler: ((req: Req, flow: Flow<DB, HttpResult>) => Promise<HttpResult>) | HttpDefinedFlow,
 ): (req: Req, res: IdempotentResponse, next: (error?: unknown) => void) => void {
   const { ttl, conflictWait, lockTimeout } = options
-  return express(new IdempotentRoute(options).flow(idempotency, { ttl, conflictWait, lockTimeout }, handler))
+  const served = typeof handler === 'function' ? async (req: Req, flow: Flow<DB, HttpResult>) => returned(req, await handler(req, flow)) : handler
+  return express(new IdempotentRoute(options).flow(idempotency, { ttl, conflictWait, lockTimeout }, served))
+}
+
+/** The handler's answer, unless it sent one itself, which the route refuses before anything commits. */
+function returned(req: IdempotentRequest, result: HttpResult): HttpResult {
+  if (req.res?.headersSent) {
+    throw new IdempotencySetupError(
+      `The handler of ${req.method} ${req.originalUrl} sent the response itself (res.json(), res.send()…) instead of returning it, so it cannot be stored; ` +
+        "nothing was, and its writes were rolled back. Return { status, body, headers } and let the route send it.",
+    )
+  }
+  return result
 }
 
 function express<Req extends IdempotentRequest>(
@@ -96,7 +120,15 @@ function express<Req extends IdempotentRequest>(
 ): (req: Req, res: IdempotentResponse, next: (error?: unknown) => void) => void {
   return (req, res, next) => {
     route(req, facts(req)).then(
-      (outcome) => ('error' in outcome ? next(outcome.error) : send(res, outcome.answer, outcome.replayed)),
+      (outcome) => {
+        if ('error' in outcome) return next(outcome.error)
+        try {
+          send(res, outcome.answer, outcome.replayed)
+        } catch (error) {
+          // The answer was checked before anything was stored; this is a response already sent.
+          next(error)
+        }
+      },
       next,
     )
   }
@@ -106,9 +138,26 @@ function facts(req: IdempotentRequest): RequestFacts {
   return {
     method: req.method,
     url: req.originalUrl,
-    body: () => req.body,
+    body: () => parsed(req),
     headerLines: (name) => rawHeaderLines(req.rawHeaders, name),
   }
+}
+
+/**
+ * What a body parser left of the request's body. A body that no parser read (none mounted, or
+ * none for its Content-Type) cannot be fingerprinted: the request is refused, never taken as one
+ * without a body, which would replay another request's answer to it.
+ */
+function parsed(req: IdempotentRequest): unknown {
+  const length = req.get('content-length')
+  const hasBody = req.get('transfer-encoding') !== undefined || (length !== undefined && length.trim() !== '0')
+  if (hasBody && (!req.readableEnded || req.body === undefined)) {
+    throw new IdempotencySetupError(
+      `The request ${req.method} ${req.originalUrl} has a body (${req.get('content-type') ?? 'no Content-Type'}) that no body parser read before the idempotent route, ` +
+        'so its fingerprint cannot cover it. Mount a parser for that type before the route: express.json(), express.urlencoded(), express.text() or express.raw().',
+    )
+  }
+  return req.body
 }
 
 function send(res: IdempotentResponse, answer: Answer, replayed: boolean): void {

@@ -4,6 +4,7 @@
  */
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import type { Transaction } from 'kysely'
+import { IdempotencySetupError } from '../src/errors.js'
 import type { Idempotency, RunOptions, TransactionOptions } from '../src/idempotency.js'
 import type { Flow } from '../src/phases.js'
 import { IdempotentRoute, rawHeaderLines, type Answer, type HttpDefinedFlow, type HttpResult, type IdempotentOptions, type Outcome, type RequestFacts } from '../http/index.js'
@@ -27,8 +28,16 @@ export interface IdempotentReply {
   code(statusCode: number): unknown
   header(name: string, value: string | readonly string[]): unknown
   send(payload?: unknown): unknown
+  /** Whether an answer was already sent. */
+  readonly sent: boolean
   /** Settles once the answer has been sent (Fastify's `await reply`). */
   then(fulfilled: () => void, rejected: (error: Error) => void): void
+}
+
+/** One call of the route: the request, and the reply it answers through. */
+interface Call<Req, Reply> {
+  readonly request: Req
+  readonly reply: Reply
 }
 
 /**
@@ -39,7 +48,9 @@ export interface IdempotentReply {
  * Fastify's error handler and nothing is stored; a returned 5xx is sent, not stored, and its
  * writes roll back. `request` is Fastify's own `FastifyRequest`, with your augmentations
  * (`request.user`) and the route's generic (`app.post<{ Body: … }>` types `request.body`).
- * Answers are sent as bytes, so Fastify neither serializes them again nor adds a charset.
+ * Answers are sent as bytes, so Fastify neither serializes them again nor adds a charset. The
+ * handler returns its answer and never sends it itself: one that calls `reply.send()` is refused
+ * before anything commits, its writes rolled back.
  *
  * ### Examples
  *
@@ -61,7 +72,8 @@ export function idempotent<DB, Req extends IdempotentRequest = FastifyRequest, R
   handler: (request: Req, trx: Transaction<DB>) => Promise<HttpResult>,
 ): (request: Req, reply: Reply) => Promise<void> {
   const { ttl, conflictWait, isolationLevel } = options
-  return fastify(new IdempotentRoute(options).transaction(idempotency, { ttl, conflictWait, isolationLevel }, handler))
+  const route = new IdempotentRoute(routeOptions<Req, Reply>(options))
+  return fastify(route.transaction(idempotency, { ttl, conflictWait, isolationLevel }, async (call, trx) => returned(call, await handler(call.request, trx))))
 }
 
 /**
@@ -90,14 +102,33 @@ export function idempotentFlow<DB, Req extends IdempotentRequest = FastifyReques
   handler: ((request: Req, flow: Flow<DB, HttpResult>) => Promise<HttpResult>) | HttpDefinedFlow,
 ): (request: Req, reply: Reply) => Promise<void> {
   const { ttl, conflictWait, lockTimeout } = options
-  return fastify(new IdempotentRoute(options).flow(idempotency, { ttl, conflictWait, lockTimeout }, handler))
+  const route = new IdempotentRoute(routeOptions<Req, Reply>(options))
+  const served =
+    typeof handler === 'function' ? async (call: Call<Req, Reply>, flow: Flow<DB, HttpResult>) => returned(call, await handler(call.request, flow)) : handler
+  return fastify(route.flow(idempotency, { ttl, conflictWait, lockTimeout }, served))
+}
+
+function routeOptions<Req extends IdempotentRequest, Reply>(options: IdempotentOptions<Req>): IdempotentOptions<Call<Req, Reply>> {
+  const scope = options?.scope
+  return { ...options, scope: typeof scope === 'function' ? (call: Call<Req, Reply>) => scope(call.request) : scope }
+}
+
+/** The handler's answer, unless it sent one itself, which the route refuses before anything commits. */
+function returned<Req extends IdempotentRequest>(call: Call<Req, IdempotentReply>, result: HttpResult): HttpResult {
+  if (call.reply.sent) {
+    throw new IdempotencySetupError(
+      `The handler of ${call.request.method} ${call.request.originalUrl} sent the reply itself (reply.send()) instead of returning its answer, so it cannot be stored; ` +
+        'nothing was, and its writes were rolled back. Return { status, body, headers } and let the route send it.',
+    )
+  }
+  return result
 }
 
 function fastify<Req extends IdempotentRequest, Reply extends IdempotentReply>(
-  route: (request: Req, facts: RequestFacts) => Promise<Outcome>,
+  route: (call: Call<Req, Reply>, facts: RequestFacts) => Promise<Outcome>,
 ): (request: Req, reply: Reply) => Promise<void> {
   return async (request, reply) => {
-    const outcome = await route(request, facts(request))
+    const outcome = await route({ request, reply }, facts(request))
     if ('error' in outcome) throw outcome.error
     send(reply, outcome.answer, outcome.replayed)
     // Settles once the answer is sent, so Fastify leaves the reply alone (its `await reply`).

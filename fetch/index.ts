@@ -3,10 +3,22 @@
  * Deno, Elysia. Maps requests and responses onto the shared HTTP behaviour (`http/`); nothing
  * here decides what is stored or answered.
  */
+import { createHash } from 'node:crypto'
 import type { Transaction } from 'kysely'
 import type { Idempotency, RunOptions, TransactionOptions } from '../src/idempotency.js'
 import type { Flow } from '../src/phases.js'
-import { IdempotentRoute, UNSCOPED, type Answer, type HttpDefinedFlow, type HttpResult, type IdempotentOptions, type Outcome, type RequestFacts } from '../http/index.js'
+import { IdempotencySetupError } from '../src/errors.js'
+import {
+  IdempotentRoute,
+  readAtMost,
+  UNSCOPED,
+  type Answer,
+  type HttpDefinedFlow,
+  type HttpResult,
+  type IdempotentOptions,
+  type Outcome,
+  type RequestFacts,
+} from '../http/index.js'
 
 export { parseKeyHeader, UNSCOPED } from '../http/index.js'
 export type { HttpDefinedFlow, HttpFlowRequest, HttpResult } from '../http/index.js'
@@ -35,8 +47,10 @@ interface Call<Args extends readonly unknown[]> {
  * `Idempotency-Replayed: true`. Conflicts, key reuse and bad keys are answered as
  * `application/problem+json` (409 with `Retry-After`, 422, 400). A thrown error is thrown on to
  * the framework and nothing is stored; a returned 5xx is sent, not stored, and its writes roll
- * back. The request's body is still unread when `handler` gets it. Arguments after the request
- * are passed on to `scope` and `handler`.
+ * back. The request's body is still unread when `handler` gets it (unless something read it
+ * before the route: behind Hono's `validator()`, pass the context and read the body with
+ * `c.req.valid()`; the route reads Hono's copy). A returned `Response`'s body is read at most
+ * `maxStoredBytes` far. Arguments after the request are passed on to `scope` and `handler`.
  *
  * ### Examples
  *
@@ -58,10 +72,13 @@ export function idempotent<DB, Args extends readonly unknown[] = []>(
   handler: (request: Request, trx: Transaction<DB>, ...args: Args) => Promise<FetchResult>,
 ): (request: Request, ...args: Args) => Promise<Response> {
   const { ttl, conflictWait, isolationLevel } = options
-  const route = new IdempotentRoute(routeOptions(options)).transaction(idempotency, { ttl, conflictWait, isolationLevel }, async (call: Call<Args>, trx) =>
-    result(await handler(call.request.clone(), trx, ...call.args)),
+  const route = new IdempotentRoute(routeOptions(options))
+  return serve(
+    route,
+    route.transaction(idempotency, { ttl, conflictWait, isolationLevel }, async (call: Call<Args>, trx) =>
+      result(await handler(unread(call.request), trx, ...call.args), route.maxStoredBytes),
+    ),
   )
-  return serve(route)
 }
 
 /**
@@ -90,9 +107,21 @@ export function idempotentFlow<DB, Args extends readonly unknown[] = []>(
   handler: ((request: Request, flow: Flow<DB, HttpResult>, ...args: Args) => Promise<FetchResult>) | HttpDefinedFlow,
 ): (request: Request, ...args: Args) => Promise<Response> {
   const { ttl, conflictWait, lockTimeout } = options
+  const route = new IdempotentRoute(routeOptions(options))
   const served =
-    typeof handler === 'function' ? async (call: Call<Args>, flow: Flow<DB, HttpResult>) => result(await handler(call.request.clone(), flow, ...call.args)) : handler
-  return serve(new IdempotentRoute(routeOptions(options)).flow(idempotency, { ttl, conflictWait, lockTimeout }, served))
+    typeof handler === 'function'
+      ? async (call: Call<Args>, flow: Flow<DB, HttpResult>) => result(await handler(unread(call.request), flow, ...call.args), route.maxStoredBytes)
+      : handler
+  return serve(route, route.flow(idempotency, { ttl, conflictWait, lockTimeout }, served))
+}
+
+/**
+ * The request as the handler gets it: a copy whose body is unread, for each run (a transaction
+ * retried after a serialization failure runs the handler again); the request itself when
+ * something before the route read its body (a copy of it could not be made).
+ */
+function unread(request: Request): Request {
+  return request.bodyUsed ? request : request.clone()
 }
 
 function routeOptions<Args extends readonly unknown[]>(options: FetchIdempotentOptions<Args>): IdempotentOptions<Call<Args>> {
@@ -100,21 +129,23 @@ function routeOptions<Args extends readonly unknown[]>(options: FetchIdempotentO
   return { ...options, scope: typeof scope === 'function' ? (call: Call<Args>) => scope(call.request, ...call.args) : scope }
 }
 
-function serve<Args extends readonly unknown[]>(route: (call: Call<Args>, facts: RequestFacts) => Promise<Outcome>): (request: Request, ...args: Args) => Promise<Response> {
+function serve<Args extends readonly unknown[]>(
+  route: IdempotentRoute<Call<Args>>,
+  served: (call: Call<Args>, facts: RequestFacts) => Promise<Outcome>,
+): (request: Request, ...args: Args) => Promise<Response> {
   return async (request, ...args) => {
-    const outcome = await route({ request, args }, facts(request))
+    const outcome = await served({ request, args }, facts(request, args, route.maxRequestBytes))
     if ('error' in outcome) throw outcome.error
     return response(outcome.answer, outcome.replayed)
   }
 }
 
-function facts(request: Request): RequestFacts {
+function facts(request: Request, args: readonly unknown[], limit: number): RequestFacts {
   const url = new URL(request.url)
   return {
     method: request.method,
     url: url.pathname + url.search,
-    // A copy is read, so that the handler still finds the body unread.
-    body: async () => bodyOf(request.headers.get('content-type') ?? '', new Uint8Array(await request.clone().arrayBuffer())),
+    body: async () => bodyOf(request.headers.get('content-type') ?? '', await bodyBytes(request, args, limit)),
     // The Fetch API joins the lines of a header with ", " (one value per name): several lines
     // of the key header arrive as one value, which parseKeyHeader refuses for its comma.
     headerLines(name) {
@@ -124,8 +155,28 @@ function facts(request: Request): RequestFacts {
   }
 }
 
-/** The body as Express's parsers would leave it: JSON parsed, form fields, text, or bytes. */
-function bodyOf(contentType: string, bytes: Uint8Array): unknown {
+/** A Hono context (`c`): its request keeps the body a validator read, as Hono caches it. */
+interface HonoContext {
+  readonly req: { readonly raw: Request; arrayBuffer(): Promise<ArrayBuffer> }
+}
+
+/**
+ * The request's body, read at most `limit` far: from a copy, so that the handler still finds
+ * it unread; or, when something before the route already read it (Hono's `validator()`), from
+ * the Hono context passed after the request, which keeps what it read.
+ */
+async function bodyBytes(request: Request, args: readonly unknown[], limit: number): Promise<Uint8Array> {
+  if (!request.bodyUsed) return request.body === null ? new Uint8Array() : readAtMost(request.clone().body!, limit, 'request')
+  const hono = args.find((arg): arg is HonoContext => (arg as Partial<HonoContext> | null)?.req?.raw === request)
+  if (hono) return new Uint8Array(await hono.req.arrayBuffer())
+  throw new IdempotencySetupError(
+    'The request body was read before the idempotent route (by a validator or a body parser), so the route cannot fingerprint it. ' +
+      'With Hono, pass the context after the request: route(c.req.raw, c).',
+  )
+}
+
+/** The body as Express's parsers would leave it: JSON parsed, form fields (multipart: its parts), text, or bytes. */
+async function bodyOf(contentType: string, bytes: Uint8Array): Promise<unknown> {
   if (bytes.byteLength === 0) return undefined
   const type = contentType.split(';')[0]!.trim().toLowerCase()
   const text = () => new TextDecoder().decode(bytes)
@@ -137,12 +188,36 @@ function bodyOf(contentType: string, bytes: Uint8Array): unknown {
     }
   }
   if (type === 'application/x-www-form-urlencoded') return Object.fromEntries(new URLSearchParams(text()))
+  if (type === 'multipart/form-data') return partsOf(contentType, bytes)
   if (type.startsWith('text/')) return text()
   return bytes
 }
 
-/** A handler's `Response` as a result: its status, its headers (each `Set-Cookie` apart) and its body's bytes. */
-async function result(answer: FetchResult): Promise<HttpResult> {
+/**
+ * A multipart body as its parts, in order, without the boundary (every client picks a new one
+ * for each request, a retry included): a field's text, or a file's name, type and SHA-256. A
+ * body that does not parse is taken as its bytes.
+ */
+async function partsOf(contentType: string, bytes: Uint8Array): Promise<unknown> {
+  let form: FormData
+  try {
+    form = await new Response(bytes, { headers: { 'Content-Type': contentType } }).formData()
+  } catch {
+    return bytes
+  }
+  const parts: Array<[string, unknown]> = []
+  for (const [name, value] of form) {
+    if (typeof value === 'string') parts.push([name, value])
+    else parts.push([name, { file: value.name, type: value.type, sha256: createHash('sha256').update(new Uint8Array(await value.arrayBuffer())).digest('hex') }])
+  }
+  return { multipart: parts }
+}
+
+/**
+ * A handler's `Response` as a result: its status, its headers (each `Set-Cookie` apart) and its
+ * body's bytes, read at most `limit` far (see {@link readAtMost}).
+ */
+async function result(answer: FetchResult, limit: number): Promise<HttpResult> {
   if (!(answer instanceof Response)) return answer
   const headers: Record<string, string | string[]> = {}
   answer.headers.forEach((value, name) => {
@@ -150,7 +225,7 @@ async function result(answer: FetchResult): Promise<HttpResult> {
   })
   const cookies = answer.headers.getSetCookie()
   if (cookies.length) headers['set-cookie'] = cookies
-  const body = answer.body === null ? undefined : Buffer.from(await answer.arrayBuffer())
+  const body = answer.body === null ? undefined : await readAtMost(answer.body, limit, 'response')
   return body === undefined ? { status: answer.status, headers } : { status: answer.status, headers, body }
 }
 

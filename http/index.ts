@@ -4,8 +4,10 @@
  * framework's request onto {@link RequestFacts} and sends the {@link Answer}s it gets back.
  */
 import { randomUUID } from 'node:crypto'
+import { validateHeaderName, validateHeaderValue } from 'node:http'
 import type { Transaction } from 'kysely'
 import type { Execution } from '../src/core.js'
+import { MAX_DEPTH, nestsDeeper } from '../src/codec.js'
 import { IdempotencyError, IdempotencySerializationError, IdempotencySetupError, InvalidIdempotencyKeyError } from '../src/errors.js'
 import type { Idempotency, RunOptions, TransactionOptions } from '../src/idempotency.js'
 import { internalsOf } from '../src/flows.js'
@@ -63,6 +65,11 @@ export interface IdempotentOptions<Req> {
    * the request fails with 500 and its writes roll back. Default 1 MiB.
    */
   readonly maxStoredBytes?: number
+  /**
+   * Largest request body the route reads itself for the fingerprint, in bytes, where no
+   * framework has parsed it (the Fetch API adapter); a larger one is answered 413. Default 1 MiB.
+   */
+  readonly maxRequestBytes?: number
   /** Store `Set-Cookie` headers too, so replays send them again. Default `false`. */
   readonly persistSetCookie?: boolean
 }
@@ -77,7 +84,7 @@ export interface HttpFlowRequest<Body = unknown> {
   readonly method: string
   /** Path and query string as the client sent them. */
   readonly url: string
-  /** The body as the framework's parsers left it (JSON, form fields, text; bytes as `{ base64 }`), minus `ignoreBodyFields`; `null` without one. */
+  /** The body as the framework's parsers left it (JSON, form fields, text; bytes as `{ base64 }`; multipart parts as `{ multipart: [name, text or { file, type, sha256 }][] }`), minus `ignoreBodyFields`; `null` without one. */
   readonly body: Body
   /** The `fingerprintHeaders`, by lower-case name; `null` for one the request lacks. */
   readonly headers: Readonly<Record<string, string | null>>
@@ -137,20 +144,27 @@ export function parseKeyHeader(value: string): string {
 
 /**
  * Builds the answer a result stands for: its status and headers, and its body as the exact
- * bytes to send. Applied to a stored answer it gives the same answer back, and it reads the
- * answers stored before bodies were kept as bytes (a JSON value) the way they were sent then.
+ * bytes to send, once it is sure that every framework can send it (see {@link checkSendable}).
+ * Applied to a stored answer it gives the same answer back, and it reads the answers stored
+ * before bodies were kept as bytes (a JSON value) the way they were sent then.
  */
 export function render(result: HttpResult): Answer {
+  return checkSendable(build(result))
+}
+
+function build(result: HttpResult): Answer {
   // A 1xx is never a final answer, so it cannot be one to store either.
   if (typeof result !== 'object' || result === null || !Number.isInteger(result.status) || result.status < 200 || result.status > 599) {
-    throw new TypeError('An idempotent handler must return { status, body?, headers? } with an HTTP status code from 200 to 599.')
+    throw new Refused(
+      invalid('An idempotent handler must return { status, body?, headers? } with an HTTP status code from 200 to 599 (a Response with the Fetch adapter).'),
+    )
   }
   const headers = { ...result.headers }
   const typed = Object.keys(headers).some((name) => name.toLowerCase() === 'content-type')
   const body = result.body
   if (body === undefined) return { status: result.status, headers }
   if (Buffer.isBuffer(body)) return { status: result.status, headers: typed ? headers : { ...headers, 'Content-Type': 'application/octet-stream' }, body }
-  if (body instanceof Uint8Array) return render({ ...result, body: Buffer.from(body.buffer, body.byteOffset, body.byteLength) })
+  if (body instanceof Uint8Array) return build({ ...result, body: Buffer.from(body.buffer, body.byteOffset, body.byteLength) })
   if (typeof body === 'string' && typed) return { status: result.status, headers, body }
   let json: string | undefined
   try {
@@ -162,6 +176,43 @@ export function render(result: HttpResult): Answer {
   return { status: result.status, headers: typed ? headers : { ...headers, 'Content-Type': 'application/json; charset=utf-8' }, body: json }
 }
 
+/**
+ * Refuses an answer that some framework could not send as it is, before anything is stored:
+ * a header name or value Node refuses (a character outside Latin-1, CR or LF, a space in a
+ * name), a header given twice under names that differ only in case (frameworks disagree on
+ * which one wins), a header value that is not text, or a `Content-Length` that is not the
+ * body's length. Sent anyway, it would throw after the commit, and every retry would replay it.
+ */
+export function checkSendable(answer: Answer): Answer {
+  const seen = new Set<string>()
+  for (const [name, value] of Object.entries(answer.headers)) {
+    const lines: unknown[] = Array.isArray(value) ? value : [value]
+    try {
+      validateHeaderName(name)
+      for (const line of lines) {
+        if (typeof line !== 'string') throw new TypeError(`its value is ${line === null ? 'null' : typeof line}, not text`)
+        validateHeaderValue(name, line)
+      }
+    } catch (error) {
+      throw new Refused(invalid(`The handler's answer has a header that cannot be sent, ${JSON.stringify(name)}: ${(error as Error).message}.`))
+    }
+    if (seen.has(name.toLowerCase())) throw new Refused(invalid(`The handler's answer gives the header "${name}" twice, under names that differ only in case.`))
+    seen.add(name.toLowerCase())
+    if (name.toLowerCase() === 'content-length') {
+      const bytes = answer.body === undefined ? 0 : Buffer.byteLength(answer.body)
+      if (lines.length !== 1 || String(lines[0]).trim() !== String(bytes)) {
+        throw new Refused(invalid(`The handler's answer gives the header "${name}" as ${lines.join(', ')}, but its body has ${bytes} bytes.`))
+      }
+    }
+  }
+  return answer
+}
+
+/** The 500 for an answer that cannot be stored or sent: nothing was stored, the writes rolled back. */
+function invalid(detail: string): ProblemDetails {
+  return problem(500, 'invalid_response', 'Response cannot be sent', `${detail} Nothing was stored, and the request's writes were rolled back.`)
+}
+
 /** An answer to send without storing it (a 5xx, or `flow.fail` without a key): thrown to roll back, then sent. */
 class Unstored extends Error {
   constructor(readonly answer: Answer) {
@@ -169,12 +220,28 @@ class Unstored extends Error {
   }
 }
 
-class ResponseTooLarge extends Error {}
+/**
+ * A request or an answer the route refuses with a problem of its own (a body it cannot see or
+ * read within its bounds, an answer it cannot store or send): thrown to roll back, then answered.
+ */
+export class Refused extends Error {
+  constructor(readonly details: ProblemDetails) {
+    super(details.body.detail ?? details.body.title)
+  }
+}
 
 type KeyInput = { key: string; scope: string; request: unknown }
 
 const DEFAULT_METHODS = ['POST', 'PATCH']
 const MIB = 1024 * 1024
+/** How deep a request body may nest: what the codec takes, less the levels of {@link HttpFlowRequest} around it. */
+const BODY_DEPTH = MAX_DEPTH - 4
+
+function bytesOption(name: string, value: number | undefined): number {
+  const bytes = value ?? MIB
+  if (!Number.isSafeInteger(bytes) || bytes <= 0) throw new RangeError(`The option ${name} must be a positive integer of bytes, got ${String(value)}.`)
+  return bytes
+}
 
 /** The shared behaviour of one route, configured by its options. */
 export class IdempotentRoute<Req> {
@@ -184,6 +251,8 @@ export class IdempotentRoute<Req> {
   readonly #fingerprintHeaders: readonly string[]
   readonly #ignored: ReadonlySet<string>
   readonly #maxStoredBytes: number
+  /** See {@link IdempotentOptions.maxRequestBytes}. */
+  readonly maxRequestBytes: number
 
   constructor(options: IdempotentOptions<Req>) {
     if (options?.scope !== UNSCOPED && typeof options?.scope !== 'function') {
@@ -194,10 +263,13 @@ export class IdempotentRoute<Req> {
     this.#header = options.header ?? 'Idempotency-Key'
     this.#fingerprintHeaders = (options.fingerprintHeaders ?? []).map((h) => h.toLowerCase())
     this.#ignored = new Set(options.ignoreBodyFields ?? [])
-    this.#maxStoredBytes = options.maxStoredBytes ?? MIB
-    if (!Number.isSafeInteger(this.#maxStoredBytes) || this.#maxStoredBytes <= 0) {
-      throw new RangeError(`The option maxStoredBytes must be a positive integer of bytes, got ${String(options.maxStoredBytes)}.`)
-    }
+    this.#maxStoredBytes = bytesOption('maxStoredBytes', options.maxStoredBytes)
+    this.maxRequestBytes = bytesOption('maxRequestBytes', options.maxRequestBytes)
+  }
+
+  /** See {@link IdempotentOptions.maxStoredBytes}. */
+  get maxStoredBytes(): number {
+    return this.#maxStoredBytes
   }
 
   /** A route whose handler runs in a transaction that stores its answer (`idempotency.transaction`). */
@@ -284,7 +356,7 @@ export class IdempotentRoute<Req> {
         return await answer(req, facts)
       } catch (error) {
         if (error instanceof Unstored) return { answer: error.answer, replayed: false }
-        if (error instanceof ResponseTooLarge) return { answer: sent(problem(500, 'response_too_large', 'Response too large to store', error.message)), replayed: false }
+        if (error instanceof Refused) return { answer: sent(error.details), replayed: false }
         const mapped = problemOf(error)
         return mapped ? { answer: mapped, replayed: false } : { error }
       }
@@ -305,6 +377,10 @@ export class IdempotentRoute<Req> {
 
   /** What the fingerprint covers: method, URL, body (minus ignored fields) and chosen headers. */
   #describe(facts: RequestFacts, body: unknown): HttpFlowRequest {
+    // The canonical form and the codec walk the body: a client must not decide how deep they recurse.
+    if (nestsDeeper(body, BODY_DEPTH)) {
+      throw new Refused(problem(400, 'invalid_request', 'Request body nested too deeply', `The request body nests more than ${BODY_DEPTH} levels deep; this route refuses it.`))
+    }
     return {
       method: facts.method.toUpperCase(),
       url: facts.url,
@@ -334,11 +410,7 @@ export class IdempotentRoute<Req> {
     )
     const kept = { ...answer, headers }
     const bytes = Buffer.byteLength(JSON.stringify({ status: kept.status, headers })) + (kept.body === undefined ? 0 : Buffer.byteLength(kept.body))
-    if (bytes > this.#maxStoredBytes) {
-      throw new ResponseTooLarge(
-        `The response is ${bytes} bytes, more than maxStoredBytes (${this.#maxStoredBytes}); it was not stored and the request's writes were rolled back.`,
-      )
-    }
+    if (bytes > this.#maxStoredBytes) throw tooLarge(`The response is ${bytes} bytes, more than maxStoredBytes (${this.#maxStoredBytes}).`)
     return kept
   }
 
@@ -360,6 +432,11 @@ export class IdempotentRoute<Req> {
   }
 }
 
+/** The 500 for an answer over `maxStoredBytes`: it was not stored, and the request's writes were rolled back. */
+function tooLarge(detail: string): Refused {
+  return new Refused(problem(500, 'response_too_large', 'Response too large to store', `${detail} It was not stored, and the request's writes were rolled back.`))
+}
+
 /** The answer for an error the library raised about the key or the request (a 4xx); others go to the framework. */
 function problemOf(error: unknown): Answer | undefined {
   return error instanceof IdempotencyError && error.status < 500 ? sent(problemDetails(error)) : undefined
@@ -367,6 +444,31 @@ function problemOf(error: unknown): Answer | undefined {
 
 function sent(details: ProblemDetails): Answer {
   return { status: details.status, headers: details.headers, body: JSON.stringify(details.body) }
+}
+
+/**
+ * Reads a body stream (a Fetch `Request`'s or `Response`'s) to its end, but never more than
+ * `limit` bytes: past them the stream is cancelled and refused, a request as 413, an answer as
+ * too large to store, so that an endless stream can neither hold a transaction open nor grow
+ * memory, and a client cannot decide how much the route buffers.
+ */
+export async function readAtMost(stream: ReadableStream<Uint8Array>, limit: number, of: 'request' | 'response'): Promise<Buffer> {
+  const reader = stream.getReader()
+  const chunks: Uint8Array[] = []
+  let total = 0
+  for (;;) {
+    const { done, value } = await reader.read()
+    if (done) return Buffer.concat(chunks)
+    total += value.byteLength
+    if (total > limit) {
+      // Not awaited: cancelling one copy of a teed stream (a cloned request) settles only once the other is cancelled too.
+      reader.cancel().catch(() => undefined)
+      throw of === 'request'
+        ? new Refused(problem(413, 'request_too_large', 'Request body too large', `The request body is more than maxRequestBytes (${limit}) bytes.`))
+        : tooLarge(`The response body is more than maxStoredBytes (${limit}) bytes; it was read no further.`)
+    }
+    chunks.push(value)
+  }
 }
 
 /** The body as the fingerprint sees it: parsed JSON or form fields, raw bytes as base64, text as is. */

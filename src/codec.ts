@@ -133,25 +133,39 @@ for (const [name, c] of [
 /** The kinds of value the codec and the canonical form know. */
 type Kind = 'primitive' | 'object' | 'bare' | 'array' | 'date' | 'map' | 'set' | 'buffer' | 'typed' | 'result'
 
+/**
+ * How deep a value may nest. The walks over a value recurse, so a limit the caller controls (a
+ * client's request body) would otherwise let anyone overflow the stack; well below where they
+ * would, and far above any data a request or an answer holds.
+ */
+export const MAX_DEPTH = 512
+
 /** Where a walk is, for messages (`body.items[2]`); formatted only when a value is refused. */
 class Path {
   readonly #steps: Array<string | number | readonly [number, 'key' | 'value' | 'member']> = []
 
   enter(step: string | number): void {
+    this.#deeper()
     this.#steps.push(step)
   }
   /** Into a `Map` entry's key or value, or a `Set` member. */
   enterEntry(index: number, part: 'key' | 'value' | 'member'): void {
+    this.#deeper()
     this.#steps.push([index, part])
+  }
+  #deeper(): void {
+    if (this.#steps.length >= MAX_DEPTH) this.refuse(`nests more than ${MAX_DEPTH} levels deep, which cannot be stored`)
   }
   leave(): void {
     this.#steps.pop()
   }
   refuse(what: string): never {
-    const steps = this.#steps.map((step) =>
+    // A deep path is named by its start.
+    const steps = this.#steps.slice(0, 12).map((step) =>
       typeof step === 'number' ? `[${step}]` : typeof step !== 'string' ? `{${step[1]} ${step[0]}}` : /^[A-Za-z_$][\w$]*$/.test(step) ? `.${step}` : `[${JSON.stringify(step)}]`,
     )
-    const where = steps.length === 0 ? 'The value' : `The value at ${steps.join('').replace(/^\./, '')}`
+    const more = this.#steps.length > steps.length ? '…' : ''
+    const where = steps.length === 0 ? 'The value' : `The value at ${steps.join('').replace(/^\./, '')}${more}`
     throw new IdempotencySerializationError(`${where} ${what}.`)
   }
 }
@@ -338,7 +352,7 @@ const DEFAULT_NAME = 'superjson'
  * those, with no key superjson guards against and no object met twice (superjson would record
  * the shared reference). Most responses are; they skip both walks of the full encoding.
  */
-function isPlainJson(value: unknown, seen: Set<object>): boolean {
+function isPlainJson(value: unknown, seen: Set<object>, depth = 0): boolean {
   switch (typeof value) {
     case 'string':
     case 'boolean':
@@ -351,18 +365,19 @@ function isPlainJson(value: unknown, seen: Set<object>): boolean {
       return false
   }
   if (value === null) return true
-  if (seen.has(value)) return false
+  // Too deep for the walks: the full encoding refuses it, naming where.
+  if (seen.has(value) || depth >= MAX_DEPTH) return false
   seen.add(value)
   const prototype: unknown = Object.getPrototypeOf(value)
   if (prototype === Array.prototype) {
     const array = value as unknown[]
     if (Object.getOwnPropertyNames(array).length !== array.length + 1) return false
-    for (let i = 0; i < array.length; i++) if (!isPlainData(array, String(i), seen)) return false
+    for (let i = 0; i < array.length; i++) if (!isPlainData(array, String(i), seen, depth)) return false
     return true
   }
   if (prototype !== Object.prototype || Object.getOwnPropertySymbols(value).length > 0) return false
   for (const name of Object.getOwnPropertyNames(value)) {
-    if (GUARDED_KEYS.includes(name) || !isPlainData(value, name, seen)) return false
+    if (GUARDED_KEYS.includes(name) || !isPlainData(value, name, seen, depth)) return false
   }
   return true
 }
@@ -371,9 +386,27 @@ function isPlainJson(value: unknown, seen: Set<object>): boolean {
  * Whether `object[name]` is an enumerable data property holding plain JSON. A getter is left to
  * the full encoding: JSON.stringify would call it again and might get something else.
  */
-function isPlainData(object: object, name: string, seen: Set<object>): boolean {
+function isPlainData(object: object, name: string, seen: Set<object>, depth: number): boolean {
   const property = Object.getOwnPropertyDescriptor(object, name)
-  return property !== undefined && property.enumerable === true && 'value' in property && isPlainJson(property.value, seen)
+  return property !== undefined && property.enumerable === true && 'value' in property && isPlainJson(property.value, seen, depth + 1)
+}
+
+/**
+ * Whether `value` nests more than `limit` levels deep, found without recursion (the HTTP layer
+ * asks it of a client's body before anything walks it).
+ */
+export function nestsDeeper(value: unknown, limit: number): boolean {
+  const stack: Array<readonly [unknown, number]> = [[value, 0]]
+  const seen = new Set<object>()
+  while (stack.length) {
+    const [item, depth] = stack.pop()!
+    if (typeof item !== 'object' || item === null || seen.has(item)) continue
+    if (depth >= limit) return true
+    seen.add(item)
+    const children = item instanceof Map ? [...item.keys(), ...item.values()] : item instanceof Set ? [...item] : ArrayBuffer.isView(item) ? [] : Object.values(item)
+    for (const child of children) stack.push([child, depth + 1])
+  }
+  return false
 }
 
 /**

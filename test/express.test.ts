@@ -74,6 +74,14 @@ for (const target of targetsFor('express helper', ['statement-paths'])) {
         })
         app.post('/rides', rides)
         app.post('/numeric', idempotent(idempotency, { scope: (req) => Number(req.get('x-user-id')) }, charge))
+        app.post(
+          '/answers-itself',
+          idempotent(idempotency, { scope: UNSCOPED }, async (req, trx) => {
+            await fx.effect(trx, 'answered-itself')
+            req.res!.status(200).json({ sent: 'by the handler' })
+            return { status: 201, body: { sent: 'by the route' } }
+          }),
+        )
         app.post('/no-user', idempotent(idempotency, { scope: (req) => (req as { user?: { id: string } }).user?.id as string }, charge))
         app.post(
           '/text',
@@ -131,6 +139,46 @@ for (const target of targetsFor('express helper', ['statement-paths'])) {
         expect(problem.detail).toEqual(expect.any(String))
         return problem
       }
+
+      it('refuses a handler that sends its answer itself, before anything commits, and never crashes', async () => {
+        for (let i = 0; i < 2; i++) {
+          const answered = await post('/answers-itself', {}, { 'Idempotency-Key': 'self' })
+          // The client has what the handler sent; the route stored nothing and rolled its writes back.
+          expect(answered.status).toBe(200)
+          expect(await answered.json()).toEqual({ sent: 'by the handler' })
+        }
+        expect(await fx.effects('answered-itself')).toBe(0)
+        expect(await fx.rows()).toBe(0)
+        expect((await post('/charges', { id: 'after' }, { 'Idempotency-Key': 'after' })).status).toBe(201)
+      })
+
+      it('refuses a body that no body parser read, instead of leaving it out of the fingerprint', async () => {
+        // No parser for text/plain before the route: another amount must never be replayed the first answer.
+        const text = (amount: string) => fetch(`${base}/charges`, { method: 'POST', headers: { 'content-type': 'text/plain', 'Idempotency-Key': 'unparsed' }, body: amount })
+        for (const amount of ['100', '999']) {
+          const refused = await text(amount)
+          expect(refused.status).toBe(500)
+          expect(((await refused.json()) as { error: string }).error).toMatch(/has a body \(text\/plain\) that no body parser read before the idempotent route.*express\.text\(\)/)
+        }
+        // And with no parser mounted at all.
+        const bare = express()
+        bare.post('/charges', idempotent(fx.idempotency, { scope: UNSCOPED }, async (req, trx) => (await fx.effect(trx, 'bare'), { status: 201, body: req.body ?? null })))
+        bare.use((err: Error, _req: unknown, res: { status(n: number): { json(b: unknown): void } }, _next: unknown) => res.status(500).json({ error: err.message }))
+        const server = await listen(bare as unknown as ReturnType<typeof build>)
+        try {
+          const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}/charges`
+          const refused = await fetch(url, { method: 'POST', headers: { 'content-type': 'application/json', 'Idempotency-Key': 'bare' }, body: '{"amount":1}' })
+          expect(refused.status).toBe(500)
+          expect(((await refused.json()) as { error: string }).error).toMatch(/no body parser read/)
+          // A request without a body needs no parser.
+          expect((await fetch(url, { method: 'POST', headers: { 'Idempotency-Key': 'empty' } })).status).toBe(201)
+        } finally {
+          server.closeAllConnections()
+          await new Promise((resolve) => server.close(resolve))
+        }
+        expect(await fx.effects('charge:undefined')).toBe(0)
+        expect(await fx.effects('bare')).toBe(1)
+      })
 
       it('stores the first answer and replays status, body and headers with Idempotency-Replayed', async () => {
         const first = await post('/charges', { id: 'c1', amount: 5 }, { 'Idempotency-Key': 'k1' })

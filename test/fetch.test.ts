@@ -167,5 +167,82 @@ for (const target of targetsFor('fetch helper', ['statement-paths'])) {
         await new Promise((resolve) => server.close(resolve))
       }
     })
+
+    it('reads a streamed Response no further than maxStoredBytes: an endless stream is cancelled, a 500, nothing stored', async () => {
+      let pulled = 0
+      let cancelled = false
+      const endless = () =>
+        new ReadableStream<Uint8Array>({
+          pull(controller) {
+            pulled += 64 * 1024
+            controller.enqueue(new Uint8Array(64 * 1024))
+          },
+          cancel() {
+            cancelled = true
+          },
+        })
+      const route = idempotent(fx.idempotency, { scope: UNSCOPED, maxStoredBytes: 256 * 1024 }, async (_request, trx) => {
+        await fx.effect(trx, 'stream')
+        return new Response(endless(), { status: 200, headers: { 'content-type': 'application/octet-stream' } })
+      })
+      for (const key of ['s1', 's1']) {
+        const refused = await route(post({ id: 'stream' }, { 'idempotency-key': key }))
+        expect(refused.status).toBe(500)
+        expect(await refused.json()).toMatchObject({ type: 'urn:kysely-idempotency:response_too_large' })
+      }
+      expect(cancelled).toBe(true)
+      // Each attempt read the limit and at most one chunk more, of a stream that never ends.
+      expect(pulled).toBeLessThanOrEqual(2 * (256 * 1024 + 3 * 64 * 1024))
+      expect(await fx.effects('stream')).toBe(0)
+      expect(await fx.rows()).toBe(0)
+    })
+
+    it("works behind Hono's validator, which read the body first: its copy is fingerprinted, and the handler reads c.req.valid()", async () => {
+      const { validator } = await import('hono/validator')
+      const app = new Hono()
+      const charges = idempotent(fx.idempotency, { scope: UNSCOPED, required: true }, async (_request, trx, c: Context) => {
+        const { amount } = (c.req as unknown as { valid(target: 'json'): { amount: number } }).valid('json')
+        await fx.effect(trx, `validated:${amount}`)
+        return { status: 201, body: { amount, at: Math.random() } }
+      })
+      app.post(
+        '/charges',
+        validator('json', (value) => value as { amount: number }),
+        (c) => charges(c.req.raw, c),
+      )
+      const send = (amount: number, key: string) => app.request('/charges', { method: 'POST', headers: { 'content-type': 'application/json', 'idempotency-key': key }, body: JSON.stringify({ amount }) })
+      const first = await send(5, 'v1')
+      expect(first.status).toBe(201)
+      const body = await first.text()
+      const again = await send(5, 'v1')
+      expect(again.headers.get('idempotency-replayed')).toBe('true')
+      expect(await again.text()).toBe(body)
+      expect((await send(6, 'v1')).status).toBe(422)
+      expect(await fx.effects('validated:5')).toBe(1)
+      expect(await fx.effects('validated:6')).toBe(0)
+    })
+
+    it('fingerprints the parts of a multipart body, not the boundary each client picks anew', async () => {
+      let runs = 0
+      const route = idempotent(fx.idempotency, { scope: UNSCOPED }, async (request, trx) => {
+        runs++
+        const form = await request.formData()
+        await fx.effect(trx, `upload:${String(form.get('title'))}`)
+        return { status: 201, body: { title: form.get('title') } }
+      })
+      const upload = (title: string, file: string) => {
+        const form = new FormData()
+        form.append('title', title)
+        form.append('file', new Blob([file], { type: 'text/plain' }), 'notes.txt')
+        return route(new Request('http://app.test/uploads', { method: 'POST', headers: { 'idempotency-key': 'm1' }, body: form }))
+      }
+      expect((await upload('first', 'abc')).status).toBe(201)
+      const retry = await upload('first', 'abc')
+      expect(retry.status).toBe(201)
+      expect(retry.headers.get('idempotency-replayed')).toBe('true')
+      expect((await upload('second', 'abc')).status).toBe(422)
+      expect((await upload('first', 'abd')).status).toBe(422)
+      expect(runs).toBe(1)
+    })
   })
 }

@@ -13,7 +13,18 @@ import { sleep } from './support/util.js'
 interface Order {
   readonly item?: string
   readonly hold?: boolean
+  /** Answer with headers that some framework cannot send. */
+  readonly unsendable?: keyof typeof UNSENDABLE
 }
+
+/** Answers Node or the Fetch API refuse to send, by what makes them so, and the header each names. */
+const UNSENDABLE = {
+  'a character outside Latin-1': [{ 'Content-Disposition': 'attachment; filename="Zoë 💳.pdf"' }, 'Content-Disposition'],
+  'a non-Latin-1 Location': [{ Location: '/orders/заказ' }, 'Location'],
+  'CR and LF in a value': [{ 'X-Note': 'fine\r\nSet-Cookie: evil=1' }, 'X-Note'],
+  'a space in a name': [{ 'X Order': '1' }, 'X Order'],
+  'a wrong Content-Length': [{ 'Content-Length': '3' }, 'Content-Length'],
+} as const
 
 const conflictWait = 1000
 const lockTimeout = 800
@@ -39,6 +50,7 @@ for (const target of targetsFor('HTTP conformance', ['statement-paths'])) {
             }
             if (plan.throws > 0 && plan.throws--) throw new Error('the handler failed')
             if (plan.fails > 0 && plan.fails--) return { status: 503, body: { error: 'try later' } }
+            if (order.unsendable) return { status: 201, body: { item: order.item ?? null }, headers: UNSENDABLE[order.unsendable][0] }
             return {
               status: 201,
               body: { item: order.item ?? null, at: Math.random() },
@@ -144,6 +156,40 @@ for (const target of targetsFor('HTTP conformance', ['statement-paths'])) {
         expect(retry.status).toBe(201)
         expect(retry.headers.get('idempotency-replayed')).toBe('true')
         expect(await fx.effects('order:lost')).toBe(1)
+      })
+
+      it('refuses an answer that some framework cannot send before anything commits: a 500 naming the header, every time, and the server lives on', async () => {
+        for (const [why, [, header]] of Object.entries(UNSENDABLE)) {
+          const item = `bad-${Object.keys(UNSENDABLE).indexOf(why)}`
+          for (let attempt = 0; attempt < 2; attempt++) {
+            const refused = await post({ item, unsendable: why }, `k-${item}`)
+            const problem = await expectProblem(refused, await refused.text(), 500, 'invalid_response')
+            expect(problem.detail, why).toContain(`"${header}"`)
+            expect(problem.detail).toMatch(/Nothing was stored, and the request's writes were rolled back/)
+          }
+          expect(await fx.effects(`order:${item}`), why).toBe(0)
+        }
+        expect(await fx.rows()).toBe(0)
+        expect((await post({ item: 'fine' }, 'k-fine')).status).toBe(201)
+      })
+
+      it('answers 400 to a body nested deeper than a fingerprint walks, without running anything', async () => {
+        const deep = '{"a":'.repeat(2500) + '1' + '}'.repeat(2500)
+        const refused = await fetch(`${app.url}/orders`, { method: 'POST', headers: { 'content-type': 'application/json', 'idempotency-key': 'deep' }, body: deep })
+        const text = await refused.text()
+        expect(refused.status, text).toBe(400)
+        expect(await fx.rows()).toBe(0)
+        expect((await post({ item: 'shallow' }, 'deep')).status).toBe(201)
+      })
+
+      it('refuses a request body over the limit the route or its framework reads (413), storing nothing', async () => {
+        const huge = await fetch(`${app.url}/orders`, {
+          method: 'POST',
+          headers: { 'content-type': 'application/json', 'idempotency-key': 'huge' },
+          body: JSON.stringify({ item: 'huge', pad: 'x'.repeat(2 * 1024 * 1024) }),
+        })
+        expect(huge.status).toBe(413)
+        expect(await fx.rows()).toBe(0)
       })
 
       it('sends a returned 5xx without storing it, rolls its writes back, and lets a retry run', async () => {

@@ -220,6 +220,21 @@ describe('fingerprints', () => {
     expect(canonicalJson(Object.assign(Object.create(null) as object, { b: 1, a: 2 }))).toBe('{"a":2,"b":1}')
   })
 
+  it('refuse a request nested deeper than 512 levels with a typed error, at any depth, and take one at 512', () => {
+    const nested = (depth: number) => {
+      let value: unknown = 1
+      for (let i = 0; i < depth; i++) value = i % 2 ? [value] : { a: value }
+      return value
+    }
+    expect(() => fingerprint(nested(512))).not.toThrow()
+    for (const depth of [513, 2_500, 100_000]) {
+      expect(() => fingerprint(nested(depth))).toThrow(IdempotencySerializationError)
+      expect(() => fingerprint(nested(depth))).toThrow(/nests more than 512 levels deep/)
+      expect(() => normalizeKey({ key: 'k', request: nested(depth) })).toThrow(IdempotencySerializationError)
+      expect(() => defaultCodec.encode(nested(depth))).toThrow(IdempotencySerializationError)
+    }
+  })
+
   it('refuse requests the codec cannot keep, and cycles', () => {
     const cycle: Record<string, unknown> = {}
     cycle.self = cycle

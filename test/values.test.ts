@@ -38,6 +38,12 @@ const refusedValues: Record<string, () => unknown> = {
   'a class instance it cannot rebuild': () => ({ at: new URL('https://example.com') }),
   'a sparse array': () => [1, , 3],
   'a symbol key': () => ({ [Symbol('k')]: 1 }),
+  // A value walked by recursion would overflow the stack here: refused with a typed error, never a RangeError.
+  'a value nested 10 000 levels deep': () => {
+    let value: unknown = 1n
+    for (let i = 0; i < 10_000; i++) value = i % 2 ? [value] : { next: value }
+    return value
+  },
   'a cycle through a field named constructor': () => {
     const value: Record<string, unknown> = JSON.parse('{"constructor": "x"}') as Record<string, unknown>
     value.self = value
