@@ -1,4 +1,7 @@
+import { resolve } from 'node:path'
+import { pathToFileURL } from 'node:url'
 import type { Kysely } from 'kysely'
+import type { Codec } from '../src/codec.js'
 import { checkTableName, locateTable, qualified, type TableName } from '../src/table.js'
 import { createIdempotency, type Idempotency } from '../src/idempotency.js'
 import { connect } from './connect.js'
@@ -12,6 +15,11 @@ export const connectionArgs = {
     valueHint: 'url',
   },
   table: { type: 'string', description: 'Name of the idempotency table', default: 'idempotency_keys', valueHint: 'name' },
+  codec: {
+    type: 'string',
+    description: "A module exporting the app's codec (as its default export, or as `codec`), to read values the app stored through it",
+    valueHint: 'path',
+  },
   schema: { type: 'string', description: "Schema the table is in, as the app's withSchema() names it (Postgres schema, MySQL database; default: the connection's)", valueHint: 'name' },
   debug: { type: 'boolean', description: 'Show the stack trace of an error', default: false },
 } as const
@@ -44,15 +52,16 @@ export interface Opened {
  * file may be created (only `migrate` should).
  */
 export async function withDatabase<T>(
-  args: { url?: string | undefined; table: string; schema?: string | undefined },
+  args: { url?: string | undefined; table: string; schema?: string | undefined; codec?: string | undefined },
   options: { create: boolean },
   command: (opened: Opened) => Promise<T>,
 ): Promise<T> {
   const table = checkTableName(args.table)
+  const codec = args.codec === undefined ? undefined : await loadCodec(args.codec)
   const { db: connected, label } = await connect(args.url, options)
   try {
     const db = args.schema === undefined ? connected : connected.withSchema(args.schema)
-    const idempotency = createIdempotency({ db, tableName: table })
+    const idempotency = createIdempotency({ db, tableName: table, ...(codec ? { codec } : {}) })
     const where = locateTable(db, table)
     return await command({ db, table: qualified(where), where, idempotency })
   } catch (error) {
@@ -60,4 +69,19 @@ export async function withDatabase<T>(
   } finally {
     await connected.destroy().catch(() => undefined)
   }
+}
+
+/** The codec a module exports (`export default codec`, or `export const codec`), checked before connecting. */
+async function loadCodec(path: string): Promise<Codec> {
+  let loaded: { default?: unknown; codec?: unknown }
+  try {
+    loaded = (await import(pathToFileURL(resolve(path)).href)) as typeof loaded
+  } catch (error) {
+    throw new CliError(`Cannot load the codec module ${path}: ${(error as Error).message}`, { cause: error })
+  }
+  const codec = (loaded.codec ?? loaded.default) as Partial<Codec> | undefined
+  if (typeof codec?.encode !== 'function' || typeof codec.decode !== 'function') {
+    throw new CliError(`The module ${path} exports no codec: export one with encode(value) and decode(text), as its default export or as codec.`)
+  }
+  return codec as Codec
 }

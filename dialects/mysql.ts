@@ -21,6 +21,8 @@ const DUPLICATE_KEY = 1062
 const ERRNO: Readonly<Record<number, DatabaseErrorKind>> = {
   1213: 'deadlock',
   1205: 'lock_timeout',
+  // ER_LOCK_NOWAIT: MySQL's answer to NOWAIT (MariaDB answers 1205).
+  3572: 'lock_timeout',
   // MariaDB's max_statement_time, MySQL's max_execution_time (which bounds a SELECT).
   1969: 'statement_timeout',
   3024: 'statement_timeout',
@@ -143,6 +145,8 @@ export function mysqlDialect(options: MysqlDialectOptions = {}): IdempotencyDial
         select ${columns} from ${aliased(table)} where k.scope = ${p.scope} and k.\`key\` = ${p.key} lock in share mode`)
       const lock = prepare(db, ['scope', 'key', 'seconds'], (p) => sql`${waitPrefix(p.seconds)}
         select ${columns} from ${aliased(table)} where k.scope = ${p.scope} and k.\`key\` = ${p.key} for update`)
+      const lockNow = prepare(db, ['scope', 'key'], (p) => sql`
+        select ${columns} from ${aliased(table)} where k.scope = ${p.scope} and k.\`key\` = ${p.key} for update nowait`)
       const setWait = prepare(db, ['seconds'], (p) => sql`
         set @kysely_idempotency_wait = @@innodb_lock_wait_timeout, innodb_lock_wait_timeout = ${p.seconds}`)
       const restoreWait = prepare(db, [], () => sql`set innodb_lock_wait_timeout = @kysely_idempotency_wait`)
@@ -188,6 +192,10 @@ export function mysqlDialect(options: MysqlDialectOptions = {}): IdempotencyDial
           const { rows } = await bounded(db, wait, () =>
             db.executeQuery<Record<string, unknown>>(lock.bind({ scope, key, seconds: toSeconds(wait) })),
           )
+          return rows[0] && decodeKeyRow(rows[0])
+        },
+        async lockNow(db, scope, key) {
+          const { rows } = await db.executeQuery<Record<string, unknown>>(lockNow.bind({ scope, key }))
           return rows[0] && decodeKeyRow(rows[0])
         },
         withLockWait,

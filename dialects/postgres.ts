@@ -121,6 +121,8 @@ export const postgresDialect: IdempotencyDialect = {
       left join ${aliased(table)} on k.scope = ${p.scope} and k."key" = ${p.key}`)
     const lock = prepare(db, ['scope', 'key'], (p) => sql`
       select ${columns} from ${aliased(table)} where k.scope = ${p.scope} and k."key" = ${p.key} for update`)
+    const lockNow = prepare(db, ['scope', 'key'], (p) => sql`
+      select ${columns} from ${aliased(table)} where k.scope = ${p.scope} and k."key" = ${p.key} for update nowait`)
     const setWait = prepare(db, ['wait'], (p) => sql`
       with prev as materialized (select current_setting('lock_timeout') as setting)
       select prev.setting as setting, set_config('lock_timeout', ${p.wait}, true) from prev`)
@@ -141,6 +143,10 @@ export const postgresDialect: IdempotencyDialect = {
       },
       async lock(db, scope, key, wait) {
         const { rows } = await statements.withLockWait(db, wait, () => db.executeQuery<Record<string, unknown>>(lock.bind({ scope, key })))
+        return rows[0] && decodeKeyRow(rows[0])
+      },
+      async lockNow(db, scope, key) {
+        const { rows } = await db.executeQuery<Record<string, unknown>>(lockNow.bind({ scope, key }))
         return rows[0] && decodeKeyRow(rows[0])
       },
       async withLockWait(db, wait, run) {

@@ -1,4 +1,4 @@
-import { SqliteAdapter, sql, type RawBuilder } from 'kysely'
+import { CompiledQuery, SqliteAdapter, sql, type RawBuilder } from 'kysely'
 import { prepare } from '../src/sql.js'
 import {
   isAdapter,
@@ -91,6 +91,9 @@ export const sqliteDialect: IdempotencyDialect = {
       update ${sql.table(table)} set id = id where scope = ${p.scope} and "key" = ${p.key}`)
     const read = prepare(db, ['scope', 'key'], (p) => sql`
       select ${keyRowColumns({ clock, jsonText })} from ${aliased(table)} where k.scope = ${p.scope} and k."key" = ${p.key}`)
+    const busyTimeout = prepare(db, [], () => sql`pragma busy_timeout`)
+    // A pragma takes no bound parameter; the value is an integer written into the statement.
+    const setBusyTimeout = (ms: number) => CompiledQuery.raw(`pragma busy_timeout = ${Math.trunc(ms)}`)
     const pruneBatch = prepare(db, ['limit'], (p) => sql`
       delete from ${sql.table(table)} where id in (
         select id from ${sql.table(table)}
@@ -107,6 +110,16 @@ export const sqliteDialect: IdempotencyDialect = {
         await db.executeQuery(writeLock.bind({ scope, key }))
         const { rows } = await db.executeQuery<Record<string, unknown>>(read.bind({ scope, key }))
         return rows[0] && decodeKeyRow(rows[0])
+      },
+      // The busy timeout is the connection's: set to 0 around the write lock, and put back.
+      async lockNow(db, scope, key) {
+        const { rows } = await db.executeQuery<{ timeout: number | bigint }>(busyTimeout.bind({}))
+        await db.executeQuery(setBusyTimeout(0))
+        try {
+          return await statements.lock(db, scope, key, 0)
+        } finally {
+          await db.executeQuery(setBusyTimeout(Number(rows[0]?.timeout ?? 0)))
+        }
       },
       withLockWait: (_db, _wait, run) => run(),
       async pruneBatch(db, limit) {

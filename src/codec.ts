@@ -345,6 +345,12 @@ superjson.registerCustom<Date, string>(
 )
 
 const DEFAULT_NAME = 'superjson'
+/** The length of the `codec` column. */
+const MAX_CODEC_NAME = 255
+
+function describeName(name: unknown): string {
+  return typeof name === 'string' ? `${[...name].length} characters` : typeof name
+}
 
 /**
  * Whether `value` is JSON that superjson writes without any meta, as `{"json": <its JSON>}`:
@@ -463,6 +469,10 @@ export class ValueStore {
     this.#name = codec === defaultCodec ? DEFAULT_NAME : (codec.name ?? 'custom')
     if (codec !== defaultCodec && this.#name === DEFAULT_NAME) {
       throw new IdempotencySetupError(`The codec name "${DEFAULT_NAME}" belongs to defaultCodec; give your codec another name.`)
+    }
+    // It is stored with every value, in a column of 255 characters.
+    if (typeof this.#name !== 'string' || this.#name.length === 0 || [...this.#name].length > MAX_CODEC_NAME || this.#name.includes('\0')) {
+      throw new IdempotencySetupError(`The codec name must be 1 to ${MAX_CODEC_NAME} characters without NUL, got ${describeName(this.#name)}.`)
     }
   }
 

@@ -236,6 +236,17 @@ export class Core {
   }
 
   /**
+   * Whether an attempt at `key` runs in this process now (through this instance, or a
+   * single-transaction function through any instance of the table): its claim may not be
+   * committed yet, so no statement can see it, and with one connection (SQLite, PGlite) none
+   * could even run before it ends.
+   */
+  runsHere(key: NormalizedKey): boolean {
+    const entry = this.#runningEntry(key)
+    return this.#inFlight.has(entry) || running.has(entry)
+  }
+
+  /**
    * Before a call in the caller's own transaction ({@link execute}): its transaction holds a
    * connection whatever happens, and may hold locks that an attempt in flight here needs, so a
    * duplicate waits in the database, which sees such deadlocks, not in memory; with

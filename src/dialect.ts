@@ -91,6 +91,12 @@ export interface DialectStatements {
    * at most `wait` ms for another holder.
    */
   lock(db: Kysely<unknown>, scope: string, key: string, wait: number): Promise<KeyRow | undefined>
+  /**
+   * {@link lock} that does not wait: while another transaction holds the key (an attempt
+   * claimed it and has not committed), it fails at once with an error classified as
+   * `lock_timeout`, instead of waiting for that attempt to commit.
+   */
+  lockNow(db: Kysely<unknown>, scope: string, key: string): Promise<KeyRow | undefined>
   /** Runs `statements` with row-lock waits bounded to `wait` ms, then restores the setting. */
   withLockWait<T>(db: Kysely<unknown>, wait: number, statements: () => Promise<T>): Promise<T>
   /** Deletes up to `limit` expired, unlocked rows; returns how many. */

@@ -75,10 +75,25 @@ export interface StartRecoveryOptions extends RecoverOptions {
   readonly every?: number
 }
 
+/** Options of {@link RecoveryWorker.stop}. */
+export interface StopOptions {
+  /**
+   * How long to wait for a running pass, in milliseconds. Default: the instance's
+   * `lockTimeout`; from 0 to 24 hours.
+   */
+  readonly timeout?: number
+}
+
 /** A recovery worker running in the background (see `idempotency.startRecovery`). */
 export interface RecoveryWorker {
-  /** Stops the worker: no pass starts any more, and the promise settles once a running pass has ended. */
-  stop(): Promise<void>
+  /**
+   * Stops the worker: no pass starts any more. Resolves `true` once a running pass has ended,
+   * or `false` when `timeout` ran out first: a flow of that pass hangs (a step that never
+   * answers). It is left running, and holds its key only until its lease ends; then a client's
+   * retry or another worker takes the flow over, and whatever the hung attempt tries to record
+   * afterwards is refused by the fence (`IdempotencyLockLostError`), so it can change nothing.
+   */
+  stop(options?: StopOptions): Promise<boolean>
 }
 
 /** A flow defined in this instance, as the recovery worker and the HTTP routes use it. */
@@ -173,8 +188,11 @@ export class Flows {
     return { finished, failed: failures, skipped }
   }
 
-  /** Runs `pass` every `every` ms until stopped; a pass that rejects is reported, never thrown. */
-  start(every: number, pass: () => Promise<unknown>, operation: IdempotencyOperation): RecoveryWorker {
+  /**
+   * Runs `pass` every `every` ms until stopped; a pass that rejects is reported, never thrown.
+   * `stop` waits `stopTimeout(options)` ms at most for a running pass.
+   */
+  start(every: number, pass: () => Promise<unknown>, operation: IdempotencyOperation, stopTimeout: (options: StopOptions | undefined) => number): RecoveryWorker {
     let stopped = false
     let timer: ReturnType<typeof setTimeout> | undefined
     let running: Promise<void> = Promise.resolve()
@@ -192,10 +210,14 @@ export class Flows {
     }
     tick()
     return {
-      async stop() {
+      async stop(options) {
+        const timeout = stopTimeout(options)
         stopped = true
         clearTimeout(timer)
-        await running
+        let waited: ReturnType<typeof setTimeout> | undefined
+        const ended = await Promise.race([running.then(() => true), new Promise<boolean>((resolve) => (waited = setTimeout(() => resolve(false), timeout)))])
+        clearTimeout(waited)
+        return ended
       },
     }
   }

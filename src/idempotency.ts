@@ -309,6 +309,9 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
   // Every method is async, so that bad input (a missing key, a bad option) rejects instead of throwing.
   const outcome = <T>(result: { value: Execution<T> } | { error: unknown }) =>
     'error' in result ? failureOf(result.error) : { type: result.value.replayed ? ('replayed' as const) : ('executed' as const) }
+  // In the caller's transaction the library cannot know whether the result will be committed.
+  const outcomeInTransaction = <T>(result: { value: Execution<T> } | { error: unknown }) =>
+    'error' in result ? failureOf(result.error) : { type: result.value.replayed ? ('replayed' as const) : ('executed_in_transaction' as const) }
   const execute = async <T>(trx: Transaction<DB>, key: IdempotencyKeyInput, fn: (trx: Transaction<DB>) => Promise<T>, call?: CallOptions) => {
     const [normalized, resolved] = [normalizeKey(key), settings(call)]
     return observer.observe(
@@ -319,7 +322,7 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
         core.refuseNested(normalized, resolved)
         return core.execute(requireTransaction(trx), normalized, fn, resolved)
       },
-      outcome,
+      outcomeInTransaction,
     )
   }
   const executeTransaction = async <T>(key: IdempotencyKeyInput, fn: (trx: Transaction<DB>) => Promise<T>, call?: TransactionOptions) => {
@@ -482,7 +485,7 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
       bounded('limit', call?.limit ?? DEFAULTS.abandonedLimit)
       bounded('olderThan', call?.olderThan ?? 0)
       bounded('maxFailures', call?.maxFailures ?? DEFAULTS.maxFailures)
-      return flows.start(every, () => recover(call), 'recover')
+      return flows.start(every, () => recover(call), 'recover', (stop) => bounded('timeout', stop?.timeout ?? lockTimeout))
     },
     inspect: async (key) => inspectKey(core, plain, normalizeKey(key)),
     forget: async (key) => forgetKey(core, plain, normalizeKey(key), { ...settings(undefined), lockTimeout }),
@@ -612,6 +615,7 @@ const BOUNDS = {
   olderThan: { min: 0, max: 3650 * DAY, label: '10 years' },
   maxFailures: { min: 1, max: 100, label: '' },
   every: { min: 10, max: DAY, label: '24 hours' },
+  timeout: { min: 0, max: DAY, label: '24 hours' },
 } as const
 
 function bounded(name: keyof typeof BOUNDS, value: unknown): number {

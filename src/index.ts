@@ -21,6 +21,7 @@ export type {
   RecoveryReport,
   RecoveryWorker,
   StartRecoveryOptions,
+  StopOptions,
 } from './flows.js'
 export type { KeyInspection, KeyReference } from './inspect.js'
 export type { IdempotencyEvent, IdempotencyEventType, IdempotencyOperation, ObserveOptions } from './observe.js'

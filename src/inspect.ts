@@ -2,7 +2,7 @@ import type { Kysely } from 'kysely'
 import type { Core, Settings } from './core.js'
 import { FINISHED } from './dialect.js'
 import { IdempotencyConflictError } from './errors.js'
-import { readAttempts } from './phases.js'
+import { readable, readAttempts } from './phases.js'
 import type { NormalizedKey } from './request.js'
 
 /** Which key `inspect` and `forget` look at. */
@@ -25,8 +25,10 @@ export interface KeyInspection {
   readonly recoveryPoint: string
   /** The name of a flow defined with `defineFlow`, else `null`. */
   readonly flowName: string | null
-  /** Attempts that worked on the key (1 for a single-transaction key). */
-  readonly attempts: number
+  /** Attempts that worked on the key (1 for a single-transaction key); `null` when {@link unreadable}. */
+  readonly attempts: number | null
+  /** Why the flow's stored state cannot be read here (written by another codec, or damaged), or `null`. */
+  readonly unreadable: string | null
   /** Failed recoveries by the recovery worker. */
   readonly recoveryFailures: number
   readonly createdAt: Date
@@ -46,11 +48,13 @@ export async function inspectKey(core: Core, db: Kysely<unknown>, key: Normalize
   const locked = Number(row.locked) === 1
   const state = locked ? 'running' : Number(row.expired) === 1 ? 'expired' : point === FINISHED ? 'finished' : 'abandoned'
   const codec = row.codec == null ? null : String(row.codec)
+  const attempts = row.phases == null ? { value: 1 } : readable(() => readAttempts(core.values, String(row.phases), codec))
   return {
     state,
     recoveryPoint: point,
     flowName: row.flow == null ? null : String(row.flow),
-    attempts: row.phases == null ? 1 : readAttempts(core.values, String(row.phases), codec),
+    attempts: 'value' in attempts ? attempts.value : null,
+    unreadable: 'error' in attempts ? attempts.error : null,
     recoveryFailures: Number(row.failures ?? 0),
     createdAt: new Date(Number(row.created)),
     lastRunAt: new Date(Number(row.ran)),
@@ -61,22 +65,44 @@ export async function inspectKey(core: Core, db: Kysely<unknown>, key: Normalize
 
 /**
  * Deletes the key unless an attempt holds it: in one transaction, so that no attempt claims it
- * between the check and the delete.
+ * between the check and the delete. An attempt holds it while a flow's lock lasts, and while a
+ * single transaction that claimed it is open: the row is then locked, and the delete, which
+ * never waits, refuses instead of deleting the answer that transaction is about to commit.
  */
 export async function forgetKey(core: Core, db: Kysely<unknown>, key: NormalizedKey, settings: Settings & { lockTimeout: number }): Promise<boolean> {
+  const held = () =>
+    new IdempotencyConflictError(
+      'in_flight',
+      `The idempotency key "${key.key}" is held by a running attempt; forget it once that attempt ends or its lock runs out.`,
+      { retryAfter: Math.max(1, Math.ceil(settings.lockTimeout / 1000)) },
+    )
+  if (core.runsHere(key)) throw held()
   const plain = db.withoutPlugins()
   const s = await core.statements(plain)
-  return plain.transaction().execute(async (trx) => {
-    const row = await core.waiting(settings, () => s.lock(trx, key.scope, key.key, settings.conflictWait))
-    if (!row) return false
-    if (row.locked) {
-      throw new IdempotencyConflictError(
-        'in_flight',
-        `The idempotency key "${key.key}" is held by a running attempt; forget it once that attempt ends or its lock runs out.`,
-        { retryAfter: Math.max(1, Math.ceil(settings.lockTimeout / 1000)) },
-      )
-    }
-    await s.remove(trx, row.id)
-    return true
-  })
+  const now = <T>(statement: () => Promise<T>) =>
+    core.waiting(settings, statement).catch((error: unknown) => {
+      throw error instanceof IdempotencyConflictError ? held() : error
+    })
+  return plain
+    .transaction()
+    .execute(async (trx) => {
+      const row = await now(() => s.lockNow(trx, key.scope, key.key))
+      if (row) {
+        if (row.locked) throw held()
+        await s.remove(trx, row.id)
+        return true
+      }
+      // Postgres does not show another transaction's uncommitted claim to a read; a claim of our
+      // own, not waiting, runs into it (and refuses), or succeeds and is rolled back.
+      const probe = { ...key, expiresIn: 1, wait: 0, token: null, lease: null, phases: null, codec: null, flow: null, recoverIn: null }
+      if ((await now(() => s.claim(trx, probe))).claimed === null) throw held()
+      throw NOTHING
+    })
+    .catch((error: unknown) => {
+      if (error === NOTHING) return false
+      throw error
+    })
 }
+
+/** Rolls back the probe of {@link forgetKey}: there was nothing to forget. */
+const NOTHING = Symbol('nothing to forget')

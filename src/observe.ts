@@ -3,8 +3,14 @@ import { IdempotencyConflictError, IdempotencyKeyReuseError, IdempotencyLockLost
 
 /** What happened, as {@link IdempotencyEvent.type} names it. */
 export type IdempotencyEventType =
-  /** The function or flow ran and its result was stored. */
+  /** The function or flow ran and its result was stored (committed, in the library's own transaction). */
   | 'executed'
+  /**
+   * `withIdempotency` only: the function ran in your transaction, and its result is written
+   * there. It is stored once you commit; if you roll back, nothing happened and a retry runs
+   * again. The library cannot see your commit, so it reports no more than this.
+   */
+  | 'executed_in_transaction'
   /** The stored result was returned; nothing ran. */
   | 'replayed'
   /** The function or flow threw (or a value could not be stored); nothing was stored, a retry runs again. */
@@ -172,7 +178,7 @@ export class Observer {
       }
       if (span) {
         span.setAttribute('idempotency.outcome', ending.type)
-        if (ending.type === 'replayed' || ending.type === 'executed') span.setAttribute('idempotency.replayed', ending.type === 'replayed')
+        if (ending.type === 'replayed' || ending.type === 'executed' || ending.type === 'executed_in_transaction') span.setAttribute('idempotency.replayed', ending.type === 'replayed')
         if (ending.recoveryPoint) span.setAttribute('idempotency.recovery_point', ending.recoveryPoint)
         if (ending.reason) span.setAttribute('idempotency.conflict_reason', ending.reason)
         if (ending.count !== undefined) span.setAttribute('idempotency.count', ending.count)

@@ -82,10 +82,15 @@ export interface AbandonedFlow {
   readonly key: string
   /** The last recorded phase or step, or `started`. */
   readonly recoveryPoint: string
-  /** The `request` given to `run` (decoded), to re-drive the flow with. */
+  /** The `request` given to `run` (decoded), to re-drive the flow with; `undefined` when {@link unreadable}. */
   readonly request: unknown
-  /** How many attempts worked on the flow. */
-  readonly attempts: number
+  /** How many attempts worked on the flow; `null` when {@link unreadable}. */
+  readonly attempts: number | null
+  /**
+   * Why the flow's stored state cannot be read here (written by another codec, or damaged), or
+   * `null`. The flow is listed all the same, so that one such row never hides the others.
+   */
+  readonly unreadable: string | null
   /** Milliseconds since the key was first claimed. */
   readonly age: number
   /** Milliseconds since an attempt last recorded anything. */
@@ -148,6 +153,8 @@ interface LegacyPhaseMap {
 
 const NAME = /^[A-Za-z][A-Za-z0-9_.:-]{0,99}$/
 const CLAIM_ROUNDS = 3
+/** Tries at releasing a key when the attempt failed (see `Attempt.#release`). */
+const RELEASE_ATTEMPTS = 3
 
 class Failure<T> extends Error {
   constructor(
@@ -213,13 +220,14 @@ export class Phases {
     const s = await this.#core.statements(plain)
     const rows = await this.#core.guard(undefined, () => s.abandoned(plain, olderThan, limit))
     return rows.map((row) => {
-      const state = readState(this.#core.values, String(row.phases), row.codec == null ? null : String(row.codec))
+      const state = readable(() => readState(this.#core.values, String(row.phases), row.codec == null ? null : String(row.codec)))
       return {
         scope: text(row.scope),
         key: text(row.key),
         recoveryPoint: String(row.point),
-        request: state.request,
-        attempts: state.attempt,
+        request: 'value' in state ? state.value.request : undefined,
+        attempts: 'value' in state ? state.value.attempt : null,
+        unreadable: 'error' in state ? state.error : null,
         age: Number(row.age),
         idle: Number(row.idle),
         flowName: row.flow == null ? null : String(row.flow),
@@ -368,12 +376,26 @@ class Attempt<DB, T> {
       await this.#complete(value)
       return value
     } catch (error) {
-      const reported = this.#broken ?? error
-      if (reported !== this.#lost) {
-        // The lease runs out by itself if this fails, so the original error is the one to report.
-        await this.#s.release(this.#plain, this.#lease, this.#settings.ttl, this.#settings.failure).catch(() => undefined)
+      // Whatever was thrown, `undefined` included; only a lost lock is not ours to release.
+      const lost = this.#lost !== undefined && (this.#broken ?? error) === this.#lost
+      if (!lost) await this.#release()
+      throw this.#broken ?? error
+    }
+  }
+
+  /**
+   * Lets go of the key so that a retry or the recovery worker resumes at once. A pool may first
+   * hand over the connection whose session just died under the failed statement, so the release
+   * is tried again on another; if it still fails, the lease runs out by itself, and the error to
+   * report stays the one that ended the attempt.
+   */
+  async #release(): Promise<void> {
+    for (let attempt = 1; attempt <= RELEASE_ATTEMPTS; attempt++) {
+      try {
+        return await this.#s.release(this.#plain, this.#lease, this.#settings.ttl, this.#settings.failure)
+      } catch {
+        // Tried again below, on whatever connection the pool has now.
       }
-      throw reported
     }
   }
 
@@ -550,6 +572,15 @@ export function readStarted(values: ValueStore, text: string, codec: string | nu
 /** Whether `error` is what `flow.fail()` throws to end a flow with an answer. */
 export function isFailure(error: unknown): boolean {
   return error instanceof Failure
+}
+
+/** What `read` gives, or why it cannot be read: a message, for a listing that goes on. */
+export function readable<T>(read: () => T): { value: T } | { error: string } {
+  try {
+    return { value: read() }
+  } catch (error) {
+    return { error: error instanceof Error ? error.message : String(error) }
+  }
 }
 
 /** The attempts a stored flow state counts. */

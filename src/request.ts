@@ -14,7 +14,7 @@ export type IdempotencyKeyInput =
       key: string
       /**
        * Whom the key belongs to (user, account or API-key id), so one tenant can never replay
-       * another's response. Up to 255 characters, no NUL. Default `''`.
+       * another's response. Up to 255 characters (Unicode code points), no NUL. Default `''`.
        */
       scope?: string
       /**
@@ -45,7 +45,8 @@ export function normalizeKey(input: IdempotencyKeyInput): NormalizedKey {
   if (typeof key !== 'string' || !KEY_PATTERN.test(key)) {
     throw new InvalidIdempotencyKeyError(describeBadKey(key))
   }
-  if (typeof scope !== 'string' || scope.length > MAX_SCOPE_LENGTH || scope.includes('\0') || !scope.isWellFormed()) {
+  // Characters as the database counts them (code points: an emoji is one), not UTF-16 units.
+  if (typeof scope !== 'string' || [...scope].length > MAX_SCOPE_LENGTH || scope.includes('\0') || !scope.isWellFormed()) {
     throw new InvalidIdempotencyKeyError(
       `The idempotency scope must be a string of at most ${MAX_SCOPE_LENGTH} characters without NUL or lone surrogates.`,
     )
@@ -65,7 +66,8 @@ function describeBadKey(key: unknown): string {
  * The SHA-256 (hex) of the canonical form of `request` ({@link canonicalJson}). Equal values
  * give the same fingerprint, whatever the order their keys were written in; values that
  * differ give different ones, including in what JSON would lose (`-0`, a `Set`'s members, a
- * `__proto__` field).
+ * `__proto__` field). Without a request, or with `undefined`, it is the fingerprint of a call
+ * that names none (as `request: null`), the one the table holds for such a call.
  *
  * ### Examples
  *
@@ -76,8 +78,9 @@ function describeBadKey(key: unknown): string {
  * fingerprint({ at: new Date(0) }) === fingerprint({ at: '1970-01-01T00:00:00.000Z' }) // false
  * ```
  */
-export function fingerprint(request: unknown): string {
-  return sha256(canonicalText(request))
+export function fingerprint(request?: unknown): string {
+  // A call that names no request, or names it `undefined`, is fingerprinted as `request: null`.
+  return sha256(canonicalText(request === undefined ? null : request))
 }
 
 /**

@@ -1,12 +1,13 @@
 import { execFile, execFileSync } from 'node:child_process'
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import { pathToFileURL } from 'node:url'
 import { promisify } from 'node:util'
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest'
 import { sql, type Kysely } from 'kysely'
 import { Migrator } from './support/migrator.js'
-import { createIdempotency, idempotencyMigrations, migrationTables } from '../src/index.js'
+import { createIdempotency, idempotencyMigrations, migrationTables, type Codec } from '../src/index.js'
 import { openDatabase, type DatabaseName } from './support/databases.js'
 import { selectedTargets } from './support/harness.js'
 import { sleep } from './support/util.js'
@@ -219,6 +220,32 @@ describe.each(databases)('the CLI on %s', (database: DatabaseName) => {
       expect((await cli(['inspect', '--url', url(), '--table', table, '--schema', schema, '--key', 'k'])).stdout).toContain('finished')
     } finally {
       await (database === 'mysql' ? sql`drop database if exists ${sql.id(schema)}` : sql`drop schema if exists ${sql.id(schema)} cascade`).execute(db)
+      await db.destroy()
+    }
+  })
+
+  it("reads flows the app stored through its own codec with --codec, and lists them all, marked, without it", async () => {
+    const table = `cli_${Math.random().toString(36).slice(2, 8)}`
+    const module = join(dir, `${table}-codec.mjs`)
+    // A codec as an app might write one: here it reverses the text, so the default codec cannot read it.
+    writeFileSync(module, "export const codec = { name: 'reversed', encode: (v) => [...JSON.stringify(v)].reverse().join(''), decode: (t) => JSON.parse([...t].reverse().join('')) }\n")
+    const { codec } = (await import(pathToFileURL(module).href)) as { codec: Codec }
+    const db = openDatabase(database, location())
+    try {
+      const app = createIdempotency({ db, tableName: table, codec })
+      await app.migrate()
+      await expect(app.run({ key: 'mine', request: { amount: 5 } }, async (flow) => (await flow.phase('one', async () => 1), Promise.reject(new Error('stop'))))).rejects.toThrow('stop')
+      const without = await cli(['abandoned', '--url', url(), '--table', table])
+      expect(without.code, without.stderr).toBe(0)
+      expect(without.stdout).toMatch(/mine +one +\? /)
+      expect(without.stdout).toMatch(/1 of these cannot be read here .*codec "reversed".*Pass the app's codec with --codec\./)
+      const listed = await cli(['abandoned', '--url', url(), '--table', table, '--codec', module, '--json'])
+      expect(JSON.parse(listed.stdout)).toMatchObject([{ key: 'mine', attempts: 1, request: { amount: 5 }, unreadable: null }])
+      expect((await cli(['inspect', '--url', url(), '--table', table, '--key', 'mine', '--codec', module])).stdout).toMatch(/attempts +1/)
+      expectOneLine(await cli(['abandoned', '--url', url(), '--table', table, '--codec', join(dir, 'missing.mjs')]), /Cannot load the codec module .*missing\.mjs/)
+      await db.schema.dropTable(table).execute()
+      for (const history of Object.values(migrationTables(table))) await db.schema.dropTable(history).execute()
+    } finally {
       await db.destroy()
     }
   })

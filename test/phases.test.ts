@@ -7,7 +7,10 @@ import {
   IdempotencySerializationError,
   type Flow,
 } from '../src/index.js'
-import { expectOneOutcome, gate, itWhere, openFixture, startWorker, targetsFor, type Fixture } from './support/harness.js'
+import { sql } from 'kysely'
+import { createIdempotency } from '../src/index.js'
+import { openDatabase } from './support/databases.js'
+import { expectOneOutcome, gate, itWhere, openFixture, sessions, startWorker, targetsFor, type Fixture } from './support/harness.js'
 import { rideEffects, rideFlow, type Ride, type RidePoint } from './support/ride.js'
 import { answer, sleep, type Answer } from './support/util.js'
 
@@ -59,6 +62,62 @@ for (const target of targetsFor('atomic phases')) {
       }
       throw new Error(`${key} was never listed as abandoned`)
     }
+
+    it('lets go of the key at once whatever the flow, a phase or a step throws, undefined included', async () => {
+      const slow = fx.with({ lockTimeout: 30_000, conflictWait: 2000 })
+      const bodies: Record<string, (flow: Flow<any, string>) => Promise<string>> = {
+        flow: async (flow) => {
+          await flow.phase('p', async () => 1)
+          throw undefined
+        },
+        phase: async (flow) => flow.phase('p', async () => {
+          throw undefined
+        }),
+        step: async (flow) => {
+          await flow.phase('p', async () => 1)
+          return flow.step('s', () => Promise.reject(undefined))
+        },
+      }
+      for (const [where, body] of Object.entries(bodies)) {
+        await expect(slow.run(`undefined-${where}`, body), where).rejects.toBeUndefined()
+        expect(await slow.inspect({ key: `undefined-${where}` }), where).toMatchObject({ state: 'abandoned', lockedUntil: null })
+        const started = Date.now()
+        expect(await slow.run(`undefined-${where}`, async (flow) => (await flow.phase('p', async () => 1), 'resumed'))).toBe('resumed')
+        expect(Date.now() - started, where).toBeLessThan(1500)
+      }
+    })
+
+    itWhere(target, 'sessions')('lets go of the key when the session of its final store was killed, on another connection', async () => {
+      const session = sessions[target.database as 'postgres' | 'mysql']
+      // One connection, so that the flow's statements, the final store included, share its session.
+      const db = openDatabase(target.driver, fx.location, 1)
+      const instance = createIdempotency({ db, tableName: fx.table, lockTimeout: 30_000, ...(target.dialect ? { dialect: target.dialect() } : {}) })
+      const locked = gate()
+      let blocker: Promise<unknown> = Promise.resolve()
+      try {
+        const run = instance.run('killed-store', async (flow) => {
+          const pid = await flow.phase('p', (trx) => session.id(trx))
+          // The final store waits for this lock; its session is killed while it waits.
+          blocker = fx.db.transaction().execute(async (trx) => {
+            await sql`select id from ${sql.table(fx.table)} where ${sql.ref('key')} = 'killed-store' for update`.execute(trx)
+            locked.open()
+            await sleep(300)
+            await session.kill(fx.db, pid)
+            await sleep(100)
+          })
+          await locked.promise
+          return 'stored'
+        })
+        await expect(run).rejects.toThrow()
+        await blocker
+        expect(await fx.idempotency.inspect({ key: 'killed-store' })).toMatchObject({ state: 'abandoned', recoveryPoint: 'p', lockedUntil: null })
+        expect(await fx.idempotency.run('killed-store', async (flow) => (await flow.phase('p', async () => 0), 'resumed'))).toBe('resumed')
+      } finally {
+        locked.open()
+        await blocker.catch(() => undefined)
+        await db.destroy()
+      }
+    })
 
     it('runs every phase and step once, then replays the response', async () => {
       const first = await fx.idempotency.executeRun('r1', ride('r1'))

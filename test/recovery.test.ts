@@ -155,6 +155,33 @@ for (const target of targetsFor('recovery worker')) {
       expect(() => idempotency.startRecovery({ every: 1 })).toThrow(RangeError)
     })
 
+    it('stops within a timeout while a flow hangs; the hung attempt can change nothing once its lease ended', async () => {
+      const hang = gate()
+      let calls = 0
+      const flaky = idempotency.defineFlow('hangs', async (flow: Flow<any, string>) => {
+        await flow.phase('a', async () => 1)
+        if (flow.attempt === 1) throw new Error('the first attempt fails')
+        // The worker's attempt hangs in its step; the client's later one does not.
+        await flow.step('call', async () => (++calls === 1 ? await hang.promise.then(() => 1) : 2))
+        return 'done'
+      })
+      await expect(flaky.run({ key: 'hung', request: 1 })).rejects.toThrow('the first attempt fails')
+      const worker = idempotency.startRecovery({ every: 20 })
+      for (let waited = 0; calls === 0 && waited < 5000; waited += 20) await sleep(20)
+      const started = Date.now()
+      expect(await worker.stop({ timeout: 200 })).toBe(false)
+      expect(Date.now() - started).toBeLessThan(1000)
+      await expect(worker.stop({ timeout: -1 })).rejects.toThrow(RangeError)
+      // Once its lease ran out, the client's retry takes the flow over and finishes it.
+      await sleep(lockTimeout + 100)
+      expect(await flaky.run({ key: 'hung', request: 1 })).toBe('done')
+      hang.open()
+      await sleep(100)
+      expect(await idempotency.inspect({ key: 'hung' })).toMatchObject({ state: 'finished' })
+      expect(await flaky.executeRun({ key: 'hung', request: 1 })).toEqual({ value: 'done', replayed: true })
+      expect(await idempotency.startRecovery({ every: 10_000 }).stop()).toBe(true)
+    })
+
     it('reports every outcome to the hook, and a hook that throws breaks nothing', async () => {
       const seen: IdempotencyEvent[] = []
       const observed = fx.with({
@@ -198,7 +225,7 @@ for (const target of targetsFor('recovery worker')) {
         'transaction:failed',
         'transaction:conflict:in_flight',
         'transaction:executed',
-        'withIdempotency:executed',
+        'withIdempotency:executed_in_transaction',
         'run:lock_lost',
         'run:taken_over',
         'run:executed',
@@ -232,6 +259,7 @@ for (const target of targetsFor('recovery worker')) {
         recoveryPoint: 'finished',
         flowName: null,
         attempts: 1,
+        unreadable: null,
         recoveryFailures: 0,
         createdAt: expect.any(Date),
         lastRunAt: expect.any(Date),
@@ -253,6 +281,41 @@ for (const target of targetsFor('recovery worker')) {
       hold.open()
       await running
       await expect(idempotency.inspect({ key: '' })).rejects.toMatchObject({ code: 'invalid_key' })
+    })
+
+    it('refuses to forget a key while a transaction that claimed it is open, here or elsewhere, so that its answer is never lost', async () => {
+      for (const via of ['this instance', 'another instance']) {
+        const key = `open-${via === 'this instance' ? 'here' : 'there'}`
+        const claimed = gate()
+        const release = gate()
+        const runner = via === 'this instance' ? idempotency : fx.with({})
+        const attempt = runner.transaction({ key, request: 1 }, async (trx) => {
+          await fx.effect(trx, key)
+          claimed.open()
+          await release.promise
+          return 'charged once'
+        })
+        await claimed.promise
+        const started = Date.now()
+        const forgot = await idempotency.forget({ key }).catch((error: unknown) => error)
+        release.open()
+        expect(forgot, via).toMatchObject({ reason: 'in_flight', status: 409 })
+        // It refused at once, without waiting for the attempt to end.
+        expect(Date.now() - started, via).toBeLessThan(2000)
+        expect(await attempt).toBe('charged once')
+        expect(await fx.idempotency.executeTransaction({ key, request: 1 }, async () => 'charged twice')).toEqual({ value: 'charged once', replayed: true })
+        expect(await fx.effects(key)).toBe(1)
+      }
+    })
+
+    itWhere(target, 'processes')('refuses to forget a key while a transaction of another process holds it', async () => {
+      const worker = startWorker({ target: target.id, location: fx.location, table: fx.table, action: 'hold', key: 'held-elsewhere' })
+      await worker.printed('claimed')
+      const started = Date.now()
+      await expect(idempotency.forget({ key: 'held-elsewhere' })).rejects.toMatchObject({ reason: 'in_flight', status: 409 })
+      expect(Date.now() - started).toBeLessThan(2000)
+      worker.kill('SIGKILL')
+      await worker.done
     })
 
     it('applies the route\'s storage rules to what the worker stores, fail() included, and only to flows that came through the route', async () => {

@@ -41,10 +41,12 @@ describe('keys', () => {
     for (const key of ['', 'k'.repeat(256), 42 as unknown as string]) {
       expect(() => normalizeKey(key)).toThrow(InvalidIdempotencyKeyError)
     }
-    for (const scope of ['s'.repeat(256), 'a\0b', '\ud800']) {
+    for (const scope of ['s'.repeat(256), '💳'.repeat(256), 'a\0b', '\ud800']) {
       expect(() => normalizeKey({ key: 'k', scope })).toThrow(InvalidIdempotencyKeyError)
     }
     expect(normalizeKey({ key: 'k', scope: 'ü'.repeat(255) }).scope).toHaveLength(255)
+    // Characters are code points, as the README and the database count them: 255 emoji fit.
+    expect(normalizeKey({ key: 'k', scope: '💳'.repeat(255) }).scope).toBe('💳'.repeat(255))
   })
 })
 
@@ -218,6 +220,14 @@ describe('fingerprints', () => {
     expect(canonicalJson({ b: [1, { d: 1, c: 2 }], a: 'x' })).toBe('{"a":"x","b":[1,{"c":2,"d":1}]}')
     expect(fingerprint(null)).toBe('74234e98afe7498fb5daf1f36ac2d78acc339464f950703b8c019892f982b90b')
     expect(canonicalJson(Object.assign(Object.create(null) as object, { b: 1, a: 2 }))).toBe('{"a":2,"b":1}')
+  })
+
+  it('of no request, or of undefined, are those of a call that names none', () => {
+    expect(fingerprint()).toBe(fingerprint(null))
+    expect(fingerprint(undefined)).toBe(fingerprint(null))
+    expect(normalizeKey('k').fingerprint).toBe(fingerprint())
+    expect(normalizeKey({ key: 'k', request: undefined }).fingerprint).toBe(fingerprint())
+    expect(fingerprint([undefined])).not.toBe(fingerprint([null]))
   })
 
   it('refuse a request nested deeper than 512 levels with a typed error, at any depth, and take one at 512', () => {

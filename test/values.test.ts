@@ -227,5 +227,29 @@ for (const target of targetsFor('values', ['statement-paths'])) {
       await expect(plain.transaction('secret', async () => secretValue)).rejects.toThrow(IdempotencySetupError)
       await expect(plain.transaction('secret', async () => secretValue)).rejects.toThrow(/"aes-256-gcm"/)
     })
+
+    it('lists every abandoned flow, marking the one another codec wrote instead of failing the whole list', async () => {
+      const other = fx.with({ codec: { name: 'other', encode: (value) => JSON.stringify(value), decode: (text) => JSON.parse(text) as unknown } })
+      const stop = async (flow: Flow<any, string>) => {
+        await flow.phase('one', async () => 1)
+        throw new Error('stops')
+      }
+      await expect(fx.idempotency.run({ key: 'readable', request: { n: 1 } }, stop)).rejects.toThrow('stops')
+      await expect(other.run({ key: 'written-elsewhere', request: { n: 2 } }, stop)).rejects.toThrow('stops')
+      const listed = await fx.idempotency.abandoned()
+      expect(listed.find((f) => f.key === 'readable')).toMatchObject({ request: { n: 1 }, attempts: 1, unreadable: null })
+      expect(listed.find((f) => f.key === 'written-elsewhere')).toMatchObject({ recoveryPoint: 'one', request: undefined, attempts: null, unreadable: expect.stringMatching(/codec "other"/) })
+      expect(await fx.idempotency.inspect({ key: 'written-elsewhere' })).toMatchObject({ state: 'abandoned', attempts: null, unreadable: expect.stringMatching(/codec "other"/) })
+      expect(await other.inspect({ key: 'written-elsewhere' })).toMatchObject({ attempts: 1, unreadable: null })
+    })
+
+    it('refuses a codec name longer than the column that stores it, when the instance is created', () => {
+      const named = (name: string) => () => fx.with({ codec: { name, encode: (value) => JSON.stringify(value), decode: (text) => JSON.parse(text) as unknown } })
+      expect(named('💳'.repeat(255))).not.toThrow()
+      for (const name of ['💳'.repeat(256), '', 'a\0b']) {
+        expect(named(name)).toThrow(IdempotencySetupError)
+        expect(named(name)).toThrow(/The codec name must be 1 to 255 characters without NUL/)
+      }
+    })
   })
 }

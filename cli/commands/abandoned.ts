@@ -19,9 +19,16 @@ export const abandoned = defineCommand({
       const flows = await idempotency.abandoned({ olderThan: Math.round(olderThan * 1000), limit })
       if (args.json) return console.log(JSON.stringify(flows))
       if (!flows.length) return console.log('No abandoned flows.')
-      const rows = [['scope', 'key', 'recovery point', 'attempts', 'idle'], ...flows.map((f) => [f.scope, f.key, f.recoveryPoint, String(f.attempts), `${Math.round(f.idle / 1000)}s`])]
+      const rows = [
+        ['scope', 'key', 'recovery point', 'attempts', 'idle'],
+        ...flows.map((f) => [f.scope, f.key, f.recoveryPoint, f.attempts === null ? '?' : String(f.attempts), `${Math.round(f.idle / 1000)}s`]),
+      ]
       const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)))
       for (const r of rows) console.log(r.map((cell, i) => cell.padEnd(widths[i]!)).join('  ').trimEnd())
+      const unreadable = flows.filter((f) => f.unreadable !== null)
+      if (unreadable.length) {
+        console.log(`${unreadable.length} of these cannot be read here (attempts "?"): ${unreadable[0]!.unreadable} Pass the app's codec with --codec.`)
+      }
     })
   },
 })

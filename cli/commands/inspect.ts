@@ -18,7 +18,7 @@ export const inspect = defineCommand({
         ['state', found.state],
         ['recovery point', found.recoveryPoint],
         ['flow', found.flowName ?? '-'],
-        ['attempts', String(found.attempts)],
+        ['attempts', found.attempts === null ? `? (${found.unreadable} Pass the app's codec with --codec.)` : String(found.attempts)],
         ['recovery failures', String(found.recoveryFailures)],
         ['created', found.createdAt.toISOString()],
         ['last run', found.lastRunAt.toISOString()],
