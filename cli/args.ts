@@ -1,11 +1,11 @@
 import { resolve } from 'node:path'
 import { pathToFileURL } from 'node:url'
-import type { Kysely } from 'kysely'
+import { sql, type Kysely } from 'kysely'
 import type { Codec } from '../src/codec.js'
 import { checkTableName, locateTable, qualified, type TableName } from '../src/table.js'
 import { createIdempotency, type Idempotency } from '../src/idempotency.js'
-import { connect } from './connect.js'
-import { CliError, describe } from './errors.js'
+import { connect, CONNECT_TIMEOUT } from './connect.js'
+import { CliError, describe, unreachable } from './errors.js'
 
 /** Arguments every command that connects takes. */
 export const connectionArgs = {
@@ -21,6 +21,7 @@ export const connectionArgs = {
     valueHint: 'path',
   },
   schema: { type: 'string', description: "Schema the table is in, as the app's withSchema() names it (Postgres schema, MySQL database; default: the connection's)", valueHint: 'name' },
+  'connect-timeout': { type: 'string', description: 'Seconds to wait for the database to answer before giving up', default: '10', valueHint: 's' },
   debug: { type: 'boolean', description: 'Show the stack trace of an error', default: false },
 } as const
 
@@ -52,20 +53,27 @@ export interface Opened {
  * file may be created (only `migrate` should).
  */
 export async function withDatabase<T>(
-  args: { url?: string | undefined; table: string; schema?: string | undefined; codec?: string | undefined },
+  args: { url?: string | undefined; table: string; schema?: string | undefined; codec?: string | undefined; 'connect-timeout'?: string | undefined },
   options: { create: boolean },
   command: (opened: Opened) => Promise<T>,
 ): Promise<T> {
   const table = checkTableName(args.table)
   const codec = args.codec === undefined ? undefined : await loadCodec(args.codec)
-  const { db: connected, label } = await connect(args.url, options)
+  const seconds = Number(args['connect-timeout'] ?? CONNECT_TIMEOUT / 1000)
+  if (!Number.isFinite(seconds) || seconds <= 0) throw new CliError(`--connect-timeout must be a number of seconds, got "${args['connect-timeout']}".`)
+  const timeout = Math.round(seconds * 1000)
+  const { db: connected, label, location, kind } = await connect(args.url, { ...options, timeout })
   try {
+    await sql`select 1`.execute(connected).catch((error: unknown) => {
+      throw new CliError(unreachable(error, label, kind, timeout), { cause: error })
+    })
     const db = args.schema === undefined ? connected : connected.withSchema(args.schema)
     const idempotency = createIdempotency({ db, tableName: table, ...(codec ? { codec } : {}) })
     const where = locateTable(db, table)
     return await command({ db, table: qualified(where), where, idempotency })
   } catch (error) {
-    throw new CliError(describe(error, label), { cause: error })
+    // A driver's message may quote the URL it was given, password and all.
+    throw new CliError(describe(error, label).split(location).join(label), { cause: error })
   } finally {
     await connected.destroy().catch(() => undefined)
   }

@@ -27,6 +27,22 @@ export function describe(error: unknown, database?: string): string {
   return message || String(error)
 }
 
+/**
+ * One line for a server that the first statement could not reach: not there, not answering, or
+ * refusing who we are, or one that answered as another kind of database does (a MySQL port in a
+ * postgres:// URL), which the driver reports as an odd protocol error.
+ */
+export function unreachable(error: unknown, database: string, kind: string, timeout: number): string {
+  const e = error as { code?: unknown; errno?: unknown; message?: unknown } | null
+  const message = firstLine(e?.message)
+  if (e?.code === 'ETIMEDOUT' || /timeout|timed out/i.test(message)) {
+    return `${database} did not answer within ${timeout / 1000} s; is the server up, and is that the port of a ${kind} server?`
+  }
+  const known = (typeof e?.code === 'string' && (UNREACHABLE.has(e.code) || /^[0-9A-Z]{5}$/.test(e.code))) || typeof e?.errno === 'number'
+  if (known || e?.code === 'SQLITE_CANTOPEN') return describe(error, database)
+  return `${database} did not answer as a ${kind} server does (${message || String(error)}); is that the port of a ${kind} server?`
+}
+
 function firstLine(message: unknown): string {
   return typeof message === 'string' ? (message.split('\n')[0] ?? '').trim() : ''
 }

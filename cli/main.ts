@@ -7,6 +7,9 @@ import { migrate } from './commands/migrate.js'
 import { prune } from './commands/prune.js'
 import { sqlCommand } from './commands/sql.js'
 import { status } from './commands/status.js'
+import { checkArgv } from './argv.js'
+import { inspect as show } from 'node:util'
+import { redactText } from './connect.js'
 import { CliError, describe, EXIT } from './errors.js'
 import { packageVersion } from './version.js'
 
@@ -20,7 +23,11 @@ for (const command of Object.values(commands) as CommandDef[]) {
       await run(context)
     } catch (error) {
       console.error(`kysely-idempotency: ${describe(error)}`)
-      if (context.args.debug) console.error(error instanceof CliError && error.cause ? error.cause : error)
+      if (context.args.debug) {
+        const shown = error instanceof CliError && error.cause ? error.cause : error
+        const url = typeof context.args.url === 'string' ? context.args.url : process.env.DATABASE_URL
+        console.error(redactText(show(shown, { depth: 6 }), url))
+      }
       process.exitCode = EXIT.error
     }
   }
@@ -31,4 +38,10 @@ const main = defineCommand({
   subCommands: commands,
 })
 
-await runMain(main)
+const wrong = checkArgv(process.argv.slice(2), commands as Record<string, { args?: Record<string, { type?: string }> }>)
+if (wrong) {
+  console.error(`kysely-idempotency: ${wrong}`)
+  process.exitCode = EXIT.error
+} else {
+  await runMain(main)
+}

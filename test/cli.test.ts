@@ -1,4 +1,6 @@
 import { execFile, execFileSync } from 'node:child_process'
+import { createServer } from 'node:net'
+import type { AddressInfo } from 'node:net'
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -411,6 +413,51 @@ describe('the CLI without a database', () => {
     const debug = await cli(['status', '--url', 'postgres://postgres@127.0.0.1:1/test', '--debug'])
     expect(debug.code).not.toBe(0)
     expect(debug.stderr).toMatch(/\n\s+at /)
+  })
+
+  it('never prints a credential: a password with a raw @, password parameters, and DATABASE_URL', async () => {
+    const url = 'postgres://app:p@ss/w0rd@127.0.0.1:1/test?sslpassword=keypass&password=s3cret&application_name=cli'
+    for (const outcome of [await cli(['status', '--url', url]), await cli(['status'], { DATABASE_URL: url }), await cli(['status', '--url', url, '--debug'])]) {
+      expect(outcome.code).not.toBe(0)
+      expect(outcome.stderr.split('\n')[0]).toContain('postgres://app:***@127.0.0.1:1/test?sslpassword=***&password=***&application_name=cli')
+      // The stack trace --debug adds included.
+      for (const secret of ['p@ss', 'ss/w0rd', 'w0rd', 'keypass', 's3cret']) expect(outcome.stderr + outcome.stdout).not.toContain(secret)
+    }
+    expectOneLine(await cli(['status', '--url', 'mysql://root:my@secret@127.0.0.1:1/test']), /^kysely-idempotency: Cannot reach mysql:\/\/root:\*\*\*@127\.0\.0\.1:1\/test /)
+  })
+
+  it('gives up on a server that never answers, and names a port that is another database\'s, in one line', async () => {
+    const silent = createServer(() => {}).listen(0, '127.0.0.1')
+    await new Promise((resolve) => silent.once('listening', resolve))
+    try {
+      const port = (silent.address() as AddressInfo).port
+      for (const scheme of ['postgres', 'mysql']) {
+        const started = Date.now()
+        expectOneLine(await cli(['status', '--url', `${scheme}://u:pw@127.0.0.1:${port}/test`, '--connect-timeout', '1']), /did not answer within 1 s; is the server up/)
+        expect(Date.now() - started).toBeLessThan(8000)
+      }
+    } finally {
+      silent.close()
+    }
+    if (databases.includes('mysql')) {
+      const mysql = new URL(inject('locations').mysql!)
+      expectOneLine(
+        await cli(['status', '--url', `postgres://postgres@${mysql.host}/test`, '--connect-timeout', '3']),
+        /did not answer as a PostgreSQL server does \(.*\); is that the port of a PostgreSQL server\?/,
+      )
+    }
+  })
+
+  it('names a mistyped command or option in one line, with the likely one, instead of help or nothing', async () => {
+    expectOneLine(await cli(['migrat', '--url', join(dir, 'x.db')]), /^kysely-idempotency: Unknown command "migrat"; did you mean "migrate"\?; the commands are migrate, status/)
+    expectOneLine(await cli(['migrate', '--urll', join(dir, 'x.db')]), /Unknown option "--urll" for migrate; did you mean "--url"\?/)
+    expectOneLine(await cli(['status', '--url', join(dir, 'x.db'), '--jsn']), /Unknown option "--jsn" for status; did you mean "--json"\?/)
+    expectOneLine(await cli(['status', join(dir, 'x.db')]), /Unexpected argument ".*x\.db" for status/)
+    expectOneLine(await cli(['--frobnicate']), /Unknown option "--frobnicate"/)
+    // What is right still works: values after options, --opt=value, --no-flag, help.
+    expect((await cli(['sql', '--dialect=sqlite', '--table', 'keys'])).code).toBe(0)
+    expect((await cli(['migrate', '--help'])).code).toBe(0)
+    expect((await cli(['status', '--no-json', '--url', join(dir, 'absent.db')])).stderr).toMatch(/Cannot open the SQLite file/)
   })
 
   it.each(databases.filter((d) => d !== 'sqlite'))('reports bad credentials on %s in one line', async (database) => {
