@@ -134,13 +134,57 @@ interface FlowState {
   readonly flow: string
   readonly attempt: number
   readonly request: unknown
-  /** Recorded phases and steps with their values, in the order they were recorded. */
-  readonly phases: ReadonlyArray<readonly [string, unknown]>
+  /**
+   * Recorded phases and steps in the order they were recorded: each with its value, or, for
+   * a failure the flow went on from (SPEC §4.3.6), `null` and the failure.
+   */
+  readonly phases: ReadonlyArray<Entry>
   /** Present when the flow answers an HTTP route ({@link FlowSettings.answer}). */
   readonly answer?: 'http'
   /** The lease and lifetime of the run that started the flow, for the recovery worker to keep. */
   readonly lockTimeout?: number
   readonly ttl?: number
+}
+
+/** A recorded phase or step: its name and value, or its name and the failure the flow survived. */
+type Entry = readonly [name: string, value: unknown] | readonly [name: string, value: null, failure: RecordedFailure]
+
+/**
+ * What a phase or step threw, as it is recorded and thrown again on resume: an error's class
+ * name and message, or a thrown value that is not an error when it is a primitive.
+ */
+type RecordedFailure =
+  | { readonly error: { readonly name: string; readonly message: string } }
+  | { readonly thrown: string | number | boolean | bigint | null | undefined }
+
+function recordFailure(thrown: unknown): RecordedFailure {
+  if (thrown instanceof Error) return { error: { name: thrown.name, message: thrown.message } }
+  if (thrown === null || ['string', 'number', 'boolean', 'bigint', 'undefined'].includes(typeof thrown)) {
+    return { thrown: thrown as string | number | boolean | bigint | null | undefined }
+  }
+  return { error: { name: 'Error', message: String(thrown) } }
+}
+
+/** Error classes every runtime has, rebuilt as themselves so that `instanceof` holds on resume. */
+const BUILT_IN_ERRORS: Readonly<Record<string, ErrorConstructor>> = {
+  Error,
+  TypeError,
+  RangeError,
+  SyntaxError,
+  ReferenceError,
+  EvalError,
+  URIError,
+}
+
+/**
+ * The failure to throw again: an error of the same built-in class, or an `Error` with the
+ * recorded class name (a class of the caller's cannot be rebuilt), or the same thrown value.
+ */
+function replayFailure(failure: RecordedFailure): unknown {
+  if ('thrown' in failure) return failure.thrown
+  const { name, message } = failure.error
+  const BuiltIn = Object.hasOwn(BUILT_IN_ERRORS, name) ? BUILT_IN_ERRORS[name] : undefined
+  return BuiltIn ? new BuiltIn(message) : Object.assign(new Error(message), { name })
 }
 
 /** `phase_results` as version 0.1.0 wrote it: plain JSON, phase names beside the flow's `$` members. */
@@ -302,9 +346,14 @@ class Attempt<DB, T> {
   readonly #lease: Lease
   readonly #settings: FlowSettings
   readonly #slot: AttemptSlot
-  /** What earlier attempts recorded, and in which order. */
-  readonly #recorded: ReadonlyMap<string, unknown>
+  /** What earlier attempts recorded (values, and failures the flow went on from), and in which order. */
+  readonly #recorded: ReadonlyMap<string, Entry>
   readonly #order: readonly string[]
+  /**
+   * Failures of this attempt's phases and steps that the flow went on from, not recorded yet:
+   * the next record writes them before its own entry (SPEC §4.3.6).
+   */
+  #survived: Array<readonly [string, RecordedFailure]> = []
   /**
    * The flow state as last written, decoded afresh: never an object the flow code holds, so
    * what it does to a value or to its request after a record cannot reach the next record.
@@ -348,7 +397,7 @@ class Attempt<DB, T> {
     this.#state = readState(core.values, stored.text, stored.codec)
     // The values handed to the flow are a copy of their own.
     const handed = readState(core.values, stored.text, stored.codec).phases
-    this.#recorded = new Map(handed)
+    this.#recorded = new Map(handed.map((entry) => [entry[0], entry]))
     this.#order = handed.map(([name]) => name)
   }
 
@@ -436,11 +485,18 @@ class Attempt<DB, T> {
         `idempotency.${kind}`,
         undefined,
         { attributes: { 'idempotency.phase': name } },
-        async () => (recorded ? (recorded.value as V) : await perform()),
+        async () => {
+          if (!recorded) return await perform()
+          // A failure an earlier attempt went on from: the same path again, without running.
+          if (recorded.length === 3) throw replayFailure(recorded[2])
+          return recorded[1] as V
+        },
         (result) => ('error' in result ? failureOf(result.error) : { type: recorded ? 'replayed' : 'executed' }),
       )
     } catch (error) {
       if (this.#lost && error === this.#lost) this.#break(this.#lost)
+      // Recorded with the next record, if the flow goes on to one; not if this ends the attempt.
+      else if (!recorded && !this.#broken && !(error instanceof Failure)) this.#survived.push([name, recordFailure(error)])
       throw error
     } finally {
       if (!recorded) this.#busy = undefined
@@ -451,7 +507,7 @@ class Attempt<DB, T> {
    * Decides whether `name` may run now: its recorded value when an earlier attempt recorded it
    * at this position, `undefined` when it is new. Anything else breaks the attempt.
    */
-  #admit(name: string): { value: unknown } | undefined {
+  #admit(name: string): Entry | undefined {
     try {
       checkName(name)
     } catch (error) {
@@ -474,7 +530,7 @@ class Attempt<DB, T> {
       )
     }
     this.#position++
-    return { value: this.#recorded.get(name) }
+    return this.#recorded.get(name)
   }
 
   #break<E extends IdempotencyFlowError | IdempotencyLockLostError>(error: E): E {
@@ -499,8 +555,14 @@ class Attempt<DB, T> {
       }),
     ))
     this.#slot.leased(settings.lockTimeout)
-    this.#state = recorded.state
+    this.#adopt(recorded.state)
     return recorded.value
+  }
+
+  /** Takes `state`, as its record committed, for the flow's state: the failures it wrote are recorded now. */
+  #adopt(state: FlowState): void {
+    this.#state = state
+    this.#survived = []
   }
 
   async #step<V>(name: string, fn: () => Promise<V>): Promise<V> {
@@ -510,7 +572,7 @@ class Attempt<DB, T> {
     if (!held) throw this.#lockLost(name)
     this.#slot.leased(this.#settings.lockTimeout)
     const value = await fn()
-    this.#state = await this.#record(this.#plain, name, value)
+    this.#adopt(await this.#record(this.#plain, name, value))
     this.#slot.leased(this.#settings.lockTimeout)
     return value
   }
@@ -526,9 +588,12 @@ class Attempt<DB, T> {
     return readState(this.#core.values, r.phases.text, r.phases.codec)
   }
 
-  /** The state with `name` recorded, encoded; a refusal names the phase, not the state's layout. */
+  /**
+   * The state with the failures the flow went on from and then `name` recorded, encoded; a
+   * refusal names the phase, not the state's layout.
+   */
   #renewed(name: string, value: unknown): Renewal {
-    const phases = this.#state.phases
+    const phases: Entry[] = [...this.#state.phases, ...this.#survived.map(([failed, failure]): Entry => [failed, null, failure])]
     try {
       return renewal(this.#core.values, this.#settings, { ...this.#state, phases: [...phases, [name, value]] })
     } catch (error) {

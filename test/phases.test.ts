@@ -119,6 +119,56 @@ for (const target of targetsFor('atomic phases')) {
       }
     })
 
+    it('records a failure the flow went on from, so that a resume takes the same path without running it (SPEC §4.3.6)', async () => {
+      const runs = { reserve: 0, hold: 0, order: 0, ship: 0 }
+      let carrierDown = true
+      const tolerant = async (flow: Flow<any, string>) => {
+        let reserved = 'reserved'
+        try {
+          await flow.phase('reserve', async (trx) => {
+            runs.reserve++
+            await fx.effect(trx, 'reserve')
+            throw new RangeError('out of stock')
+          })
+        } catch (error) {
+          reserved = `fallback after ${(error as Error).name}: ${(error as Error).message}${error instanceof RangeError ? '' : ' (class lost)'}`
+        }
+        // A second failure the flow goes on from, thrown as a value that is not an error.
+        const held = await flow.step('hold', () => (runs.hold++, Promise.reject('no hold'))).catch((thrown: unknown) => `then ${String(thrown)}`)
+        const order = await flow.phase('order', async (trx) => (runs.order++, await fx.effect(trx, 'order'), `${reserved}, ${held}`))
+        await flow.step('ship', async () => {
+          runs.ship++
+          if (carrierDown) throw new Error('carrier down')
+          return 1
+        })
+        return order
+      }
+      // The last failure ends the attempt: it is not recorded, and runs again on resume.
+      await expect(fx.idempotency.run('tolerant', tolerant)).rejects.toThrow('carrier down')
+      carrierDown = false
+      expect(await fx.idempotency.run('tolerant', tolerant)).toBe('fallback after RangeError: out of stock, then no hold')
+      expect(runs).toEqual({ reserve: 1, hold: 1, order: 1, ship: 2 })
+      expect(await fx.effects('reserve')).toBe(0)
+      expect(await fx.effects('order')).toBe(1)
+      expect(await fx.idempotency.run('tolerant', tolerant)).toBe('fallback after RangeError: out of stock, then no hold')
+    })
+
+    it('lets the recovery worker finish a flow that went on from a failure, along the same path', async () => {
+      const runs = { risky: 0, after: 0 }
+      let attempt = 0
+      const tolerant = fx.idempotency.defineFlow('tolerant', async (flow: Flow<any, string>) => {
+        attempt++
+        const first = await flow.phase('risky', async () => (runs.risky++, Promise.reject(new TypeError(`attempt ${attempt}`)))).catch((error: Error) => error.message)
+        await flow.phase('after', async () => (runs.after++, first))
+        if (attempt === 1) throw new Error('the process stops here')
+        return first
+      })
+      await expect(tolerant.run({ key: 'tolerant-worker', request: 1 })).rejects.toThrow('the process stops here')
+      expect(await fx.idempotency.recover()).toEqual({ finished: 1, failed: 0, skipped: 0 })
+      expect(await tolerant.run({ key: 'tolerant-worker', request: 1 })).toBe('attempt 1')
+      expect(runs).toEqual({ risky: 1, after: 1 })
+    })
+
     it('runs every phase and step once, then replays the response', async () => {
       const first = await fx.idempotency.executeRun('r1', ride('r1'))
       expect(first.replayed).toBe(false)

@@ -42,6 +42,8 @@ declare global {
   const payments: { charge(ride: { price: number }, options: { idempotencyKey: string }): Promise<{ id: string }> }
 
   function createOrder(trx: Transaction<Database>, body: { item: string }): Promise<{ id: number }>
+  /** Throws when the item is out of stock. */
+  function reserveStock(trx: Transaction<Database>, body: { item: string }): Promise<void>
   function insertRide(trx: Transaction<Database>, request: RideRequest): Promise<{ id: number; price: number }>
   function createRide(trx: Transaction<Database>, request: RideRequest): Promise<{ id: number; price: number }>
   function markCharged(trx: Transaction<Database>, rideId: number, chargeId: string): Promise<unknown>
