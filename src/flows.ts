@@ -224,4 +224,4 @@ export class Flows {
 }
 
 /** The handle's types, given the flow function's. */
-export type FlowFunction<DB, T, R> = (flow: Flow<DB, T>, request: R) => Promise<T & Storable<T>>
+export type FlowFunction<DB, T, R, Result = T> = (flow: Flow<DB, T>, request: R) => Promise<Result & Storable<Result>>

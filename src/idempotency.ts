@@ -168,6 +168,9 @@ export interface Idempotency<DB> {
    * Throws `IdempotencyConflictError` while another attempt holds the key, and
    * `IdempotencyLockLostError` when this attempt's lock expired and another took over.
    *
+   * The result type is the one the flow function returns; give it (`run<Result>(…)`) to use
+   * `flow.fail(response)`, whose response must be one too.
+   *
    * ### Examples
    *
    * ```ts
@@ -180,10 +183,14 @@ export interface Idempotency<DB> {
    * })
    * ```
    */
-  run<T>(key: IdempotencyKeyInput, flow: (flow: Flow<DB, T>) => Promise<T & Storable<T>>, options?: RunOptions): Promise<T>
+  run<T = never>(key: IdempotencyKeyInput, flow: (flow: Flow<DB, T>) => Promise<T & Storable<T>>, options?: RunOptions): Promise<T>
+  // Without a type argument the result type is inferred from what the function returns; the
+  // handle's type cannot depend on it then (TypeScript fixes it first), so fail() needs one.
+  run<R>(key: IdempotencyKeyInput, flow: (flow: Flow<DB, never>) => Promise<R & Storable<R>>, options?: RunOptions): Promise<R>
 
   /** {@link run}, also telling whether the value was replayed. */
-  executeRun<T>(key: IdempotencyKeyInput, flow: (flow: Flow<DB, T>) => Promise<T & Storable<T>>, options?: RunOptions): Promise<Execution<T>>
+  executeRun<T = never>(key: IdempotencyKeyInput, flow: (flow: Flow<DB, T>) => Promise<T & Storable<T>>, options?: RunOptions): Promise<Execution<T>>
+  executeRun<R>(key: IdempotencyKeyInput, flow: (flow: Flow<DB, never>) => Promise<R & Storable<R>>, options?: RunOptions): Promise<Execution<R>>
 
   /**
    * Lists unfinished atomic-phases flows that no attempt holds (their process crashed or gave
@@ -227,7 +234,9 @@ export interface Idempotency<DB> {
    * await createRide.run({ key, scope: userId, request: rideRequest })
    * ```
    */
-  defineFlow<T, R = unknown>(name: string, fn: FlowFunction<DB, T, R>, options?: DefineFlowOptions): DefinedFlow<T, R>
+  defineFlow<T = never, R = unknown>(name: string, fn: FlowFunction<DB, T, R>, options?: DefineFlowOptions): DefinedFlow<T, R>
+  // As for run: without type arguments the result type is inferred, and fail() needs one.
+  defineFlow<Result, R>(name: string, fn: FlowFunction<DB, never, R, Result>, options?: DefineFlowOptions): DefinedFlow<Result, R>
 
   /**
    * One pass of the recovery worker: takes over each abandoned flow (its lock expired or was
@@ -445,8 +454,9 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
     executeTransaction,
     withIdempotency: async (trx, key, fn, call) => (await execute(trx, key, fn, call)).value,
     transaction: async (key, fn, call) => (await executeTransaction(key, fn, call)).value,
-    executeRun,
-    run: async (key, flow, call) => (await executeRun(key, flow, call)).value,
+    executeRun: executeRun as Idempotency<DB>['executeRun'],
+    run: (async <T>(key: IdempotencyKeyInput, flow: (flow: Flow<DB, T>) => Promise<T>, call?: RunOptions) =>
+      (await executeRun(key, flow, call)).value) as Idempotency<DB>['run'],
     abandoned: async (call) =>
       phases.abandoned(plain, bounded('olderThan', call?.olderThan ?? 0), bounded('limit', call?.limit ?? DEFAULTS.abandonedLimit)),
     counts: async () => {
@@ -460,7 +470,7 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
         'error' in result ? failureOf(result.error) : { type: 'pruned', count: result.value },
       )
     },
-    defineFlow: <T, R>(name: string, fn: FlowFunction<DB, T, R>, defineOptions: DefineFlowOptions = {}): DefinedFlow<T, R> => {
+    defineFlow: (<T, R>(name: string, fn: FlowFunction<DB, T, R>, defineOptions: DefineFlowOptions = {}): DefinedFlow<T, R> => {
       const definition: Definition = { name: checkFlowName(name), fn: fn as unknown as Definition['fn'], options: checkDefineOptions(defineOptions) }
       flows.define(definition)
       const executeDefined = async (key: DefinedFlowKey<R>, call?: DefinedRunOptions): Promise<Execution<T>> => {
@@ -477,7 +487,7 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
         execute: async (key, body, call) =>
           runFlow(normalizeKey(key), body as unknown as (flow: Flow<DB, unknown>) => Promise<unknown>, { ...definition.options, ...call }, { flow: name, answer: 'http' }),
       })
-    },
+    }) as Idempotency<DB>['defineFlow'],
     recover,
     startRecovery: (call) => {
       const every = bounded('every', call?.every ?? DEFAULTS.recoveryEvery)

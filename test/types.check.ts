@@ -14,6 +14,7 @@ import {
   type Flow,
   type Idempotency,
   type IdempotencyErrorCode,
+  type Execution,
 } from '../src/index.js'
 
 interface Database {
@@ -62,6 +63,27 @@ export async function returnsWhatTheFunctionReturns() {
     return { status: 201, at: created.created_at }
   })
   expectType<typeof ride, { status: number; at: Date }>(true)
+
+  // Without a type argument, the result type is what the flow returns.
+  const inferred = await idempotency.run('k', async (flow) => ({ status: 201, id: await flow.phase('p', async () => 1) }))
+  expectType<typeof inferred, { status: number; id: number }>(true)
+  const executed = await idempotency.executeRun('k', async (flow) => flow.step('s', async () => 'text'))
+  expectType<typeof executed, Execution<string>>(true)
+  const declined = await idempotency.run<{ status: number }>('k', async (flow) => {
+    if (Math.random() > 0.5) flow.fail({ status: 402 })
+    return { status: 201 }
+  })
+  expectType<typeof declined, { status: number }>(true)
+  // @ts-expect-error fail() needs the result type, given as the type argument
+  await idempotency.run('k', async (flow) => (flow.fail({ status: 402 }), { status: 201 }))
+  // The same for a flow defined by name.
+  const defined = idempotency.defineFlow('inferred', async (flow, request: number) => ({ id: await flow.phase('p', async () => request) }))
+  expectType<Awaited<ReturnType<typeof defined.run>>, { id: number }>(true)
+  const failing = idempotency.defineFlow<{ status: number }, string>('failing', async (flow, request) => {
+    if (request === 'declined') flow.fail({ status: 402 })
+    return { status: 201 }
+  })
+  expectType<Awaited<ReturnType<typeof failing.run>>, { status: number }>(true)
   return db
 }
 
