@@ -190,7 +190,8 @@ describe('fingerprints', () => {
   it('differ whenever the values differ', () => {
     fc.assert(
       fc.property(values({ bare: false }), values({ bare: false }), (a, b) => {
-        fc.pre(!isDeepStrictEqual(a, b))
+        // At the top, undefined is no request, as null is (see below); nested, they differ.
+        fc.pre(!isDeepStrictEqual(a, b) && !(a == null && b == null))
         expect(fingerprint(a)).not.toBe(fingerprint(b))
       }),
       { numRuns: 500 },
