@@ -26,6 +26,7 @@ import { detectDialect } from './detect.js'
 import { IdempotencySetupError } from './errors.js'
 import { DEFAULT_TABLE, locateTable, qualified, type TableName } from './table.js'
 import { normalizeKey, type IdempotencyKeyInput, type NormalizedKey } from './request.js'
+import { SurvivedFailures, type ErrorClass } from './survived.js'
 
 /** Settings that apply per call as well as per instance. */
 export interface CallOptions {
@@ -68,6 +69,13 @@ export interface IdempotencyOptions<DB> extends CallOptions, ObserveOptions {
    * {@link defaultCodec}; replace it, e.g., to encrypt stored responses (see {@link Codec}).
    */
   readonly codec?: Codec
+  /**
+   * Error classes of yours that atomic-phases flows catch and go on from, so that a resume
+   * rethrows a recorded failure as an instance of its class (`instanceof` holds), as the first
+   * attempt saw it. Without it, such a failure comes back as an `Error` with the same name,
+   * message and fields. Built-in classes and the library's are always rebuilt.
+   */
+  readonly errorClasses?: readonly ErrorClass[]
 }
 
 /** Options of {@link Idempotency.transaction}. */
@@ -307,7 +315,7 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
   const tableName = table.name
   const core = new Core(dialect, table, new ValueStore(options.codec), plain.getExecutor().adapter)
   const observer = new Observer(options)
-  const phases = new Phases(core, observer)
+  const phases = new Phases(core, observer, new SurvivedFailures(core.values, options.errorClasses))
   const flows = new Flows(observer)
   const base = resolveSettings(DEFAULTS, options)
   const lockTimeout = bounded('lockTimeout', options.lockTimeout ?? DEFAULTS.lockTimeout)

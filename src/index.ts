@@ -24,6 +24,7 @@ export type {
   StopOptions,
 } from './flows.js'
 export type { KeyInspection, KeyReference } from './inspect.js'
+export type { ErrorClass } from './survived.js'
 export type { IdempotencyEvent, IdempotencyEventType, IdempotencyOperation, ObserveOptions } from './observe.js'
 export type { KeyCounts } from './statements.js'
 export type { Execution } from './core.js'

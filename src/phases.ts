@@ -7,6 +7,7 @@ import { IdempotencyConflictError, IdempotencyFlowError, IdempotencyLockLostErro
 import { failureOf, type IdempotencyOperation, type Observer } from './observe.js'
 import type { NormalizedKey } from './request.js'
 import type { Extension, Lease, RecoveryFailure, Renewal, Statements } from './statements.js'
+import type { RecordedFailure, SurvivedFailures } from './survived.js'
 
 /**
  * The handle an atomic-phases flow receives from {@link Idempotency.run}: it runs each phase
@@ -149,44 +150,6 @@ interface FlowState {
 /** A recorded phase or step: its name and value, or its name and the failure the flow survived. */
 type Entry = readonly [name: string, value: unknown] | readonly [name: string, value: null, failure: RecordedFailure]
 
-/**
- * What a phase or step threw, as it is recorded and thrown again on resume: an error's class
- * name and message, or a thrown value that is not an error when it is a primitive.
- */
-type RecordedFailure =
-  | { readonly error: { readonly name: string; readonly message: string } }
-  | { readonly thrown: string | number | boolean | bigint | null | undefined }
-
-function recordFailure(thrown: unknown): RecordedFailure {
-  if (thrown instanceof Error) return { error: { name: thrown.name, message: thrown.message } }
-  if (thrown === null || ['string', 'number', 'boolean', 'bigint', 'undefined'].includes(typeof thrown)) {
-    return { thrown: thrown as string | number | boolean | bigint | null | undefined }
-  }
-  return { error: { name: 'Error', message: String(thrown) } }
-}
-
-/** Error classes every runtime has, rebuilt as themselves so that `instanceof` holds on resume. */
-const BUILT_IN_ERRORS: Readonly<Record<string, ErrorConstructor>> = {
-  Error,
-  TypeError,
-  RangeError,
-  SyntaxError,
-  ReferenceError,
-  EvalError,
-  URIError,
-}
-
-/**
- * The failure to throw again: an error of the same built-in class, or an `Error` with the
- * recorded class name (a class of the caller's cannot be rebuilt), or the same thrown value.
- */
-function replayFailure(failure: RecordedFailure): unknown {
-  if ('thrown' in failure) return failure.thrown
-  const { name, message } = failure.error
-  const BuiltIn = Object.hasOwn(BUILT_IN_ERRORS, name) ? BUILT_IN_ERRORS[name] : undefined
-  return BuiltIn ? new BuiltIn(message) : Object.assign(new Error(message), { name })
-}
-
 /** `phase_results` as version 0.1.0 wrote it: plain JSON, phase names beside the flow's `$` members. */
 interface LegacyPhaseMap {
   readonly $flow: string
@@ -213,10 +176,12 @@ class Failure<T> extends Error {
 export class Phases {
   readonly #core: Core
   readonly #observer: Observer
+  readonly #failures: SurvivedFailures
 
-  constructor(core: Core, observer: Observer) {
+  constructor(core: Core, observer: Observer, failures: SurvivedFailures) {
     this.#core = core
     this.#observer = observer
+    this.#failures = failures
   }
 
   /**
@@ -244,7 +209,7 @@ export class Phases {
       (await core.retrying(settings, () => plain.transaction().execute((trx) => this.#claim(trx, s, key, claiming))))
     if ('value' in claim) return { value: claim.value as T, replayed: true }
     slot.leased(settings.lockTimeout)
-    const attempt = new Attempt<DB, T>(db, core, this.#observer, s, key, claim.lease, claim.stored, settings, slot)
+    const attempt = new Attempt<DB, T>(db, core, this.#observer, this.#failures, s, key, claim.lease, claim.stored, settings, slot)
     if (claim.takenOver) {
       this.#observer.emit({
         type: 'taken_over',
@@ -341,6 +306,7 @@ class Attempt<DB, T> {
   readonly #plain: Kysely<unknown>
   readonly #core: Core
   readonly #observer: Observer
+  readonly #failures: SurvivedFailures
   readonly #s: Statements
   readonly #key: NormalizedKey
   readonly #lease: Lease
@@ -378,6 +344,7 @@ class Attempt<DB, T> {
     db: Kysely<DB>,
     core: Core,
     observer: Observer,
+    failures: SurvivedFailures,
     s: Statements,
     key: NormalizedKey,
     lease: Lease,
@@ -389,6 +356,7 @@ class Attempt<DB, T> {
     this.#plain = db.withoutPlugins() as unknown as Kysely<unknown>
     this.#core = core
     this.#observer = observer
+    this.#failures = failures
     this.#s = s
     this.#key = key
     this.#lease = lease
@@ -488,15 +456,16 @@ class Attempt<DB, T> {
         async () => {
           if (!recorded) return await perform()
           // A failure an earlier attempt went on from: the same path again, without running.
-          if (recorded.length === 3) throw replayFailure(recorded[2])
+          if (recorded.length === 3) throw this.#failures.replay(recorded[2])
           return recorded[1] as V
         },
-        (result) => ('error' in result ? failureOf(result.error) : { type: recorded ? 'replayed' : 'executed' }),
+        // A recorded failure thrown again is a replay too: nothing ran.
+        (result) => (recorded ? { type: 'replayed' } : 'error' in result ? failureOf(result.error) : { type: 'executed' }),
       )
     } catch (error) {
       if (this.#lost && error === this.#lost) this.#break(this.#lost)
       // Recorded with the next record, if the flow goes on to one; not if this ends the attempt.
-      else if (!recorded && !this.#broken && !(error instanceof Failure)) this.#survived.push([name, recordFailure(error)])
+      else if (!recorded && !this.#broken && !(error instanceof Failure)) this.#survived.push([name, this.#failures.record(error)])
       throw error
     } finally {
       if (!recorded) this.#busy = undefined

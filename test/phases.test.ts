@@ -131,7 +131,7 @@ for (const target of targetsFor('atomic phases')) {
             throw new RangeError('out of stock')
           })
         } catch (error) {
-          reserved = `fallback after ${(error as Error).name}: ${(error as Error).message}${error instanceof RangeError ? '' : ' (class lost)'}`
+          reserved = `fallback after ${(error as Error).name}: ${(error as Error).message}${error instanceof RangeError ? '' : ' (another class)'}`
         }
         // A second failure the flow goes on from, thrown as a value that is not an error.
         const held = await flow.step('hold', () => (runs.hold++, Promise.reject('no hold'))).catch((thrown: unknown) => `then ${String(thrown)}`)
@@ -151,6 +151,58 @@ for (const target of targetsFor('atomic phases')) {
       expect(await fx.effects('reserve')).toBe(0)
       expect(await fx.effects('order')).toBe(1)
       expect(await fx.idempotency.run('tolerant', tolerant)).toBe('fallback after RangeError: out of stock, then no hold')
+    })
+
+    it('rethrows a recorded failure as the first attempt saw it: its class, name, fields, cause, or the value itself', async () => {
+      class CardDeclined extends Error {
+        constructor(readonly declineCode: string) {
+          super('card declined')
+        }
+      }
+      class Unlisted extends Error {
+        override name = 'UnlistedError'
+        readonly status = 503
+      }
+      const unprintable = { toString: () => { throw new Error('no text') } }
+      const thrown: Record<string, unknown> = {
+        listed: new CardDeclined('insufficient_funds'),
+        unlisted: new Unlisted('provider down'),
+        library: new IdempotencyConflictError('in_flight', 'busy elsewhere', { retryAfter: 3 }),
+        caused: new Error('fetch failed', { cause: Object.assign(new Error('socket hang up'), { code: 'ECONNRESET' }) }),
+        object: { code: 'declined', amount: 12n },
+        unprintable,
+        nothing: undefined,
+      }
+      const idempotency = fx.with({ errorClasses: [CardDeclined] })
+      const seen: Record<string, unknown>[] = []
+      let crash = true
+      const flow = async (flow: Flow<any, string>) => {
+        const caught: Record<string, unknown> = {}
+        for (const [name, value] of Object.entries(thrown)) {
+          caught[name] = await flow.step(name, () => Promise.reject(value)).catch((error: unknown) => error)
+        }
+        await flow.phase('after', async () => 1)
+        seen.push(caught)
+        if (crash) throw new Error('stops')
+        return 'done'
+      }
+      await expect(idempotency.run('failures', flow)).rejects.toThrow('stops')
+      crash = false
+      expect(await idempotency.run('failures', flow)).toBe('done')
+      const [first, resumed] = seen as [Record<string, any>, Record<string, any>]
+      expect(first.unprintable).toBe(unprintable)
+      expect(resumed.listed).toBeInstanceOf(CardDeclined)
+      expect(resumed.listed).toMatchObject({ message: 'card declined', declineCode: 'insufficient_funds' })
+      expect(resumed.unlisted).toBeInstanceOf(Error)
+      expect(resumed.unlisted).toMatchObject({ name: 'UnlistedError', message: 'provider down', status: 503 })
+      expect(resumed.library).toBeInstanceOf(IdempotencyConflictError)
+      expect(resumed.library).toMatchObject({ name: 'IdempotencyConflictError', code: 'conflict', reason: 'in_flight', retryAfter: 3, status: 409 })
+      expect(resumed.caused.cause).toMatchObject({ message: 'socket hang up', code: 'ECONNRESET' })
+      expect(resumed.object).toEqual({ code: 'declined', amount: 12n })
+      expect(resumed.unprintable).toMatchObject({ message: '[object Object]' })
+      expect(resumed.nothing).toBeUndefined()
+      expect('nothing' in resumed).toBe(true)
+      expect(() => fx.with({ errorClasses: [Object as never] })).toThrow(/extend Error/)
     })
 
     it('lets the recovery worker finish a flow that went on from a failure, along the same path', async () => {
