@@ -160,17 +160,20 @@ export class Flows {
   /**
    * One pass: each due flow of a defined name is resumed by `resume`; a failure is counted and
    * backs off through `failed`. What the pass itself cannot do (the database is down) rejects.
+   * Once `stopped` says so, the pass takes no further flow.
    */
   async recover(
     rows: readonly AbandonedRow[],
     unknown: number,
     resume: Resume,
     failed: (row: AbandonedRow, failures: number) => Promise<void>,
+    stopped: () => boolean,
   ): Promise<RecoveryReport> {
     let finished = 0
     let failures = 0
     let skipped = unknown
     for (const row of rows) {
+      if (stopped()) break
       const definition = this.#definitions.get(String(row.flow))
       if (!definition) {
         skipped++
@@ -190,9 +193,15 @@ export class Flows {
 
   /**
    * Runs `pass` every `every` ms until stopped; a pass that rejects is reported, never thrown.
-   * `stop` waits `stopTimeout(options)` ms at most for a running pass.
+   * `stop` waits `stopTimeout(options)` ms at most for a running pass, which takes no further
+   * flow once stopped, even when the wait ran out.
    */
-  start(every: number, pass: () => Promise<unknown>, operation: IdempotencyOperation, stopTimeout: (options: StopOptions | undefined) => number): RecoveryWorker {
+  start(
+    every: number,
+    pass: (stopped: () => boolean) => Promise<unknown>,
+    operation: IdempotencyOperation,
+    stopTimeout: (options: StopOptions | undefined) => number,
+  ): RecoveryWorker {
     let stopped = false
     let timer: ReturnType<typeof setTimeout> | undefined
     let running: Promise<void> = Promise.resolve()
@@ -200,7 +209,7 @@ export class Flows {
       running = (async () => {
         const started = performance.now()
         try {
-          await pass()
+          await pass(() => stopped)
         } catch (error) {
           this.#observer.emit({ type: 'recovery_failed', operation, durationMs: performance.now() - started, error })
         }

@@ -432,7 +432,7 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
     }
     return outcome
   }
-  const recover = async (call?: RecoverOptions): Promise<RecoveryReport> => {
+  const recover = async (call?: RecoverOptions, stopped = () => false): Promise<RecoveryReport> => {
     const limit = bounded('limit', call?.limit ?? DEFAULTS.abandonedLimit)
     const olderThan = bounded('olderThan', call?.olderThan ?? 0)
     const maxFailures = bounded('maxFailures', call?.maxFailures ?? DEFAULTS.maxFailures)
@@ -451,6 +451,7 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
       // Usually the failed attempt counted itself as it let go of the flow; this counts a failure
       // before any takeover, and does nothing if the count moved meanwhile.
       (row, failures) => read(() => s.recoveryFailed(p, row.id, failures - 1, failure)).catch(touchedElsewhere),
+      stopped,
     )
   }
 
@@ -496,14 +497,14 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
           runFlow(normalizeKey(key), body as unknown as (flow: Flow<DB, unknown>) => Promise<unknown>, { ...definition.options, ...call }, { flow: name, answer: 'http' }),
       })
     }) as Idempotency<DB>['defineFlow'],
-    recover,
+    recover: (call) => recover(call),
     startRecovery: (call) => {
       const every = bounded('every', call?.every ?? DEFAULTS.recoveryEvery)
       // Checked now, so that a bad option throws here rather than in every pass.
       bounded('limit', call?.limit ?? DEFAULTS.abandonedLimit)
       bounded('olderThan', call?.olderThan ?? 0)
       bounded('maxFailures', call?.maxFailures ?? DEFAULTS.maxFailures)
-      return flows.start(every, () => recover(call), 'recover', (stop) => bounded('timeout', stop?.timeout ?? lockTimeout))
+      return flows.start(every, (stopped) => recover(call, stopped), 'recover', (stop) => bounded('timeout', stop?.timeout ?? lockTimeout))
     },
     inspect: async (key) => inspectKey(core, plain, normalizeKey(key)),
     forget: async (key) => forgetKey(core, plain, normalizeKey(key), { ...settings(undefined), lockTimeout }),

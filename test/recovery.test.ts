@@ -155,7 +155,7 @@ for (const target of targetsFor('recovery worker')) {
       expect(() => idempotency.startRecovery({ every: 1 })).toThrow(RangeError)
     })
 
-    it('stops within a timeout while a flow hangs; the hung attempt can change nothing once its lease ended', async () => {
+    it('stops within a timeout while a flow hangs, taking no further flow; the hung attempt can change nothing once its lease ended', async () => {
       const hang = gate()
       let calls = 0
       const flaky = idempotency.defineFlow('hangs', async (flow: Flow<any, string>) => {
@@ -166,6 +166,9 @@ for (const target of targetsFor('recovery worker')) {
         return 'done'
       })
       await expect(flaky.run({ key: 'hung', request: 1 })).rejects.toThrow('the first attempt fails')
+      await sleep(20)
+      // Due after the hung one, in the same pass: a stopped worker must not take it once the hang ends.
+      await expect(flaky.run({ key: 'next', request: 1 })).rejects.toThrow('the first attempt fails')
       const worker = idempotency.startRecovery({ every: 20 })
       for (let waited = 0; calls === 0 && waited < 5000; waited += 20) await sleep(20)
       const started = Date.now()
@@ -179,6 +182,7 @@ for (const target of targetsFor('recovery worker')) {
       await sleep(100)
       expect(await idempotency.inspect({ key: 'hung' })).toMatchObject({ state: 'finished' })
       expect(await flaky.executeRun({ key: 'hung', request: 1 })).toEqual({ value: 'done', replayed: true })
+      expect(await idempotency.inspect({ key: 'next' })).toMatchObject({ state: 'abandoned', attempts: 1 })
       expect(await idempotency.startRecovery({ every: 10_000 }).stop()).toBe(true)
     })
 
