@@ -10,8 +10,7 @@ import type { Execution } from '../src/core.js'
 import { MAX_DEPTH, nestsDeeper } from '../src/codec.js'
 import { IdempotencyError, IdempotencySerializationError, IdempotencySetupError, InvalidIdempotencyKeyError } from '../src/errors.js'
 import type { Idempotency, RunOptions, TransactionOptions } from '../src/idempotency.js'
-import { internalsOf } from '../src/flows.js'
-import type { DefinedFlow, DefinedRunOptions } from '../src/flows.js'
+import { internalsOf, type DefinedFlow, type DefinedRunOptions, type Finisher } from '../src/flows.js'
 import type { Flow } from '../src/phases.js'
 import { problem, problemDetails, type ProblemDetails } from '../src/problem.js'
 
@@ -232,6 +231,14 @@ export class Refused extends Error {
 
 type KeyInput = { key: string; scope: string; request: unknown }
 
+/** The id the routes' finisher is stored under with every flow a route serves (flows stored it as `answer` before finishers had ids). */
+const ROUTE_FINISHER = 'http'
+
+/** A route's finisher, with the storage rules it applies: one flow serves routes of one set of rules. */
+interface RouteFinisher extends Finisher {
+  readonly rules: string
+}
+
 const DEFAULT_METHODS = ['POST', 'PATCH']
 const MIB = 1024 * 1024
 /** How deep a request body may nest: what the codec takes, less the levels of {@link HttpFlowRequest} around it. */
@@ -293,17 +300,18 @@ export class IdempotentRoute<Req> {
     const internals = internalsOf(defined)
     if (!internals) throw new TypeError('idempotentFlow takes a flow function, or a flow defined with idempotency.defineFlow().')
     const { definition } = internals
-    if (definition.answer && (definition.answer as { route?: unknown }).route !== this.#rules()) {
+    const served = definition.finishers.get(ROUTE_FINISHER) as RouteFinisher | undefined
+    if (served && served.rules !== this.#rules()) {
       throw new TypeError(`The flow "${definition.name}" already serves a route with other storage rules; define one flow per set of rules.`)
     }
-    const answer = (result: unknown) => this.#kept(this.#sendable(render(result as HttpResult)))
-    definition.answer = Object.assign(answer, { route: this.#rules() })
+    const finisher: RouteFinisher = { id: ROUTE_FINISHER, rules: this.#rules(), finish: (result) => this.#kept(this.#sendable(render(result as HttpResult))) }
+    definition.finishers.set(ROUTE_FINISHER, finisher)
     const run = definition.fn as unknown as (flow: Flow<DB, HttpResult>, request: HttpFlowRequest) => Promise<HttpResult>
     return this.#route(
       async (_req, facts) => this.#sendable(render(await run(directFlow(idempotency), this.#describe(facts, await facts.body())))),
       (_req, key) =>
         this.#once<Flow<DB, Answer>>(
-          (fn) => internals.execute(key, fn as unknown as (flow: Flow<never, unknown>) => Promise<unknown>, settings) as Promise<Execution<Answer>>,
+          (fn) => internals.execute(key, fn as unknown as (flow: Flow<never, unknown>) => Promise<unknown>, settings, finisher) as Promise<Execution<Answer>>,
           (flow, keep) => run({ ...flow, fail: (response) => flow.fail(keep(response)) }, key.request as HttpFlowRequest),
         ),
     )

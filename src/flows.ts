@@ -96,27 +96,43 @@ export interface RecoveryWorker {
   stop(options?: StopOptions): Promise<boolean>
 }
 
-/** A flow defined in this instance, as the recovery worker and the HTTP routes use it. */
+/**
+ * What makes a defined flow's result (returned, or given to `flow.fail`) its stored answer when
+ * something other than the caller of `run` serves the flow, with rules of its own (an adapter's
+ * route: what may be stored, in which form). Whoever serves the flow registers its finisher on
+ * it; each run it serves stores the finisher's id with the flow, and the recovery worker finishes
+ * such a flow only in a process where a finisher of that id is registered.
+ */
+export interface Finisher {
+  /** Stored with each flow the finisher serves: keep it the same across deploys. */
+  readonly id: string
+  /** The answer to store for `result`; throwing refuses the result, and the attempt fails with nothing stored. */
+  finish(result: unknown): unknown
+}
+
+/** A flow defined in this instance, as the recovery worker and whoever serves it use it. */
 export interface Definition {
   readonly name: string
   /** The flow function; its flow handle's database type is the instance's. */
   readonly fn: (flow: never, request: unknown) => Promise<unknown>
   readonly options: DefineFlowOptions
-  /**
-   * How the flow's result becomes the stored answer, when an HTTP route serves it (the route's
-   * storage rules: it throws for an answer that must not be stored). Set by the route.
-   */
-  answer?: (result: unknown) => unknown
+  /** The finishers registered on the flow, by id. */
+  readonly finishers: Map<string, Finisher>
 }
 
-/** What an HTTP route needs of a defined flow beyond its public handle. */
+/** What whoever serves a defined flow with a finisher needs beyond its public handle. */
 export interface DefinedInternals {
   readonly definition: Definition
   /**
-   * Runs the flow at `key` with `body` in place of the flow function (a route wraps it to
-   * render and keep its answer), marked as answering an HTTP route.
+   * Runs the flow at `key` with `body` in place of the flow function (which wraps it to make
+   * its answer), storing `finisher`'s id with the flow, for the recovery worker.
    */
-  execute(key: IdempotencyKeyInput, body: (flow: Flow<never, unknown>) => Promise<unknown>, options: DefinedRunOptions): Promise<Execution<unknown>>
+  execute(
+    key: IdempotencyKeyInput,
+    body: (flow: Flow<never, unknown>) => Promise<unknown>,
+    options: DefinedRunOptions,
+    finisher: Finisher,
+  ): Promise<Execution<unknown>>
 }
 
 /** Where a handle keeps its internals, the same symbol in every copy of the package. */

@@ -290,7 +290,7 @@ const DEFAULTS = {
   recoveryEvery: 30_000,
   maxFailures: 5,
 }
-/** How long the worker leaves a flow of an HTTP route it does not serve before it looks again. */
+/** How long the worker leaves a flow whose finisher is not registered here before it looks again. */
 const UNBOUND_POSTPONE = 60_000
 
 /**
@@ -350,12 +350,12 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
       outcome,
     )
   }
-  /** Runs a flow as one attempt; `flow` names a defined flow, `answer` marks one that answers an HTTP route. */
+  /** Runs a flow as one attempt; `flow` names a defined flow, `finisher` the finisher that makes its answer. */
   const runFlow = async <T>(
     normalized: NormalizedKey,
     body: (flow: Flow<DB, T>) => Promise<T>,
     call: DefinedRunOptions | undefined,
-    how: Pick<FlowSettings, 'flow' | 'answer'>,
+    how: Pick<FlowSettings, 'flow' | 'finisher'>,
   ): Promise<Execution<T>> => {
     const leased = bounded('lockTimeout', call?.lockTimeout ?? lockTimeout)
     const resolved = settings(call)
@@ -366,7 +366,7 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
     )
   }
   const executeRun = async <T>(key: IdempotencyKeyInput, flow: (flow: Flow<DB, T>) => Promise<T>, call?: RunOptions) =>
-    runFlow(normalizeKey(key), flow, call, { flow: null, answer: null })
+    runFlow(normalizeKey(key), flow, call, { flow: null, finisher: null })
 
   /**
    * Takes over one abandoned flow of `definition` as the recovery worker, and runs it to its end;
@@ -380,9 +380,9 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
       { ...key, flowName: definition.name },
       async () => {
         const started = readStarted(core.values, String(row.phases), row.codec == null ? null : String(row.codec))
-        const http = started.answer === 'http'
-        // A flow that answers an HTTP route is finished under that route's storage rules only.
-        if (http && !definition.answer) return 'unbound'
+        // A flow served with a finisher is finished by that finisher's rules only.
+        const finisher = started.finisher === undefined ? undefined : definition.finishers.get(started.finisher)
+        if (started.finisher !== undefined && !finisher) return 'unbound'
         const normalized: NormalizedKey = { ...key, request: started.request }
         // The run's own lease and lifetime, which a worker with other defaults must not shorten.
         const resolved = settings({ ttl: started.ttl ?? definition.options.ttl })
@@ -390,17 +390,16 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
           ...resolved,
           lockTimeout: bounded('lockTimeout', started.lockTimeout ?? definition.options.lockTimeout ?? lockTimeout),
           flow: definition.name,
-          answer: http ? 'http' : null,
+          finisher: finisher?.id ?? null,
           resumeOnly: true,
           failure,
           operation: 'recover',
         }
-        const answer = http ? definition.answer : undefined
         const body = async (flow: Flow<DB, unknown>) => {
-          const handle = answer ? { ...flow, fail: (response: unknown) => flow.fail(answer(response)) } : flow
+          const handle = finisher ? { ...flow, fail: (response: unknown) => flow.fail(finisher.finish(response)) } : flow
           try {
             const result = await definition.fn(handle as never, started.request)
-            return answer ? answer(result) : result
+            return finisher ? finisher.finish(result) : result
           } catch (error) {
             // Whatever the flow's own code throws is its failure, even a conflict of another key.
             if (isFailure(error)) throw error
@@ -480,11 +479,16 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
       )
     },
     defineFlow: (<T, R>(name: string, fn: FlowFunction<DB, T, R>, defineOptions: DefineFlowOptions = {}): DefinedFlow<T, R> => {
-      const definition: Definition = { name: checkFlowName(name), fn: fn as unknown as Definition['fn'], options: checkDefineOptions(defineOptions) }
+      const definition: Definition = {
+        name: checkFlowName(name),
+        fn: fn as unknown as Definition['fn'],
+        options: checkDefineOptions(defineOptions),
+        finishers: new Map(),
+      }
       flows.define(definition)
       const executeDefined = async (key: DefinedFlowKey<R>, call?: DefinedRunOptions): Promise<Execution<T>> => {
         const normalized = normalizeKey(key)
-        return runFlow(normalized, (flow: Flow<DB, T>) => fn(flow, key.request), { ...definition.options, ...call }, { flow: name, answer: null })
+        return runFlow(normalized, (flow: Flow<DB, T>) => fn(flow, key.request), { ...definition.options, ...call }, { flow: name, finisher: null })
       }
       const handle: DefinedFlow<T, R> = {
         name,
@@ -493,8 +497,8 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
       }
       return attachInternals(handle, {
         definition,
-        execute: async (key, body, call) =>
-          runFlow(normalizeKey(key), body as unknown as (flow: Flow<DB, unknown>) => Promise<unknown>, { ...definition.options, ...call }, { flow: name, answer: 'http' }),
+        execute: async (key, body, call, finisher) =>
+          runFlow(normalizeKey(key), body as unknown as (flow: Flow<DB, unknown>) => Promise<unknown>, { ...definition.options, ...call }, { flow: name, finisher: finisher.id }),
       })
     }) as Idempotency<DB>['defineFlow'],
     recover: (call) => recover(call),

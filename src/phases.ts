@@ -112,8 +112,11 @@ export interface FlowSettings extends Settings {
   readonly lockTimeout: number
   /** The name the flow was defined with, for the recovery worker; `null` for a flow run without one. */
   readonly flow: string | null
-  /** `http`: the flow answers an HTTP route, whose rules the recovery worker must apply to its result. */
-  readonly answer: 'http' | null
+  /**
+   * The id of the {@link Finisher} that makes the flow's result its stored answer, stored with the
+   * flow so that the recovery worker finishes it the same way; `null` when the result is stored as it is.
+   */
+  readonly finisher: string | null
   /** Only take over an unfinished flow that no attempt holds (the recovery worker); anything else is {@link NotResumable}. */
   readonly resumeOnly: boolean
   /** The recovery worker's attempt: if it fails, its release counts the failure and backs the flow off. */
@@ -140,8 +143,10 @@ interface FlowState {
    * a failure the flow went on from (SPEC §4.3.6), `null` and the failure.
    */
   readonly phases: ReadonlyArray<Entry>
-  /** Present when the flow answers an HTTP route ({@link FlowSettings.answer}). */
-  readonly answer?: 'http'
+  /** Present when a finisher makes the flow's answer ({@link FlowSettings.finisher}). */
+  readonly finisher?: string
+  /** The finisher's id as flows stored it before finishers were named (only ever read). */
+  readonly answer?: string
   /** The lease and lifetime of the run that started the flow, for the recovery worker to keep. */
   readonly lockTimeout?: number
   readonly ttl?: number
@@ -598,9 +603,10 @@ function flowNameOf(settings: FlowSettings): { flowName?: string } {
 }
 
 /** What the recovery worker needs of a stored flow state: its request, its mark, and the lease and lifetime it was started with. */
-export function readStarted(values: ValueStore, text: string, codec: string | null): Pick<FlowState, 'request' | 'answer' | 'lockTimeout' | 'ttl'> {
-  const { request, answer, lockTimeout, ttl } = readState(values, text, codec)
-  return { request, ...(answer ? { answer } : {}), ...(lockTimeout ? { lockTimeout } : {}), ...(ttl ? { ttl } : {}) }
+export function readStarted(values: ValueStore, text: string, codec: string | null): Pick<FlowState, 'request' | 'finisher' | 'lockTimeout' | 'ttl'> {
+  const { request, finisher, answer, lockTimeout, ttl } = readState(values, text, codec)
+  const finishedBy = finisher ?? answer
+  return { request, ...(finishedBy ? { finisher: finishedBy } : {}), ...(lockTimeout ? { lockTimeout } : {}), ...(ttl ? { ttl } : {}) }
 }
 
 /** Whether `error` is what `flow.fail()` throws to end a flow with an answer. */
@@ -647,7 +653,7 @@ function resumable(row: KeyRow, key: NormalizedKey): boolean {
 }
 
 function fresh(key: NormalizedKey, settings: FlowSettings): FlowState {
-  const how = { ...(settings.answer ? { answer: settings.answer } : {}), lockTimeout: settings.lockTimeout, ttl: settings.ttl }
+  const how = { ...(settings.finisher ? { finisher: settings.finisher } : {}), lockTimeout: settings.lockTimeout, ttl: settings.ttl }
   return { flow: randomBytes(16).toString('base64url'), attempt: 1, request: key.request, phases: [], ...how }
 }
 

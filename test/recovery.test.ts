@@ -1,3 +1,4 @@
+import { sql } from 'kysely'
 import { afterEach, beforeEach, describe, expect, it } from 'vitest'
 import { IdempotentRoute, type HttpFlowRequest, type HttpResult, type RequestFacts } from '../http/index.js'
 import { IdempotencyConflictError, IdempotencyLockLostError, type Flow, type Idempotency, type IdempotencyEvent } from '../src/index.js'
@@ -344,6 +345,28 @@ for (const target of targetsFor('recovery worker')) {
         value: { status: 201, headers: { 'Set-Cookie': 'sid=secret', 'X-Kept': 'yes' }, body: { ok: true } },
         replayed: true,
       })
+    })
+
+    it("finishes a route's flow stored before finishers had ids (\"answer\": \"http\") under the route's rules", async () => {
+      let runs = 0
+      const defined = idempotency.defineFlow('legacy', async (flow: Flow<any, HttpResult>) => {
+        await flow.phase('a', async () => 1)
+        if (++runs === 1) throw new Error('crash')
+        return { status: 201, headers: { 'Set-Cookie': 'sid=secret', 'X-Kept': 'yes' }, body: { ok: true } }
+      })
+      const route = new IdempotentRoute<unknown>({ scope: () => 'u', required: true }).flow(idempotency, {}, defined)
+      const facts: RequestFacts = { method: 'POST', url: '/x', body: () => ({}), headerLines: (name) => (name === 'Idempotency-Key' ? ['old'] : []) }
+      expect(await route({}, facts)).toMatchObject({ error: expect.objectContaining({ message: 'crash' }) })
+      // The flow's state as it was written before: the finisher's id under `answer`.
+      const { dialect } = idempotency
+      const { state } = await fx.db.selectFrom(fx.table).select(dialect.jsonText(sql.ref('phase_results')).as('state')).where('key', '=', 'old').executeTakeFirstOrThrow()
+      expect(String(state)).toContain('"finisher":"http"')
+      const legacy = String(state).replace('"finisher":"http"', '"answer":"http"')
+      await fx.db.updateTable(fx.table).set({ phase_results: dialect.json(sql.val(legacy)) }).where('key', '=', 'old').execute()
+      expect(await idempotency.recover()).toEqual({ finished: 1, failed: 0, skipped: 0 })
+      const replayed = await route({}, facts)
+      expect(replayed).toMatchObject({ replayed: true, answer: { status: 201, headers: { 'X-Kept': 'yes' } } })
+      expect(JSON.stringify(replayed)).not.toContain('sid=secret')
     })
 
     it('puts off the flows of a route it does not serve, so that they never crowd out the others', async () => {
