@@ -66,13 +66,9 @@ async function driver<T>(name: string): Promise<T> {
  */
 export function redactText(text: string, url: string | undefined): string {
   if (!url) return text
-  const secrets = new Set<string>([url])
-  const scheme = /^[a-z][a-z0-9+.-]*:\/\//i.exec(url)?.[0]
-  const at = url.split(/[?#]/)[0]!.lastIndexOf('@')
-  if (scheme && at > scheme.length) {
-    const userinfo = url.slice(scheme.length, at)
-    if (userinfo.includes(':')) secrets.add(userinfo.slice(userinfo.indexOf(':') + 1))
-  }
+  const secrets = new Set<string>()
+  const userinfo = userinfoOf(url)
+  if (userinfo?.includes(':')) secrets.add(userinfo.slice(userinfo.indexOf(':') + 1))
   for (const [, value] of url.matchAll(/[?&;][^=&#;]*(?:pass|pwd|secret|token|key)[^=&#;]*=([^&#;]*)/gi)) secrets.add(value!)
   for (const secret of [...secrets]) secrets.add(safeDecode(secret))
   let redacted = text.split(url).join(redact(url))
@@ -89,19 +85,27 @@ function safeDecode(text: string): string {
 }
 
 /**
- * The URL without its credentials: the password of the user part, which may itself hold a raw
- * `@` (the user part ends at the last one), and the query parameters that carry one
- * (`password=`, `sslpassword=`, a token, a key).
+ * The user part of a URL (`user:password`), or `undefined`. A password typed without
+ * percent-encoding may hold any of `@ : / ? #`, so the user part runs from the scheme to the
+ * last `@` of the whole URL: an `@` later in the query makes it longer, which hides more, never less.
+ */
+function userinfoOf(url: string): string | undefined {
+  const scheme = /^[a-z][a-z0-9+.-]*:\/\//i.exec(url)?.[0]
+  const at = url.lastIndexOf('@')
+  return scheme && at > scheme.length ? url.slice(scheme.length, at) : undefined
+}
+
+/**
+ * The URL without its credentials: the password of the user part (see {@link userinfoOf}), and
+ * the query parameters that carry one (`password=`, `sslpassword=`, a token, a key).
  */
 export function redact(url: string): string {
   let redacted = url
-  const scheme = /^[a-z][a-z0-9+.-]*:\/\//i.exec(url)?.[0]
-  const head = url.split(/[?#]/)[0]!
-  const at = head.lastIndexOf('@')
-  if (scheme && at > scheme.length) {
-    const userinfo = url.slice(scheme.length, at)
-    const colon = userinfo.indexOf(':')
-    if (colon >= 0) redacted = `${scheme}${userinfo.slice(0, colon)}:***${url.slice(at)}`
+  const userinfo = userinfoOf(url)
+  const colon = userinfo?.indexOf(':') ?? -1
+  if (userinfo !== undefined && colon >= 0) {
+    const scheme = url.slice(0, url.indexOf('//') + 2)
+    redacted = `${scheme}${userinfo.slice(0, colon)}:***${url.slice(scheme.length + userinfo.length)}`
   }
   return redacted.replace(/([?&;][^=&#;]*(?:pass|pwd|secret|token|key)[^=&#;]*=)[^&#;]*/gi, '$1***')
 }

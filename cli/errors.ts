@@ -35,6 +35,9 @@ export function describe(error: unknown, database?: string): string {
 export function unreachable(error: unknown, database: string, kind: string, timeout: number): string {
   const e = error as { code?: unknown; errno?: unknown; message?: unknown } | null
   const message = firstLine(e?.message)
+  if (e?.code === 'ERR_INVALID_URL') {
+    return `${database} is not a URL the driver can read; percent-encode the special characters of the password (# ? @ / : as %23 %3F %40 %2F %3A).`
+  }
   if (e?.code === 'ETIMEDOUT' || /timeout|timed out/i.test(message)) {
     return `${database} did not answer within ${timeout / 1000} s; is the server up, and is that the port of a ${kind} server?`
   }

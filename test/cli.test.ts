@@ -424,6 +424,13 @@ describe('the CLI without a database', () => {
       for (const secret of ['p@ss', 'ss/w0rd', 'w0rd', 'keypass', 's3cret']) expect(outcome.stderr + outcome.stdout).not.toContain(secret)
     }
     expectOneLine(await cli(['status', '--url', 'mysql://root:my@secret@127.0.0.1:1/test']), /^kysely-idempotency: Cannot reach mysql:\/\/root:\*\*\*@127\.0\.0\.1:1\/test /)
+    // Raw # and ? in a password: the URL cannot be read, and says so without the password.
+    for (const url of ['postgres://app:s3cr#t@127.0.0.1:1/test', 'postgres://app:s3cr?t@127.0.0.1:1/test', 'mysql://app:p@ss#w0rd@127.0.0.1:1/test']) {
+      const outcome = await cli(['status', '--url', url])
+      expectOneLine(outcome, /:\/\/app:\*\*\*@127\.0\.0\.1:1\/test /)
+      for (const secret of ['s3cr', 'w0rd', 'ss#']) expect(outcome.stderr + outcome.stdout).not.toContain(secret)
+    }
+    expectOneLine(await cli(['status', '--url', 'postgres://app:s3cr#t@127.0.0.1:1/test']), /is not a URL the driver can read; percent-encode/)
   })
 
   it('gives up on a server that never answers, and names a port that is another database\'s, in one line', async () => {
