@@ -7,7 +7,8 @@ import type { Transaction } from 'kysely'
 import { IdempotencySetupError } from '../src/errors.js'
 import type { Idempotency, RunOptions, TransactionOptions } from '../src/idempotency.js'
 import type { Flow } from '../src/phases.js'
-import { IdempotentRoute, rawHeaderLines, type Answer, type HttpDefinedFlow, type HttpResult, type IdempotentOptions, type Outcome, type RequestFacts } from '../http/index.js'
+import { multerFiles } from '../http/uploads.js'
+import { IdempotentRoute, LEFT_BEHIND, rawHeaderLines, type Answer, type HttpDefinedFlow, type HttpResult, type IdempotentOptions, type Outcome, type RequestFacts } from '../http/index.js'
 
 export { parseKeyHeader, UNSCOPED } from '../http/index.js'
 export type { HttpDefinedFlow, HttpFlowRequest, HttpResult, IdempotentOptions } from '../http/index.js'
@@ -23,6 +24,9 @@ export interface IdempotentRequest {
   readonly rawHeaders: readonly string[]
   /** Whether the body stream was read to its end (by a body parser). */
   readonly readableEnded: boolean
+  /** Uploaded files multer put beside the body's fields (`upload.single()`, `.array()`, `.fields()`, `.any()`). */
+  readonly file?: unknown
+  readonly files?: unknown
   /** The response (Express sets it), to tell whether the handler already answered by itself. */
   readonly res?: { readonly headersSent: boolean }
   get(name: string): string | undefined
@@ -72,7 +76,7 @@ export function idempotent<DB, Req extends IdempotentRequest = Request>(
   handler: (req: Req, trx: Transaction<DB>) => Promise<HttpResult>,
 ): (req: Req, res: IdempotentResponse, next: (error?: unknown) => void) => void {
   const { ttl, conflictWait, isolationLevel } = options
-  return express(new IdempotentRoute(options).transaction(idempotency, { ttl, conflictWait, isolationLevel }, async (req, trx) => returned(req, await handler(req, trx))))
+  return express(new IdempotentRoute(options).transaction(idempotency, { ttl, conflictWait, isolationLevel }, async (req, trx) => returned(req, await handler(req, trx), LEFT_BEHIND.transaction)))
 }
 
 /**
@@ -100,16 +104,16 @@ export function idempotentFlow<DB, Req extends IdempotentRequest = Request>(
   handler: ((req: Req, flow: Flow<DB, HttpResult>) => Promise<HttpResult>) | HttpDefinedFlow,
 ): (req: Req, res: IdempotentResponse, next: (error?: unknown) => void) => void {
   const { ttl, conflictWait, lockTimeout } = options
-  const served = typeof handler === 'function' ? async (req: Req, flow: Flow<DB, HttpResult>) => returned(req, await handler(req, flow)) : handler
+  const served = typeof handler === 'function' ? async (req: Req, flow: Flow<DB, HttpResult>) => returned(req, await handler(req, flow), LEFT_BEHIND.flow) : handler
   return express(new IdempotentRoute(options).flow(idempotency, { ttl, conflictWait, lockTimeout }, served))
 }
 
 /** The handler's answer, unless it sent one itself, which the route refuses before anything commits. */
-function returned(req: IdempotentRequest, result: HttpResult): HttpResult {
+function returned(req: IdempotentRequest, result: HttpResult, left: string): HttpResult {
   if (req.res?.headersSent) {
     throw new IdempotencySetupError(
-      `The handler of ${req.method} ${req.originalUrl} sent the response itself (res.json(), res.send()…) instead of returning it, so it cannot be stored; ` +
-        "nothing was, and its writes were rolled back. Return { status, body, headers } and let the route send it.",
+      `The handler of ${req.method} ${req.originalUrl} sent the response itself (res.json(), res.send()…) instead of returning it, so it cannot be stored. ` +
+        `${left} Return { status, body, headers } and let the route send it.`,
     )
   }
   return result
@@ -138,7 +142,11 @@ function facts(req: IdempotentRequest): RequestFacts {
   return {
     method: req.method,
     url: req.originalUrl,
-    body: () => parsed(req),
+    body: async () => {
+      const body = parsed(req)
+      const files = await multerFiles(req.file, req.files)
+      return files ? { fields: body, files } : body
+    },
     headerLines: (name) => rawHeaderLines(req.rawHeaders, name),
   }
 }

@@ -7,7 +7,8 @@ import type { Transaction } from 'kysely'
 import { IdempotencySetupError } from '../src/errors.js'
 import type { Idempotency, RunOptions, TransactionOptions } from '../src/idempotency.js'
 import type { Flow } from '../src/phases.js'
-import { IdempotentRoute, rawHeaderLines, type Answer, type HttpDefinedFlow, type HttpResult, type IdempotentOptions, type Outcome, type RequestFacts } from '../http/index.js'
+import { multipartBody } from '../http/uploads.js'
+import { IdempotentRoute, LEFT_BEHIND, rawHeaderLines, type Answer, type HttpDefinedFlow, type HttpResult, type IdempotentOptions, type Outcome, type RequestFacts } from '../http/index.js'
 
 export { parseKeyHeader, UNSCOPED } from '../http/index.js'
 export type { HttpDefinedFlow, HttpFlowRequest, HttpResult, IdempotentOptions } from '../http/index.js'
@@ -73,7 +74,7 @@ export function idempotent<DB, Req extends IdempotentRequest = FastifyRequest, R
 ): (request: Req, reply: Reply) => Promise<void> {
   const { ttl, conflictWait, isolationLevel } = options
   const route = new IdempotentRoute(routeOptions<Req, Reply>(options))
-  return fastify(route.transaction(idempotency, { ttl, conflictWait, isolationLevel }, async (call, trx) => returned(call, await handler(call.request, trx))))
+  return fastify(route.transaction(idempotency, { ttl, conflictWait, isolationLevel }, async (call, trx) => returned(call, await handler(call.request, trx), LEFT_BEHIND.transaction)))
 }
 
 /**
@@ -104,7 +105,7 @@ export function idempotentFlow<DB, Req extends IdempotentRequest = FastifyReques
   const { ttl, conflictWait, lockTimeout } = options
   const route = new IdempotentRoute(routeOptions<Req, Reply>(options))
   const served =
-    typeof handler === 'function' ? async (call: Call<Req, Reply>, flow: Flow<DB, HttpResult>) => returned(call, await handler(call.request, flow)) : handler
+    typeof handler === 'function' ? async (call: Call<Req, Reply>, flow: Flow<DB, HttpResult>) => returned(call, await handler(call.request, flow), LEFT_BEHIND.flow) : handler
   return fastify(route.flow(idempotency, { ttl, conflictWait, lockTimeout }, served))
 }
 
@@ -114,11 +115,11 @@ function routeOptions<Req extends IdempotentRequest, Reply>(options: IdempotentO
 }
 
 /** The handler's answer, unless it sent one itself, which the route refuses before anything commits. */
-function returned<Req extends IdempotentRequest>(call: Call<Req, IdempotentReply>, result: HttpResult): HttpResult {
+function returned<Req extends IdempotentRequest>(call: Call<Req, IdempotentReply>, result: HttpResult, left: string): HttpResult {
   if (call.reply.sent) {
     throw new IdempotencySetupError(
-      `The handler of ${call.request.method} ${call.request.originalUrl} sent the reply itself (reply.send()) instead of returning its answer, so it cannot be stored; ` +
-        'nothing was, and its writes were rolled back. Return { status, body, headers } and let the route send it.',
+      `The handler of ${call.request.method} ${call.request.originalUrl} sent the reply itself (reply.send()) instead of returning its answer, so it cannot be stored. ` +
+        `${left} Return { status, body, headers } and let the route send it.`,
     )
   }
   return result
@@ -140,7 +141,17 @@ function facts(request: IdempotentRequest): RequestFacts {
   return {
     method: request.method,
     url: request.originalUrl,
-    body: () => request.body,
+    body: () => {
+      const lines = (name: string) => rawHeaderLines(request.raw.rawHeaders, name)
+      const hasBody = lines('transfer-encoding').length > 0 || lines('content-length').some((length) => length.trim() !== '0')
+      if (hasBody && request.body === undefined) {
+        throw new IdempotencySetupError(
+          `The request ${request.method} ${request.originalUrl} has a body that no content-type parser put in request.body, so its fingerprint cannot cover it. ` +
+            "For multipart bodies, register @fastify/multipart with attachFieldsToBody: 'keyValues' (or true).",
+        )
+      }
+      return multipartBody(request.body)
+    },
     headerLines: (name) => rawHeaderLines(request.raw.rawHeaders, name),
   }
 }

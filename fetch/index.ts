@@ -11,6 +11,7 @@ import { IdempotencySetupError } from '../src/errors.js'
 import {
   IdempotentRoute,
   readAtMost,
+  type StreamBounds,
   UNSCOPED,
   type Answer,
   type HttpDefinedFlow,
@@ -50,7 +51,8 @@ interface Call<Args extends readonly unknown[]> {
  * back. The request's body is still unread when `handler` gets it (unless something read it
  * before the route: behind Hono's `validator()`, pass the context and read the body with
  * `c.req.valid()`; the route reads Hono's copy). A returned `Response`'s body is read at most
- * `maxStoredBytes` far. Arguments after the request are passed on to `scope` and `handler`.
+ * `maxStoredBytes` far and `bodyTimeout` long. Arguments after the request are passed on to
+ * `scope` and `handler`.
  *
  * ### Examples
  *
@@ -76,7 +78,7 @@ export function idempotent<DB, Args extends readonly unknown[] = []>(
   return serve(
     route,
     route.transaction(idempotency, { ttl, conflictWait, isolationLevel }, async (call: Call<Args>, trx) =>
-      result(await handler(unread(call.request), trx, ...call.args), route.maxStoredBytes),
+      result(await handler(unread(call.request), trx, ...call.args), { bytes: route.maxStoredBytes, ms: route.bodyTimeout }),
     ),
   )
 }
@@ -110,7 +112,7 @@ export function idempotentFlow<DB, Args extends readonly unknown[] = []>(
   const route = new IdempotentRoute(routeOptions(options))
   const served =
     typeof handler === 'function'
-      ? async (call: Call<Args>, flow: Flow<DB, HttpResult>) => result(await handler(unread(call.request), flow, ...call.args), route.maxStoredBytes)
+      ? async (call: Call<Args>, flow: Flow<DB, HttpResult>) => result(await handler(unread(call.request), flow, ...call.args), { bytes: route.maxStoredBytes, ms: route.bodyTimeout })
       : handler
   return serve(route, route.flow(idempotency, { ttl, conflictWait, lockTimeout }, served))
 }
@@ -134,18 +136,18 @@ function serve<Args extends readonly unknown[]>(
   served: (call: Call<Args>, facts: RequestFacts) => Promise<Outcome>,
 ): (request: Request, ...args: Args) => Promise<Response> {
   return async (request, ...args) => {
-    const outcome = await served({ request, args }, facts(request, args, route.maxRequestBytes))
+    const outcome = await served({ request, args }, facts(request, args, { bytes: route.maxRequestBytes, ms: route.bodyTimeout }))
     if ('error' in outcome) throw outcome.error
     return response(outcome.answer, outcome.replayed)
   }
 }
 
-function facts(request: Request, args: readonly unknown[], limit: number): RequestFacts {
+function facts(request: Request, args: readonly unknown[], limit: StreamBounds): RequestFacts {
   const url = new URL(request.url)
   return {
     method: request.method,
     url: url.pathname + url.search,
-    body: async () => bodyOf(request.headers.get('content-type') ?? '', await bodyBytes(request, args, limit)),
+    body: async () => bodyOf(request, args, limit),
     // The Fetch API joins the lines of a header with ", " (one value per name): several lines
     // of the key header arrive as one value, which parseKeyHeader refuses for its comma.
     headerLines(name) {
@@ -157,28 +159,40 @@ function facts(request: Request, args: readonly unknown[], limit: number): Reque
 
 /** A Hono context (`c`): its request keeps the body a validator read, as Hono caches it. */
 interface HonoContext {
-  readonly req: { readonly raw: Request; arrayBuffer(): Promise<ArrayBuffer> }
+  readonly req: { readonly raw: Request; arrayBuffer(): Promise<ArrayBuffer>; formData(): Promise<FormData> }
 }
 
 /**
- * The request's body, read at most `limit` far: from a copy, so that the handler still finds
- * it unread; or, when something before the route already read it (Hono's `validator()`), from
- * the Hono context passed after the request, which keeps what it read.
+ * The body as Express's parsers would leave it (see {@link parsed}), read at most `limit` far
+ * from a copy, so that the handler still finds it unread; or, when something before the route
+ * already read it (Hono's `validator()`, `c.req.formData()`), from the Hono context passed after
+ * the request, which keeps what it read.
  */
-async function bodyBytes(request: Request, args: readonly unknown[], limit: number): Promise<Uint8Array> {
-  if (!request.bodyUsed) return request.body === null ? new Uint8Array() : readAtMost(request.clone().body!, limit, 'request')
+async function bodyOf(request: Request, args: readonly unknown[], limit: StreamBounds): Promise<unknown> {
+  const contentType = request.headers.get('content-type') ?? ''
+  if (!request.bodyUsed) return parsed(contentType, request.body === null ? new Uint8Array() : await readAtMost(request.clone().body!, limit, 'request'))
   const hono = args.find((arg): arg is HonoContext => (arg as Partial<HonoContext> | null)?.req?.raw === request)
-  if (hono) return new Uint8Array(await hono.req.arrayBuffer())
-  throw new IdempotencySetupError(
-    'The request body was read before the idempotent route (by a validator or a body parser), so the route cannot fingerprint it. ' +
-      'With Hono, pass the context after the request: route(c.req.raw, c).',
-  )
+  if (!hono) {
+    throw new IdempotencySetupError(
+      'The request body was read before the idempotent route (by a validator or a body parser), so the route cannot fingerprint it. ' +
+        'With Hono, pass the context after the request: route(c.req.raw, c).',
+    )
+  }
+  // A form Hono parsed comes back as bytes only re-encoded, under a boundary of its own each time: read its fields.
+  const type = mediaType(contentType)
+  if (type === 'multipart/form-data') return partsOf(await hono.req.formData())
+  if (type === 'application/x-www-form-urlencoded') return fieldsOf(await hono.req.formData())
+  return parsed(contentType, new Uint8Array(await hono.req.arrayBuffer()))
+}
+
+function mediaType(contentType: string): string {
+  return contentType.split(';')[0]!.trim().toLowerCase()
 }
 
 /** The body as Express's parsers would leave it: JSON parsed, form fields (multipart: its parts), text, or bytes. */
-async function bodyOf(contentType: string, bytes: Uint8Array): Promise<unknown> {
+async function parsed(contentType: string, bytes: Uint8Array): Promise<unknown> {
   if (bytes.byteLength === 0) return undefined
-  const type = contentType.split(';')[0]!.trim().toLowerCase()
+  const type = mediaType(contentType)
   const text = () => new TextDecoder().decode(bytes)
   if (type === 'application/json' || type.endsWith('+json')) {
     try {
@@ -188,23 +202,25 @@ async function bodyOf(contentType: string, bytes: Uint8Array): Promise<unknown> 
     }
   }
   if (type === 'application/x-www-form-urlencoded') return Object.fromEntries(new URLSearchParams(text()))
-  if (type === 'multipart/form-data') return partsOf(contentType, bytes)
+  if (type === 'multipart/form-data') {
+    // A body that does not parse is taken as its bytes.
+    const form = await new Response(bytes, { headers: { 'Content-Type': contentType } }).formData().catch(() => undefined)
+    return form ? partsOf(form) : bytes
+  }
   if (type.startsWith('text/')) return text()
   return bytes
 }
 
+/** Form fields as `URLSearchParams` gives them: each name's last value. */
+function fieldsOf(form: FormData): Record<string, unknown> {
+  return Object.fromEntries([...form].map(([name, value]) => [name, typeof value === 'string' ? value : value.name]))
+}
+
 /**
  * A multipart body as its parts, in order, without the boundary (every client picks a new one
- * for each request, a retry included): a field's text, or a file's name, type and SHA-256. A
- * body that does not parse is taken as its bytes.
+ * for each request, a retry included): a field's text, or a file's name, type and SHA-256.
  */
-async function partsOf(contentType: string, bytes: Uint8Array): Promise<unknown> {
-  let form: FormData
-  try {
-    form = await new Response(bytes, { headers: { 'Content-Type': contentType } }).formData()
-  } catch {
-    return bytes
-  }
+async function partsOf(form: FormData): Promise<unknown> {
   const parts: Array<[string, unknown]> = []
   for (const [name, value] of form) {
     if (typeof value === 'string') parts.push([name, value])
@@ -215,9 +231,9 @@ async function partsOf(contentType: string, bytes: Uint8Array): Promise<unknown>
 
 /**
  * A handler's `Response` as a result: its status, its headers (each `Set-Cookie` apart) and its
- * body's bytes, read at most `limit` far (see {@link readAtMost}).
+ * body's bytes, read within `limit` (see {@link readAtMost}).
  */
-async function result(answer: FetchResult, limit: number): Promise<HttpResult> {
+async function result(answer: FetchResult, limit: StreamBounds): Promise<HttpResult> {
   if (!(answer instanceof Response)) return answer
   const headers: Record<string, string | string[]> = {}
   answer.headers.forEach((value, name) => {

@@ -69,6 +69,13 @@ export interface IdempotentOptions<Req> {
    * framework has parsed it (the Fetch API adapter); a larger one is answered 413. Default 1 MiB.
    */
   readonly maxRequestBytes?: number
+  /**
+   * How long the route waits for a body it reads as a stream to end, in milliseconds, where no
+   * framework has read it (the Fetch API adapter: the request's body, and a returned
+   * `Response`'s, read inside the open transaction). A request body that takes longer is
+   * answered 408; a response body, 500, and nothing is stored. Default 30000.
+   */
+  readonly bodyTimeout?: number
   /** Store `Set-Cookie` headers too, so replays send them again. Default `false`. */
   readonly persistSetCookie?: boolean
 }
@@ -151,11 +158,23 @@ export function render(result: HttpResult): Answer {
   return checkSendable(build(result))
 }
 
+/**
+ * {@link render} for a stored answer. One stored before headers differing only in case were
+ * refused is sent with the last of them, as Node sends such headers, rather than refused on
+ * every replay.
+ */
+function renderStored(stored: HttpResult): Answer {
+  const headers = Object.entries(stored.headers ?? {})
+  const last = new Map(headers.map(([name], i) => [name.toLowerCase(), i]))
+  return render({ ...stored, headers: Object.fromEntries(headers.filter(([name], i) => last.get(name.toLowerCase()) === i)) })
+}
+
 function build(result: HttpResult): Answer {
   // A 1xx is never a final answer, so it cannot be one to store either.
   if (typeof result !== 'object' || result === null || !Number.isInteger(result.status) || result.status < 200 || result.status > 599) {
     throw new Refused(
       invalid('An idempotent handler must return { status, body?, headers? } with an HTTP status code from 200 to 599 (a Response with the Fetch adapter).'),
+      true,
     )
   }
   const headers = { ...result.headers }
@@ -193,24 +212,35 @@ export function checkSendable(answer: Answer): Answer {
         validateHeaderValue(name, line)
       }
     } catch (error) {
-      throw new Refused(invalid(`The handler's answer has a header that cannot be sent, ${JSON.stringify(name)}: ${(error as Error).message}.`))
+      throw new Refused(invalid(`The handler's answer has a header that cannot be sent, ${JSON.stringify(name)}: ${(error as Error).message}.`), true)
     }
-    if (seen.has(name.toLowerCase())) throw new Refused(invalid(`The handler's answer gives the header "${name}" twice, under names that differ only in case.`))
+    if (seen.has(name.toLowerCase())) throw new Refused(invalid(`The handler's answer gives the header "${name}" twice, under names that differ only in case.`), true)
     seen.add(name.toLowerCase())
     if (name.toLowerCase() === 'content-length') {
       const bytes = answer.body === undefined ? 0 : Buffer.byteLength(answer.body)
       if (lines.length !== 1 || String(lines[0]).trim() !== String(bytes)) {
-        throw new Refused(invalid(`The handler's answer gives the header "${name}" as ${lines.join(', ')}, but its body has ${bytes} bytes.`))
+        throw new Refused(invalid(`The handler's answer gives the header "${name}" as ${lines.join(', ')}, but its body has ${bytes} bytes.`), true)
       }
     }
   }
   return answer
 }
 
-/** The 500 for an answer that cannot be stored or sent: nothing was stored, the writes rolled back. */
+/** The 500 for an answer that cannot be stored or sent; the route says what it left behind. */
 function invalid(detail: string): ProblemDetails {
-  return problem(500, 'invalid_response', 'Response cannot be sent', `${detail} Nothing was stored, and the request's writes were rolled back.`)
+  return problem(500, 'invalid_response', 'Response cannot be sent', detail)
 }
+
+/**
+ * What a route leaves behind when it refuses the handler's answer, said at the end of the
+ * problem's detail: a transaction rolls back, but the phases of a flow have committed.
+ */
+export const LEFT_BEHIND = {
+  transaction: "Nothing was stored, and the request's writes were rolled back.",
+  flow: "Nothing was stored as the key's answer; the phases and steps the flow recorded stay, and a retry with the same key resumes after them.",
+  unkeyedFlow: 'Nothing was stored; the phases that ran before it committed.',
+} as const
+type LeftBehind = (typeof LEFT_BEHIND)[keyof typeof LEFT_BEHIND]
 
 /** An answer to send without storing it (a 5xx, or `flow.fail` without a key): thrown to roll back, then sent. */
 class Unstored extends Error {
@@ -222,10 +252,20 @@ class Unstored extends Error {
 /**
  * A request or an answer the route refuses with a problem of its own (a body it cannot see or
  * read within its bounds, an answer it cannot store or send): thrown to roll back, then answered.
+ * For an answer, the route adds to the detail what it leaves behind ({@link LEFT_BEHIND}).
  */
 export class Refused extends Error {
-  constructor(readonly details: ProblemDetails) {
+  constructor(
+    readonly details: ProblemDetails,
+    readonly answer = false,
+  ) {
     super(details.body.detail ?? details.body.title)
+  }
+
+  /** The problem to send, from a route that leaves `left` behind. */
+  problem(left: LeftBehind): ProblemDetails {
+    if (!this.answer) return this.details
+    return { ...this.details, body: { ...this.details.body, detail: `${this.details.body.detail} ${left}` } }
   }
 }
 
@@ -241,6 +281,8 @@ interface RouteFinisher extends Finisher {
 
 const DEFAULT_METHODS = ['POST', 'PATCH']
 const MIB = 1024 * 1024
+const HOUR = 60 * 60 * 1000
+const DEFAULT_BODY_TIMEOUT = 30_000
 /** How deep a request body may nest: what the codec takes, less the levels of {@link HttpFlowRequest} around it. */
 const BODY_DEPTH = MAX_DEPTH - 4
 
@@ -260,6 +302,8 @@ export class IdempotentRoute<Req> {
   readonly #maxStoredBytes: number
   /** See {@link IdempotentOptions.maxRequestBytes}. */
   readonly maxRequestBytes: number
+  /** See {@link IdempotentOptions.bodyTimeout}. */
+  readonly bodyTimeout: number
 
   constructor(options: IdempotentOptions<Req>) {
     if (options?.scope !== UNSCOPED && typeof options?.scope !== 'function') {
@@ -272,6 +316,10 @@ export class IdempotentRoute<Req> {
     this.#ignored = new Set(options.ignoreBodyFields ?? [])
     this.#maxStoredBytes = bytesOption('maxStoredBytes', options.maxStoredBytes)
     this.maxRequestBytes = bytesOption('maxRequestBytes', options.maxRequestBytes)
+    this.bodyTimeout = options.bodyTimeout ?? DEFAULT_BODY_TIMEOUT
+    if (!Number.isSafeInteger(this.bodyTimeout) || this.bodyTimeout <= 0 || this.bodyTimeout > HOUR) {
+      throw new RangeError(`The option bodyTimeout must be an integer of milliseconds from 1 to ${HOUR} (1 hour), got ${String(options.bodyTimeout)}.`)
+    }
   }
 
   /** See {@link IdempotentOptions.maxStoredBytes}. */
@@ -286,6 +334,7 @@ export class IdempotentRoute<Req> {
     handler: (req: Req, trx: Transaction<DB>) => Promise<HttpResult>,
   ): (req: Req, facts: RequestFacts) => Promise<Outcome> {
     return this.#route(
+      'transaction',
       (req) => idempotency.db.transaction().execute(async (trx) => this.#sendable(render(await handler(req, trx)))),
       (req, key) => this.#once((fn) => idempotency.executeTransaction(key, fn, settings), (trx: Transaction<DB>) => handler(req, trx)),
     )
@@ -308,6 +357,7 @@ export class IdempotentRoute<Req> {
     definition.finishers.set(ROUTE_FINISHER, finisher)
     const run = definition.fn as unknown as (flow: Flow<DB, HttpResult>, request: HttpFlowRequest) => Promise<HttpResult>
     return this.#route(
+      'flow',
       async (_req, facts) => this.#sendable(render(await run(directFlow(idempotency), this.#describe(facts, await facts.body())))),
       (_req, key) =>
         this.#once<Flow<DB, Answer>>(
@@ -333,6 +383,7 @@ export class IdempotentRoute<Req> {
   ): (req: Req, facts: RequestFacts) => Promise<Outcome> {
     if (typeof handler !== 'function') return this.#definedFlow(idempotency, settings, handler)
     return this.#route(
+      'flow',
       async (req) => this.#sendable(render(await handler(req, directFlow(idempotency)))),
       (req, key) =>
         this.#once<Flow<DB, Answer>>(
@@ -343,10 +394,11 @@ export class IdempotentRoute<Req> {
   }
 
   #route(
+    mode: 'transaction' | 'flow',
     direct: (req: Req, facts: RequestFacts) => Promise<Answer>,
     keyed: (req: Req, key: KeyInput) => Promise<{ answer: Answer; replayed: boolean }>,
   ): (req: Req, facts: RequestFacts) => Promise<Outcome> {
-    const answer = async (req: Req, facts: RequestFacts): Promise<{ answer: Answer; replayed: boolean }> => {
+    const answer = async (req: Req, facts: RequestFacts, state: { keyed: boolean }): Promise<{ answer: Answer; replayed: boolean }> => {
       const idempotent = this.#methods.has(facts.method.toUpperCase())
       const lines = idempotent ? facts.headerLines(this.#header) : []
       if (lines.length > 1) throw new InvalidIdempotencyKeyError(`The request has ${lines.length} ${this.#header} header lines; send exactly one.`)
@@ -357,14 +409,19 @@ export class IdempotentRoute<Req> {
         return { answer: await direct(req, facts), replayed: false }
       }
       const key = parseKeyHeader(lines[0]!)
+      state.keyed = true
       return keyed(req, { key, scope: await this.#scope(req, facts), request: this.#describe(facts, await facts.body()) })
     }
     return async (req, facts) => {
+      const state = { keyed: false }
       try {
-        return await answer(req, facts)
+        return await answer(req, facts, state)
       } catch (error) {
         if (error instanceof Unstored) return { answer: error.answer, replayed: false }
-        if (error instanceof Refused) return { answer: sent(error.details), replayed: false }
+        if (error instanceof Refused) {
+          const left = mode === 'transaction' ? LEFT_BEHIND.transaction : state.keyed ? LEFT_BEHIND.flow : LEFT_BEHIND.unkeyedFlow
+          return { answer: sent(error.problem(left)), replayed: false }
+        }
         const mapped = problemOf(error)
         return mapped ? { answer: mapped, replayed: false } : { error }
       }
@@ -436,13 +493,13 @@ export class IdempotentRoute<Req> {
       return this.#kept(sent)
     }
     const execution = await execute(async (context) => keep(await handler(context, keep)))
-    return { answer: execution.replayed || !sent ? render(execution.value) : sent, replayed: execution.replayed }
+    return { answer: execution.replayed || !sent ? renderStored(execution.value) : sent, replayed: execution.replayed }
   }
 }
 
-/** The 500 for an answer over `maxStoredBytes`: it was not stored, and the request's writes were rolled back. */
+/** The 500 for an answer over `maxStoredBytes`; the route says what it left behind. */
 function tooLarge(detail: string): Refused {
-  return new Refused(problem(500, 'response_too_large', 'Response too large to store', `${detail} It was not stored, and the request's writes were rolled back.`))
+  return new Refused(problem(500, 'response_too_large', 'Response too large to store', detail), true)
 }
 
 /** The answer for an error the library raised about the key or the request (a 4xx); others go to the framework. */
@@ -454,28 +511,48 @@ function sent(details: ProblemDetails): Answer {
   return { status: details.status, headers: details.headers, body: JSON.stringify(details.body) }
 }
 
+/** How far and how long a body stream is read. */
+export interface StreamBounds {
+  readonly bytes: number
+  readonly ms: number
+}
+
 /**
- * Reads a body stream (a Fetch `Request`'s or `Response`'s) to its end, but never more than
- * `limit` bytes: past them the stream is cancelled and refused, a request as 413, an answer as
- * too large to store, so that an endless stream can neither hold a transaction open nor grow
- * memory, and a client cannot decide how much the route buffers.
+ * Reads a body stream (a Fetch `Request`'s or `Response`'s) to its end, but never past
+ * `bounds`: beyond `bytes` or `ms` the stream is cancelled and refused (a request as 413 or
+ * 408, an answer as too large or too slow to store), so that neither an endless stream nor one
+ * that stalls can hold a transaction open or grow memory, and a client cannot decide how much
+ * the route buffers.
  */
-export async function readAtMost(stream: ReadableStream<Uint8Array>, limit: number, of: 'request' | 'response'): Promise<Buffer> {
+export async function readAtMost(stream: ReadableStream<Uint8Array>, bounds: StreamBounds, of: 'request' | 'response'): Promise<Buffer> {
   const reader = stream.getReader()
+  // Not awaited: cancelling one copy of a teed stream (a cloned request) settles only once the other is cancelled too.
+  const stop = () => void reader.cancel().catch(() => undefined)
   const chunks: Uint8Array[] = []
   let total = 0
-  for (;;) {
-    const { done, value } = await reader.read()
-    if (done) return Buffer.concat(chunks)
-    total += value.byteLength
-    if (total > limit) {
-      // Not awaited: cancelling one copy of a teed stream (a cloned request) settles only once the other is cancelled too.
-      reader.cancel().catch(() => undefined)
-      throw of === 'request'
-        ? new Refused(problem(413, 'request_too_large', 'Request body too large', `The request body is more than maxRequestBytes (${limit}) bytes.`))
-        : tooLarge(`The response body is more than maxStoredBytes (${limit}) bytes; it was read no further.`)
+  let timer: ReturnType<typeof setTimeout> | undefined
+  const late = new Promise<'late'>((resolve) => (timer = setTimeout(() => resolve('late'), bounds.ms)))
+  try {
+    for (;;) {
+      const read = await Promise.race([reader.read(), late])
+      if (read === 'late') {
+        stop()
+        throw of === 'request'
+          ? new Refused(problem(408, 'request_timeout', 'Request body too slow', `The request body did not end within bodyTimeout (${bounds.ms} ms).`))
+          : new Refused(problem(500, 'response_timeout', 'Response too slow to store', `The response body did not end within bodyTimeout (${bounds.ms} ms); it was read no further.`), true)
+      }
+      if (read.done) return Buffer.concat(chunks)
+      total += read.value.byteLength
+      if (total > bounds.bytes) {
+        stop()
+        throw of === 'request'
+          ? new Refused(problem(413, 'request_too_large', 'Request body too large', `The request body is more than maxRequestBytes (${bounds.bytes}) bytes.`))
+          : tooLarge(`The response body is more than maxStoredBytes (${bounds.bytes}) bytes; it was read no further.`)
+      }
+      chunks.push(read.value)
     }
-    chunks.push(value)
+  } finally {
+    clearTimeout(timer)
   }
 }
 

@@ -2,8 +2,12 @@ import type { AddressInfo } from 'node:net'
 import { request, type Server } from 'node:http'
 import express5 from 'express'
 import express4 from 'express4'
+import multer from 'multer'
+import { mkdtempSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import Stripe from 'stripe'
-import { afterEach, beforeEach, describe, expect, it } from 'vitest'
+import { afterAll, afterEach, beforeEach, describe, expect, it } from 'vitest'
 import { idempotent, idempotentFlow, UNSCOPED, type HttpResult, type IdempotentRequest } from '../express/index.js'
 import { sql } from 'kysely'
 import { createIdempotency, fingerprint, type Idempotency } from '../src/index.js'
@@ -25,6 +29,8 @@ for (const target of targetsFor('express helper', ['statement-paths'])) {
       let fx: Fixture
       let server: Server
       let base: string
+      const uploads = mkdtempSync(join(tmpdir(), 'kidem-uploads-'))
+      afterAll(() => rmSync(uploads, { recursive: true, force: true }))
       const held = { entered: gate(), release: gate() }
 
       /** The test API: its routes record each side effect in the fixture's effects table. */
@@ -82,6 +88,13 @@ for (const target of targetsFor('express helper', ['statement-paths'])) {
             return { status: 201, body: { sent: 'by the route' } }
           }),
         )
+        // Files beside the fields: multer in memory and on disk.
+        const uploaded = (storage: string) => async (req: IdempotentRequest, trx: Parameters<Fixture['effect']>[0]): Promise<HttpResult> => {
+          await fx.effect(trx, `upload:${storage}:${(req.body as { title: string }).title}`)
+          return { status: 201, body: { title: (req.body as { title: string }).title, at: Math.random() } }
+        }
+        app.post('/uploads/memory', multer({ storage: multer.memoryStorage() }).single('file'), idempotent(idempotency, { scope: UNSCOPED }, uploaded('memory')))
+        app.post('/uploads/disk', multer({ dest: uploads }).array('files'), idempotent(idempotency, { scope: UNSCOPED }, uploaded('disk')))
         app.post('/no-user', idempotent(idempotency, { scope: (req) => (req as { user?: { id: string } }).user?.id as string }, charge))
         app.post(
           '/text',
@@ -150,6 +163,24 @@ for (const target of targetsFor('express helper', ['statement-paths'])) {
         expect(await fx.effects('answered-itself')).toBe(0)
         expect(await fx.rows()).toBe(0)
         expect((await post('/charges', { id: 'after' }, { 'Idempotency-Key': 'after' })).status).toBe(201)
+      })
+
+      it("fingerprints the files multer keeps beside the fields, in memory and on disk: another file is another request", async () => {
+        for (const [storage, field] of [['memory', 'file'], ['disk', 'files']] as const) {
+          const send = (title: string, content: string) => {
+            const form = new FormData()
+            form.append('title', title)
+            form.append(field, new Blob([content], { type: 'text/plain' }), 'notes.txt')
+            return fetch(`${base}/uploads/${storage}`, { method: 'POST', headers: { 'Idempotency-Key': `up-${storage}` }, body: form })
+          }
+          const first = await send('first', 'abc')
+          expect(first.status, storage).toBe(201)
+          const retry = await send('first', 'abc')
+          expect(retry.headers.get('idempotency-replayed'), storage).toBe('true')
+          expect(await retry.text()).toBe(await first.text())
+          expect((await send('first', 'abd')).status, storage).toBe(422)
+          expect(await fx.effects(`upload:${storage}:first`)).toBe(1)
+        }
       })
 
       it('refuses a body that no body parser read, instead of leaving it out of the fingerprint', async () => {
@@ -356,8 +387,15 @@ for (const target of targetsFor('express helper', ['statement-paths'])) {
         expect(retried.headers.get('idempotency-replayed')).toBeNull()
         expect(await fx.effects('ride:u')).toBe(1)
 
-        await expectProblem(await ride('h', 'fail-huge'), 500, 'response_too_large')
-        expect((await ride('h', 'fail-huge')).headers.get('idempotency-replayed')).toBeNull()
+        // Refused after its phase and step committed: the problem says they stay, and a retry resumes after them.
+        for (let attempt = 0; attempt < 2; attempt++) {
+          const huge = await ride('h', 'fail-huge')
+          expect(huge.headers.get('idempotency-replayed')).toBeNull()
+          const problem = await expectProblem(huge, 500, 'response_too_large')
+          expect(problem.detail).toMatch(/the phases and steps the flow recorded stay, and a retry with the same key resumes after them/)
+          expect(problem.detail).not.toMatch(/rolled back/)
+        }
+        expect(await fx.effects('ride:h')).toBe(1)
 
         expect((await ride('s', 'fail-status')).status).toBe(500)
         expect((await ride('s', 'fail-status')).headers.get('idempotency-replayed')).toBeNull()

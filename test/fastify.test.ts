@@ -1,4 +1,5 @@
 import type { AddressInfo } from 'node:net'
+import multipart from '@fastify/multipart'
 import Fastify, { type FastifyInstance, type FastifyRequest } from 'fastify'
 import Stripe from 'stripe'
 import { afterEach, beforeEach, describe, expect, expectTypeOf, it } from 'vitest'
@@ -216,6 +217,47 @@ for (const target of targetsFor('fastify helper', ['statement-paths'])) {
       expect(retry.status).toBe(201)
       expect(retry.headers.get('idempotency-replayed')).toBeNull()
       expect(await fx.effects('charge:t')).toBe(1)
+    })
+
+    it('fingerprints multipart parts @fastify/multipart attaches, files by their bytes, and refuses a body it left unread', async () => {
+      const uploads = Fastify()
+      let runs = 0
+      const route = idempotent(fx.idempotency, { scope: UNSCOPED }, async (request, trx) => {
+        runs++
+        await fx.effect(trx, `fastify-upload:${request.url}`)
+        return { status: 201, body: { at: Math.random() } }
+      })
+      for (const attach of [true, 'keyValues', false] as const) {
+        await uploads.register(async (scoped) => {
+          await scoped.register(multipart, { attachFieldsToBody: attach })
+          scoped.post(`/uploads/${String(attach)}`, route)
+        })
+      }
+      await uploads.listen({ port: 0, host: '127.0.0.1' })
+      try {
+        const url = `http://127.0.0.1:${(uploads.server.address() as AddressInfo).port}`
+        const send = (attach: boolean | string, content: string) => {
+          const form = new FormData()
+          form.append('title', 'notes')
+          form.append('file', new Blob([content], { type: 'text/plain' }), 'notes.txt')
+          return fetch(`${url}/uploads/${attach}`, { method: 'POST', headers: { 'Idempotency-Key': `up-${attach}` }, body: form })
+        }
+        for (const attach of ['true', 'keyValues']) {
+          const first = await send(attach, 'abc')
+          expect(first.status, attach).toBe(201)
+          const retry = await send(attach, 'abc')
+          expect(retry.headers.get('idempotency-replayed'), attach).toBe('true')
+          expect(await retry.text()).toBe(await first.text())
+          expect((await send(attach, 'abd')).status, attach).toBe(422)
+        }
+        // Parts left for the handler to stream: the route cannot see them, so it refuses to guess.
+        const unread = await send('false', 'abc')
+        expect(unread.status).toBe(500)
+        expect(runs).toBe(2)
+        expect(await fx.rows()).toBe(2)
+      } finally {
+        await uploads.close()
+      }
     })
 
     it('sends Set-Cookie lines on the first answer and does not replay them', async () => {

@@ -197,6 +197,32 @@ for (const target of targetsFor('fetch helper', ['statement-paths'])) {
       expect(await fx.rows()).toBe(0)
     })
 
+    it('gives up on a body that stalls after bodyTimeout: a stalled Response is cancelled, a 500, nothing stored; a stalled request is a 408', async () => {
+      let cancelled = false
+      const stalled = () =>
+        new ReadableStream<Uint8Array>({
+          start(controller) {
+            controller.enqueue(new Uint8Array(16))
+          },
+          cancel() {
+            cancelled = true
+          },
+        })
+      const route = idempotent(fx.idempotency, { scope: UNSCOPED, bodyTimeout: 200 }, async (_request, trx) => {
+        await fx.effect(trx, 'stalled')
+        return new Response(stalled(), { status: 200, headers: { 'content-type': 'application/octet-stream' } })
+      })
+      const refused = await route(post({ id: 'stalled' }, { 'idempotency-key': 'st1' }))
+      expect(refused.status).toBe(500)
+      expect(await refused.json()).toMatchObject({ type: 'urn:kysely-idempotency:response_timeout', detail: expect.stringMatching(/rolled back/) })
+      expect(cancelled).toBe(true)
+      expect(await fx.effects('stalled')).toBe(0)
+      expect(await fx.rows()).toBe(0)
+      const slowClient = new Request('http://app.test/x', { method: 'POST', headers: { 'idempotency-key': 'st2' }, body: stalled(), duplex: 'half' } as RequestInit)
+      expect((await route(slowClient)).status).toBe(408)
+      expect(() => idempotent(fx.idempotency, { scope: UNSCOPED, bodyTimeout: 0 }, async () => ({ status: 200 }))).toThrow(RangeError)
+    })
+
     it("works behind Hono's validator, which read the body first: its copy is fingerprinted, and the handler reads c.req.valid()", async () => {
       const { validator } = await import('hono/validator')
       const app = new Hono()
@@ -243,6 +269,34 @@ for (const target of targetsFor('fetch helper', ['statement-paths'])) {
       expect((await upload('second', 'abc')).status).toBe(422)
       expect((await upload('first', 'abd')).status).toBe(422)
       expect(runs).toBe(1)
+    })
+
+    it('fingerprints a form that Hono parsed before the route by its fields, not by a re-encoding under a new boundary', async () => {
+      let runs = 0
+      const app = new Hono()
+      const route = idempotent(fx.idempotency, { scope: UNSCOPED }, async (_request, trx, c: Context) => {
+        runs++
+        const form = await c.req.formData()
+        await fx.effect(trx, `hono-form:${String(form.get('title'))}`)
+        return { status: 201, body: { title: form.get('title'), at: Math.random() } }
+      })
+      app.post('/uploads', async (c, next) => (await c.req.formData(), next()), (c) => route(c.req.raw, c))
+      const send = (key: string, body: FormData | URLSearchParams) => app.request('/uploads', { method: 'POST', headers: { 'idempotency-key': key }, body })
+      const multipart = (title: string) => {
+        const form = new FormData()
+        form.append('title', title)
+        form.append('file', new Blob(['abc'], { type: 'text/plain' }), 'notes.txt')
+        return form
+      }
+      for (const [key, body] of [['hf1', multipart], ['hf2', (title: string) => new URLSearchParams({ title })]] as const) {
+        const first = await send(key, body('first'))
+        expect(first.status).toBe(201)
+        const retry = await send(key, body('first'))
+        expect(retry.headers.get('idempotency-replayed')).toBe('true')
+        expect(await retry.text()).toBe(await first.text())
+        expect((await send(key, body('other'))).status).toBe(422)
+      }
+      expect(runs).toBe(2)
     })
   })
 }

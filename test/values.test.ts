@@ -3,6 +3,7 @@ import { createCipheriv, createDecipheriv, randomBytes } from 'node:crypto'
 import { sql, type Transaction } from 'kysely'
 import { afterEach, beforeEach, describe, expect, it } from 'vitest'
 import { defaultCodec, IdempotencySerializationError, IdempotencySetupError, type Codec, type Flow } from '../src/index.js'
+import { IdempotentRoute, type RequestFacts } from '../http/index.js'
 import { openFixture, targetsFor, type Fixture } from './support/harness.js'
 
 /** Values a replay must give back exactly: deep-strict-equal, same prototypes. */
@@ -190,6 +191,16 @@ for (const target of targetsFor('values', ['statement-paths'])) {
       })
       expect(resumed).toEqual({ p1: { x: 1 }, p2: 'new', attempt: 2, stepKey: 'old-flow-id.charge' })
       expect(await fx.idempotency.run('old-flow', async () => ({ p1: {}, p2: 'again', attempt: 0, stepKey: '' }))).toEqual(resumed)
+    })
+
+    it('replays an HTTP answer stored before headers that differ only in case were refused, with the last of them', async () => {
+      const request = { method: 'POST', url: '/x', body: { item: 1 }, headers: {} }
+      // What a route stored then: its answer as it is kept, headers and body's exact text.
+      const stored = { status: 201, headers: { 'Content-Type': 'application/json', 'X-Order': '1', 'x-order': '2' }, body: '{"ok":true}' }
+      await fx.idempotency.transaction({ key: 'old-answer', scope: 'u', request }, async () => stored)
+      const route = new IdempotentRoute<unknown>({ scope: () => 'u' }).transaction(fx.idempotency, {}, async () => ({ status: 500 }))
+      const facts: RequestFacts = { method: 'POST', url: '/x', body: () => ({ item: 1 }), headerLines: (name) => (name === 'Idempotency-Key' ? ['old-answer'] : []) }
+      expect(await route({}, facts)).toEqual({ replayed: true, answer: { status: 201, headers: { 'Content-Type': 'application/json', 'x-order': '2' }, body: '{"ok":true}' } })
     })
 
     it('stores through a codec of your own, here encrypting, and reads rows of the default codec', async () => {
