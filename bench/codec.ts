@@ -7,7 +7,7 @@ import { isDeepStrictEqual } from 'node:util'
 import * as devalue from 'devalue'
 import { InsertResult, UpdateResult } from 'kysely'
 import SuperJSON from 'superjson'
-import { defaultCodec } from '../src/codec.js'
+import { defaultCodec } from '../src/codec/codec.js'
 
 interface Candidate {
   readonly name: string

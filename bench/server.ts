@@ -1,7 +1,7 @@
 import express, { type Request, type Response } from 'express'
 import Fastify, { type FastifyRequest } from 'fastify'
 import type { Kysely } from 'kysely'
-import { createIdempotency } from '../src/index.js'
+import { createIdempotency } from '../index.js'
 import { idempotent } from '../express/index.js'
 import { idempotent as fastifyIdempotent } from '../fastify/index.js'
 import { openDatabase, type DatabaseName } from '../test/support/databases.js'

@@ -3,7 +3,7 @@ import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { dirname, join } from 'node:path'
 import { sql, type Kysely, type Transaction } from 'kysely'
-import { createIdempotency, type Idempotency } from '../src/index.js'
+import { createIdempotency, type Idempotency } from '../index.js'
 import { migrationTables } from '../migrations/index.js'
 import { locateServer, openDatabase, type DatabaseName } from '../test/support/databases.js'
 

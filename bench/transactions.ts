@@ -1,5 +1,5 @@
 import type { LogEvent } from 'kysely'
-import { createIdempotency } from '../src/index.js'
+import { createIdempotency } from '../index.js'
 import { openDatabase, type DatabaseName } from '../test/support/databases.js'
 import type { DbosPeer, RedisPeer } from './peers.js'
 import { rawSequences } from './raw.js'

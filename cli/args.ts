@@ -1,9 +1,10 @@
 import { resolve } from 'node:path'
 import { pathToFileURL } from 'node:url'
 import { sql, type Kysely } from 'kysely'
-import type { Codec } from '../src/codec.js'
+import type { Codec } from '../src/codec/codec.js'
 import { checkTableName, locateTable, qualified, type TableName } from '../src/table.js'
-import { createIdempotency, type Idempotency } from '../src/idempotency.js'
+import { createIdempotency } from '../index.js'
+import type { Idempotency } from '../src/api.js'
 import { connect, CONNECT_TIMEOUT } from './connect.js'
 import { CliError, describe, unreachable } from './errors.js'
 

@@ -1,5 +1,6 @@
-import { MysqlAdapter, sql, type Kysely, type RawBuilder } from 'kysely'
+import { MysqlAdapter, MysqlDialect, MysqlIntrospector, MysqlQueryCompiler, sql, type Kysely, type MysqlPool, type RawBuilder } from 'kysely'
 import { prepare } from '../src/sql.js'
+import { driver, type DatabaseSupport } from './support.js'
 import { qualified, type TableName } from '../src/table.js'
 import {
   isAdapter,
@@ -226,4 +227,21 @@ function toSeconds(ms: number): number {
 async function isMariadb(db: Kysely<unknown>): Promise<boolean> {
   const { rows } = await db.executeQuery<{ version: string }>(prepare(db, [], () => sql`select version() as version`).bind({}))
   return /mariadb/i.test(rows[0]?.version ?? '')
+}
+
+/** MySQL and MariaDB in the registry, opened with mysql2. */
+export const mysqlSupport: DatabaseSupport = {
+  label: 'MySQL/MariaDB',
+  names: ['mysql', 'mariadb'],
+  dialect: mysqlDialect(),
+  code: 'mysqlDialect()',
+  urls: ['mysql://', 'mariadb://'],
+  async open(location, { timeout }) {
+    const mysql = await driver<typeof import('mysql2')>('mysql2')
+    const pool = mysql.createPool({ uri: location.replace(/^mariadb:/i, 'mysql:'), connectionLimit: 1, connectTimeout: timeout })
+    // Recent mysql2 types its query values as a mutable array, which Kysely's MysqlPool interface
+    // rejects; the call is the same at run time.
+    return new MysqlDialect({ pool: pool as unknown as MysqlPool })
+  },
+  kysely: { adapter: MysqlAdapter, compiler: MysqlQueryCompiler, introspector: MysqlIntrospector },
 }

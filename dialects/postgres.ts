@@ -1,5 +1,6 @@
-import { PostgresAdapter, sql, type RawBuilder } from 'kysely'
+import { PostgresAdapter, PostgresDialect, PostgresIntrospector, PostgresQueryCompiler, sql, type RawBuilder } from 'kysely'
 import { prepare } from '../src/sql.js'
+import { driver, type DatabaseSupport } from './support.js'
 import { qualified, type TableName } from '../src/table.js'
 import {
   isAdapter,
@@ -177,4 +178,18 @@ function regclass(table: TableName): RawBuilder<unknown> {
 /** `lock_timeout` for a wait of `ms`: 0 would mean no limit, so "do not wait" is the shortest, 1 ms. */
 function lockTimeout(ms: number): string {
   return String(Math.max(1, ms))
+}
+
+/** PostgreSQL in the registry, opened with pg. */
+export const postgresSupport: DatabaseSupport = {
+  label: 'PostgreSQL',
+  names: ['postgres', 'postgresql'],
+  dialect: postgresDialect,
+  code: 'postgresDialect',
+  urls: ['postgres://', 'postgresql://'],
+  async open(location, { timeout }) {
+    const pg = (await driver<{ default: typeof import('pg') }>('pg')).default
+    return new PostgresDialect({ pool: new pg.Pool({ connectionString: location, max: 1, connectionTimeoutMillis: timeout }) })
+  },
+  kysely: { adapter: PostgresAdapter, compiler: PostgresQueryCompiler, introspector: PostgresIntrospector },
 }

@@ -1,5 +1,6 @@
-import { CompiledQuery, SqliteAdapter, sql, type RawBuilder } from 'kysely'
+import { CompiledQuery, SqliteAdapter, SqliteDialect, SqliteIntrospector, SqliteQueryCompiler, sql, type RawBuilder } from 'kysely'
 import { prepare } from '../src/sql.js'
+import { driver, OpenError, type DatabaseSupport } from './support.js'
 import {
   isAdapter,
   aliased,
@@ -129,4 +130,25 @@ export const sqliteDialect: IdempotencyDialect = {
     }
     return statements
   },
+}
+
+/** SQLite in the registry, opened with better-sqlite3: `sqlite:PATH`, or a path ending in `.db`, `.sqlite` or `.sqlite3`. */
+export const sqliteSupport: DatabaseSupport = {
+  label: 'SQLite',
+  names: ['sqlite'],
+  dialect: sqliteDialect,
+  code: 'sqliteDialect',
+  urls: ['sqlite:PATH', 'a *.db path'],
+  // A path with no scheme that ends like a database file, or a Windows path (whose drive looks like a scheme).
+  owns: (location) => (!/^[a-z][a-z0-9+.-]*:/i.test(location) && /\.(db|sqlite3?)$/i.test(location)) || /^[a-z]:[\\/]/i.test(location),
+  async open(location, { create }) {
+    const path = location.replace(/^sqlite:(\/\/)?/i, '')
+    const Database = (await driver<{ default: typeof import('better-sqlite3') }>('better-sqlite3')).default
+    try {
+      return new SqliteDialect({ database: new Database(path, { fileMustExist: !create }) })
+    } catch (error) {
+      throw new OpenError(`Cannot open the SQLite file ${path}: ${(error as Error).message}.`, { cause: error })
+    }
+  },
+  kysely: { adapter: SqliteAdapter, compiler: SqliteQueryCompiler, introspector: SqliteIntrospector },
 }

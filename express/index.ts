@@ -5,8 +5,9 @@
 import type { NextFunction as ExpressNext, Request } from 'express'
 import type { Transaction } from 'kysely'
 import { IdempotencySetupError } from '../src/errors.js'
-import type { Idempotency, RunOptions, TransactionOptions } from '../src/idempotency.js'
-import type { Flow } from '../src/phases.js'
+import type { Idempotency } from '../src/api.js'
+import type { RunOptions, TransactionOptions } from '../src/options.js'
+import type { Flow } from '../src/flow/handle.js'
 import { multerFiles } from '../http/uploads.js'
 import { IdempotentRoute, LEFT_BEHIND, rawHeaderLines, type Answer, type HttpDefinedFlow, type HttpResult, type IdempotentOptions, type Outcome, type RequestFacts } from '../http/index.js'
 

@@ -5,8 +5,9 @@
  */
 import { createHash } from 'node:crypto'
 import type { Transaction } from 'kysely'
-import type { Idempotency, RunOptions, TransactionOptions } from '../src/idempotency.js'
-import type { Flow } from '../src/phases.js'
+import type { Idempotency } from '../src/api.js'
+import type { RunOptions, TransactionOptions } from '../src/options.js'
+import type { Flow } from '../src/flow/handle.js'
 import { IdempotencySetupError } from '../src/errors.js'
 import {
   IdempotentRoute,

@@ -6,13 +6,14 @@
 import { randomUUID } from 'node:crypto'
 import { validateHeaderName, validateHeaderValue } from 'node:http'
 import type { Transaction } from 'kysely'
-import type { Execution } from '../src/core.js'
-import { MAX_DEPTH, nestsDeeper } from '../src/codec.js'
+import type { Execution } from '../src/api.js'
+import { MAX_DEPTH, nestsDeeper } from '../src/codec/values.js'
 import { IdempotencyError, IdempotencySerializationError, IdempotencySetupError, InvalidIdempotencyKeyError } from '../src/errors.js'
-import type { Idempotency, RunOptions, TransactionOptions } from '../src/idempotency.js'
-import { internalsOf, type DefinedFlow, type DefinedRunOptions, type Finisher } from '../src/flows.js'
-import type { Flow } from '../src/phases.js'
-import { problem, problemDetails, type ProblemDetails } from '../src/problem.js'
+import type { Idempotency } from '../src/api.js'
+import type { RunOptions, TransactionOptions } from '../src/options.js'
+import { internalsOf, type DefinedFlow, type DefinedRunOptions, type Finisher } from '../src/recovery/registry.js'
+import type { Flow } from '../src/flow/handle.js'
+import { problem, problemDetails, type ProblemDetails } from './problem.js'
 
 /** A route's answer: stored with the key in the same transaction, then sent. */
 export interface HttpResult {

@@ -1,5 +1,6 @@
 import { sql, type Kysely } from 'kysely'
 import type { IdempotencyDialect, TableUpgrades } from '../src/dialect.js'
+import type { MigrationResult, MigrationResultSet } from '../src/migrate.js'
 import { qualified, type TableName } from '../src/table.js'
 
 /** One migration of the idempotency table, as Kysely's `Migrator` and kysely-ctl take it. */
@@ -13,17 +14,6 @@ export interface IdempotencyMigrationProvider {
   getMigrations(): Promise<Record<string, IdempotencyMigration>>
 }
 
-/** One migration `migrate()` ran or recorded, in the shape of Kysely's `MigrationResult`. */
-export interface MigrationResult {
-  readonly migrationName: string
-  readonly direction: 'Up'
-  readonly status: 'Success'
-}
-
-/** What `migrate()` did: the migrations it ran or recorded, none when the table was up to date. */
-export interface MigrationResultSet {
-  readonly results: readonly MigrationResult[]
-}
 
 /** A migration, and when it was recorded as applied (`undefined`: pending). */
 export interface MigrationState {

@@ -1,6 +1,6 @@
 import { sql, type Kysely } from 'kysely'
 import type { IdempotencyDialect } from '../src/dialect.js'
-import { detectDialect } from '../src/detect.js'
+import { detectDialect } from '../dialects/registry.js'
 import { IdempotencyMigrationError } from '../src/errors.js'
 import { checkTableName, DEFAULT_TABLE, locateTable, qualified, type TableName } from '../src/table.js'
 import {
@@ -8,10 +8,11 @@ import {
   migrateToLatest,
   type IdempotencyMigration,
   type IdempotencyMigrationProvider,
-  type MigrationResultSet,
 } from './history.js'
+import type { MigrateTable } from '../src/migrate.js'
 
-export type { IdempotencyMigration, IdempotencyMigrationProvider, MigrationResult, MigrationResultSet } from './history.js'
+export type { IdempotencyMigration, IdempotencyMigrationProvider } from './history.js'
+export type { MigrationResult, MigrationResultSet } from '../src/migrate.js'
 
 /** Options of {@link idempotencyMigrations}. */
 export interface IdempotencyMigrationsOptions {
@@ -229,7 +230,7 @@ const MIGRATE_ATTEMPTS = 5
  * processes migrate at once, the loser of a race on the history tables tries again and finds
  * the work done. `db` is the instance's own Kysely instance: its `withSchema` names the schema.
  */
-export async function migrateTable(db: Kysely<unknown>, table: TableName, dialect: IdempotencyDialect, baseline = false): Promise<MigrationResultSet> {
+export const migrateTable: MigrateTable = async (db, table, dialect, baseline) => {
   const migrations = await schemaMigrations(table.name, dialect, baseline ? 'baseline' : 'adopt').getMigrations()
   for (let attempt = 1; ; attempt++) {
     try {

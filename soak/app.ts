@@ -7,7 +7,7 @@
 import express, { type NextFunction, type Request, type Response } from 'express'
 import type { Kysely } from 'kysely'
 import { idempotent, idempotentFlow, type HttpFlowRequest, type HttpResult } from '../express/index.js'
-import { createIdempotency, type Flow } from '../src/index.js'
+import { createIdempotency, type Flow } from '../index.js'
 import { openDatabase } from '../test/support/databases.js'
 import { SOAK_TABLES, type AppArgs, type SoakDB } from './schema.js'
 

@@ -10,7 +10,7 @@ import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { parseArgs } from 'node:util'
 import { sql, type Kysely } from 'kysely'
-import { createIdempotency } from '../src/index.js'
+import { createIdempotency } from '../index.js'
 import { locateServer, openDatabase, type DatabaseName } from '../test/support/databases.js'
 import { createTables, dropTables, SOAK_TABLES, type AppArgs, type SoakDB } from './schema.js'
 

@@ -1,7 +1,7 @@
 /**
  * Base class of every error this library throws on purpose.
  *
- * `code` is stable and safe to branch on; `status` is the HTTP status a server should
+ * `code` is stable and safe to branch on; `status` is the status code a server should
  * answer with. Errors from the database or from your own function are never wrapped
  * into this class unless the library can say something more useful about them; the
  * original error is then kept as `cause`.
@@ -70,7 +70,7 @@ export type IdempotencyErrorCode =
   | 'invalid_flow'
   | 'migration_failed'
 
-/** The idempotency key or scope is malformed (HTTP 400). Nothing was run or stored. */
+/** The idempotency key or scope is malformed (status 400). Nothing was run or stored. */
 export class InvalidIdempotencyKeyError extends IdempotencyError {
   declare readonly code: 'invalid_key'
   constructor(message: string) {
@@ -103,7 +103,7 @@ export type ConflictReason =
   | 'stranded'
 
 /**
- * Another attempt holds the same key (HTTP 409). Retry later; nothing of this attempt was
+ * Another attempt holds the same key (status 409). Retry later; nothing of this attempt was
  * stored. When it is thrown inside your own transaction, roll that transaction back.
  */
 export class IdempotencyConflictError extends IdempotencyError {
@@ -119,7 +119,7 @@ export class IdempotencyConflictError extends IdempotencyError {
   }
 }
 
-/** The key was already used with a different request (HTTP 422). Nothing was run. */
+/** The key was already used with a different request (status 422). Nothing was run. */
 export class IdempotencyKeyReuseError extends IdempotencyError {
   declare readonly code: 'key_reuse'
   constructor(message: string) {
@@ -129,7 +129,7 @@ export class IdempotencyKeyReuseError extends IdempotencyError {
 
 /**
  * An atomic-phases attempt lost its lock to another attempt that took the key over
- * (HTTP 409). The phase that noticed it was rolled back.
+ * (status 409). The phase that noticed it was rolled back.
  */
 export class IdempotencyLockLostError extends IdempotencyError {
   declare readonly code: 'lock_lost'
@@ -140,7 +140,7 @@ export class IdempotencyLockLostError extends IdempotencyError {
 
 /**
  * A result or request that JSON cannot represent faithfully (BigInt, function, symbol,
- * cycle, NaN or Infinity) was given to the library (HTTP 500: a bug in the calling code).
+ * cycle, NaN or Infinity) was given to the library (status 500: a bug in the calling code).
  * When it is a result, the transaction is rolled back and nothing is stored.
  */
 export class IdempotencySerializationError extends IdempotencyError {
@@ -151,7 +151,7 @@ export class IdempotencySerializationError extends IdempotencyError {
 }
 
 /**
- * The library cannot work with the database as configured (HTTP 500): the table is missing,
+ * The library cannot work with the database as configured (status 500): the table is missing,
  * the table name is not a plain identifier, or the Kysely dialect is not supported.
  */
 export class IdempotencySetupError extends IdempotencyError {
@@ -162,7 +162,7 @@ export class IdempotencySetupError extends IdempotencyError {
 }
 
 /**
- * An atomic-phases flow was called in a way that cannot be resumed safely (HTTP 500: a bug or
+ * An atomic-phases flow was called in a way that cannot be resumed safely (status 500: a bug or
  * a deploy that changed the flow): an invalid or repeated phase name, phases called in a
  * different order than the recorded ones, phases called concurrently, or used after the flow
  * ended. The lock is released and the recorded phases are kept.
@@ -175,7 +175,7 @@ export class IdempotencyFlowError extends IdempotencyError {
 }
 
 /**
- * Migrating the idempotency table failed (HTTP 500): the database refused a statement, or the
+ * Migrating the idempotency table failed (status 500): the database refused a statement, or the
  * table found in place is not one this library made. `cause` holds the database's error.
  */
 export class IdempotencyMigrationError extends IdempotencyError {

@@ -11,7 +11,8 @@ import {
   type KeyRow,
   type RowId,
 } from './dialect.js'
-import type { Encoded } from './codec.js'
+import type { Encoded } from './codec/store.js'
+import { backOffAssignments, type RecoveryFailure } from './recovery/backoff.js'
 import { prepare } from './sql.js'
 
 /** An unfinished atomic-phases row whose lock expired, as {@link Statements.abandoned} reads it. */
@@ -79,7 +80,6 @@ export interface Statements extends Required<DialectStatements> {
   finish(db: Kysely<unknown>, id: RowId, response: Encoded, ttl: number): Promise<void>
   /** Milliseconds until the key expires, on the database clock. */
   remaining(db: Kysely<unknown>, id: RowId): Promise<number>
-  /** Gives the lock of an unfinished key to a new attempt; `false` if `previous` no longer holds it. */
   /**
    * Gives the lock of an unfinished key to a new attempt; `false` if `previous` no longer holds
    * it. With `due`, only a flow of that name that the recovery worker may pick now.
@@ -119,16 +119,6 @@ export interface Statements extends Required<DialectStatements> {
   counts(db: Kysely<unknown>): Promise<KeyCounts>
 }
 
-/**
- * How a failed recovery backs a flow off, counted from the failures the row holds when it is
- * written (a count read earlier may be stale): the worker looks again 1 s after the first
- * failure, doubling up to an hour, and leaves the flow alone (`recover_after` null) at the
- * `maxFailures`th.
- */
-export interface RecoveryFailure {
-  readonly maxFailures: number
-}
-
 /** How many keys the table holds in each state; see {@link Statements.counts}. */
 export interface KeyCounts {
   /** Unfinished atomic-phases flows an attempt holds. */
@@ -140,11 +130,6 @@ export interface KeyCounts {
   /** Unfinished atomic-phases flows whose lock expired or was released. */
   readonly abandoned: number
 }
-
-/** The recovery worker's back-off ({@link RecoveryFailure}): 1 s, doubled at each failure, and an hour after 12. */
-const BACKOFF_FIRST = 1000
-const BACKOFF_DOUBLINGS = 12
-const BACKOFF_CAP = 60 * 60 * 1000
 
 /** Compiles every statement for `table` once. */
 export async function prepareStatements(db: Kysely<unknown>, dialect: IdempotencyDialect, table: string): Promise<Statements> {
@@ -190,10 +175,7 @@ export async function prepareStatements(db: Kysely<unknown>, dialect: Idempotenc
     where ${ours(p)}`)
   const release = prepare(db, ['id', 'token', 'ttl'], (p) => sql`
     update ${sql.table(table)} set lock_token = null, locked_until = null, expires_at = ${later(p.ttl)} where ${ours(p)}`)
-  // `recover_after` before `recovery_failures`: MySQL evaluates each assignment with the ones before it done.
-  const backOff = (max: RawBuilder<unknown>) => sql`recover_after = case when recovery_failures + 1 >= ${max} then null
-      else ${later(sql`(case when recovery_failures >= ${sql.lit(BACKOFF_DOUBLINGS)} then ${sql.lit(BACKOFF_CAP)} else ${sql.lit(BACKOFF_FIRST)} * (1 << recovery_failures) end)`)} end,
-    recovery_failures = recovery_failures + 1`
+  const backOff = (max: RawBuilder<unknown>) => backOffAssignments(later, max)
   const releaseFailed = prepare(db, ['id', 'token', 'ttl', 'max'], (p) => sql`
     update ${sql.table(table)} set lock_token = null, locked_until = null, expires_at = ${later(p.ttl)}, ${backOff(p.max)}
     where ${ours(p)}`)

@@ -8,7 +8,7 @@ import {
   IdempotencySetupError,
   InvalidIdempotencyKeyError,
   withIdempotency,
-} from '../src/index.js'
+} from '../index.js'
 import { gate, itIf, itWhere, openFixture, startWorker, targetsFor, type Fixture } from './support/harness.js'
 import { sleep } from './support/util.js'
 

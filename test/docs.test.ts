@@ -16,11 +16,11 @@ import { Kysely, SqliteDialect } from 'kysely'
 import Stripe from 'stripe'
 import ts from 'typescript'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { createIdempotency } from '../src/index.js'
+import { createIdempotency } from '../index.js'
 
 const root = resolve(import.meta.dirname, '..')
 const PACKAGE_PATHS: Readonly<Record<string, string>> = {
-  'kysely-idempotency': 'src/index.ts',
+  'kysely-idempotency': 'index.ts',
   'kysely-idempotency/express': 'express/index.ts',
   'kysely-idempotency/fetch': 'fetch/index.ts',
   'kysely-idempotency/fastify': 'fastify/index.ts',

@@ -15,7 +15,7 @@ import {
   migrationTables,
   withIdempotency,
   type Flow,
-} from '../src/index.js'
+} from '../index.js'
 import { openDatabase } from './support/databases.js'
 import { gate, openFixture, targetsFor, type Fixture } from './support/harness.js'
 import { sleep } from './support/util.js'

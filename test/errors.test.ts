@@ -13,7 +13,7 @@ import {
   postgresDialect,
   problemDetails,
   sqliteDialect,
-} from '../src/index.js'
+} from '../index.js'
 
 describe('problemDetails', () => {
   it('answers each 4xx with its status, an RFC 9457 body that says what happened, and Retry-After on a 409', () => {

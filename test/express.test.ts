@@ -10,7 +10,7 @@ import Stripe from 'stripe'
 import { afterAll, afterEach, beforeEach, describe, expect, it } from 'vitest'
 import { idempotent, idempotentFlow, UNSCOPED, type HttpResult, type IdempotentRequest } from '../express/index.js'
 import { sql } from 'kysely'
-import { createIdempotency, fingerprint, type Idempotency } from '../src/index.js'
+import { createIdempotency, fingerprint, type Idempotency } from '../index.js'
 import { openDatabase } from './support/databases.js'
 import { gate, itWhere, openFixture, targetsFor, type Fixture } from './support/harness.js'
 

@@ -4,7 +4,7 @@ import Fastify, { type FastifyInstance, type FastifyRequest } from 'fastify'
 import Stripe from 'stripe'
 import { afterEach, beforeEach, describe, expect, expectTypeOf, it } from 'vitest'
 import { idempotent, idempotentFlow, UNSCOPED, type HttpResult } from '../fastify/index.js'
-import type { Idempotency } from '../src/index.js'
+import type { Idempotency } from '../index.js'
 import { openFixture, targetsFor, type Fixture } from './support/harness.js'
 
 // What an app's authentication adds to every request; the helpers must see it without generics.

@@ -1,5 +1,5 @@
 import { afterEach, beforeEach, describe, expect, it } from 'vitest'
-import { IdempotencyConflictError, IdempotencyKeyReuseError, createIdempotency, type Flow, type Idempotency } from '../src/index.js'
+import { IdempotencyConflictError, IdempotencyKeyReuseError, createIdempotency, type Flow, type Idempotency } from '../index.js'
 import { openDatabase } from './support/databases.js'
 import { gate, itIf, itWhere, openFixture, targetsFor, type Fixture } from './support/harness.js'
 import { sleep } from './support/util.js'

@@ -1,8 +1,8 @@
 import { sql } from 'kysely'
 import { Migrator } from './support/migrator.js'
 import { afterEach, beforeEach, describe, expect, it } from 'vitest'
-import { createIdempotency, IdempotencyMigrationError, idempotencyMigrations, migrationTables } from '../src/index.js'
-import { detectDialect } from '../src/detect.js'
+import { createIdempotency, IdempotencyMigrationError, idempotencyMigrations, migrationTables } from '../index.js'
+import { detectDialect } from '../dialects/registry.js'
 import type { TableName } from '../src/table.js'
 import { itIf, itWhere, openFixture, startWorker, targetsFor, type Fixture } from './support/harness.js'
 

@@ -232,7 +232,7 @@ describe('the packed package', () => {
   it('ships built code and type declarations, and no tests', () => {
     const files = readdirSync(join(project, 'node_modules', 'kysely-idempotency'), { recursive: true }).map(String)
     for (const build of ['esm', 'cjs']) {
-      for (const entry of ['src', 'express', 'fetch', 'fastify']) {
+      for (const entry of ['', 'express', 'fetch', 'fastify']) {
         expect(files).toContain(join('dist', build, entry, 'index.js'))
         expect(files).toContain(join('dist', build, entry, 'index.d.ts'))
       }
@@ -258,10 +258,10 @@ describe('the packed package', () => {
     const resolved = Object.fromEntries(
       Object.entries(analysis.entrypoints).map(([entry, { resolutions }]) => [entry, Object.fromEntries(Object.entries(resolutions).map(([mode, r]) => [mode, r.resolution?.fileName]))]),
     )
-    const cjs = (entry: string) => `/node_modules/kysely-idempotency/dist/cjs/${entry}/index.d.ts`
-    const esm = (entry: string) => `/node_modules/kysely-idempotency/dist/esm/${entry}/index.d.ts`
+    const cjs = (entry: string) => `/node_modules/kysely-idempotency/dist/cjs/${entry && `${entry}/`}index.d.ts`
+    const esm = (entry: string) => `/node_modules/kysely-idempotency/dist/esm/${entry && `${entry}/`}index.d.ts`
     expect(resolved).toEqual({
-      '.': { node10: cjs('src'), 'node16-cjs': cjs('src'), 'node16-esm': esm('src'), bundler: esm('src') },
+      '.': { node10: cjs(''), 'node16-cjs': cjs(''), 'node16-esm': esm(''), bundler: esm('') },
       ...Object.fromEntries(
         ['express', 'fetch', 'fastify'].map((entry) => [`./${entry}`, { node10: cjs(entry), 'node16-cjs': cjs(entry), 'node16-esm': esm(entry), bundler: esm(entry) }]),
       ),
@@ -306,7 +306,7 @@ describe('the packed package', () => {
         { status: 201, replayed: 'true', body: { id: 2 } },
       ],
       orders: 2,
-      resolved: [join('dist', 'cjs', 'src', 'index.js'), join('dist', 'cjs', 'express', 'index.js')],
+      resolved: [join('dist', 'cjs', 'index.js'), join('dist', 'cjs', 'express', 'index.js')],
       superjson: { __esModule: true, default: 'function' },
       copies: { distinct: true, requireKinds: ['function', 'function', 'function'], importKinds: ['function', 'function', 'function'] },
       fromCjs: { name: 'IdempotencyKeyReuseError', own: true, esmClass: true, esmBase: true, esmOther: false },

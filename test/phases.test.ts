@@ -6,9 +6,9 @@ import {
   IdempotencyLockLostError,
   IdempotencySerializationError,
   type Flow,
-} from '../src/index.js'
+} from '../index.js'
 import { sql } from 'kysely'
-import { createIdempotency } from '../src/index.js'
+import { createIdempotency } from '../index.js'
 import { openDatabase } from './support/databases.js'
 import { expectOneOutcome, gate, itWhere, openFixture, sessions, startWorker, targetsFor, type Fixture } from './support/harness.js'
 import { rideEffects, rideFlow, type Ride, type RidePoint } from './support/ride.js'

@@ -1,7 +1,7 @@
 import { sql } from 'kysely'
 import { afterEach, beforeEach, describe, expect, it } from 'vitest'
 import { IdempotentRoute, type HttpFlowRequest, type HttpResult, type RequestFacts } from '../http/index.js'
-import { IdempotencyConflictError, IdempotencyLockLostError, type Flow, type Idempotency, type IdempotencyEvent } from '../src/index.js'
+import { IdempotencyConflictError, IdempotencyLockLostError, type Flow, type Idempotency, type IdempotencyEvent } from '../index.js'
 import { gate, itWhere, openFixture, startWorker, targetsFor, type Fixture } from './support/harness.js'
 import { rideEffects, type Ride, type RidePoint } from './support/ride.js'
 import { sleep } from './support/util.js'

@@ -14,8 +14,8 @@ import {
   IdempotencyLockLostError,
   IdempotencySerializationError,
   InvalidIdempotencyKeyError,
-} from '../src/index.js'
-import { normalizeKey } from '../src/request.js'
+} from '../index.js'
+import { normalizeKey } from '../src/keys.js'
 
 const printable = fc.string({ unit: fc.integer({ min: 0x20, max: 0x7e }).map((c) => String.fromCharCode(c)), minLength: 1, maxLength: 255 })
 

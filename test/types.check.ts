@@ -15,7 +15,7 @@ import {
   type Idempotency,
   type IdempotencyErrorCode,
   type Execution,
-} from '../src/index.js'
+} from '../index.js'
 
 interface Database {
   orders: { id: number; item: string; created_at: Date; amount: bigint }

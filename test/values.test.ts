@@ -2,7 +2,7 @@ import { deepStrictEqual } from 'node:assert/strict'
 import { createCipheriv, createDecipheriv, randomBytes } from 'node:crypto'
 import { sql, type Transaction } from 'kysely'
 import { afterEach, beforeEach, describe, expect, it } from 'vitest'
-import { defaultCodec, IdempotencySerializationError, IdempotencySetupError, type Codec, type Flow } from '../src/index.js'
+import { defaultCodec, IdempotencySerializationError, IdempotencySetupError, type Codec, type Flow } from '../index.js'
 import { IdempotentRoute, type RequestFacts } from '../http/index.js'
 import { openFixture, targetsFor, type Fixture } from './support/harness.js'
 

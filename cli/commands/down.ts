@@ -1,7 +1,7 @@
 import { createInterface } from 'node:readline/promises'
 import { defineCommand } from 'citty'
 import { countKeys, dropTable } from '../../migrations/index.js'
-import { detectDialect } from '../../src/detect.js'
+import { detectDialect } from '../../dialects/registry.js'
 import { connectionArgs, withDatabase } from '../args.js'
 import { CliError } from '../errors.js'
 

@@ -1,50 +1,22 @@
 import { defineCommand } from 'citty'
-import {
-  Kysely,
-  MysqlAdapter,
-  MysqlIntrospector,
-  MysqlQueryCompiler,
-  PostgresAdapter,
-  PostgresIntrospector,
-  PostgresQueryCompiler,
-  SqliteAdapter,
-  SqliteIntrospector,
-  SqliteQueryCompiler,
-  type CompiledQuery,
-  type DatabaseConnection,
-  type Driver,
-  type QueryResult,
-} from 'kysely'
-import { mysqlDialect } from '../../dialects/mysql.js'
-import { postgresDialect } from '../../dialects/postgres.js'
-import { sqliteDialect } from '../../dialects/sqlite.js'
+import { Kysely, type CompiledQuery, type DatabaseConnection, type Driver, type QueryResult } from 'kysely'
+import { databaseNamed, DATABASE_NAMES, DATABASES_IN_WORDS, type DatabaseSupport } from '../../dialects/registry.js'
 import { schemaMigrations } from '../../migrations/index.js'
 import { checkTableName, DEFAULT_TABLE } from '../../src/table.js'
 import { CliError } from '../errors.js'
 
-const DIALECTS = {
-  postgres: { module: postgresDialect, adapter: PostgresAdapter, compiler: PostgresQueryCompiler, introspector: PostgresIntrospector },
-  mysql: { module: mysqlDialect(), adapter: MysqlAdapter, compiler: MysqlQueryCompiler, introspector: MysqlIntrospector },
-  sqlite: { module: sqliteDialect, adapter: SqliteAdapter, compiler: SqliteQueryCompiler, introspector: SqliteIntrospector },
-}
-
-/** The other names of each database, as in the URL schemes `--url` takes. */
-const ALIASES: Readonly<Record<string, keyof typeof DIALECTS>> = { postgresql: 'postgres', mariadb: 'mysql' }
-
 export const sqlCommand = defineCommand({
   meta: { name: 'sql', description: 'Print the DDL of the idempotency table without connecting (for Prisma, Flyway, Atlas…)' },
   args: {
-    dialect: { type: 'string', description: 'Database to write the DDL for: postgres (postgresql), mysql (mariadb) or sqlite', valueHint: 'name' },
+    dialect: { type: 'string', description: `Database to write the DDL for: ${DATABASES_IN_WORDS}`, valueHint: 'name' },
     table: { type: 'string', description: 'Name of the idempotency table', default: DEFAULT_TABLE, valueHint: 'name' },
     debug: { type: 'boolean', description: 'Show the stack trace of an error', default: false },
   },
   async run({ args }) {
-    const name = args.dialect?.toLowerCase() ?? ''
-    const key = Object.hasOwn(ALIASES, name) ? ALIASES[name]! : name
-    const chosen = Object.hasOwn(DIALECTS, key) ? DIALECTS[key as keyof typeof DIALECTS] : undefined
+    const chosen = databaseNamed(args.dialect ?? '')
     if (!chosen) {
       const got = args.dialect === undefined ? '' : `, got "${args.dialect}"`
-      throw new CliError(`Choose the database with --dialect postgres|postgresql|mysql|mariadb|sqlite${got}.`)
+      throw new CliError(`Choose the database with --dialect ${DATABASE_NAMES.join('|')}${got}.`)
     }
     for (const [migration, statements] of await ddl(chosen, checkTableName(args.table))) {
       console.log(`-- ${migration}`)
@@ -54,7 +26,7 @@ export const sqlCommand = defineCommand({
 })
 
 /** The statements each migration runs, compiled for one database by a Kysely that never connects. */
-async function ddl(chosen: (typeof DIALECTS)[keyof typeof DIALECTS], table: string): Promise<Array<[string, string[]]>> {
+async function ddl(chosen: DatabaseSupport, table: string): Promise<Array<[string, string[]]>> {
   let statements: string[] = []
   const connection: DatabaseConnection = {
     async executeQuery<R>(query: CompiledQuery): Promise<QueryResult<R>> {
@@ -76,13 +48,13 @@ async function ddl(chosen: (typeof DIALECTS)[keyof typeof DIALECTS], table: stri
   }
   const db = new Kysely<unknown>({
     dialect: {
-      createAdapter: () => new chosen.adapter(),
+      createAdapter: () => new chosen.kysely.adapter(),
       createDriver: () => driver,
-      createIntrospector: (db) => new chosen.introspector(db),
-      createQueryCompiler: () => new chosen.compiler(),
+      createIntrospector: (db) => new chosen.kysely.introspector(db),
+      createQueryCompiler: () => new chosen.kysely.compiler(),
     },
   })
-  const migrations = await schemaMigrations(table, chosen.module, 'print').getMigrations()
+  const migrations = await schemaMigrations(table, chosen.dialect, 'print').getMigrations()
   const printed: Array<[string, string[]]> = []
   for (const name of Object.keys(migrations).sort()) {
     statements = []

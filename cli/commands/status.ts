@@ -1,7 +1,7 @@
 import { defineCommand } from 'citty'
 import { migrationStates } from '../../migrations/history.js'
 import { idempotencyMigrations } from '../../migrations/index.js'
-import { detectDialect } from '../../src/detect.js'
+import { detectDialect } from '../../dialects/registry.js'
 import { connectionArgs, withDatabase } from '../args.js'
 import { EXIT } from '../errors.js'
 

@@ -15,7 +15,7 @@ import * as forFastify from '../../fastify/index.js'
 import * as forFetch from '../../fetch/index.js'
 import type { HttpDefinedFlow, HttpFlowRequest, HttpResult } from '../../http/index.js'
 import { rideFlow, type Ride, type RidePoint } from './ride.js'
-import type { Flow, Idempotency } from '../../src/index.js'
+import type { Flow, Idempotency } from '../../index.js'
 
 /** What a route does, whatever the framework: the parsed JSON body in (`undefined` without one), an answer out. */
 export interface Routes {

@@ -5,7 +5,7 @@ import { PostgresJSDialect } from 'kysely-postgres-js5'
 import { createPool } from 'mysql2'
 import pg from 'pg'
 import postgres from 'postgres'
-import { mysqlDialect, type IdempotencyDialect } from '../../src/index.js'
+import { mysqlDialect, type IdempotencyDialect } from '../../index.js'
 
 /** A database the conformance suite runs against: what the library's dialect modules tell apart. */
 export type DatabaseName = 'postgres' | 'mysql' | 'sqlite'

@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { sql, type Kysely, type Transaction } from 'kysely'
 import { describe, expect, inject, it } from 'vitest'
-import { createIdempotency, IdempotencyConflictError, migrationTables, type Idempotency, type IdempotencyOptions } from '../../src/index.js'
+import { createIdempotency, IdempotencyConflictError, migrationTables, type Idempotency, type IdempotencyOptions } from '../../index.js'
 import { ALL_TARGETS, openDatabase, PGLITE_LOCATION, type Capability, type Target } from './databases.js'
 import type { Answer, WorkerArgs } from './util.js'
 

@@ -4,7 +4,7 @@
  * Every database write and every foreign call leaves a row in the fixture's effects table.
  */
 import type { Kysely } from 'kysely'
-import type { Flow } from '../../src/index.js'
+import type { Flow } from '../../index.js'
 
 /** Where a test may stop or stall the flow. */
 export type RidePoint = 'begun' | 'creating_ride' | 'ride_created' | 'charge_called' | 'charge_created' | 'ride_charged'

@@ -2,7 +2,7 @@
  * Failures a flow went on from (SPEC §4.3.6): what is recorded of a thrown value, and the value
  * a resume throws in its place, so that the flow's own `catch` takes the same path again.
  */
-import type { ValueStore } from './codec.js'
+import type { ValueStore } from '../codec/store.js'
 import {
   IdempotencyConflictError,
   IdempotencyError,
@@ -13,7 +13,7 @@ import {
   IdempotencySerializationError,
   IdempotencySetupError,
   InvalidIdempotencyKeyError,
-} from './errors.js'
+} from '../errors.js'
 
 /** An error class the caller throws in flows, to be rebuilt as itself on resume (`errorClasses`). */
 export type ErrorClass = abstract new (...args: never[]) => Error

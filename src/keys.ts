@@ -1,6 +1,6 @@
-import { createHash } from 'node:crypto'
-import { canonicalText } from './codec.js'
+/** Keys as callers give them, checked and fingerprinted before anything touches the database. */
 import { InvalidIdempotencyKeyError } from './errors.js'
+import { fingerprint } from './fingerprint.js'
 
 /**
  * Identifies one idempotent request: the client's key, whom it belongs to, and what was asked.
@@ -60,37 +60,4 @@ function describeBadKey(key: unknown): string {
   if (key.length === 0) return 'The idempotency key is empty; send 1 to 255 printable ASCII characters.'
   if (key.length > 255) return `The idempotency key is ${key.length} characters long; the limit is 255.`
   return 'The idempotency key may only contain printable ASCII characters (0x20 to 0x7E).'
-}
-
-/**
- * The SHA-256 (hex) of the canonical form of `request` ({@link canonicalJson}). Equal values
- * give the same fingerprint, whatever the order their keys were written in; values that
- * differ give different ones, including in what JSON would lose (`-0`, a `Set`'s members, a
- * `__proto__` field). Without a request, or with `undefined`, it is the fingerprint of a call
- * that names none (as `request: null`), the one the table holds for such a call.
- *
- * ### Examples
- *
- * ```ts
- * import { fingerprint } from 'kysely-idempotency'
- *
- * fingerprint({ b: 1, a: [true, null] }) === fingerprint({ a: [true, null], b: 1 }) // true
- * fingerprint({ at: new Date(0) }) === fingerprint({ at: '1970-01-01T00:00:00.000Z' }) // false
- * ```
- */
-export function fingerprint(request?: unknown): string {
-  // A call that names no request, or names it `undefined`, is fingerprinted as `request: null`.
-  return sha256(canonicalText(request === undefined ? null : request))
-}
-
-/**
- * The canonical text that fingerprints hash: for a JSON value, its JSON with object keys sorted
- * and no whitespace (`{"a":1,"b":[true]}`); values JSON cannot hold get forms JSON never
- * produces (`12n`, `Date(0)`, `Set[1,2]`…). Functions, symbols, cycles and class instances the
- * codec cannot rebuild are refused with `IdempotencySerializationError`.
- */
-export const canonicalJson: (request: unknown) => string = canonicalText
-
-function sha256(text: string): string {
-  return createHash('sha256').update(text).digest('hex')
 }

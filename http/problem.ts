@@ -1,4 +1,4 @@
-import { IdempotencyConflictError, type IdempotencyError, type IdempotencyErrorCode } from './errors.js'
+import { IdempotencyConflictError, type IdempotencyError, type IdempotencyErrorCode } from '../src/errors.js'
 
 /** An RFC 9457 problem document. */
 export interface ProblemDocument {

@@ -1,9 +1,13 @@
+/** What operators do: inspect one key, forget it, and delete expired keys. */
 import type { Kysely } from 'kysely'
-import type { Core, Settings } from './core.js'
+import type { Coalescer } from './coalesce.js'
 import { FINISHED } from './dialect.js'
 import { IdempotencyConflictError } from './errors.js'
-import { readable, readAttempts } from './phases.js'
-import type { NormalizedKey } from './request.js'
+import { readable, readAttempts } from './flow/state.js'
+import type { KeyTable } from './keytable.js'
+import type { NormalizedKey } from './keys.js'
+import { backOff, secondsAtLeastOne, type Settings } from './retries.js'
+import type { Statements } from './statements.js'
 
 /** Which key `inspect` and `forget` look at. */
 export interface KeyReference {
@@ -39,16 +43,16 @@ export interface KeyInspection {
   readonly lockedUntil: Date | null
 }
 
-export async function inspectKey(core: Core, db: Kysely<unknown>, key: NormalizedKey): Promise<KeyInspection | undefined> {
+export async function inspectKey(table: KeyTable, db: Kysely<unknown>, key: NormalizedKey): Promise<KeyInspection | undefined> {
   const plain = db.withoutPlugins()
-  const s = await core.statements(plain)
-  const row = await core.guard(undefined, () => s.inspect(plain, key.scope, key.key))
+  const s = await table.statements(plain)
+  const row = await table.translated(undefined, () => s.inspect(plain, key.scope, key.key))
   if (!row) return undefined
   const point = String(row.point)
   const locked = Number(row.locked) === 1
   const state = locked ? 'running' : Number(row.expired) === 1 ? 'expired' : point === FINISHED ? 'finished' : 'abandoned'
   const codec = row.codec == null ? null : String(row.codec)
-  const attempts = row.phases == null ? { value: 1 } : readable(() => readAttempts(core.values, String(row.phases), codec))
+  const attempts = row.phases == null ? { value: 1 } : readable(() => readAttempts(table.values, String(row.phases), codec))
   return {
     state,
     recoveryPoint: point,
@@ -69,18 +73,24 @@ export async function inspectKey(core: Core, db: Kysely<unknown>, key: Normalize
  * single transaction that claimed it is open: the row is then locked, and the delete, which
  * never waits, refuses instead of deleting the answer that transaction is about to commit.
  */
-export async function forgetKey(core: Core, db: Kysely<unknown>, key: NormalizedKey, settings: Settings & { lockTimeout: number }): Promise<boolean> {
+export async function forgetKey(
+  table: KeyTable,
+  coalescer: Coalescer,
+  db: Kysely<unknown>,
+  key: NormalizedKey,
+  settings: Settings & { lockTimeout: number },
+): Promise<boolean> {
   const held = () =>
     new IdempotencyConflictError(
       'in_flight',
       `The idempotency key "${key.key}" is held by a running attempt; forget it once that attempt ends or its lock runs out.`,
-      { retryAfter: Math.max(1, Math.ceil(settings.lockTimeout / 1000)) },
+      { retryAfter: secondsAtLeastOne(settings.lockTimeout) },
     )
-  if (core.runsHere(key)) throw held()
+  if (coalescer.runsHere(key)) throw held()
   const plain = db.withoutPlugins()
-  const s = await core.statements(plain)
+  const s = await table.statements(plain)
   const now = <T>(statement: () => Promise<T>) =>
-    core.waiting(settings, statement).catch((error: unknown) => {
+    table.waiting(settings, statement).catch((error: unknown) => {
       throw error instanceof IdempotencyConflictError ? held() : error
     })
   return plain
@@ -106,3 +116,40 @@ export async function forgetKey(core: Core, db: Kysely<unknown>, key: Normalized
 
 /** Rolls back the probe of {@link forgetKey}: there was nothing to forget. */
 const NOTHING = Symbol('nothing to forget')
+
+/** Attempts at one prune batch that the database aborts (deadlock with requests on the same rows). */
+const PRUNE_ATTEMPTS = 5
+
+/**
+ * Deletes expired, unlocked rows in batches of `batchSize`; returns how many. A batch the
+ * database aborts because requests lock the same rows (a deadlock, a lock wait) is tried again.
+ */
+export async function pruneKeys(table: KeyTable, db: Kysely<unknown>, batchSize: number): Promise<number> {
+  const plain = db.withoutPlugins()
+  const s = await table.statements(plain)
+  let total = 0
+  for (;;) {
+    const deleted = await pruneBatch(table, plain, s, batchSize)
+    total += deleted
+    if (deleted < batchSize) return total
+  }
+}
+
+async function pruneBatch(table: KeyTable, db: Kysely<unknown>, s: Statements, batchSize: number): Promise<number> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await table.translated(undefined, () => s.pruneBatch(db, batchSize))
+    } catch (error) {
+      if (!(error instanceof IdempotencyConflictError)) throw error
+      if (attempt < PRUNE_ATTEMPTS) {
+        await backOff(attempt)
+        continue
+      }
+      throw new IdempotencyConflictError(
+        'race',
+        `Pruning "${table.name}" was stopped by the database ${attempt} times in a row while requests were using the same rows (${(error.cause as Error | undefined)?.message ?? 'lock conflict'}); run prune again later.`,
+        { retryAfter: 1, cause: error.cause },
+      )
+    }
+  }
+}

@@ -1,0 +1,86 @@
+/**
+ * The single-transaction path: the key claimed, the function run and its answer stored in one
+ * transaction, the caller's (`withIdempotency`) or one the library opens and retries
+ * (`transaction()`).
+ */
+import type { Kysely, Transaction } from 'kysely'
+import type { Execution } from './api.js'
+import { runningFunction, type AttemptSlot, type Coalescer } from './coalesce.js'
+import type { ClaimValues } from './dialect.js'
+import type { KeyTable } from './keytable.js'
+import type { NormalizedKey } from './keys.js'
+import { CLAIM_ROUNDS, claimWait, keptChanging, type Settings } from './retries.js'
+import { claimFailed, EXPIRED, type Verdicts } from './verdict.js'
+
+export class TransactionPath {
+  readonly #table: KeyTable
+  readonly #coalescer: Coalescer
+  readonly #verdicts: Verdicts
+
+  constructor(table: KeyTable, coalescer: Coalescer, verdicts: Verdicts) {
+    this.#table = table
+    this.#coalescer = coalescer
+    this.#verdicts = verdicts
+  }
+
+  /** Runs `fn` once per key inside `trx`, or returns the stored result. */
+  async inTransaction<T, DB>(trx: Transaction<DB>, key: NormalizedKey, fn: (trx: Transaction<DB>) => Promise<T>, settings: Settings): Promise<Execution<T>> {
+    const table = this.#table
+    const db = trx.withoutPlugins() as unknown as Kysely<unknown>
+    const s = await table.statements(db)
+    const wait = claimWait(settings)
+    const values: ClaimValues = { ...key, expiresIn: settings.ttl, wait, token: null, lease: null, phases: null, codec: null, flow: null, recoverIn: null }
+    for (let round = 1; ; round++) {
+      const claim = await table.waiting(settings, () => s.claim(db, values))
+      let id = claim.claimed
+      if (claim.claimed === null) {
+        const row = claim.row ?? (await table.waiting(settings, () => s.latest(db, key.scope, key.key, wait)))
+        if (row) {
+          const verdict = await this.#verdicts.on(db, s, row, key, settings, trx)
+          if (verdict !== EXPIRED) return { value: verdict.value as T, replayed: true }
+          if (await table.waiting(settings, () => s.reclaim(db, row.id, values))) id = row.id
+        }
+      }
+      if (id !== null) {
+        const entry = this.#coalescer.entry(key)
+        try {
+          const value = await runningFunction(
+            entry,
+            () => fn(trx),
+            (value) => s.finish(db, id, table.values.encode(value), settings.ttl),
+          )
+          return { value, replayed: false }
+        } catch (error) {
+          claimFailed(trx, entry)
+          throw error
+        }
+      }
+      if (round === CLAIM_ROUNDS) throw keptChanging(settings)
+    }
+  }
+
+  /**
+   * Answers a replay with one read, else opens a transaction and runs {@link inTransaction} in it,
+   * retrying races (serialization failures, deadlocks) with jittered back-off.
+   */
+  async inOwnTransaction<T, DB>(
+    db: Kysely<DB>,
+    key: NormalizedKey,
+    fn: (trx: Transaction<DB>) => Promise<T>,
+    settings: Settings,
+    slot: Pick<AttemptSlot, 'claiming'>,
+  ): Promise<Execution<T>> {
+    const plain = db.withoutPlugins() as unknown as Kysely<unknown>
+    const s = await this.#table.statements(plain)
+    const row = await this.#table.translated(settings, () => s.lookup(plain, key.scope, key.key))
+    if (row) {
+      const verdict = await this.#verdicts.on(plain, s, row, key, settings)
+      if (verdict !== EXPIRED) return { value: verdict.value as T, replayed: true }
+    }
+    slot.claiming()
+    return this.#table.retrying(settings, () => {
+      const builder = settings.isolationLevel ? db.transaction().setIsolationLevel(settings.isolationLevel) : db.transaction()
+      return builder.execute((trx) => this.inTransaction(trx, key, fn, settings))
+    })
+  }
+}
