@@ -151,10 +151,15 @@ export function mysqlDialect(options: MysqlDialectOptions = {}): IdempotencyDial
       const setWait = prepare(db, ['seconds'], (p) => sql`
         set @kysely_idempotency_wait = @@innodb_lock_wait_timeout, innodb_lock_wait_timeout = ${p.seconds}`)
       const restoreWait = prepare(db, [], () => sql`set innodb_lock_wait_timeout = @kysely_idempotency_wait`)
+      // Rows another transaction holds (a request reclaiming an expired key) are skipped, not
+      // waited for. The delete reads the chosen ids first (STRAIGHT_JOIN): scanning the table
+      // itself would lock, and wait for, every row it passes.
       const pruneBatch = prepare(db, ['limit'], (p) => sql`
-        delete from ${sql.table(table)}
-        where expires_at <= ${clock} and (locked_until is null or locked_until <= ${clock})
-        order by expires_at limit ${p.limit}`)
+        delete k from (
+          select id from ${sql.table(table)}
+          where expires_at <= ${clock} and (locked_until is null or locked_until <= ${clock})
+          order by expires_at limit ${p.limit} for update skip locked) as expired
+        straight_join ${sql.table(table)} as k on k.id = expired.id`)
 
       const withLockWait = async <T>(db: Kysely<unknown>, wait: number, run: () => Promise<T>): Promise<T> => {
         await db.executeQuery(setWait.bind({ seconds: toSeconds(wait) }))
