@@ -24,6 +24,7 @@ const PACKAGE_PATHS: Readonly<Record<string, string>> = {
   'kysely-idempotency/express': 'express/index.ts',
   'kysely-idempotency/fetch': 'fetch/index.ts',
   'kysely-idempotency/fastify': 'fastify/index.ts',
+  'kysely-idempotency/testing': 'testing/index.ts',
 }
 
 interface Example {

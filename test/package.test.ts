@@ -17,6 +17,7 @@ const run = (file: string, args: string[], cwd: string) =>
 const CONSUMER = `
 import { Kysely, MysqlDialect, PostgresDialect, SqliteDialect } from 'kysely'
 import { createIdempotency, IdempotencyKeyReuseError } from 'kysely-idempotency'
+import { exerciseDialect } from 'kysely-idempotency/testing'
 const [driver, location] = process.argv.slice(2)
 const dialect = {
   pg: async () => new PostgresDialect({ pool: new (await import('pg')).default.Pool({ connectionString: location }) }),
@@ -35,8 +36,11 @@ const reuse = await idempotency.transaction({ key: 'k', request: 2 }, async () =
 const flow = async (flow) => (await flow.phase('one', async () => 1)) + (await flow.step('two', async () => 2))
 const phases = [await idempotency.executeRun('f', flow), await idempotency.executeRun('f', flow)]
 for (const t of [tableName, tableName + '_migration', tableName + '_migration_lock']) await db.schema.dropTable(t).execute()
+// The dialect contract kit, on one connection where the database has only one here.
+const single = driver === 'pglite' || driver === 'better-sqlite3'
+const contract = await exerciseDialect({ db, ...(single ? { competitor: false } : {}) })
 await db.destroy()
-console.log(JSON.stringify({ first, again, reuse, phases }))
+console.log(JSON.stringify({ first, again, reuse, phases, contract: { failed: contract.failed.length, ran: contract.passed.length + contract.notApplicable.length } }))
 `
 
 /**
@@ -232,7 +236,7 @@ describe('the packed package', () => {
   it('ships built code and type declarations, and no tests', () => {
     const files = readdirSync(join(project, 'node_modules', 'kysely-idempotency'), { recursive: true }).map(String)
     for (const build of ['esm', 'cjs']) {
-      for (const entry of ['', 'express', 'fetch', 'fastify']) {
+      for (const entry of ['', 'express', 'fetch', 'fastify', 'testing']) {
         expect(files).toContain(join('dist', build, entry, 'index.js'))
         expect(files).toContain(join('dist', build, entry, 'index.d.ts'))
       }
@@ -263,7 +267,7 @@ describe('the packed package', () => {
     expect(resolved).toEqual({
       '.': { node10: cjs(''), 'node16-cjs': cjs(''), 'node16-esm': esm(''), bundler: esm('') },
       ...Object.fromEntries(
-        ['express', 'fetch', 'fastify'].map((entry) => [`./${entry}`, { node10: cjs(entry), 'node16-cjs': cjs(entry), 'node16-esm': esm(entry), bundler: esm(entry) }]),
+        ['express', 'fetch', 'fastify', 'testing'].map((entry) => [`./${entry}`, { node10: cjs(entry), 'node16-cjs': cjs(entry), 'node16-esm': esm(entry), bundler: esm(entry) }]),
       ),
       './package.json': expect.anything(),
     })
@@ -355,6 +359,7 @@ describe('the packed package', () => {
       again: { value: { ok: true }, replayed: true },
       reuse: true,
       phases: [{ value: 3, replayed: false }, { value: 3, replayed: true }],
+      contract: { failed: 0, ran: 17 },
     })
   })
 })
