@@ -8,8 +8,17 @@ import { IdempotencySetupError } from '../src/errors.js'
 import type { Idempotency } from '../src/api.js'
 import type { RunOptions, TransactionOptions } from '../src/options.js'
 import type { Flow } from '../src/flow/handle.js'
-import { multerFiles } from '../http/uploads.js'
-import { IdempotentRoute, LEFT_BEHIND, rawHeaderLines, type Answer, type HttpDefinedFlow, type HttpResult, type IdempotentOptions, type Outcome, type RequestFacts } from '../http/index.js'
+import {
+  IdempotentRoute,
+  multerFiles,
+  rawHeaderLines,
+  type Answer,
+  type HttpDefinedFlow,
+  type HttpResult,
+  type IdempotentOptions,
+  type Outcome,
+  type RequestFacts,
+} from '../http/index.js'
 
 export { parseKeyHeader, UNSCOPED } from '../http/index.js'
 export type { HttpDefinedFlow, HttpFlowRequest, HttpResult, IdempotentOptions } from '../http/index.js'
@@ -76,8 +85,7 @@ export function idempotent<DB, Req extends IdempotentRequest = Request>(
   options: IdempotentOptions<Req> & TransactionOptions,
   handler: (req: Req, trx: Transaction<DB>) => Promise<HttpResult>,
 ): (req: Req, res: IdempotentResponse, next: (error?: unknown) => void) => void {
-  const { ttl, conflictWait, isolationLevel } = options
-  return express(new IdempotentRoute(options).transaction(idempotency, { ttl, conflictWait, isolationLevel }, async (req, trx) => returned(req, await handler(req, trx), LEFT_BEHIND.transaction)))
+  return express(new IdempotentRoute(options).transaction(idempotency, handler))
 }
 
 /**
@@ -104,38 +112,22 @@ export function idempotentFlow<DB, Req extends IdempotentRequest = Request>(
   options: IdempotentOptions<Req> & RunOptions,
   handler: ((req: Req, flow: Flow<DB, HttpResult>) => Promise<HttpResult>) | HttpDefinedFlow,
 ): (req: Req, res: IdempotentResponse, next: (error?: unknown) => void) => void {
-  const { ttl, conflictWait, lockTimeout } = options
-  const served = typeof handler === 'function' ? async (req: Req, flow: Flow<DB, HttpResult>) => returned(req, await handler(req, flow), LEFT_BEHIND.flow) : handler
-  return express(new IdempotentRoute(options).flow(idempotency, { ttl, conflictWait, lockTimeout }, served))
-}
-
-/** The handler's answer, unless it sent one itself, which the route refuses before anything commits. */
-function returned(req: IdempotentRequest, result: HttpResult, left: string): HttpResult {
-  if (req.res?.headersSent) {
-    throw new IdempotencySetupError(
-      `The handler of ${req.method} ${req.originalUrl} sent the response itself (res.json(), res.send()…) instead of returning it, so it cannot be stored. ` +
-        `${left} Return { status, body, headers } and let the route send it.`,
-    )
-  }
-  return result
+  return express(new IdempotentRoute(options).flow(idempotency, handler))
 }
 
 function express<Req extends IdempotentRequest>(
   route: (req: Req, facts: RequestFacts) => Promise<Outcome>,
 ): (req: Req, res: IdempotentResponse, next: (error?: unknown) => void) => void {
   return (req, res, next) => {
-    route(req, facts(req)).then(
-      (outcome) => {
-        if ('error' in outcome) return next(outcome.error)
-        try {
-          send(res, outcome.answer, outcome.replayed)
-        } catch (error) {
-          // The answer was checked before anything was stored; this is a response already sent.
-          next(error)
-        }
-      },
-      next,
-    )
+    route(req, facts(req)).then((outcome) => {
+      if ('error' in outcome) return next(outcome.error)
+      try {
+        send(res, outcome.answer)
+      } catch (error) {
+        // The answer was checked before anything was stored; this is a response already sent.
+        next(error)
+      }
+    }, next)
   }
 }
 
@@ -149,6 +141,7 @@ function facts(req: IdempotentRequest): RequestFacts {
       return files ? { fields: body, files } : body
     },
     headerLines: (name) => rawHeaderLines(req.rawHeaders, name),
+    sentBy: () => (req.res?.headersSent ? 'res.json(), res.send()…' : undefined),
   }
 }
 
@@ -169,10 +162,9 @@ function parsed(req: IdempotentRequest): unknown {
   return req.body
 }
 
-function send(res: IdempotentResponse, answer: Answer, replayed: boolean): void {
+function send(res: IdempotentResponse, answer: Answer): void {
   res.status(answer.status)
   for (const [name, value] of Object.entries(answer.headers)) res.setHeader(name, value)
-  if (replayed) res.setHeader('Idempotency-Replayed', 'true')
   // Bytes, not a string: Express would add a charset to the Content-Type of a string.
   if (answer.body === undefined) res.end()
   else res.send(Buffer.isBuffer(answer.body) ? answer.body : Buffer.from(answer.body))

@@ -8,8 +8,18 @@ import { IdempotencySetupError } from '../src/errors.js'
 import type { Idempotency } from '../src/api.js'
 import type { RunOptions, TransactionOptions } from '../src/options.js'
 import type { Flow } from '../src/flow/handle.js'
-import { multipartBody } from '../http/uploads.js'
-import { IdempotentRoute, LEFT_BEHIND, rawHeaderLines, type Answer, type HttpDefinedFlow, type HttpResult, type IdempotentOptions, type Outcome, type RequestFacts } from '../http/index.js'
+import {
+  IdempotentRoute,
+  multipartBody,
+  rawHeaderLines,
+  type Answer,
+  type HttpDefinedFlow,
+  type HttpResult,
+  type IdempotentOptions,
+  type Outcome,
+  type RequestFacts,
+  type RouteOptions,
+} from '../http/index.js'
 
 export { parseKeyHeader, UNSCOPED } from '../http/index.js'
 export type { HttpDefinedFlow, HttpFlowRequest, HttpResult, IdempotentOptions } from '../http/index.js'
@@ -73,9 +83,7 @@ export function idempotent<DB, Req extends IdempotentRequest = FastifyRequest, R
   options: IdempotentOptions<Req> & TransactionOptions,
   handler: (request: Req, trx: Transaction<DB>) => Promise<HttpResult>,
 ): (request: Req, reply: Reply) => Promise<void> {
-  const { ttl, conflictWait, isolationLevel } = options
-  const route = new IdempotentRoute(routeOptions<Req, Reply>(options))
-  return fastify(route.transaction(idempotency, { ttl, conflictWait, isolationLevel }, async (call, trx) => returned(call, await handler(call.request, trx), LEFT_BEHIND.transaction)))
+  return fastify(new IdempotentRoute(routeOptions<Req, Reply>(options)).transaction(idempotency, (call, trx) => handler(call.request, trx)))
 }
 
 /**
@@ -103,42 +111,28 @@ export function idempotentFlow<DB, Req extends IdempotentRequest = FastifyReques
   options: IdempotentOptions<Req> & RunOptions,
   handler: ((request: Req, flow: Flow<DB, HttpResult>) => Promise<HttpResult>) | HttpDefinedFlow,
 ): (request: Req, reply: Reply) => Promise<void> {
-  const { ttl, conflictWait, lockTimeout } = options
-  const route = new IdempotentRoute(routeOptions<Req, Reply>(options))
-  const served =
-    typeof handler === 'function' ? async (call: Call<Req, Reply>, flow: Flow<DB, HttpResult>) => returned(call, await handler(call.request, flow), LEFT_BEHIND.flow) : handler
-  return fastify(route.flow(idempotency, { ttl, conflictWait, lockTimeout }, served))
+  const served = typeof handler === 'function' ? (call: Call<Req, Reply>, flow: Flow<DB, HttpResult>) => handler(call.request, flow) : handler
+  return fastify(new IdempotentRoute(routeOptions<Req, Reply>(options)).flow(idempotency, served))
 }
 
-function routeOptions<Req extends IdempotentRequest, Reply>(options: IdempotentOptions<Req>): IdempotentOptions<Call<Req, Reply>> {
+function routeOptions<Req extends IdempotentRequest, Reply>(options: RouteOptions<Req>): RouteOptions<Call<Req, Reply>> {
   const scope = options?.scope
   return { ...options, scope: typeof scope === 'function' ? (call: Call<Req, Reply>) => scope(call.request) : scope }
-}
-
-/** The handler's answer, unless it sent one itself, which the route refuses before anything commits. */
-function returned<Req extends IdempotentRequest>(call: Call<Req, IdempotentReply>, result: HttpResult, left: string): HttpResult {
-  if (call.reply.sent) {
-    throw new IdempotencySetupError(
-      `The handler of ${call.request.method} ${call.request.originalUrl} sent the reply itself (reply.send()) instead of returning its answer, so it cannot be stored. ` +
-        `${left} Return { status, body, headers } and let the route send it.`,
-    )
-  }
-  return result
 }
 
 function fastify<Req extends IdempotentRequest, Reply extends IdempotentReply>(
   route: (call: Call<Req, Reply>, facts: RequestFacts) => Promise<Outcome>,
 ): (request: Req, reply: Reply) => Promise<void> {
   return async (request, reply) => {
-    const outcome = await route({ request, reply }, facts(request))
+    const outcome = await route({ request, reply }, facts(request, reply))
     if ('error' in outcome) throw outcome.error
-    send(reply, outcome.answer, outcome.replayed)
+    send(reply, outcome.answer)
     // Settles once the answer is sent, so Fastify leaves the reply alone (its `await reply`).
     await reply
   }
 }
 
-function facts(request: IdempotentRequest): RequestFacts {
+function facts(request: IdempotentRequest, reply: IdempotentReply): RequestFacts {
   return {
     method: request.method,
     url: request.originalUrl,
@@ -154,13 +148,13 @@ function facts(request: IdempotentRequest): RequestFacts {
       return multipartBody(request.body)
     },
     headerLines: (name) => rawHeaderLines(request.raw.rawHeaders, name),
+    sentBy: () => (reply.sent ? 'reply.send()' : undefined),
   }
 }
 
-function send(reply: IdempotentReply, answer: Answer, replayed: boolean): void {
+function send(reply: IdempotentReply, answer: Answer): void {
   reply.code(answer.status)
   for (const [name, value] of Object.entries(answer.headers)) reply.header(name, value)
-  if (replayed) reply.header('Idempotency-Replayed', 'true')
   // Bytes, not a string: Fastify adds a charset to a JSON Content-Type sent with a string, and
   // passes a string through a serializer set with reply.serializer(); it sends bytes as they are.
   reply.send(answer.body === undefined ? undefined : Buffer.isBuffer(answer.body) ? answer.body : Buffer.from(answer.body))

@@ -3,17 +3,20 @@
  * Deno, Elysia. Maps requests and responses onto the shared HTTP behaviour (`http/`); nothing
  * here decides what is stored or answered.
  */
-import { createHash } from 'node:crypto'
 import type { Transaction } from 'kysely'
 import type { Idempotency } from '../src/api.js'
 import type { RunOptions, TransactionOptions } from '../src/options.js'
 import type { Flow } from '../src/flow/handle.js'
 import { IdempotencySetupError } from '../src/errors.js'
 import {
+  fieldsOf,
   IdempotentRoute,
+  mediaType,
+  parsedBody,
+  partsOf,
   readAtMost,
   type StreamBounds,
-  UNSCOPED,
+  type UNSCOPED,
   type Answer,
   type HttpDefinedFlow,
   type HttpResult,
@@ -74,11 +77,10 @@ export function idempotent<DB, Args extends readonly unknown[] = []>(
   options: FetchIdempotentOptions<Args> & TransactionOptions,
   handler: (request: Request, trx: Transaction<DB>, ...args: Args) => Promise<FetchResult>,
 ): (request: Request, ...args: Args) => Promise<Response> {
-  const { ttl, conflictWait, isolationLevel } = options
   const route = new IdempotentRoute(routeOptions(options))
   return serve(
     route,
-    route.transaction(idempotency, { ttl, conflictWait, isolationLevel }, async (call: Call<Args>, trx) =>
+    route.transaction(idempotency, async (call: Call<Args>, trx) =>
       result(await handler(unread(call.request), trx, ...call.args), { bytes: route.maxStoredBytes, ms: route.bodyTimeout }),
     ),
   )
@@ -109,13 +111,13 @@ export function idempotentFlow<DB, Args extends readonly unknown[] = []>(
   options: FetchIdempotentOptions<Args> & RunOptions,
   handler: ((request: Request, flow: Flow<DB, HttpResult>, ...args: Args) => Promise<FetchResult>) | HttpDefinedFlow,
 ): (request: Request, ...args: Args) => Promise<Response> {
-  const { ttl, conflictWait, lockTimeout } = options
   const route = new IdempotentRoute(routeOptions(options))
   const served =
     typeof handler === 'function'
-      ? async (call: Call<Args>, flow: Flow<DB, HttpResult>) => result(await handler(unread(call.request), flow, ...call.args), { bytes: route.maxStoredBytes, ms: route.bodyTimeout })
+      ? async (call: Call<Args>, flow: Flow<DB, HttpResult>) =>
+          result(await handler(unread(call.request), flow, ...call.args), { bytes: route.maxStoredBytes, ms: route.bodyTimeout })
       : handler
-  return serve(route, route.flow(idempotency, { ttl, conflictWait, lockTimeout }, served))
+  return serve(route, route.flow(idempotency, served))
 }
 
 /**
@@ -139,7 +141,7 @@ function serve<Args extends readonly unknown[]>(
   return async (request, ...args) => {
     const outcome = await served({ request, args }, facts(request, args, { bytes: route.maxRequestBytes, ms: route.bodyTimeout }))
     if ('error' in outcome) throw outcome.error
-    return response(outcome.answer, outcome.replayed)
+    return response(outcome.answer)
   }
 }
 
@@ -171,7 +173,8 @@ interface HonoContext {
  */
 async function bodyOf(request: Request, args: readonly unknown[], limit: StreamBounds): Promise<unknown> {
   const contentType = request.headers.get('content-type') ?? ''
-  if (!request.bodyUsed) return parsed(contentType, request.body === null ? new Uint8Array() : await readAtMost(request.clone().body!, limit, 'request'))
+  if (!request.bodyUsed)
+    return parsedBody(contentType, request.body === null ? new Uint8Array() : await readAtMost(request.clone().body!, limit, 'request'))
   const hono = args.find((arg): arg is HonoContext => (arg as Partial<HonoContext> | null)?.req?.raw === request)
   if (!hono) {
     throw new IdempotencySetupError(
@@ -183,51 +186,7 @@ async function bodyOf(request: Request, args: readonly unknown[], limit: StreamB
   const type = mediaType(contentType)
   if (type === 'multipart/form-data') return partsOf(await hono.req.formData())
   if (type === 'application/x-www-form-urlencoded') return fieldsOf(await hono.req.formData())
-  return parsed(contentType, new Uint8Array(await hono.req.arrayBuffer()))
-}
-
-function mediaType(contentType: string): string {
-  return contentType.split(';')[0]!.trim().toLowerCase()
-}
-
-/** The body as Express's parsers would leave it: JSON parsed, form fields (multipart: its parts), text, or bytes. */
-async function parsed(contentType: string, bytes: Uint8Array): Promise<unknown> {
-  if (bytes.byteLength === 0) return undefined
-  const type = mediaType(contentType)
-  const text = () => new TextDecoder().decode(bytes)
-  if (type === 'application/json' || type.endsWith('+json')) {
-    try {
-      return JSON.parse(text())
-    } catch {
-      return bytes
-    }
-  }
-  if (type === 'application/x-www-form-urlencoded') return Object.fromEntries(new URLSearchParams(text()))
-  if (type === 'multipart/form-data') {
-    // A body that does not parse is taken as its bytes.
-    const form = await new Response(bytes, { headers: { 'Content-Type': contentType } }).formData().catch(() => undefined)
-    return form ? partsOf(form) : bytes
-  }
-  if (type.startsWith('text/')) return text()
-  return bytes
-}
-
-/** Form fields as `URLSearchParams` gives them: each name's last value. */
-function fieldsOf(form: FormData): Record<string, unknown> {
-  return Object.fromEntries([...form].map(([name, value]) => [name, typeof value === 'string' ? value : value.name]))
-}
-
-/**
- * A multipart body as its parts, in order, without the boundary (every client picks a new one
- * for each request, a retry included): a field's text, or a file's name, type and SHA-256.
- */
-async function partsOf(form: FormData): Promise<unknown> {
-  const parts: Array<[string, unknown]> = []
-  for (const [name, value] of form) {
-    if (typeof value === 'string') parts.push([name, value])
-    else parts.push([name, { file: value.name, type: value.type, sha256: createHash('sha256').update(new Uint8Array(await value.arrayBuffer())).digest('hex') }])
-  }
-  return { multipart: parts }
+  return parsedBody(contentType, new Uint8Array(await hono.req.arrayBuffer()))
 }
 
 /**
@@ -249,12 +208,12 @@ async function result(answer: FetchResult, limit: StreamBounds): Promise<HttpRes
 /** Statuses whose response has no body by definition. */
 const BODILESS = new Set([204, 205, 304])
 
-function response(answer: Answer, replayed: boolean): Response {
+function response(answer: Answer): Response {
   const headers = new Headers()
   for (const [name, value] of Object.entries(answer.headers)) {
     for (const line of typeof value === 'string' ? [value] : value) headers.append(name, line)
   }
-  if (replayed) headers.set('Idempotency-Replayed', 'true')
-  const body = answer.body === undefined || BODILESS.has(answer.status) ? null : typeof answer.body === 'string' ? answer.body : new Uint8Array(answer.body)
+  const body =
+    answer.body === undefined || BODILESS.has(answer.status) ? null : typeof answer.body === 'string' ? answer.body : new Uint8Array(answer.body)
   return new Response(body, { status: answer.status, headers })
 }

@@ -59,7 +59,9 @@ export async function multipartBody(body: unknown): Promise<unknown> {
     if (p.type === 'field') return p.value
     return { field: p.fieldname, file: p.filename ?? '', type: p.mimetype ?? '', sha256: await digest(p.fieldname, await p.toBuffer?.()) }
   }
-  return Object.fromEntries(await Promise.all(Object.entries(body).map(async ([name, v]) => [name, Array.isArray(v) ? await Promise.all(v.map(part)) : await part(v)])))
+  return Object.fromEntries(
+    await Promise.all(Object.entries(body).map(async ([name, v]) => [name, Array.isArray(v) ? await Promise.all(v.map(part)) : await part(v)])),
+  )
 }
 
 function isPart(value: unknown): value is MultipartPart {

@@ -31,7 +31,10 @@ for (const target of targetsFor('recovery worker')) {
           return { id: `ride-${request.key}` }
         })
         const charge = await flow.step('charge_created', async () => {
-          await fx.db.insertInto(fx.effectsTable).values({ k: names.call(flow.stepKey('charge_created')) }).execute()
+          await fx.db
+            .insertInto(fx.effectsTable)
+            .values({ k: names.call(flow.stepKey('charge_created')) })
+            .execute()
           if (plan.fail > 0 && plan.fail--) throw new Error('the provider is down')
           return { id: `ch-${flow.stepKey('charge_created')}` }
         })
@@ -43,7 +46,12 @@ for (const target of targetsFor('recovery worker')) {
       const plan = { fail: 1 }
       const ride = defineRide(idempotency, plan)
       await expect(ride.run({ key: 'r1', request: { key: 'r1' } })).rejects.toThrow('the provider is down')
-      expect(await idempotency.inspect({ key: 'r1' })).toMatchObject({ state: 'abandoned', recoveryPoint: 'ride_created', flowName: 'ride', attempts: 1 })
+      expect(await idempotency.inspect({ key: 'r1' })).toMatchObject({
+        state: 'abandoned',
+        recoveryPoint: 'ride_created',
+        flowName: 'ride',
+        attempts: 1,
+      })
       expect(await idempotency.recover()).toEqual({ finished: 1, failed: 0, skipped: 0 })
       const names = rideEffects('r1')
       expect(await fx.effects(names.ride)).toBe(1)
@@ -66,8 +74,12 @@ for (const target of targetsFor('recovery worker')) {
         throw new Error('stops')
       })
       await expect(elsewhere.run({ key: 'e1', request: 1 })).rejects.toThrow('stops')
-      await expect(idempotency.run({ key: 'plain', request: 1 }, async (flow) => (await flow.phase('one', async () => 1), flow.fail('x' as never)))).resolves.toBe('x')
-      await expect(idempotency.run({ key: 'plain2', request: 1 }, async (flow) => (await flow.phase('one', async () => 1), Promise.reject(new Error('stops'))))).rejects.toThrow()
+      await expect(
+        idempotency.run({ key: 'plain', request: 1 }, async (flow) => (await flow.phase('one', async () => 1), flow.fail('x' as never))),
+      ).resolves.toBe('x')
+      await expect(
+        idempotency.run({ key: 'plain2', request: 1 }, async (flow) => (await flow.phase('one', async () => 1), Promise.reject(new Error('stops')))),
+      ).rejects.toThrow()
       defineRide(idempotency)
       const before = await idempotency.inspect({ key: 'e1' })
       expect(await idempotency.recover()).toEqual({ finished: 0, failed: 0, skipped: 1 })
@@ -92,7 +104,13 @@ for (const target of targetsFor('recovery worker')) {
       expect(await idempotency.abandoned()).toMatchObject([{ key: 'bad', recoveryFailures: 2, recoverable: false }])
       const failures = events.filter((e) => e.type === 'recovery_failed')
       expect(failures).toHaveLength(2)
-      for (const f of failures) expect(f).toMatchObject({ operation: 'recover', key: 'bad', flowName: 'ride', error: expect.objectContaining({ message: 'the provider is down' }) })
+      for (const f of failures)
+        expect(f).toMatchObject({
+          operation: 'recover',
+          key: 'bad',
+          flowName: 'ride',
+          error: expect.objectContaining({ message: 'the provider is down' }),
+        })
       // The client's own retry still resumes it.
       await expect(ride.run({ key: 'bad', request: { key: 'bad' } })).rejects.toThrow('the provider is down')
       expect(await idempotency.inspect({ key: 'bad' })).toMatchObject({ attempts: 4, recoveryFailures: 2 })
@@ -150,7 +168,7 @@ for (const target of targetsFor('recovery worker')) {
       const failing = broken.startRecovery({ every: 20 })
       await sleep(200)
       await failing.stop()
-      const passes = events.filter((e) => e.type === 'recovery_failed' && e.key === undefined)
+      const passes = events.filter((e) => e.type === 'recovery_failed').filter((e) => e.key === undefined)
       expect(passes.length).toBeGreaterThan(1)
       expect(String((passes[0]!.error as Error).message)).toMatch(/does not exist/)
       expect(() => idempotency.startRecovery({ every: 1 })).toThrow(RangeError)
@@ -219,10 +237,13 @@ for (const target of targetsFor('recovery worker')) {
       stall.open()
       await expect(stalled).rejects.toMatchObject({ code: 'lock_lost' })
       const resumed = observed.defineFlow('resumed', async (flow: Flow<any, number>) => (await flow.phase('one', async () => 1), 1))
-      await fx.with({ lockTimeout }).run({ key: 'r', request: 1 }, async (flow) => (await flow.phase('one', async () => 1), Promise.reject(new Error('x')))).catch(() => {})
+      await fx
+        .with({ lockTimeout })
+        .run({ key: 'r', request: 1 }, async (flow) => (await flow.phase('one', async () => 1), Promise.reject(new Error('x'))))
+        .catch(() => {})
       await expect(resumed.run({ key: 'r', request: 1 })).resolves.toBe(1)
       expect(await observed.prune()).toBe(0)
-      const types = seen.map((e) => `${e.operation}:${e.type}${e.reason ? `:${e.reason}` : ''}`)
+      const types = seen.map((e) => `${e.operation}:${e.type}${e.type === 'conflict' ? `:${e.reason}` : ''}`)
       expect(types).toEqual([
         'transaction:executed',
         'transaction:replayed',
@@ -242,7 +263,8 @@ for (const target of targetsFor('recovery worker')) {
     })
 
     it('refuses a bad flow name, a name defined twice and bad options, and rejects bad input to recover, inspect and forget', async () => {
-      for (const name of ['', '1flow', 'a b', 'x'.repeat(101), undefined]) expect(() => idempotency.defineFlow(name as string, async () => 1)).toThrow(/is not a valid flow name/)
+      for (const name of ['', '1flow', 'a b', 'x'.repeat(101), undefined])
+        expect(() => idempotency.defineFlow(name as string, async () => 1)).toThrow(/is not a valid flow name/)
       idempotency.defineFlow('once', async () => 1)
       expect(() => idempotency.defineFlow('once', async () => 2)).toThrow(/already defined in this instance/)
       expect(() => idempotency.defineFlow('ttl', async () => 1, { ttl: 0 })).toThrow(RangeError)
@@ -308,7 +330,10 @@ for (const target of targetsFor('recovery worker')) {
         // It refused at once, without waiting for the attempt to end.
         expect(Date.now() - started, via).toBeLessThan(2000)
         expect(await attempt).toBe('charged once')
-        expect(await fx.idempotency.executeTransaction({ key, request: 1 }, async () => 'charged twice')).toEqual({ value: 'charged once', replayed: true })
+        expect(await fx.idempotency.executeTransaction({ key, request: 1 }, async () => 'charged twice')).toEqual({
+          value: 'charged once',
+          replayed: true,
+        })
         expect(await fx.effects(key)).toBe(1)
       }
     })
@@ -323,15 +348,20 @@ for (const target of targetsFor('recovery worker')) {
       await worker.done
     })
 
-    it('applies the route\'s storage rules to what the worker stores, fail() included, and only to flows that came through the route', async () => {
+    it("applies the route's storage rules to what the worker stores, fail() included, and only to flows that came through the route", async () => {
       const defined = idempotency.defineFlow('http-flow', async (flow: Flow<any, HttpResult>, request: HttpFlowRequest<{ fail?: boolean }>) => {
         await flow.phase('a', async () => 1)
         if (flow.attempt === 1) throw new Error('crash')
         if (request.body?.fail) return flow.fail({ status: 503, headers: { 'Set-Cookie': 'sid=secret' }, body: { e: 1 } })
         return { status: 201, headers: { 'Set-Cookie': 'sid=secret', 'X-Kept': 'yes' }, body: { ok: true } }
       })
-      const route = new IdempotentRoute<unknown>({ scope: () => 'u', required: true }).flow(idempotency, {}, defined)
-      const facts = (body: unknown, key: string): RequestFacts => ({ method: 'POST', url: '/x', body: () => body, headerLines: (name) => (name === 'Idempotency-Key' ? [key] : []) })
+      const route = new IdempotentRoute<unknown>({ scope: () => 'u', required: true }).flow(idempotency, defined)
+      const facts = (body: unknown, key: string): RequestFacts => ({
+        method: 'POST',
+        url: '/x',
+        body: () => body,
+        headerLines: (name) => (name === 'Idempotency-Key' ? [key] : []),
+      })
       expect(await route({}, facts({ fail: true }, 'h-fail'))).toMatchObject({ error: expect.objectContaining({ message: 'crash' }) })
       expect(await route({}, facts({}, 'h-ok'))).toMatchObject({ error: expect.objectContaining({ message: 'crash' }) })
       // Called without the route, the same flow stores its value as it is.
@@ -347,22 +377,30 @@ for (const target of targetsFor('recovery worker')) {
       })
     })
 
-    it("finishes a route's flow stored before finishers had ids (\"answer\": \"http\") under the route's rules", async () => {
+    it('finishes a route\'s flow stored before finishers had ids ("answer": "http") under the route\'s rules', async () => {
       let runs = 0
       const defined = idempotency.defineFlow('legacy', async (flow: Flow<any, HttpResult>) => {
         await flow.phase('a', async () => 1)
         if (++runs === 1) throw new Error('crash')
         return { status: 201, headers: { 'Set-Cookie': 'sid=secret', 'X-Kept': 'yes' }, body: { ok: true } }
       })
-      const route = new IdempotentRoute<unknown>({ scope: () => 'u', required: true }).flow(idempotency, {}, defined)
+      const route = new IdempotentRoute<unknown>({ scope: () => 'u', required: true }).flow(idempotency, defined)
       const facts: RequestFacts = { method: 'POST', url: '/x', body: () => ({}), headerLines: (name) => (name === 'Idempotency-Key' ? ['old'] : []) }
       expect(await route({}, facts)).toMatchObject({ error: expect.objectContaining({ message: 'crash' }) })
       // The flow's state as it was written before: the finisher's id under `answer`.
       const { dialect } = idempotency
-      const { state } = await fx.db.selectFrom(fx.table).select(dialect.jsonText(sql.ref('phase_results')).as('state')).where('key', '=', 'old').executeTakeFirstOrThrow()
+      const { state } = await fx.db
+        .selectFrom(fx.table)
+        .select(dialect.jsonText(sql.ref('phase_results')).as('state'))
+        .where('key', '=', 'old')
+        .executeTakeFirstOrThrow()
       expect(String(state)).toContain('"finisher":"http"')
       const legacy = String(state).replace('"finisher":"http"', '"answer":"http"')
-      await fx.db.updateTable(fx.table).set({ phase_results: dialect.json(sql.val(legacy)) }).where('key', '=', 'old').execute()
+      await fx.db
+        .updateTable(fx.table)
+        .set({ phase_results: dialect.json(sql.val(legacy)) })
+        .where('key', '=', 'old')
+        .execute()
       expect(await idempotency.recover()).toEqual({ finished: 1, failed: 0, skipped: 0 })
       const replayed = await route({}, facts)
       expect(replayed).toMatchObject({ replayed: true, answer: { status: 201, headers: { 'X-Kept': 'yes' } } })
@@ -371,9 +409,13 @@ for (const target of targetsFor('recovery worker')) {
 
     it('puts off the flows of a route it does not serve, so that they never crowd out the others', async () => {
       const api = fx.with({ lockTimeout })
-      const served = api.defineFlow('served', async (flow: Flow<any, HttpResult>) => (await flow.phase('a', async () => 1), Promise.reject(new Error('crash'))))
-      const route = new IdempotentRoute<unknown>({ scope: () => 'u', required: true }).flow(api, {}, served)
-      for (const key of ['h1', 'h2']) await route({}, { method: 'POST', url: '/x', body: () => ({}), headerLines: (name) => (name === 'Idempotency-Key' ? [key] : []) })
+      const served = api.defineFlow(
+        'served',
+        async (flow: Flow<any, HttpResult>) => (await flow.phase('a', async () => 1), Promise.reject(new Error('crash'))),
+      )
+      const route = new IdempotentRoute<unknown>({ scope: () => 'u', required: true }).flow(api, served)
+      for (const key of ['h1', 'h2'])
+        await route({}, { method: 'POST', url: '/x', body: () => ({}), headerLines: (name) => (name === 'Idempotency-Key' ? [key] : []) })
       idempotency.defineFlow('served', async () => ({ status: 200 }))
       const plain = defineRide(idempotency, { fail: 1 })
       await expect(plain.run({ key: 'p1', request: { key: 'p1' } })).rejects.toThrow()
@@ -428,7 +470,15 @@ for (const target of targetsFor('recovery worker')) {
       const ride = defineRide(idempotency)
       for (const point of points) {
         const key = `killed-${point}`
-        const child = startWorker({ target: target.id, location: fx.location, table: fx.table, action: 'defined-ride', key, stopAt: point, lockTimeout })
+        const child = startWorker({
+          target: target.id,
+          location: fx.location,
+          table: fx.table,
+          action: 'defined-ride',
+          key,
+          stopAt: point,
+          lockTimeout,
+        })
         await child.printed(`at:${point}`)
         child.kill('SIGKILL')
         await child.done
@@ -446,4 +496,3 @@ for (const target of targetsFor('recovery worker')) {
     })
   })
 }
-

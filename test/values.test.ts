@@ -14,7 +14,12 @@ function storableValues(): Record<string, () => unknown> {
     Date: () => ({ created_at: new Date('2026-01-02T03:04:05.678Z') }),
     Buffer: () => ({ avatar: Buffer.from([0, 1, 254, 255]) }),
     'typed arrays': () => [new Uint8Array([1, 2, 3]), new Float64Array([Number.NaN, -0, Infinity]), new BigInt64Array([-5n]), new Int16Array([-2])],
-    Map: () => new Map<unknown, unknown>([['a', 1], [{ composite: true }, new Date(0)], [2n, [1, 2]]]),
+    Map: () =>
+      new Map<unknown, unknown>([
+        ['a', 1],
+        [{ composite: true }, new Date(0)],
+        [2n, [1, 2]],
+      ]),
     Set: () => new Set<unknown>(['x', 1, { nested: new Set([1n]) }]),
     'undefined at the top': () => undefined,
     'undefined as a member': () => ({ present: undefined, list: [undefined, 1] }),
@@ -22,7 +27,8 @@ function storableValues(): Record<string, () => unknown> {
     'key order': () => ({ zeta: 1, alpha: { y: 2, b: 3 }, mid: [{ d: 4, c: 5 }] }),
     'an object without prototype': () => Object.assign(Object.create(null) as object, { a: 1 }),
     'fields named __proto__ and constructor': () => JSON.parse('{"__proto__": {"admin": true}, "constructor": "x", "prototype": 1}') as unknown,
-    'an object shared inside an object without prototype': () => Object.assign(Object.create(null) as object, { a: shared, b: [shared], n: 1n, m: 1n }),
+    'an object shared inside an object without prototype': () =>
+      Object.assign(Object.create(null) as object, { a: shared, b: [shared], n: 1n, m: 1n }),
     'shared references and a cycle': () => {
       const cycle: Record<string, unknown> = { shared, again: shared }
       cycle.self = cycle
@@ -37,6 +43,7 @@ const refusedValues: Record<string, () => unknown> = {
   'a function': () => ({ callback: () => 1 }),
   'a symbol': () => ({ tag: Symbol('x') }),
   'a class instance it cannot rebuild': () => ({ at: new URL('https://example.com') }),
+  // biome-ignore lint/suspicious/noSparseArray: a hole is what is tested.
   'a sparse array': () => [1, , 3],
   'a symbol key': () => ({ [Symbol('k')]: 1 }),
   // A value walked by recursion would overflow the stack here: refused with a typed error, never a RangeError.
@@ -151,7 +158,10 @@ for (const target of targetsFor('values', ['statement-paths'])) {
 
     it('stores readable JSON that names its codec', async () => {
       await fx.idempotency.transaction('readable', async () => ({ id: 7, at: new Date(0) }))
-      const row = await fx.db.selectFrom(fx.table).select(['codec', fx.idempotency.dialect.jsonText(sql.ref('response')).as('response')]).executeTakeFirstOrThrow()
+      const row = await fx.db
+        .selectFrom(fx.table)
+        .select(['codec', fx.idempotency.dialect.jsonText(sql.ref('response')).as('response')])
+        .executeTakeFirstOrThrow()
       expect(row.codec).toBe('superjson')
       expect(JSON.parse(String(row.response))).toEqual({ json: { id: 7, at: '1970-01-01T00:00:00.000Z' }, meta: { values: { at: ['Date'] }, v: 1 } })
     })
@@ -198,9 +208,17 @@ for (const target of targetsFor('values', ['statement-paths'])) {
       // What a route stored then: its answer as it is kept, headers and body's exact text.
       const stored = { status: 201, headers: { 'Content-Type': 'application/json', 'X-Order': '1', 'x-order': '2' }, body: '{"ok":true}' }
       await fx.idempotency.transaction({ key: 'old-answer', scope: 'u', request }, async () => stored)
-      const route = new IdempotentRoute<unknown>({ scope: () => 'u' }).transaction(fx.idempotency, {}, async () => ({ status: 500 }))
-      const facts: RequestFacts = { method: 'POST', url: '/x', body: () => ({ item: 1 }), headerLines: (name) => (name === 'Idempotency-Key' ? ['old-answer'] : []) }
-      expect(await route({}, facts)).toEqual({ replayed: true, answer: { status: 201, headers: { 'Content-Type': 'application/json', 'x-order': '2' }, body: '{"ok":true}' } })
+      const route = new IdempotentRoute<unknown>({ scope: () => 'u' }).transaction(fx.idempotency, async () => ({ status: 500 }))
+      const facts: RequestFacts = {
+        method: 'POST',
+        url: '/x',
+        body: () => ({ item: 1 }),
+        headerLines: (name) => (name === 'Idempotency-Key' ? ['old-answer'] : []),
+      }
+      expect(await route({}, facts)).toEqual({
+        replayed: true,
+        answer: { status: 201, headers: { 'Content-Type': 'application/json', 'x-order': '2', 'Idempotency-Replayed': 'true' }, body: '{"ok":true}' },
+      })
     })
 
     it('stores through a codec of your own, here encrypting, and reads rows of the default codec', async () => {
@@ -223,12 +241,19 @@ for (const target of targetsFor('values', ['statement-paths'])) {
       const plain = fx.idempotency
       const private_ = fx.with({ codec: encrypted })
       await plain.transaction('written-plain', async () => ({ card: '4242', at: new Date(1) }))
-      expect(await private_.transaction('written-plain', async () => ({ card: '', at: new Date(0) }))).toStrictEqual({ card: '4242', at: new Date(1) })
+      expect(await private_.transaction('written-plain', async () => ({ card: '', at: new Date(0) }))).toStrictEqual({
+        card: '4242',
+        at: new Date(1),
+      })
 
       const secretValue = { card: '4111 1111 1111 1111', amount: 5n }
       expect(await private_.transaction('secret', async () => secretValue)).toBe(secretValue)
       expect(await private_.transaction('secret', async () => ({ card: '', amount: 0n }))).toStrictEqual(secretValue)
-      const stored = await fx.db.selectFrom(fx.table).select(['codec', fx.idempotency.dialect.jsonText(sql.ref('response')).as('response')]).where('key', '=', 'secret').executeTakeFirstOrThrow()
+      const stored = await fx.db
+        .selectFrom(fx.table)
+        .select(['codec', fx.idempotency.dialect.jsonText(sql.ref('response')).as('response')])
+        .where('key', '=', 'secret')
+        .executeTakeFirstOrThrow()
       expect(stored.codec).toBe('aes-256-gcm')
       expect(String(stored.response)).not.toContain('4111')
       const flow = async (flow: Flow<any, bigint>) => flow.step('charge', async () => 42n)
@@ -249,13 +274,23 @@ for (const target of targetsFor('values', ['statement-paths'])) {
       await expect(other.run({ key: 'written-elsewhere', request: { n: 2 } }, stop)).rejects.toThrow('stops')
       const listed = await fx.idempotency.abandoned()
       expect(listed.find((f) => f.key === 'readable')).toMatchObject({ request: { n: 1 }, attempts: 1, unreadable: null })
-      expect(listed.find((f) => f.key === 'written-elsewhere')).toMatchObject({ recoveryPoint: 'one', request: undefined, attempts: null, unreadable: expect.stringMatching(/codec "other"/) })
-      expect(await fx.idempotency.inspect({ key: 'written-elsewhere' })).toMatchObject({ state: 'abandoned', attempts: null, unreadable: expect.stringMatching(/codec "other"/) })
+      expect(listed.find((f) => f.key === 'written-elsewhere')).toMatchObject({
+        recoveryPoint: 'one',
+        request: undefined,
+        attempts: null,
+        unreadable: expect.stringMatching(/codec "other"/),
+      })
+      expect(await fx.idempotency.inspect({ key: 'written-elsewhere' })).toMatchObject({
+        state: 'abandoned',
+        attempts: null,
+        unreadable: expect.stringMatching(/codec "other"/),
+      })
       expect(await other.inspect({ key: 'written-elsewhere' })).toMatchObject({ attempts: 1, unreadable: null })
     })
 
     it('refuses a codec name longer than the column that stores it, when the instance is created', () => {
-      const named = (name: string) => () => fx.with({ codec: { name, encode: (value) => JSON.stringify(value), decode: (text) => JSON.parse(text) as unknown } })
+      const named = (name: string) => () =>
+        fx.with({ codec: { name, encode: (value) => JSON.stringify(value), decode: (text) => JSON.parse(text) as unknown } })
       expect(named('💳'.repeat(255))).not.toThrow()
       for (const name of ['💳'.repeat(256), '', 'a\0b']) {
         expect(named(name)).toThrow(IdempotencySetupError)
