@@ -5,7 +5,9 @@ import { qualified, type TableName } from '../src/table.js'
 
 /** One migration of the idempotency table, as Kysely's `Migrator` and kysely-ctl take it. */
 export interface IdempotencyMigration {
+  // biome-ignore lint/suspicious/noExplicitAny: Kysely's own Migration takes Kysely<any>; anything narrower is not assignable to it.
   up(db: Kysely<any>): Promise<void>
+  // biome-ignore lint/suspicious/noExplicitAny: as for up.
   down(db: Kysely<any>): Promise<void>
 }
 
@@ -13,7 +15,6 @@ export interface IdempotencyMigration {
 export interface IdempotencyMigrationProvider {
   getMigrations(): Promise<Record<string, IdempotencyMigration>>
 }
-
 
 /** A migration, and when it was recorded as applied (`undefined`: pending). */
 export interface MigrationState {
@@ -61,7 +62,9 @@ export async function migrateToLatest(
   const history = historyOf(table)
   const pending = async (on: Kysely<unknown>) => {
     const done = await recorded(on, history.table)
-    return Object.keys(migrations).sort().filter((name) => !done.has(name))
+    return Object.keys(migrations)
+      .sort()
+      .filter((name) => !done.has(name))
   }
   const plain = db.withoutPlugins()
   if ((await dialect.upgrades.columns(plain, history.table)).length && !(await pending(plain)).length) return { results: [] }
@@ -71,7 +74,10 @@ export async function migrateToLatest(
     const results: MigrationResult[] = []
     for (const name of await pending(plain)) {
       await migrations[name]!.up(on)
-      await plain.insertInto(qualified(history.table) as never).values({ name, timestamp: new Date().toISOString() } as never).execute()
+      await plain
+        .insertInto(qualified(history.table) as never)
+        .values({ name, timestamp: new Date().toISOString() } as never)
+        .execute()
       results.push({ migrationName: name, direction: 'Up', status: 'Success' })
     }
     return { results }
@@ -80,13 +86,16 @@ export async function migrateToLatest(
   if (adapter.supportsTransactionalDdl) {
     // Under SERIALIZABLE or REPEATABLE READ, every migrator that waited for the lock row would fail
     // once the first commits; READ COMMITTED lets it read the history the first one wrote.
-    return db.transaction().setIsolationLevel('read committed').execute(async (trx) => {
-      await dialect.upgrades.migrationLock?.(trx.withoutPlugins())
-      await sql`update ${sql.table(qualified(history.lock))} set is_locked = 1 where id = ${LOCK_ROW}`.execute(trx.withoutPlugins())
-      const result = await run(trx)
-      await sql`update ${sql.table(qualified(history.lock))} set is_locked = 0 where id = ${LOCK_ROW}`.execute(trx.withoutPlugins())
-      return result
-    })
+    return db
+      .transaction()
+      .setIsolationLevel('read committed')
+      .execute(async (trx) => {
+        await dialect.upgrades.migrationLock?.(trx.withoutPlugins())
+        await sql`update ${sql.table(qualified(history.lock))} set is_locked = 1 where id = ${LOCK_ROW}`.execute(trx.withoutPlugins())
+        const result = await run(trx)
+        await sql`update ${sql.table(qualified(history.lock))} set is_locked = 0 where id = ${LOCK_ROW}`.execute(trx.withoutPlugins())
+        return result
+      })
   }
   return db.connection().execute(async (connection) => {
     const options = { lockTable: history.lock.name, lockRowId: LOCK_ROW, ...(table.schema === undefined ? {} : { lockTableSchema: table.schema }) }
@@ -109,12 +118,16 @@ export async function migrationStates(
   const history = historyOf(table).table
   const plain = db.withoutPlugins()
   const done = (await dialect.upgrades.columns(plain, history)).length ? await recorded(plain, history) : new Map<string, Date>()
-  return Object.keys(migrations).sort().map((name) => ({ name, executedAt: done.get(name) }))
+  return Object.keys(migrations)
+    .sort()
+    .map((name) => ({ name, executedAt: done.get(name) }))
 }
 
 /** The migrations the history lists, with when each was recorded. */
 async function recorded(db: Kysely<unknown>, history: TableName): Promise<Map<string, Date>> {
-  const { rows } = await sql<{ name: string; timestamp: string }>`select name, ${sql.ref('timestamp')} from ${sql.table(qualified(history))}`.execute(db)
+  const { rows } = await sql<{ name: string; timestamp: string }>`select name, ${sql.ref('timestamp')} from ${sql.table(qualified(history))}`.execute(
+    db,
+  )
   return new Map(rows.map((row) => [row.name, new Date(row.timestamp)]))
 }
 
