@@ -33,9 +33,8 @@ export type IdempotencyEventType =
 /** Which method an event comes from. */
 export type IdempotencyOperation = 'transaction' | 'withIdempotency' | 'run' | 'recover' | 'prune'
 
-/** One outcome, as the `onEvent` hook of `createIdempotency` receives it. */
-export interface IdempotencyEvent {
-  readonly type: IdempotencyEventType
+/** What every event tells: where it comes from, about which key, and when. */
+interface EventContext {
   readonly operation: IdempotencyOperation
   readonly scope?: string
   readonly key?: string
@@ -43,15 +42,30 @@ export interface IdempotencyEvent {
   readonly durationMs: number
   /** The name of a flow defined with `defineFlow`. */
   readonly flowName?: string
-  /** For flows: where the attempt resumed from (`taken_over`), or the point it stopped at. */
-  readonly recoveryPoint?: string
-  /** `conflict` only. */
-  readonly reason?: ConflictReason
-  /** `failed`, `lock_lost`, `recovery_failed`: the error. */
-  readonly error?: unknown
-  /** `pruned`: rows deleted. */
-  readonly count?: number
 }
+
+/**
+ * What a call ended with, by type: the fields each type has besides its context. A flow's
+ * `recoveryPoint` is where the attempt resumed from (`taken_over`) or the point it reached.
+ */
+export type Ending =
+  | { readonly type: 'executed'; readonly recoveryPoint?: string }
+  | { readonly type: 'executed_in_transaction' }
+  | { readonly type: 'replayed' }
+  | { readonly type: 'failed'; readonly error: unknown }
+  | { readonly type: 'conflict'; readonly reason: ConflictReason }
+  | { readonly type: 'key_reuse' }
+  | { readonly type: 'lock_lost'; readonly error: unknown }
+  | { readonly type: 'taken_over'; readonly recoveryPoint: string }
+  | { readonly type: 'recovered'; readonly recoveryPoint: string }
+  | { readonly type: 'recovery_failed'; readonly error: unknown }
+  | { readonly type: 'pruned'; readonly count: number }
+
+/**
+ * One outcome, as the `onEvent` hook of `createIdempotency` receives it: narrow on `type` to
+ * read the fields that type has (`reason` of a `conflict`, `error` of a `failed`, …).
+ */
+export type IdempotencyEvent = EventContext & Ending
 
 /** Options of `createIdempotency` that say how the library reports what it does. */
 export interface ObserveOptions {
@@ -75,7 +89,11 @@ interface SpanLike {
   end(): void
 }
 interface TracerLike {
-  startActiveSpan<F extends (span: SpanLike) => unknown>(name: string, options: { attributes?: Record<string, string | number | boolean> }, fn: F): ReturnType<F>
+  startActiveSpan<F extends (span: SpanLike) => unknown>(
+    name: string,
+    options: { attributes?: Record<string, string | number | boolean> },
+    fn: F,
+  ): ReturnType<F>
 }
 interface TracerProviderLike {
   /** The API's proxy provider: the registered SDK's tracer, `undefined` while none is registered. */
@@ -124,15 +142,6 @@ export interface Described {
   readonly attributes?: Readonly<Record<string, string | number | boolean>>
 }
 
-/** What a call ended with, for its span and its event. */
-export interface Ending {
-  readonly type: IdempotencyEventType
-  readonly recoveryPoint?: string
-  readonly reason?: ConflictReason
-  readonly error?: unknown
-  readonly count?: number
-}
-
 /** Reports an instance's outcomes to its hook and its spans to OpenTelemetry. */
 export class Observer {
   readonly #onEvent: ObserveOptions['onEvent']
@@ -176,30 +185,15 @@ export class Observer {
         span?.setAttribute('idempotency.outcome', 'skipped')
         return
       }
-      if (span) {
-        span.setAttribute('idempotency.outcome', ending.type)
-        if (ending.type === 'replayed' || ending.type === 'executed' || ending.type === 'executed_in_transaction') span.setAttribute('idempotency.replayed', ending.type === 'replayed')
-        if (ending.recoveryPoint) span.setAttribute('idempotency.recovery_point', ending.recoveryPoint)
-        if (ending.reason) span.setAttribute('idempotency.conflict_reason', ending.reason)
-        if (ending.count !== undefined) span.setAttribute('idempotency.count', ending.count)
-        if (ending.type === 'failed' || ending.type === 'lock_lost' || ending.type === 'recovery_failed') {
-          const error = ending.error
-          span.recordException(error instanceof Error ? error : String(error))
-          span.setStatus({ code: SPAN_ERROR, message: error instanceof Error ? error.message : String(error) })
-        }
-      }
+      if (span) toSpan(span, ending)
       if (operation) {
         this.emit({
-          type: ending.type,
+          ...ending,
           operation,
           ...(described.scope !== undefined ? { scope: described.scope } : {}),
           ...(described.key !== undefined ? { key: described.key } : {}),
           durationMs: performance.now() - started,
           ...(described.flowName ? { flowName: described.flowName } : {}),
-          ...(ending.recoveryPoint ? { recoveryPoint: ending.recoveryPoint } : {}),
-          ...(ending.reason ? { reason: ending.reason } : {}),
-          ...('error' in ending && ending.error !== undefined ? { error: ending.error } : {}),
-          ...(ending.count !== undefined ? { count: ending.count } : {}),
         })
       }
     }
@@ -226,6 +220,37 @@ export class Observer {
       ...(described.flowName ? { 'idempotency.flow': described.flowName } : {}),
       ...described.attributes,
     }
+  }
+}
+
+/** The one mapping of an outcome to its span: attributes by type, and an error status for a failure. */
+function toSpan(span: SpanLike, ending: Ending): void {
+  span.setAttribute('idempotency.outcome', ending.type)
+  switch (ending.type) {
+    case 'executed':
+    case 'executed_in_transaction':
+    case 'replayed':
+      span.setAttribute('idempotency.replayed', ending.type === 'replayed')
+      if (ending.type === 'executed' && ending.recoveryPoint) span.setAttribute('idempotency.recovery_point', ending.recoveryPoint)
+      return
+    case 'taken_over':
+    case 'recovered':
+      span.setAttribute('idempotency.recovery_point', ending.recoveryPoint)
+      return
+    case 'conflict':
+      span.setAttribute('idempotency.conflict_reason', ending.reason)
+      return
+    case 'pruned':
+      span.setAttribute('idempotency.count', ending.count)
+      return
+    case 'failed':
+    case 'lock_lost':
+    case 'recovery_failed':
+      span.recordException(ending.error instanceof Error ? ending.error : String(ending.error))
+      span.setStatus({ code: SPAN_ERROR, message: ending.error instanceof Error ? ending.error.message : String(ending.error) })
+      return
+    case 'key_reuse':
+      return
   }
 }
 
