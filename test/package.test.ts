@@ -36,11 +36,10 @@ const reuse = await idempotency.transaction({ key: 'k', request: 2 }, async () =
 const flow = async (flow) => (await flow.phase('one', async () => 1)) + (await flow.step('two', async () => 2))
 const phases = [await idempotency.executeRun('f', flow), await idempotency.executeRun('f', flow)]
 for (const t of [tableName, tableName + '_migration', tableName + '_migration_lock']) await db.schema.dropTable(t).execute()
-// The dialect contract kit, on one connection where the database has only one here.
-const single = driver === 'pglite' || driver === 'better-sqlite3'
-const contract = await exerciseDialect({ db, ...(single ? { competitor: false } : {}) })
+// The dialect contract kit from the packed package, once, on a server with a pool (test/contract.test.ts runs it on every target).
+const contract = driver === 'pg' ? await exerciseDialect({ db }) : undefined
 await db.destroy()
-console.log(JSON.stringify({ first, again, reuse, phases, contract: { failed: contract.failed.length, ran: contract.passed.length + contract.notApplicable.length } }))
+console.log(JSON.stringify({ first, again, reuse, phases, ...(contract ? { contract: contract.passed.length } : {}) }))
 `
 
 /**
@@ -205,7 +204,10 @@ describe('the packed package', () => {
   let tarballPath: string
   beforeAll(() => {
     project = mkdtempSync(join(tmpdir(), 'kidem-pack-'))
-    const tarball = execFileSync('npm', ['pack', '--silent', '--pack-destination', project], { cwd: root, encoding: 'utf8' }).trim().split('\n').at(-1)!
+    const tarball = execFileSync('npm', ['pack', '--silent', '--pack-destination', project], { cwd: root, encoding: 'utf8' })
+      .trim()
+      .split('\n')
+      .at(-1)!
     tarballPath = join(project, tarball)
     const installed = join(project, 'node_modules', 'kysely-idempotency')
     mkdirSync(installed, { recursive: true })
@@ -243,16 +245,26 @@ describe('the packed package', () => {
     }
     expect(files).toContain(join('dist', 'esm', 'cli', 'index.js'))
     expect(files.some((f) => f.startsWith(join('dist', 'cjs', 'cli')))).toBe(false)
-    expect(JSON.parse(readFileSync(join(project, 'node_modules', 'kysely-idempotency', 'dist', 'cjs', 'package.json'), 'utf8'))).toEqual({ type: 'commonjs' })
-    expect(files.some((f) => f.includes('test'))).toBe(false)
+    expect(JSON.parse(readFileSync(join(project, 'node_modules', 'kysely-idempotency', 'dist', 'cjs', 'package.json'), 'utf8'))).toEqual({
+      type: 'commonjs',
+    })
+    // No test file or test folder (`testing/` is the dialect contract kit, a subpath of the package).
+    expect(files.filter((f) => /\.test\.|(^|[\\/])test([\\/]|$)/.test(f))).toEqual([])
   })
 
   it('has types that resolve under every module resolution (attw)', () => {
     const attw = join(root, 'node_modules', '@arethetypeswrong', 'cli', 'dist', 'index.js')
     // --format json exits 1 when there are problems; the report is on stdout either way.
-    const { stdout, status, stderr } = spawnSync(process.execPath, [attw, tarballPath, '--format', 'json', '--profile', 'strict'], { cwd: project, encoding: 'utf8' })
+    const { stdout, status, stderr } = spawnSync(process.execPath, [attw, tarballPath, '--format', 'json', '--profile', 'strict'], {
+      cwd: project,
+      encoding: 'utf8',
+    })
     const { analysis, problems } = JSON.parse(stdout) as {
-      analysis: { types: { kind: string }; problems: unknown[]; entrypoints: Record<string, { resolutions: Record<string, { resolution?: { fileName: string } }> }> }
+      analysis: {
+        types: { kind: string }
+        problems: unknown[]
+        entrypoints: Record<string, { resolutions: Record<string, { resolution?: { fileName: string } }> }>
+      }
       problems: Record<string, unknown[]>
     }
     expect(analysis.problems, stdout).toEqual([])
@@ -260,14 +272,20 @@ describe('the packed package', () => {
     expect(status, stderr).toBe(0)
     expect(analysis.types.kind).toBe('included')
     const resolved = Object.fromEntries(
-      Object.entries(analysis.entrypoints).map(([entry, { resolutions }]) => [entry, Object.fromEntries(Object.entries(resolutions).map(([mode, r]) => [mode, r.resolution?.fileName]))]),
+      Object.entries(analysis.entrypoints).map(([entry, { resolutions }]) => [
+        entry,
+        Object.fromEntries(Object.entries(resolutions).map(([mode, r]) => [mode, r.resolution?.fileName])),
+      ]),
     )
     const cjs = (entry: string) => `/node_modules/kysely-idempotency/dist/cjs/${entry && `${entry}/`}index.d.ts`
     const esm = (entry: string) => `/node_modules/kysely-idempotency/dist/esm/${entry && `${entry}/`}index.d.ts`
     expect(resolved).toEqual({
       '.': { node10: cjs(''), 'node16-cjs': cjs(''), 'node16-esm': esm(''), bundler: esm('') },
       ...Object.fromEntries(
-        ['express', 'fetch', 'fastify', 'testing'].map((entry) => [`./${entry}`, { node10: cjs(entry), 'node16-cjs': cjs(entry), 'node16-esm': esm(entry), bundler: esm(entry) }]),
+        ['express', 'fetch', 'fastify', 'testing'].map((entry) => [
+          `./${entry}`,
+          { node10: cjs(entry), 'node16-cjs': cjs(entry), 'node16-esm': esm(entry), bundler: esm(entry) },
+        ]),
       ),
       './package.json': expect.anything(),
     })
@@ -279,7 +297,10 @@ describe('the packed package', () => {
       try {
         writeFileSync(join(dir, 'package.json'), JSON.stringify({ name: 'peer-check', private: true, type: 'module' }))
         // Resolution only: the registry's metadata (from npm's cache when it has it), nothing written.
-        return spawnSync('npm', ['install', '--dry-run', '--prefer-offline', '--no-audit', '--no-fund', tarballPath, `kysely@${kysely}`], { cwd: dir, encoding: 'utf8' })
+        return spawnSync('npm', ['install', '--dry-run', '--prefer-offline', '--no-audit', '--no-fund', tarballPath, `kysely@${kysely}`], {
+          cwd: dir,
+          encoding: 'utf8',
+        })
       } finally {
         rmSync(dir, { recursive: true, force: true })
       }
@@ -294,12 +315,18 @@ describe('the packed package', () => {
 
   it('passes publint with no errors, warnings or suggestions', async () => {
     const data = readFileSync(tarballPath)
-    const { messages, pkg } = await publint({ pack: { tarball: data.buffer.slice(data.byteOffset, data.byteOffset + data.byteLength) as ArrayBuffer }, level: 'suggestion' })
+    const { messages, pkg } = await publint({
+      pack: { tarball: data.buffer.slice(data.byteOffset, data.byteOffset + data.byteLength) as ArrayBuffer },
+      level: 'suggestion',
+    })
     expect(messages.map((m) => `${m.type}: ${formatMessage(m, pkg, { color: false }) ?? m.code}`)).toEqual([])
   })
 
   it('works from CommonJS, next to its ES module copy in the same process', () => {
-    const { stdout, stderr, status } = spawnSync(process.execPath, [join(project, 'consumer.cjs'), join(project, 'cjs.db')], { cwd: project, encoding: 'utf8' })
+    const { stdout, stderr, status } = spawnSync(process.execPath, [join(project, 'consumer.cjs'), join(project, 'cjs.db')], {
+      cwd: project,
+      encoding: 'utf8',
+    })
     expect(status, stderr).toBe(0)
     expect(stderr).toBe('')
     expect(JSON.parse(stdout)).toEqual({
@@ -322,7 +349,10 @@ describe('the packed package', () => {
 
   it.each(Object.keys(TYPE_MODES))('type-checks a TypeScript consumer under moduleResolution %s', async (mode) => {
     const tsc = join(root, 'node_modules', 'typescript', 'bin', 'tsc')
-    const outcome = await promisify(execFile)(process.execPath, [tsc, '-p', `tsconfig.${mode}.json`, '--pretty', 'false'], { cwd: project, encoding: 'utf8' }).then(
+    const outcome = await promisify(execFile)(process.execPath, [tsc, '-p', `tsconfig.${mode}.json`, '--pretty', 'false'], {
+      cwd: project,
+      encoding: 'utf8',
+    }).then(
       () => '',
       (error: { stdout: string; stderr: string }) => error.stdout + error.stderr || String(error),
     )
@@ -352,14 +382,19 @@ describe('the packed package', () => {
   const drivers = [...new Set(selectedTargets().map((t) => t.driver))]
   it.each(drivers)('works from a consumer project through %s', (driver) => {
     const target = selectedTargets().find((t) => t.driver === driver)!
-    const location = { sqlite: join(project, 'consumer.db'), postgres: inject('locations').postgres!, mysql: inject('locations').mysql! }[target.database]
+    const location = { sqlite: join(project, 'consumer.db'), postgres: inject('locations').postgres!, mysql: inject('locations').mysql! }[
+      target.database
+    ]
     const result = JSON.parse(run(join(project, 'consumer.mjs'), [driver, location], project))
     expect(result).toEqual({
       first: { value: { ok: true }, replayed: false },
       again: { value: { ok: true }, replayed: true },
       reuse: true,
-      phases: [{ value: 3, replayed: false }, { value: 3, replayed: true }],
-      contract: { failed: 0, ran: 17 },
+      phases: [
+        { value: 3, replayed: false },
+        { value: 3, replayed: true },
+      ],
+      ...(driver === 'pg' ? { contract: 17 } : {}),
     })
   })
 })
