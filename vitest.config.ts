@@ -28,6 +28,13 @@ export default defineConfig({
     : {},
   test: {
     globalSetup: ['test/global-setup.ts'],
+    // `npm run coverage`: the library's own code, as the main lane runs it (code the tests run in
+    // child processes, the CLI and the crash and soak apps, is not counted).
+    coverage: {
+      provider: 'v8',
+      include: ['index.ts', 'src/**', 'dialects/**', 'migrations/**', 'http/**', 'express/**', 'fastify/**', 'fetch/**', 'testing/**', 'cli/**'],
+      reporter: ['text-summary', 'text'],
+    },
     testTimeout: 60_000,
     hookTimeout: 60_000,
     projects: [

@@ -113,7 +113,11 @@ export function measureCodecs(ms = 300): CodecFigures {
         samples[name][c.name] = 'refused'
         continue
       }
-      samples[name][c.name] = { encodeMicros: micros(() => c.encode(value), ms), decodeMicros: micros(() => c.decode(text), ms), bytes: Buffer.byteLength(text) }
+      samples[name][c.name] = {
+        encodeMicros: micros(() => c.encode(value), ms),
+        decodeMicros: micros(() => c.decode(text), ms),
+        bytes: Buffer.byteLength(text),
+      }
     }
   }
   return { fidelity, samples }
@@ -131,7 +135,9 @@ export function printCodecs(figures: CodecFigures): void {
     console.log(`  ${sample}`)
     for (const n of names) {
       const r = results[n]!
-      console.log(`    ${n.padEnd(40)}${r === 'refused' ? '   refused' : `${r.encodeMicros.toFixed(1).padStart(8)} / ${r.decodeMicros.toFixed(1).padStart(6)} µs ${String(r.bytes).padStart(6)} B`}`)
+      console.log(
+        `    ${n.padEnd(40)}${r === 'refused' ? '   refused' : `${r.encodeMicros.toFixed(1).padStart(8)} / ${r.decodeMicros.toFixed(1).padStart(6)} µs ${String(r.bytes).padStart(6)} B`}`,
+      )
     }
   }
   console.log()

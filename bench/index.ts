@@ -41,7 +41,8 @@ const seconds = Number(values.seconds)
 const rounds = Number(values.rounds)
 const only = values.only.split(',').map((name) => name.trim())
 for (const name of only) {
-  if (!['codec', 'postgres', 'mysql', 'sqlite'].includes(name)) throw new Error(`--only takes codec, postgres, mysql and sqlite, not "${name}".\n${usage}`)
+  if (!['codec', 'postgres', 'mysql', 'sqlite'].includes(name))
+    throw new Error(`--only takes codec, postgres, mysql and sqlite, not "${name}".\n${usage}`)
 }
 const selected = only.filter((name) => name !== 'codec') as Array<'postgres' | 'mysql' | 'sqlite'>
 const redisUrl = process.env.KIDEM_REDIS_URL ?? 'redis://127.0.0.1:6379'
@@ -112,7 +113,9 @@ for (const database of selected) {
         }
         const s = await storm(bench, server, 1000, 100, 50)
         storms.push(s)
-        const statuses = Object.entries(s.statuses).map(([status, n]) => `${n}× ${status}`).join(', ')
+        const statuses = Object.entries(s.statuses)
+          .map(([status, n]) => `${n}× ${status}`)
+          .join(', ')
         const verdict = s.sideEffects === s.keys ? 'one per key' : `EXPECTED ${s.keys}`
         console.log(`Duplicate storm on ${database}: ${s.requests} requests over ${s.keys} keys at concurrency ${s.concurrency}`)
         console.log(`  drained in ${s.drainMs.toFixed(0)} ms; ${statuses}; ${s.replayed} replayed; ${s.sideEffects} orders (${verdict})\n`)
@@ -126,7 +129,10 @@ for (const database of selected) {
 }
 
 if (values.json) {
-  writeFileSync(values.json, `${JSON.stringify({ date: new Date().toISOString(), machine, seconds, rounds, codecs, transactions, http, storms }, null, 2)}\n`)
+  writeFileSync(
+    values.json,
+    `${JSON.stringify({ date: new Date().toISOString(), machine, seconds, rounds, codecs, transactions, http, storms }, null, 2)}\n`,
+  )
   console.log(`Figures written to ${values.json}`)
 }
 if (storms.some((s) => s.sideEffects !== s.keys)) {
@@ -144,15 +150,19 @@ function report(figures: TransactionFigures): void {
     const path = paths[name]
     if (!path) continue
     const spread = `${Math.round(Math.min(...path.rounds))}–${Math.round(Math.max(...path.rounds))}`.padStart(13)
-    const sent = name in statements ? `${statements[name as keyof typeof statements].length}: ${statements[name as keyof typeof statements].join(' ')}` : ''
-    console.log(`  ${PATHS[name].padEnd(58)}${fmt(path.opsPerSecond)} ${spread} ${path.p99Ms.toFixed(1).padStart(7)} ${path.toBare.toFixed(2).padStart(5)}  ${sent}`)
+    const sent =
+      name in statements ? `${statements[name as keyof typeof statements].length}: ${statements[name as keyof typeof statements].join(' ')}` : ''
+    console.log(
+      `  ${PATHS[name].padEnd(58)}${fmt(path.opsPerSecond)} ${spread} ${path.p99Ms.toFixed(1).padStart(7)} ${path.toBare.toFixed(2).padStart(5)}  ${sent}`,
+    )
   }
   const same = figures.rawIsLibrarySql ? 'r sends the same SQL as b' : 'r DIFFERS from the SQL of b'
   console.log(`  efficiency (b/a ÷ r/a) ${figures.efficiency.toFixed(2)}   claim-last gain (r'/r) ${figures.claimLastGain.toFixed(2)}   (${same})\n`)
 }
 
 async function serverVersion(bench: Bench): Promise<string> {
-  const query = bench.database === 'sqlite' ? sql<{ v: string }>`select 'SQLite ' || sqlite_version() as v` : sql<{ v: string }>`select version() as v`
+  const query =
+    bench.database === 'sqlite' ? sql<{ v: string }>`select 'SQLite ' || sqlite_version() as v` : sql<{ v: string }>`select version() as v`
   const { rows } = await query.execute(bench.db)
   const text = rows[0]?.v ?? ''
   return bench.database === 'postgres' ? (/PostgreSQL [\d.]+/.exec(text)?.[0] ?? text) : bench.database === 'mysql' ? `MySQL/MariaDB ${text}` : text

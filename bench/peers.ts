@@ -9,7 +9,10 @@ import pg from 'pg'
 
 /** A request the Redis peer refused (another one with its key in progress, or a different request): the HTTP status to answer. */
 export class PeerRefusal extends Error {
-  constructor(readonly status: 409 | 422, message: string) {
+  constructor(
+    readonly status: 409 | 422,
+    message: string,
+  ) {
     super(message)
   }
 }
@@ -27,7 +30,7 @@ export async function openRedisPeer(url: string): Promise<RedisPeer> {
   const peer = new PeerIdempotency(storage, { cacheTTLMS: 24 * 3600 * 1000 })
   return {
     async handle(request, run) {
-      let stored
+      let stored: Awaited<ReturnType<typeof peer.onRequest<unknown, unknown>>>
       try {
         stored = await peer.onRequest<unknown, unknown>(request)
       } catch (error) {
@@ -91,7 +94,13 @@ export async function openDbosPeer(location: string, poolSize: number): Promise<
   const workflow = DBOS.registerWorkflow((customer: string, amount: number) => placeOrder(customer, amount), { name: 'order' })
   const system = new URL(location)
   system.pathname = `/${SYSTEM_DATABASE}`
-  DBOS.setConfig({ name: 'kysely-idempotency-bench', systemDatabaseUrl: system.href, systemDatabasePoolSize: poolSize, logLevel: 'error', runAdminServer: false })
+  DBOS.setConfig({
+    name: 'kysely-idempotency-bench',
+    systemDatabaseUrl: system.href,
+    systemDatabasePoolSize: poolSize,
+    logLevel: 'error',
+    runAdminServer: false,
+  })
   await DBOS.launch()
   return {
     order: (key, customer, amount) => DBOS.withNextWorkflowID(key, () => workflow(customer, amount)),

@@ -84,7 +84,9 @@ const SHAPES: Record<DatabaseName, (mariadb: boolean) => Shape> = {
       const { rows } = await sql<{ id: string }>`insert into ${sql.table(KEYS_TABLE)} ${columns} select ${values}
         where set_config('lock_timeout', ${String(WAIT)} || left(set_config('kysely_idempotency.lock_timeout', current_setting('lock_timeout'), true), 0), true) is not null
         on conflict (scope, "key") do nothing
-        returning id, set_config('lock_timeout', coalesce(nullif(current_setting('kysely_idempotency.lock_timeout', true), ''), current_setting('lock_timeout')), true) as restored`.execute(trx)
+        returning id, set_config('lock_timeout', coalesce(nullif(current_setting('kysely_idempotency.lock_timeout', true), ''), current_setting('lock_timeout')), true) as restored`.execute(
+        trx,
+      )
       return claimed(rows[0]?.id)
     },
   }),

@@ -38,8 +38,18 @@ export async function openBench(database: DatabaseName, poolSize: number): Promi
   await dropTables(db)
   await idempotency.migrate()
   const id = sql`varchar(36)`
-  await db.schema.createTable('bench_orders').addColumn('id', id, (c) => c.primaryKey()).addColumn('customer', 'varchar(64)').addColumn('amount', 'integer').execute()
-  await db.schema.createTable('bench_order_lines').addColumn('order_id', id).addColumn('sku', 'varchar(64)').addColumn('quantity', 'integer').execute()
+  await db.schema
+    .createTable('bench_orders')
+    .addColumn('id', id, (c) => c.primaryKey())
+    .addColumn('customer', 'varchar(64)')
+    .addColumn('amount', 'integer')
+    .execute()
+  await db.schema
+    .createTable('bench_order_lines')
+    .addColumn('order_id', id)
+    .addColumn('sku', 'varchar(64)')
+    .addColumn('quantity', 'integer')
+    .execute()
   await db.schema.createTable('bench_ledger').addColumn('order_id', id).addColumn('account', 'varchar(64)').addColumn('amount', 'integer').execute()
   return {
     database,
@@ -47,7 +57,10 @@ export async function openBench(database: DatabaseName, poolSize: number): Promi
     db,
     idempotency,
     async orders() {
-      const row = await db.selectFrom('bench_orders').select((eb) => eb.fn.countAll<number | string | bigint>().as('n')).executeTakeFirstOrThrow()
+      const row = await db
+        .selectFrom('bench_orders')
+        .select((eb) => eb.fn.countAll<number | string | bigint>().as('n'))
+        .executeTakeFirstOrThrow()
       return Number(row.n)
     },
     async reset() {

@@ -114,7 +114,10 @@ export async function measureTransactions(
     names.map((name) => {
       const perRound = measured[name]!
       const opsPerSecond = mean(perRound.map((r) => r.perSecond))
-      return [name, { opsPerSecond, rounds: perRound.map((r) => r.perSecond), p99Ms: mean(perRound.map((r) => r.p99Ms)), toBare: opsPerSecond / bareOps }]
+      return [
+        name,
+        { opsPerSecond, rounds: perRound.map((r) => r.perSecond), p99Ms: mean(perRound.map((r) => r.p99Ms)), toBare: opsPerSecond / bareOps },
+      ]
     }),
   ) as Partial<Record<PathName, PathFigures>>
   return {

@@ -21,7 +21,11 @@ export const connectionArgs = {
     description: "A module exporting the app's codec (as its default export, or as `codec`), to read values the app stored through it",
     valueHint: 'path',
   },
-  schema: { type: 'string', description: "Schema the table is in, as the app's withSchema() names it (Postgres schema, MySQL database; default: the connection's)", valueHint: 'name' },
+  schema: {
+    type: 'string',
+    description: "Schema the table is in, as the app's withSchema() names it (Postgres schema, MySQL database; default: the connection's)",
+    valueHint: 'name',
+  },
   'connect-timeout': { type: 'string', description: 'Seconds to wait for the database to answer before giving up', default: '10', valueHint: 's' },
   debug: { type: 'boolean', description: 'Show the stack trace of an error', default: false },
 } as const
@@ -61,7 +65,8 @@ export async function withDatabase<T>(
   const table = checkTableName(args.table)
   const codec = args.codec === undefined ? undefined : await loadCodec(args.codec)
   const seconds = Number(args['connect-timeout'] ?? CONNECT_TIMEOUT / 1000)
-  if (!Number.isFinite(seconds) || seconds <= 0) throw new CliError(`--connect-timeout must be a number of seconds, got "${args['connect-timeout']}".`)
+  if (!Number.isFinite(seconds) || seconds <= 0)
+    throw new CliError(`--connect-timeout must be a number of seconds, got "${args['connect-timeout']}".`)
   const timeout = Math.round(seconds * 1000)
   const { db: connected, label, location, kind } = await connect(args.url, { ...options, timeout })
   try {

@@ -21,13 +21,15 @@ export function checkArgv(argv: readonly string[], commands: Readonly<Record<str
   const options = command.args ?? {}
   for (let i = 0; i < rest.length; i++) {
     const token = rest[i]!
-    if (!token.startsWith('-')) return `Unexpected argument "${token}" for ${first}: its options are named (--url, --table…); run kysely-idempotency ${first} --help.`
+    if (!token.startsWith('-'))
+      return `Unexpected argument "${token}" for ${first}: its options are named (--url, --table…); run kysely-idempotency ${first} --help.`
     if (token === '-h') continue
     const [raw = '', inline] = token.replace(/^--?/, '').split(/=(.*)/s)
     const name = options[raw] === undefined && raw.startsWith('no-') && options[raw.slice(3)]?.type === 'boolean' ? raw.slice(3) : raw
     if (name === 'help') continue
     const option = options[name]
-    if (!option || !token.startsWith('--')) return `Unknown option "${token.split('=')[0]}" for ${first}${suggestion(name, Object.keys(options), '--')}; run kysely-idempotency ${first} --help.`
+    if (!option || !token.startsWith('--'))
+      return `Unknown option "${token.split('=')[0]}" for ${first}${suggestion(name, Object.keys(options), '--')}; run kysely-idempotency ${first} --help.`
     // A string option takes the next argument as its value, unless it was given with `=`.
     if (option.type === 'string' && inline === undefined) i++
   }
@@ -49,7 +51,8 @@ function editDistance(a: string, b: string): number {
   let previous = Array.from({ length: b.length + 1 }, (_, j) => j)
   for (let i = 1; i <= a.length; i++) {
     const current = [i]
-    for (let j = 1; j <= b.length; j++) current[j] = Math.min(previous[j]! + 1, current[j - 1]! + 1, previous[j - 1]! + (a[i - 1] === b[j - 1] ? 0 : 1))
+    for (let j = 1; j <= b.length; j++)
+      current[j] = Math.min(previous[j]! + 1, current[j - 1]! + 1, previous[j - 1]! + (a[i - 1] === b[j - 1] ? 0 : 1))
     previous = current
   }
   return previous[b.length]!

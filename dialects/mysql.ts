@@ -138,28 +138,51 @@ export function mysqlDialect(options: MysqlDialectOptions = {}): IdempotencyDial
     },
     async prepare(db, table) {
       const statementLockWait = options.statementLockWait ?? (await isMariadb(db))
-      const waitPrefix = (seconds: RawBuilder<unknown>) =>
-        statementLockWait ? sql`set statement innodb_lock_wait_timeout = ${seconds} for ` : sql``
-      const claim = prepare(db, [...CLAIM_SLOTS, 'seconds'], (p) => sql`${waitPrefix(p.seconds)}
-        insert into ${sql.table(table)} ${insertedColumns} values (${insertedValues({ clock, later, json }, p)})`)
-      const latest = prepare(db, ['scope', 'key', 'seconds'], (p) => sql`${waitPrefix(p.seconds)}
-        select ${columns} from ${aliased(table)} where k.scope = ${p.scope} and k.\`key\` = ${p.key} lock in share mode`)
-      const lock = prepare(db, ['scope', 'key', 'seconds'], (p) => sql`${waitPrefix(p.seconds)}
-        select ${columns} from ${aliased(table)} where k.scope = ${p.scope} and k.\`key\` = ${p.key} for update`)
-      const lockNow = prepare(db, ['scope', 'key'], (p) => sql`
-        select ${columns} from ${aliased(table)} where k.scope = ${p.scope} and k.\`key\` = ${p.key} for update nowait`)
-      const setWait = prepare(db, ['seconds'], (p) => sql`
-        set @kysely_idempotency_wait = @@innodb_lock_wait_timeout, innodb_lock_wait_timeout = ${p.seconds}`)
+      const waitPrefix = (seconds: RawBuilder<unknown>) => (statementLockWait ? sql`set statement innodb_lock_wait_timeout = ${seconds} for ` : sql``)
+      const claim = prepare(
+        db,
+        [...CLAIM_SLOTS, 'seconds'],
+        (p) => sql`${waitPrefix(p.seconds)}
+        insert into ${sql.table(table)} ${insertedColumns} values (${insertedValues({ clock, later, json }, p)})`,
+      )
+      const latest = prepare(
+        db,
+        ['scope', 'key', 'seconds'],
+        (p) => sql`${waitPrefix(p.seconds)}
+        select ${columns} from ${aliased(table)} where k.scope = ${p.scope} and k.\`key\` = ${p.key} lock in share mode`,
+      )
+      const lock = prepare(
+        db,
+        ['scope', 'key', 'seconds'],
+        (p) => sql`${waitPrefix(p.seconds)}
+        select ${columns} from ${aliased(table)} where k.scope = ${p.scope} and k.\`key\` = ${p.key} for update`,
+      )
+      const lockNow = prepare(
+        db,
+        ['scope', 'key'],
+        (p) => sql`
+        select ${columns} from ${aliased(table)} where k.scope = ${p.scope} and k.\`key\` = ${p.key} for update nowait`,
+      )
+      const setWait = prepare(
+        db,
+        ['seconds'],
+        (p) => sql`
+        set @kysely_idempotency_wait = @@innodb_lock_wait_timeout, innodb_lock_wait_timeout = ${p.seconds}`,
+      )
       const restoreWait = prepare(db, [], () => sql`set innodb_lock_wait_timeout = @kysely_idempotency_wait`)
       // Rows another transaction holds (a request reclaiming an expired key) are skipped, not
       // waited for. The delete reads the chosen ids first (STRAIGHT_JOIN): scanning the table
       // itself would lock, and wait for, every row it passes.
-      const pruneBatch = prepare(db, ['limit'], (p) => sql`
+      const pruneBatch = prepare(
+        db,
+        ['limit'],
+        (p) => sql`
         delete k from (
           select id from ${sql.table(table)}
           where expires_at <= ${clock} and (locked_until is null or locked_until <= ${clock})
           order by expires_at limit ${p.limit} for update skip locked) as expired
-        straight_join ${sql.table(table)} as k on k.id = expired.id`)
+        straight_join ${sql.table(table)} as k on k.id = expired.id`,
+      )
 
       const withLockWait = async <T>(db: Kysely<unknown>, wait: number, run: () => Promise<T>): Promise<T> => {
         await db.executeQuery(setWait.bind({ seconds: toSeconds(wait) }))

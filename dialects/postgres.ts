@@ -111,28 +111,52 @@ export const postgresDialect: IdempotencyDialect = {
     // The previous lock_timeout is parked in a transaction-local custom setting: the argument
     // of the outer set_config is evaluated first, so the order is fixed without a CTE (whose
     // planning costs more than the insert itself).
-    const claim = prepare(db, [...CLAIM_SLOTS, 'wait'], (p) => sql`
+    const claim = prepare(
+      db,
+      [...CLAIM_SLOTS, 'wait'],
+      (p) => sql`
       insert into ${sql.table(table)} ${insertedColumns}
       select ${insertedValues({ clock, later, json }, p)}
       where set_config('lock_timeout', ${p.wait} || left(set_config(${PARKED}, current_setting('lock_timeout'), true), 0), true) is not null
       on conflict (scope, "key") do nothing
-      returning id, ${restore} as restored`)
-    const existing = prepare(db, ['scope', 'key'], (p) => sql`
+      returning id, ${restore} as restored`,
+    )
+    const existing = prepare(
+      db,
+      ['scope', 'key'],
+      (p) => sql`
       select ${columns} from (select ${restore} as restored) as r
-      left join ${aliased(table)} on k.scope = ${p.scope} and k."key" = ${p.key}`)
-    const lock = prepare(db, ['scope', 'key'], (p) => sql`
-      select ${columns} from ${aliased(table)} where k.scope = ${p.scope} and k."key" = ${p.key} for update`)
-    const lockNow = prepare(db, ['scope', 'key'], (p) => sql`
-      select ${columns} from ${aliased(table)} where k.scope = ${p.scope} and k."key" = ${p.key} for update nowait`)
-    const setWait = prepare(db, ['wait'], (p) => sql`
+      left join ${aliased(table)} on k.scope = ${p.scope} and k."key" = ${p.key}`,
+    )
+    const lock = prepare(
+      db,
+      ['scope', 'key'],
+      (p) => sql`
+      select ${columns} from ${aliased(table)} where k.scope = ${p.scope} and k."key" = ${p.key} for update`,
+    )
+    const lockNow = prepare(
+      db,
+      ['scope', 'key'],
+      (p) => sql`
+      select ${columns} from ${aliased(table)} where k.scope = ${p.scope} and k."key" = ${p.key} for update nowait`,
+    )
+    const setWait = prepare(
+      db,
+      ['wait'],
+      (p) => sql`
       with prev as materialized (select current_setting('lock_timeout') as setting)
-      select prev.setting as setting, set_config('lock_timeout', ${p.wait}, true) from prev`)
+      select prev.setting as setting, set_config('lock_timeout', ${p.wait}, true) from prev`,
+    )
     const restoreWait = prepare(db, ['setting'], (p) => sql`select set_config('lock_timeout', ${p.setting}, true)`)
-    const pruneBatch = prepare(db, ['limit'], (p) => sql`
+    const pruneBatch = prepare(
+      db,
+      ['limit'],
+      (p) => sql`
       delete from ${sql.table(table)} where id in (
         select id from ${sql.table(table)}
         where expires_at <= ${clock} and (locked_until is null or locked_until <= ${clock})
-        order by expires_at limit ${p.limit} for update skip locked)`)
+        order by expires_at limit ${p.limit} for update skip locked)`,
+    )
 
     const statements: DialectStatements = {
       async claim(db, values) {

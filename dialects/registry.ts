@@ -27,7 +27,10 @@ export const DATABASES_IN_WORDS = inWords(
 )
 
 /** The URL forms the command line opens, for messages: `postgres://, …, sqlite:PATH or a *.db path`. */
-export const URLS_IN_WORDS = inWords(DATABASES.flatMap((d) => d.urls), 'or')
+export const URLS_IN_WORDS = inWords(
+  DATABASES.flatMap((d) => d.urls),
+  'or',
+)
 
 /** `a, b and c`. */
 export function inWords(items: readonly string[], conjunction: 'and' | 'or'): string {
@@ -52,7 +55,10 @@ export function detectDialect(db: Kysely<unknown>): IdempotencyDialect {
   const found = DATABASES.find((d) => d.dialect.supports(adapter))
   if (!found) {
     throw new IdempotencySetupError(
-      `kysely-idempotency works with ${inWords(DATABASES.map((d) => d.label), 'and')}, but this Kysely instance uses ${adapter.constructor.name}; ` +
+      `kysely-idempotency works with ${inWords(
+        DATABASES.map((d) => d.label),
+        'and',
+      )}, but this Kysely instance uses ${adapter.constructor.name}; ` +
         `if it speaks one of those, pass the matching \`dialect\` option (${DATABASES.map((d) => d.code).join(', ')}).`,
     )
   }

@@ -83,23 +83,39 @@ export const sqliteDialect: IdempotencyDialect = {
     return undefined
   },
   async prepare(db, table) {
-    const claim = prepare(db, CLAIM_SLOTS, (p) => sql`
+    const claim = prepare(
+      db,
+      CLAIM_SLOTS,
+      (p) => sql`
       insert into ${sql.table(table)} ${insertedColumns} values (${insertedValues({ clock, later, json }, p)})
       on conflict (scope, "key") do nothing
-      returning id as id`)
+      returning id as id`,
+    )
     // A write statement takes the write lock even when it changes no row.
-    const writeLock = prepare(db, ['scope', 'key'], (p) => sql`
-      update ${sql.table(table)} set id = id where scope = ${p.scope} and "key" = ${p.key}`)
-    const read = prepare(db, ['scope', 'key'], (p) => sql`
-      select ${keyRowColumns({ clock, jsonText })} from ${aliased(table)} where k.scope = ${p.scope} and k."key" = ${p.key}`)
+    const writeLock = prepare(
+      db,
+      ['scope', 'key'],
+      (p) => sql`
+      update ${sql.table(table)} set id = id where scope = ${p.scope} and "key" = ${p.key}`,
+    )
+    const read = prepare(
+      db,
+      ['scope', 'key'],
+      (p) => sql`
+      select ${keyRowColumns({ clock, jsonText })} from ${aliased(table)} where k.scope = ${p.scope} and k."key" = ${p.key}`,
+    )
     const busyTimeout = prepare(db, [], () => sql`pragma busy_timeout`)
     // A pragma takes no bound parameter; the value is an integer written into the statement.
     const setBusyTimeout = (ms: number) => CompiledQuery.raw(`pragma busy_timeout = ${Math.trunc(ms)}`)
-    const pruneBatch = prepare(db, ['limit'], (p) => sql`
+    const pruneBatch = prepare(
+      db,
+      ['limit'],
+      (p) => sql`
       delete from ${sql.table(table)} where id in (
         select id from ${sql.table(table)}
         where expires_at <= ${clock} and (locked_until is null or locked_until <= ${clock})
-        order by expires_at limit ${p.limit})`)
+        order by expires_at limit ${p.limit})`,
+    )
 
     const statements: DialectStatements = {
       async claim(db, values) {

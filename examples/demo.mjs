@@ -85,7 +85,10 @@ const serve = {
     const app = express()
     app.use(express.json())
     const customer = (req) => req.get('X-Customer') ?? 'anonymous'
-    app.post('/charges', idempotent(idempotency, { scope: customer, required: true }, (req, trx) => createCharge(trx, customer(req), req.body)))
+    app.post(
+      '/charges',
+      idempotent(idempotency, { scope: customer, required: true }, (req, trx) => createCharge(trx, customer(req), req.body)),
+    )
     app.get('/charges', async (_req, res) => res.json(await db.selectFrom('charges').selectAll().execute()))
     return listen(app.listen(port, '127.0.0.1'))
   },
@@ -94,7 +97,10 @@ const serve = {
     const { idempotent } = await import('kysely-idempotency/fastify')
     const app = Fastify()
     const customer = (request) => request.headers['x-customer'] ?? 'anonymous'
-    app.post('/charges', idempotent(idempotency, { scope: customer, required: true }, (request, trx) => createCharge(trx, customer(request), request.body)))
+    app.post(
+      '/charges',
+      idempotent(idempotency, { scope: customer, required: true }, (request, trx) => createCharge(trx, customer(request), request.body)),
+    )
     app.get('/charges', async () => db.selectFrom('charges').selectAll().execute())
     await app.listen({ port, host: '127.0.0.1' })
     return app.server
@@ -108,14 +114,16 @@ const serve = {
     // Bun.serve({ fetch }) or Deno.serve(fetch) would take this function as it is; Node needs a bridge.
     const fetch = async (request) =>
       request.method === 'POST' ? charges(request) : Response.json(await db.selectFrom('charges').selectAll().execute())
-    return listen(createServer(async (req, res) => {
-      const chunks = []
-      for await (const chunk of req) chunks.push(chunk)
-      const body = req.method === 'GET' ? undefined : Buffer.concat(chunks)
-      const response = await fetch(new Request(`http://${req.headers.host}${req.url}`, { method: req.method, headers: req.headers, body }))
-      res.writeHead(response.status, [...response.headers].flat())
-      res.end(Buffer.from(await response.arrayBuffer()))
-    }).listen(port, '127.0.0.1'))
+    return listen(
+      createServer(async (req, res) => {
+        const chunks = []
+        for await (const chunk of req) chunks.push(chunk)
+        const body = req.method === 'GET' ? undefined : Buffer.concat(chunks)
+        const response = await fetch(new Request(`http://${req.headers.host}${req.url}`, { method: req.method, headers: req.headers, body }))
+        res.writeHead(response.status, [...response.headers].flat())
+        res.end(Buffer.from(await response.arrayBuffer()))
+      }).listen(port, '127.0.0.1'),
+    )
   },
 }
 
@@ -132,7 +140,12 @@ async function listen(server) {
 function defineBooking(idempotency, crash = false) {
   return idempotency.defineFlow('book-ride', async (flow, request) => {
     const ride = await flow.phase('ride_created', (trx) =>
-      trx.insertInto('charges').values({ customer: request.customer, amount: request.amount, currency: 'ride' }).returningAll().executeTakeFirstOrThrow())
+      trx
+        .insertInto('charges')
+        .values({ customer: request.customer, amount: request.amount, currency: 'ride' })
+        .returningAll()
+        .executeTakeFirstOrThrow(),
+    )
     const payment = await flow.step('card_charged', async () => ({ provider: 'pretend-pay', reference: flow.stepKey('card_charged') }))
     if (crash) process.kill(process.pid, 'SIGKILL')
     await flow.phase('ride_paid', (trx) => trx.updateTable('charges').set({ currency: 'ride-paid' }).where('id', '=', ride.id).execute())
@@ -225,7 +238,11 @@ async function check(db, url) {
     const outcome = `${r.status}${r.headers.get('Idempotency-Replayed') ? ' replayed' : ''}`
     tally[outcome] = (tally[outcome] ?? 0) + 1
   }
-  console.log(`  ${'20 concurrent requests, key order-2'.padEnd(42)} ${Object.entries(tally).map(([s, n]) => `${n}× ${s}`).join(', ')}`)
+  console.log(
+    `  ${'20 concurrent requests, key order-2'.padEnd(42)} ${Object.entries(tally)
+      .map(([s, n]) => `${n}× ${s}`)
+      .join(', ')}`,
+  )
   outcomes.push(await line('same key order-1, another amount', await charge('order-1', 9900)))
   outcomes.push(await line('no Idempotency-Key', await charge(undefined, 100)))
   outcomes.push(await line('key order-1 from another customer', await charge('order-1', 1500, 'bob')))

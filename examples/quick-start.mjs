@@ -13,7 +13,11 @@ const db = new Kysely({ dialect: new SqliteDialect({ database: file }) })
 
 const idempotency = createIdempotency({ db })
 await idempotency.migrate()
-await db.schema.createTable('orders').addColumn('id', 'integer', (c) => c.primaryKey()).addColumn('item', 'text').execute()
+await db.schema
+  .createTable('orders')
+  .addColumn('id', 'integer', (c) => c.primaryKey())
+  .addColumn('item', 'text')
+  .execute()
 
 // What a POST /orders handler would do with the client's Idempotency-Key header.
 const placeOrder = (key, body) =>

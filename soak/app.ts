@@ -22,7 +22,11 @@ const ride = idempotency.defineFlow('ride', async (flow: Flow<SoakDB, HttpResult
   const ride = await flow.phase('ride_created', async (trx) => {
     await trx.insertInto('soak_rides').values({ k, charged: 0 }).execute()
     await pause()
-    const created = await trx.selectFrom('soak_rides').select((eb) => eb.fn.max('id').as('id')).where('k', '=', k).executeTakeFirstOrThrow()
+    const created = await trx
+      .selectFrom('soak_rides')
+      .select((eb) => eb.fn.max('id').as('id'))
+      .where('k', '=', k)
+      .executeTakeFirstOrThrow()
     return { id: Number(created.id) }
   })
   // The provider: it records every call with the key it was given, as a real one keeps them.
@@ -33,7 +37,11 @@ const ride = idempotency.defineFlow('ride', async (flow: Flow<SoakDB, HttpResult
     return stepKey
   })
   await flow.phase('ride_charged', async (trx) => {
-    await trx.updateTable('soak_rides').set((eb) => ({ charged: eb('charged', '+', 1) })).where('id', '=', ride.id).execute()
+    await trx
+      .updateTable('soak_rides')
+      .set((eb) => ({ charged: eb('charged', '+', 1) }))
+      .where('id', '=', ride.id)
+      .execute()
   })
   return { status: 201, body: { ride: ride.id, charge: stepKey } }
 })
@@ -44,7 +52,10 @@ app.post(
   '/charges',
   idempotent(idempotency, { scope: client, required: true }, async (req, trx) => {
     const k = `${client(req)}:${req.get('idempotency-key')}`
-    await trx.insertInto('soak_charges').values({ k, amount: Number(req.body.amount) }).execute()
+    await trx
+      .insertInto('soak_charges')
+      .values({ k, amount: Number(req.body.amount) })
+      .execute()
     await pause()
     return { status: 201, body: { charged: k, amount: Number(req.body.amount), at: Date.now() } }
   }),
@@ -67,5 +78,8 @@ const server = app.listen(0, '127.0.0.1', () => {
   process.send?.({ port: typeof address === 'object' && address ? address.port : 0 })
 })
 process.on('SIGTERM', () => {
-  void worker.stop().then(() => db.destroy()).finally(() => process.exit(0))
+  void worker
+    .stop()
+    .then(() => db.destroy())
+    .finally(() => process.exit(0))
 })

@@ -46,7 +46,12 @@ const seconds = Number(values.seconds)
 const processes = Number(values.processes)
 const clients = Number(values.clients)
 const seed = values.seed === undefined ? Math.floor(Math.random() * 2 ** 31) : Number(values.seed)
-for (const [name, n] of [['seconds', seconds], ['processes', processes], ['clients', clients], ['seed', seed]] as const) {
+for (const [name, n] of [
+  ['seconds', seconds],
+  ['processes', processes],
+  ['clients', clients],
+  ['seed', seed],
+] as const) {
   if (!Number.isFinite(n) || n < (name === 'seed' ? 0 : 1)) fail(`--${name} must be a positive number.\n${usage}`)
 }
 const pooler = values['through-pgbouncer']
@@ -140,12 +145,21 @@ interface KeyHistory {
 }
 
 const keys = new Map<string, KeyHistory>()
-const figures = { requests: 0, retries: 0, dropped: 0, gaveUp: 0, reused: 0, statuses: {} as Record<string, number>, faults: {} as Record<string, number> }
+const figures = {
+  requests: 0,
+  retries: 0,
+  dropped: 0,
+  gaveUp: 0,
+  reused: 0,
+  statuses: {} as Record<string, number>,
+  faults: {} as Record<string, number>,
+}
 const violations: string[] = []
 const violation = (text: string) => violations.push(text)
 
 /** Driver errors as they read: none of them may reach a client. */
-const DRIVER_TEXT = /SQLITE_[A-Z]+|\bER_[A-Z_]{3,}|terminating connection|Connection terminated|ECONNRESET|[Dd]eadlock|[Ll]ock wait|syntax error|relation .* does not exist/
+const DRIVER_TEXT =
+  /SQLITE_[A-Z]+|\bER_[A-Z_]{3,}|terminating connection|Connection terminated|ECONNRESET|[Dd]eadlock|[Ll]ock wait|syntax error|relation .* does not exist/
 
 /** One request, as a client sends it; `undefined` when the answer never came (timeout, dropped, refused). */
 async function send(route: 'charges' | 'rides', client: string, key: string, body: string, drop: boolean): Promise<Answer | undefined> {
@@ -164,7 +178,12 @@ async function send(route: 'charges' | 'rides', client: string, key: string, bod
     })
     const text = await response.text()
     figures.statuses[response.status] = (figures.statuses[response.status] ?? 0) + 1
-    const answer = { status: response.status, body: text, replayed: response.headers.get('idempotency-replayed') === 'true', type: response.headers.get('content-type') ?? '' }
+    const answer = {
+      status: response.status,
+      body: text,
+      replayed: response.headers.get('idempotency-replayed') === 'true',
+      type: response.headers.get('content-type') ?? '',
+    }
     checkAnswer(route, key, answer)
     return answer
   } catch {
@@ -207,7 +226,13 @@ async function untilAnswered(history: KeyHistory, stopBy: number): Promise<void>
 async function client(name: string, until: number, stopBy: number): Promise<void> {
   for (let n = 0; Date.now() < until; n++) {
     const route = random() < 0.5 ? 'charges' : 'rides'
-    const history: KeyHistory = { route, client: name, key: `${route}-${n}`, body: JSON.stringify({ amount: Math.floor(between(100, 10_000)) }), successes: [] }
+    const history: KeyHistory = {
+      route,
+      client: name,
+      key: `${route}-${n}`,
+      body: JSON.stringify({ amount: Math.floor(between(100, 10_000)) }),
+      successes: [],
+    }
     keys.set(`${name}:${history.key}`, history)
     // Now and then the same key at once from several places, as a retrying client with a slow answer does.
     const copies = random() < 0.1 ? 3 : 1
@@ -221,7 +246,8 @@ async function client(name: string, until: number, stopBy: number): Promise<void
         await sleep(200)
         reuse = await send(route, name, history.key, other, false)
       }
-      if (reuse && reuse.status !== 422 && reuse.status !== 503) violation(`${route} ${history.key}: reused with another body, answered ${reuse.status}`)
+      if (reuse && reuse.status !== 422 && reuse.status !== 503)
+        violation(`${route} ${history.key}: reused with another body, answered ${reuse.status}`)
     }
   }
 }
@@ -260,7 +286,9 @@ async function endOneSession(): Promise<void> {
   if (database === 'postgres') {
     const named = pooler ? sql`` : sql`and application_name = 'kidem-soak'`
     const { rows } = await sql<{ pid: number }>`
-      select pid from pg_stat_activity where datname = current_database() and pid <> pg_backend_pid() and backend_type = 'client backend' ${named}`.execute(db)
+      select pid from pg_stat_activity where datname = current_database() and pid <> pg_backend_pid() and backend_type = 'client backend' ${named}`.execute(
+      db,
+    )
     const victim = rows[Math.floor(random() * rows.length)]
     if (victim) await sql`select pg_terminate_backend(${victim.pid})`.execute(db)
   } else {
@@ -318,30 +346,51 @@ for (const history of keys.values()) {
   if (!history.successes.length) continue
   const first = history.successes[0]!
   for (const other of history.successes) {
-    if (other.body !== first.body || other.status !== first.status) violation(`${history.route} ${history.key}: two different successes: ${first.body} / ${other.body}`)
+    if (other.body !== first.body || other.status !== first.status)
+      violation(`${history.route} ${history.key}: two different successes: ${first.body} / ${other.body}`)
   }
   const again = await send(history.route, history.client, history.key, history.body, false)
   if (!again || again.status !== first.status || again.body !== first.body || !again.replayed) {
-    violation(`${history.route} ${history.key}: the stored answer (${again?.status} ${again?.body}) is not what the client saw (${first.status} ${first.body})`)
+    violation(
+      `${history.route} ${history.key}: the stored answer (${again?.status} ${again?.body}) is not what the client saw (${first.status} ${first.body})`,
+    )
   }
 }
 
 const countBy = async (table: 'soak_charges' | 'soak_rides' | 'soak_calls') =>
-  new Map((await db.selectFrom(table).select(['k', (eb) => eb.fn.countAll<number | string>().as('n')]).groupBy('k').execute()).map((r) => [r.k, Number(r.n)]))
+  new Map(
+    (
+      await db
+        .selectFrom(table)
+        .select(['k', (eb) => eb.fn.countAll<number | string>().as('n')])
+        .groupBy('k')
+        .execute()
+    ).map((r) => [r.k, Number(r.n)]),
+  )
 const charges = await countBy('soak_charges')
 const rides = await countBy('soak_rides')
-const stepKeys = new Map((await db.selectFrom('soak_calls').select(['k', (eb) => eb.fn.count<number | string>('step_key').distinct().as('n')]).groupBy('k').execute()).map((r) => [r.k, Number(r.n)]))
+const stepKeys = new Map(
+  (
+    await db
+      .selectFrom('soak_calls')
+      .select(['k', (eb) => eb.fn.count<number | string>('step_key').distinct().as('n')])
+      .groupBy('k')
+      .execute()
+  ).map((r) => [r.k, Number(r.n)]),
+)
 const unpaid = await db.selectFrom('soak_rides').select(['k', 'charged']).where('charged', '<>', 1).execute()
 for (const history of keys.values()) {
   const k = `${history.client}:${history.key}`
   const effects = (history.route === 'charges' ? charges : rides).get(k) ?? 0
-  if (history.successes.length && effects !== 1) violation(`${history.route} ${k}: a client saw success, and the side effect happened ${effects} times`)
+  if (history.successes.length && effects !== 1)
+    violation(`${history.route} ${k}: a client saw success, and the side effect happened ${effects} times`)
   if (!history.successes.length && effects > 1) violation(`${history.route} ${k}: the side effect happened ${effects} times`)
   if ((stepKeys.get(k) ?? 0) > 1) violation(`rides ${k}: the provider was called with ${stepKeys.get(k)} different step keys`)
 }
 for (const ride of unpaid) violation(`rides ${ride.k}: marked charged ${ride.charged} times once all flows were finished`)
 const leftovers = await idempotency.counts()
-if (leftovers.live || leftovers.abandoned) violation(`after the recovery worker's last pass, ${leftovers.live} keys are still locked and ${leftovers.abandoned} half-done`)
+if (leftovers.live || leftovers.abandoned)
+  violation(`after the recovery worker's last pass, ${leftovers.live} keys are still locked and ${leftovers.abandoned} half-done`)
 
 // ---- the report
 
@@ -357,15 +406,29 @@ const report = {
   keys: keys.size,
   succeeded: [...keys.values()].filter((k) => k.successes.length).length,
   ...figures,
-  sideEffects: { charges: [...charges.values()].reduce((a, b) => a + b, 0), rides: [...rides.values()].reduce((a, b) => a + b, 0), providerCalls: [...stepKeys.values()].length },
+  sideEffects: {
+    charges: [...charges.values()].reduce((a, b) => a + b, 0),
+    rides: [...rides.values()].reduce((a, b) => a + b, 0),
+    providerCalls: [...stepKeys.values()].length,
+  },
   violations,
   elapsedMs: Date.now() - started,
 }
 console.log(
   `  ${report.requests} requests (${report.retries} retries, ${report.dropped} answers dropped), ${report.keys} keys (${report.succeeded} answered, ${report.gaveUp} given up), ${report.reused} reused with another body`,
 )
-console.log(`  statuses: ${Object.entries(report.statuses).map(([s, n]) => `${n}× ${s}`).join(', ')}`)
-console.log(`  faults: ${Object.entries(report.faults).map(([f, n]) => `${n}× ${f}`).join(', ') || 'none'}`)
+console.log(
+  `  statuses: ${Object.entries(report.statuses)
+    .map(([s, n]) => `${n}× ${s}`)
+    .join(', ')}`,
+)
+console.log(
+  `  faults: ${
+    Object.entries(report.faults)
+      .map(([f, n]) => `${n}× ${f}`)
+      .join(', ') || 'none'
+  }`,
+)
 console.log(`  side effects: ${report.sideEffects.charges} charges, ${report.sideEffects.rides} rides`)
 if (values.json) writeFileSync(values.json, `${JSON.stringify(report, null, 2)}\n`)
 await dropTables(db)

@@ -28,14 +28,22 @@ export async function createTables(db: Kysely<SoakDB>, database: DatabaseName): 
   for (const table of ['soak_charges', 'soak_rides', 'soak_calls'] as const) {
     let create = db.schema
       .createTable(table)
-      .addColumn('id', database === 'postgres' ? 'serial' : 'integer', (c) => (database === 'postgres' ? c.primaryKey() : c.primaryKey().autoIncrement()))
+      .addColumn('id', database === 'postgres' ? 'serial' : 'integer', (c) =>
+        database === 'postgres' ? c.primaryKey() : c.primaryKey().autoIncrement(),
+      )
       .addColumn('k', 'varchar(600)', (c) => c.notNull())
-    create = table === 'soak_charges' ? create.addColumn('amount', 'integer') : table === 'soak_rides' ? create.addColumn('charged', 'integer') : create.addColumn('step_key', 'varchar(255)')
+    create =
+      table === 'soak_charges'
+        ? create.addColumn('amount', 'integer')
+        : table === 'soak_rides'
+          ? create.addColumn('charged', 'integer')
+          : create.addColumn('step_key', 'varchar(255)')
     await create.execute()
   }
 }
 
 export async function dropTables(db: Kysely<SoakDB>): Promise<void> {
   const { migrationTableName, migrationLockTableName } = migrationTables(SOAK_TABLES.keys)
-  for (const table of [...Object.values(SOAK_TABLES), migrationTableName, migrationLockTableName]) await db.schema.dropTable(table).ifExists().execute()
+  for (const table of [...Object.values(SOAK_TABLES), migrationTableName, migrationLockTableName])
+    await db.schema.dropTable(table).ifExists().execute()
 }

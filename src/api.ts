@@ -6,14 +6,7 @@ import type { AbandonedFlow, Flow } from './flow/handle.js'
 import type { IdempotencyKeyInput } from './keys.js'
 import type { MigrationResultSet } from './migrate.js'
 import type { KeyInspection, KeyReference } from './operations.js'
-import type {
-  AbandonedOptions,
-  CallOptions,
-  MigrateOptions,
-  PruneOptions,
-  RunOptions,
-  TransactionOptions,
-} from './options.js'
+import type { AbandonedOptions, CallOptions, MigrateOptions, PruneOptions, RunOptions, TransactionOptions } from './options.js'
 import type { DefinedFlow, DefineFlowOptions, FlowFunction } from './recovery/registry.js'
 import type { RecoverOptions, RecoveryReport, RecoveryWorker, StartRecoveryOptions } from './recovery/worker.js'
 import type { KeyCounts } from './statements.js'
@@ -50,7 +43,12 @@ export interface Idempotency<DB> {
    *     trx.insertInto('orders').values(body).returningAll().executeTakeFirstOrThrow()))
    * ```
    */
-  withIdempotency<T>(trx: Transaction<DB>, key: IdempotencyKeyInput, fn: (trx: Transaction<DB>) => Promise<T & Storable<T>>, options?: CallOptions): Promise<T>
+  withIdempotency<T>(
+    trx: Transaction<DB>,
+    key: IdempotencyKeyInput,
+    fn: (trx: Transaction<DB>) => Promise<T & Storable<T>>,
+    options?: CallOptions,
+  ): Promise<T>
 
   /** {@link withIdempotency}, also telling whether the value was replayed. */
   execute<T>(
@@ -191,4 +189,3 @@ export interface Idempotency<DB> {
    */
   forget(key: KeyReference): Promise<boolean>
 }
-

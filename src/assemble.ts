@@ -31,7 +31,16 @@ import {
   type WithIdempotencyOptions,
 } from './options.js'
 import { recoveryPass } from './recovery/pass.js'
-import { attachInternals, FlowRegistry, type DefinedFlow, type DefinedFlowKey, type DefinedRunOptions, type DefineFlowOptions, type Definition, type FlowFunction } from './recovery/registry.js'
+import {
+  attachInternals,
+  FlowRegistry,
+  type DefinedFlow,
+  type DefinedFlowKey,
+  type DefinedRunOptions,
+  type DefineFlowOptions,
+  type Definition,
+  type FlowFunction,
+} from './recovery/registry.js'
 import type { ResumeContext } from './recovery/resume.js'
 import { startWorker, type RecoverOptions } from './recovery/worker.js'
 import type { Settings } from './retries.js'
@@ -106,7 +115,10 @@ export function assembleIdempotency<DB>(options: IdempotencyOptions<DB>, parts: 
       'idempotency.transaction',
       'transaction',
       normalized,
-      () => coalescer.coalesced(normalized, resolved, (slot) => path.inOwnTransaction(db, normalized, fn, { ...resolved, claimWait: slot.claimWait }, slot)),
+      () =>
+        coalescer.coalesced(normalized, resolved, (slot) =>
+          path.inOwnTransaction(db, normalized, fn, { ...resolved, claimWait: slot.claimWait }, slot),
+        ),
       outcome,
     )
   }
@@ -125,7 +137,8 @@ export function assembleIdempotency<DB>(options: IdempotencyOptions<DB>, parts: 
       'run',
       { ...normalized, ...(how.flow ? { flowName: how.flow } : {}) },
       () => coalescer.coalesced(normalized, resolved, (slot) => runner.run(db, normalized, body, flowSettings, slot)),
-      (result) => ('error' in result ? failureOf(result.error) : result.value.replayed ? { type: 'replayed' } : { type: 'executed', recoveryPoint: 'finished' }),
+      (result) =>
+        'error' in result ? failureOf(result.error) : result.value.replayed ? { type: 'replayed' } : { type: 'executed', recoveryPoint: 'finished' },
     )
   }
   const executeRun = async <T>(key: IdempotencyKeyInput, flow: (flow: Flow<DB, T>) => Promise<T>, call?: RunOptions) =>
@@ -163,7 +176,12 @@ export function assembleIdempotency<DB>(options: IdempotencyOptions<DB>, parts: 
     return attachInternals(handle, {
       definition,
       execute: async (key, body, call, finisher) =>
-        runFlow(normalizeKey(key), body as unknown as (flow: Flow<DB, unknown>) => Promise<unknown>, { ...definition.options, ...call }, { flow: flowName, finisher: finisher.id }),
+        runFlow(
+          normalizeKey(key),
+          body as unknown as (flow: Flow<DB, unknown>) => Promise<unknown>,
+          { ...definition.options, ...call },
+          { flow: flowName, finisher: finisher.id },
+        ),
     })
   }
 
@@ -178,7 +196,8 @@ export function assembleIdempotency<DB>(options: IdempotencyOptions<DB>, parts: 
     executeRun: executeRun as Idempotency<DB>['executeRun'],
     run: (async <T>(key: IdempotencyKeyInput, flow: (flow: Flow<DB, T>) => Promise<T>, call?: RunOptions) =>
       (await executeRun(key, flow, call)).value) as Idempotency<DB>['run'],
-    abandoned: async (call) => runner.abandoned(plain, bounded('olderThan', call?.olderThan ?? 0), bounded('limit', call?.limit ?? DEFAULTS.abandonedLimit)),
+    abandoned: async (call) =>
+      runner.abandoned(plain, bounded('olderThan', call?.olderThan ?? 0), bounded('limit', call?.limit ?? DEFAULTS.abandonedLimit)),
     counts: async () => {
       const statements = await table.statements(plain.withoutPlugins())
       return table.translated(undefined, () => statements.counts(plain.withoutPlugins()))
@@ -186,8 +205,12 @@ export function assembleIdempotency<DB>(options: IdempotencyOptions<DB>, parts: 
     migrate: async (migrate) => parts.migrate(plain, name, dialect, migrate?.baseline === true),
     prune: async (prune) => {
       const batchSize = bounded('batchSize', prune?.batchSize ?? DEFAULTS.batchSize)
-      return observer.observe('idempotency.prune', 'prune', {}, () => pruneKeys(table, plain, batchSize), (result) =>
-        'error' in result ? failureOf(result.error) : { type: 'pruned', count: result.value },
+      return observer.observe(
+        'idempotency.prune',
+        'prune',
+        {},
+        () => pruneKeys(table, plain, batchSize),
+        (result) => ('error' in result ? failureOf(result.error) : { type: 'pruned', count: result.value }),
       )
     },
     defineFlow: defineFlow as Idempotency<DB>['defineFlow'],
@@ -198,7 +221,13 @@ export function assembleIdempotency<DB>(options: IdempotencyOptions<DB>, parts: 
       bounded('limit', call?.limit ?? DEFAULTS.abandonedLimit)
       bounded('olderThan', call?.olderThan ?? 0)
       bounded('maxFailures', call?.maxFailures ?? DEFAULTS.maxFailures)
-      return startWorker(every, (stopped) => recover(call, stopped), 'recover', (stop) => bounded('timeout', stop?.timeout ?? lockTimeout), observer)
+      return startWorker(
+        every,
+        (stopped) => recover(call, stopped),
+        'recover',
+        (stop) => bounded('timeout', stop?.timeout ?? lockTimeout),
+        observer,
+      )
     },
     inspect: async (key) => inspectKey(table, plain, normalizeKey(key)),
     forget: async (key) => forgetKey(table, coalescer, plain, normalizeKey(key), { ...settings(undefined), lockTimeout }),
@@ -243,7 +272,9 @@ function placeTable(db: Kysely<unknown>, name: string, dialect: IdempotencyDiale
 
 function requireTransaction<DB>(trx: Transaction<DB>): Transaction<DB> {
   if (!trx?.isTransaction) {
-    throw new TypeError('withIdempotency needs a transaction (db.transaction().execute((trx) => ...)); use idempotency.transaction() to let the library open one.')
+    throw new TypeError(
+      'withIdempotency needs a transaction (db.transaction().execute((trx) => ...)); use idempotency.transaction() to let the library open one.',
+    )
   }
   return trx
 }

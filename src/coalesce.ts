@@ -139,7 +139,12 @@ export class Coalescer {
   }
 
   /** Runs `attempt` as the instance's attempt at `entry`, in place of `displaced` if its lease ran out. */
-  async #attempt<T>(entry: string, deadline: number, displaced: Running | undefined, attempt: (slot: AttemptSlot) => Promise<Execution<T>>): Promise<Execution<T>> {
+  async #attempt<T>(
+    entry: string,
+    deadline: number,
+    displaced: Running | undefined,
+    attempt: (slot: AttemptSlot) => Promise<Execution<T>>,
+  ): Promise<Execution<T>> {
     let settle!: () => void
     let decide!: () => void
     const mine: Running = {
@@ -274,4 +279,3 @@ async function enclosed<T>(entry: string, work: () => Promise<T>): Promise<T> {
     call.active = false
   }
 }
-

@@ -39,9 +39,12 @@ export class IdempotencyError extends Error {
    * The CommonJS and the ES module builds of this package are two copies of each class; an
    * error thrown by one is still an instance, for `instanceof`, of the other's same class.
    */
+  // `this` is the class `instanceof` asks about (a subclass too), not this base class.
   static override [Symbol.hasInstance](value: unknown): boolean {
+    // biome-ignore lint/complexity/noThisInStatic: see above.
     if (Function.prototype[Symbol.hasInstance].call(this, value)) return true
     const classes = (value as { [BRAND]?: unknown } | null | undefined)?.[BRAND]
+    // biome-ignore lint/complexity/noThisInStatic: see above.
     return typeof value === 'object' && Array.isArray(classes) && classes.includes(className(this))
   }
 }

@@ -69,7 +69,9 @@ function canonical(value: unknown, path: Path, ancestors: Set<object>): string {
   let text: string
   switch (kind) {
     case 'array':
-      text = `[${elementsOf(object as unknown[], path).map((item, i) => nested(item, i, path, ancestors)).join(',')}]`
+      text = `[${elementsOf(object as unknown[], path)
+        .map((item, i) => nested(item, i, path, ancestors))
+        .join(',')}]`
       break
     case 'map':
       text = `Map{${sortedEntries(object as ReadonlyMap<unknown, unknown>, path, ancestors).join(',')}}`

@@ -40,7 +40,9 @@ export function claimWait(settings: Settings): number {
 
 /** The conflict of a claim that ran out of rounds: the key kept changing under concurrent requests. */
 export function keptChanging(settings: Settings): IdempotencyConflictError {
-  return new IdempotencyConflictError('race', 'The key kept changing under concurrent requests; retry the request.', { retryAfter: retryAfter(settings) })
+  return new IdempotencyConflictError('race', 'The key kept changing under concurrent requests; retry the request.', {
+    retryAfter: retryAfter(settings),
+  })
 }
 
 /** Full jitter: a random delay up to 10 ms × 2^attempt, capped at 500 ms. */
@@ -104,6 +106,7 @@ export class DatabaseErrors {
     } catch (error) {
       const after = retryAfter(settings)
       switch (this.#dialect.classify(error)) {
+        // biome-ignore lint/suspicious/noFallthroughSwitchClause: a statement timeout that ended a wait is a lock timeout.
         case 'statement_timeout':
           if (!waits) throw error
         // falls through: it ended a wait for the key

@@ -30,6 +30,10 @@ export function prepare<N extends string>(
   })
   return {
     sql: compiled.sql,
-    bind: (values) => CompiledQuery.raw(compiled.sql, order.map((name) => values[name])),
+    bind: (values) =>
+      CompiledQuery.raw(
+        compiled.sql,
+        order.map((name) => values[name]),
+      ),
   }
 }

@@ -138,21 +138,37 @@ export async function prepareStatements(db: Kysely<unknown>, dialect: Idempotenc
   const later = dialect.later
   const json = dialect.json
   const ours = (p: { id: unknown; token: unknown }) => sql`id = ${p.id} and lock_token = ${p.token}`
-  const lookup = prepare(db, ['scope', 'key'], (p) => sql`
-    select ${keyRowColumns(dialect)} from ${aliased(table)} where k.scope = ${p.scope} and ${sql.ref('k.key')} = ${p.key}`)
+  const lookup = prepare(
+    db,
+    ['scope', 'key'],
+    (p) => sql`
+    select ${keyRowColumns(dialect)} from ${aliased(table)} where k.scope = ${p.scope} and ${sql.ref('k.key')} = ${p.key}`,
+  )
   const unheld = sql`(locked_until is null or locked_until <= ${now})`
-  const reclaim = prepare(db, ['id', 'fingerprint', 'expiresIn', 'token', 'lease', 'phases', 'codec', 'flow', 'recoverIn'], (p) => sql`
+  const reclaim = prepare(
+    db,
+    ['id', 'fingerprint', 'expiresIn', 'token', 'lease', 'phases', 'codec', 'flow', 'recoverIn'],
+    (p) => sql`
     update ${sql.table(table)} set fingerprint = ${p.fingerprint}, recovery_point = ${sql.lit(STARTED)},
       phase_results = ${json(p.phases)}, codec = ${p.codec}, response = null, lock_token = ${p.token}, locked_until = ${later(p.lease)},
       created_at = ${now}, last_run_at = ${now}, expires_at = ${later(p.expiresIn)},
       flow_name = ${p.flow}, recovery_failures = 0, recover_after = ${later(p.recoverIn)}
-    where id = ${p.id} and expires_at <= ${now} and ${unheld}`)
-  const finish = prepare(db, ['id', 'response', 'codec', 'ttl'], (p) => sql`
+    where id = ${p.id} and expires_at <= ${now} and ${unheld}`,
+  )
+  const finish = prepare(
+    db,
+    ['id', 'response', 'codec', 'ttl'],
+    (p) => sql`
     update ${sql.table(table)} set response = ${json(p.response)}, codec = ${p.codec}, recovery_point = ${sql.lit(FINISHED)},
       last_run_at = ${now}, expires_at = ${later(p.ttl)}
-    where id = ${p.id}`)
-  const remaining = prepare(db, ['id'], (p) => sql`
-    select ${dialect.elapsed(sql.ref('expires_at'))} as elapsed from ${sql.table(table)} where id = ${p.id}`)
+    where id = ${p.id}`,
+  )
+  const remaining = prepare(
+    db,
+    ['id'],
+    (p) => sql`
+    select ${dialect.elapsed(sql.ref('expires_at'))} as elapsed from ${sql.table(table)} where id = ${p.id}`,
+  )
   const takeOverSlots = ['id', 'previous', 'token', 'lease', 'expiresIn', 'phases', 'codec'] as const
   const takeOverSet = (p: Readonly<Record<(typeof takeOverSlots)[number], RawBuilder<unknown>>>) => sql`
     update ${sql.table(table)} set lock_token = ${p.token}, locked_until = ${later(p.lease)}, phase_results = ${json(p.phases)},
@@ -162,57 +178,97 @@ export async function prepareStatements(db: Kysely<unknown>, dialect: Idempotenc
   const takeOver = prepare(db, takeOverSlots, takeOverSet)
   // The recovery worker's candidates may be stale: another worker may have backed the flow off or given it up.
   const takeOverDue = prepare(db, [...takeOverSlots, 'flow'], (p) => sql`${takeOverSet(p)} and flow_name = ${p.flow} and recover_after <= ${now}`)
-  const fence = prepare(db, ['id', 'token', 'lease', 'expiresIn'], (p) => sql`
+  const fence = prepare(
+    db,
+    ['id', 'token', 'lease', 'expiresIn'],
+    (p) => sql`
     update ${sql.table(table)} set locked_until = ${later(p.lease)}, last_run_at = ${now}, expires_at = ${later(p.expiresIn)}
-    where ${ours(p)}`)
-  const record = prepare(db, ['id', 'token', 'point', 'lease', 'expiresIn', 'phases', 'codec'], (p) => sql`
+    where ${ours(p)}`,
+  )
+  const record = prepare(
+    db,
+    ['id', 'token', 'point', 'lease', 'expiresIn', 'phases', 'codec'],
+    (p) => sql`
     update ${sql.table(table)} set phase_results = ${json(p.phases)}, codec = ${p.codec}, recovery_point = ${p.point},
       locked_until = ${later(p.lease)}, last_run_at = ${now}, expires_at = ${later(p.expiresIn)}
-    where ${ours(p)}`)
-  const complete = prepare(db, ['id', 'token', 'response', 'codec', 'ttl'], (p) => sql`
+    where ${ours(p)}`,
+  )
+  const complete = prepare(
+    db,
+    ['id', 'token', 'response', 'codec', 'ttl'],
+    (p) => sql`
     update ${sql.table(table)} set response = ${json(p.response)}, codec = ${p.codec}, recovery_point = ${sql.lit(FINISHED)},
       lock_token = null, locked_until = null, last_run_at = ${now}, expires_at = ${later(p.ttl)}, recover_after = null
-    where ${ours(p)}`)
-  const release = prepare(db, ['id', 'token', 'ttl'], (p) => sql`
-    update ${sql.table(table)} set lock_token = null, locked_until = null, expires_at = ${later(p.ttl)} where ${ours(p)}`)
+    where ${ours(p)}`,
+  )
+  const release = prepare(
+    db,
+    ['id', 'token', 'ttl'],
+    (p) => sql`
+    update ${sql.table(table)} set lock_token = null, locked_until = null, expires_at = ${later(p.ttl)} where ${ours(p)}`,
+  )
   const backOff = (max: RawBuilder<unknown>) => backOffAssignments(later, max)
-  const releaseFailed = prepare(db, ['id', 'token', 'ttl', 'max'], (p) => sql`
+  const releaseFailed = prepare(
+    db,
+    ['id', 'token', 'ttl', 'max'],
+    (p) => sql`
     update ${sql.table(table)} set lock_token = null, locked_until = null, expires_at = ${later(p.ttl)}, ${backOff(p.max)}
-    where ${ours(p)}`)
+    where ${ours(p)}`,
+  )
   const idle = dialect.elapsed(sql.ref('last_run_at'))
   const abandonedColumns = sql`id as id, scope as scope, ${sql.ref('key')} as ${sql.ref('key')}, recovery_point as point,
     ${dialect.jsonText(sql.ref('phase_results'))} as phases, codec as codec, ${dialect.elapsed(sql.ref('created_at'))} as age, ${idle} as idle,
     flow_name as flow, recovery_failures as failures, recover_after is not null and recover_after <= ${now} as due, fingerprint as fingerprint`
-  const abandoned = prepare(db, ['idle', 'limit'], (p) => sql`
+  const abandoned = prepare(
+    db,
+    ['idle', 'limit'],
+    (p) => sql`
     select ${abandonedColumns} from ${sql.table(table)}
     where recovery_point <> ${sql.lit(FINISHED)} and phase_results is not null and expires_at > ${now}
       and ${unheld} and ${idle} >= ${p.idle}
-    order by last_run_at limit ${p.limit}`)
+    order by last_run_at limit ${p.limit}`,
+  )
 
-  const recoveryFailed = prepare(db, ['id', 'seen', 'max'], (p) => sql`
+  const recoveryFailed = prepare(
+    db,
+    ['id', 'seen', 'max'],
+    (p) => sql`
     update ${sql.table(table)} set ${backOff(p.max)}
-    where id = ${p.id} and recover_after is not null and recovery_failures = ${p.seen}`)
-  const postpone = prepare(db, ['id', 'ms'], (p) => sql`
-    update ${sql.table(table)} set recover_after = ${later(p.ms)} where id = ${p.id} and recover_after is not null`)
+    where id = ${p.id} and recover_after is not null and recovery_failures = ${p.seen}`,
+  )
+  const postpone = prepare(
+    db,
+    ['id', 'ms'],
+    (p) => sql`
+    update ${sql.table(table)} set recover_after = ${later(p.ms)} where id = ${p.id} and recover_after is not null`,
+  )
   const epoch = (column: string) => dialect.epochMs(sql.ref(column))
-  const inspect = prepare(db, ['scope', 'key'], (p) => sql`
+  const inspect = prepare(
+    db,
+    ['scope', 'key'],
+    (p) => sql`
     select id as id, recovery_point as point, ${dialect.jsonText(sql.ref('phase_results'))} as phases, codec as codec,
       flow_name as flow, recovery_failures as failures, expires_at <= ${now} as expired,
       lock_token is not null and locked_until > ${now} as locked, ${epoch('created_at')} as created, ${epoch('last_run_at')} as ran,
       ${epoch('expires_at')} as expires, ${epoch('locked_until')} as ${sql.ref('lockedUntil')}
-    from ${sql.table(table)} where scope = ${p.scope} and ${sql.ref('key')} = ${p.key}`)
+    from ${sql.table(table)} where scope = ${p.scope} and ${sql.ref('key')} = ${p.key}`,
+  )
   const remove = prepare(db, ['id'], (p) => sql`delete from ${sql.table(table)} where id = ${p.id}`)
 
   const unexpired = sql`expires_at > ${now}`
   const unfinished = sql`${unexpired} and recovery_point <> ${sql.lit(FINISHED)}`
   const held = sql`lock_token is not null and locked_until > ${now}`
   const count = (condition: RawBuilder<unknown>) => sql`coalesce(sum(case when ${condition} then 1 else 0 end), 0)`
-  const counts = prepare(db, [], () => sql`
+  const counts = prepare(
+    db,
+    [],
+    () => sql`
     select ${count(sql`${unfinished} and ${held}`)} as live,
       ${count(sql`${unexpired} and recovery_point = ${sql.lit(FINISHED)}`)} as finished,
       ${count(sql`expires_at <= ${now}`)} as expired,
       ${count(sql`${unfinished} and not (${held})`)} as abandoned
-    from ${sql.table(table)}`)
+    from ${sql.table(table)}`,
+  )
 
   const changed = async (db: Kysely<unknown>, query: ReturnType<typeof fence.bind>) => (await db.executeQuery(query)).numAffectedRows === 1n
   const read = async (db: Kysely<unknown>, scope: string, key: string) => {

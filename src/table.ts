@@ -30,7 +30,10 @@ export function checkTableName(name: unknown): string {
  */
 export function locateTable(db: Kysely<unknown>, name: string): TableName {
   checkTableName(name)
-  const node = db.selectFrom(name as never).selectAll().toOperationNode() as { from?: { froms?: readonly unknown[] } }
+  const node = db
+    .selectFrom(name as never)
+    .selectAll()
+    .toOperationNode() as { from?: { froms?: readonly unknown[] } }
   const table = node.from?.froms?.[0] as { kind?: unknown; table?: { schema?: { name?: unknown }; identifier?: { name?: unknown } } } | undefined
   const named = table?.kind === 'TableNode' ? table.table?.identifier?.name : undefined
   if (named !== name) {

@@ -24,12 +24,27 @@ export class TransactionPath {
   }
 
   /** Runs `fn` once per key inside `trx`, or returns the stored result. */
-  async inTransaction<T, DB>(trx: Transaction<DB>, key: NormalizedKey, fn: (trx: Transaction<DB>) => Promise<T>, settings: Settings): Promise<Execution<T>> {
+  async inTransaction<T, DB>(
+    trx: Transaction<DB>,
+    key: NormalizedKey,
+    fn: (trx: Transaction<DB>) => Promise<T>,
+    settings: Settings,
+  ): Promise<Execution<T>> {
     const table = this.#table
     const db = trx.withoutPlugins() as unknown as Kysely<unknown>
     const s = await table.statements(db)
     const wait = claimWait(settings)
-    const values: ClaimValues = { ...key, expiresIn: settings.ttl, wait, token: null, lease: null, phases: null, codec: null, flow: null, recoverIn: null }
+    const values: ClaimValues = {
+      ...key,
+      expiresIn: settings.ttl,
+      wait,
+      token: null,
+      lease: null,
+      phases: null,
+      codec: null,
+      flow: null,
+      recoverIn: null,
+    }
     for (let round = 1; ; round++) {
       const claim = await table.waiting(settings, () => s.claim(db, values))
       let id = claim.claimed

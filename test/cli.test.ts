@@ -46,7 +46,13 @@ async function printedMigrations(dialect: string, table: string): Promise<Array<
     .filter(Boolean)
     .map((part) => {
       const [name, ...rest] = part.split('\n')
-      return [name!, rest.join('\n').split(';\n').filter((statement) => statement.trim())]
+      return [
+        name!,
+        rest
+          .join('\n')
+          .split(';\n')
+          .filter((statement) => statement.trim()),
+      ]
     })
 }
 
@@ -145,11 +151,15 @@ describe.each(databases)('the CLI on %s', (database: DatabaseName) => {
     const table = `cli_${Math.random().toString(36).slice(2, 8)}`
     expect((await cli(['migrate', '--url', url(), '--table', table])).code).toBe(0)
     const onTerminal = (answer: string) =>
-      execFileSync('script', ['-qec', [process.execPath, bin, 'down', '--url', url(), '--table', table].map((a) => JSON.stringify(a)).join(' '), '/dev/null'], {
-        encoding: 'utf8',
-        input: `${answer}\n`,
-        env: { ...process.env, NO_COLOR: '1' },
-      })
+      execFileSync(
+        'script',
+        ['-qec', [process.execPath, bin, 'down', '--url', url(), '--table', table].map((a) => JSON.stringify(a)).join(' '), '/dev/null'],
+        {
+          encoding: 'utf8',
+          input: `${answer}\n`,
+          env: { ...process.env, NO_COLOR: '1' },
+        },
+      )
     const declined = onTerminal('n')
     expect(declined).toContain(`Drop the table "${table}" with its 0 keys, and its migration history? Replays of those keys are lost. [y/N]`)
     expect(declined).toContain('Nothing dropped.')
@@ -208,7 +218,7 @@ describe.each(databases)('the CLI on %s', (database: DatabaseName) => {
     expectOneLine(await cli(['migrate', '--url', url(), '--table', table, '--baseline']), new RegExp(`no table "${table}" to record as migrated`))
   })
 
-  it.skipIf(database === 'sqlite')('works on the table in the schema --schema names, as the app\'s withSchema does', async () => {
+  it.skipIf(database === 'sqlite')("works on the table in the schema --schema names, as the app's withSchema does", async () => {
     const table = `cli_${Math.random().toString(36).slice(2, 8)}`
     const schema = `${table}_s`
     const db = openDatabase(database, location())
@@ -227,17 +237,22 @@ describe.each(databases)('the CLI on %s', (database: DatabaseName) => {
     }
   })
 
-  it("reads flows the app stored through its own codec with --codec, and lists them all, marked, without it", async () => {
+  it('reads flows the app stored through its own codec with --codec, and lists them all, marked, without it', async () => {
     const table = `cli_${Math.random().toString(36).slice(2, 8)}`
     const module = join(dir, `${table}-codec.mjs`)
     // A codec as an app might write one: here it reverses the text, so the default codec cannot read it.
-    writeFileSync(module, "export const codec = { name: 'reversed', encode: (v) => [...JSON.stringify(v)].reverse().join(''), decode: (t) => JSON.parse([...t].reverse().join('')) }\n")
+    writeFileSync(
+      module,
+      "export const codec = { name: 'reversed', encode: (v) => [...JSON.stringify(v)].reverse().join(''), decode: (t) => JSON.parse([...t].reverse().join('')) }\n",
+    )
     const { codec } = (await import(pathToFileURL(module).href)) as { codec: Codec }
     const db = openDatabase(database, location())
     try {
       const app = createIdempotency({ db, tableName: table, codec })
       await app.migrate()
-      await expect(app.run({ key: 'mine', request: { amount: 5 } }, async (flow) => (await flow.phase('one', async () => 1), Promise.reject(new Error('stop'))))).rejects.toThrow('stop')
+      await expect(
+        app.run({ key: 'mine', request: { amount: 5 } }, async (flow) => (await flow.phase('one', async () => 1), Promise.reject(new Error('stop')))),
+      ).rejects.toThrow('stop')
       const without = await cli(['abandoned', '--url', url(), '--table', table])
       expect(without.code, without.stderr).toBe(0)
       expect(without.stdout).toMatch(/mine +one +\? /)
@@ -245,7 +260,10 @@ describe.each(databases)('the CLI on %s', (database: DatabaseName) => {
       const listed = await cli(['abandoned', '--url', url(), '--table', table, '--codec', module, '--json'])
       expect(JSON.parse(listed.stdout)).toMatchObject([{ key: 'mine', attempts: 1, request: { amount: 5 }, unreadable: null }])
       expect((await cli(['inspect', '--url', url(), '--table', table, '--key', 'mine', '--codec', module])).stdout).toMatch(/attempts +1/)
-      expectOneLine(await cli(['abandoned', '--url', url(), '--table', table, '--codec', join(dir, 'missing.mjs')]), /Cannot load the codec module .*missing\.mjs/)
+      expectOneLine(
+        await cli(['abandoned', '--url', url(), '--table', table, '--codec', join(dir, 'missing.mjs')]),
+        /Cannot load the codec module .*missing\.mjs/,
+      )
       await db.schema.dropTable(table).execute()
       for (const history of Object.values(migrationTables(table))) await db.schema.dropTable(history).execute()
     } finally {
@@ -269,7 +287,10 @@ describe.each(databases)('the CLI on %s', (database: DatabaseName) => {
       expect(status.stdout).toContain(`[✓] ${first}`)
       expect(status.stdout).toContain(`The table "${table}" needs migrating: run kysely-idempotency migrate.`)
       expect(status.stdout).not.toContain('without a record')
-      expect(JSON.parse((await cli(['status', '--url', url(), '--table', table, '--json'])).stdout)).toMatchObject({ upToDate: false, tableExists: true })
+      expect(JSON.parse((await cli(['status', '--url', url(), '--table', table, '--json'])).stdout)).toMatchObject({
+        upToDate: false,
+        tableExists: true,
+      })
       expectOneLine(await cli(['migrate', '--url', url(), '--table', table, '--baseline']), new RegExp(`"${table}" predates migration 0002_codec`))
       expect((await cli(['migrate', '--url', url(), '--table', table])).code).toBe(0)
       expect((await cli(['status', '--url', url(), '--table', table])).code).toBe(0)
@@ -293,15 +314,21 @@ describe.each(databases)('the CLI on %s', (database: DatabaseName) => {
       const text = await cli(['inspect', '--url', url(), '--table', table, '--key', 'order-1', '--scope', 'acct_1'])
       expect(text.stdout).toMatch(/^state +finished\nrecovery point +finished\n/)
       expect((await cli(['inspect', '--url', url(), '--table', table, '--key', 'order-1', '--json'])).stdout.trim()).toBe('null')
-      expect((await cli(['forget', '--url', url(), '--table', table, '--key', 'order-1', '--scope', 'acct_1'])).stdout).toContain('Forgot the key "order-1" in scope "acct_1".')
+      expect((await cli(['forget', '--url', url(), '--table', table, '--key', 'order-1', '--scope', 'acct_1'])).stdout).toContain(
+        'Forgot the key "order-1" in scope "acct_1".',
+      )
       expect((await cli(['forget', '--url', url(), '--table', table, '--key', 'order-1', '--scope', 'acct_1'])).stdout).toContain('nothing to forget')
       expect(await idempotency.transaction({ key: 'order-1', scope: 'acct_1', request: 1 }, async () => 'again')).toBe('again')
 
       // A flow that stops in a step holds its lock until it runs out.
       let held!: () => void
-      const running = idempotency.run({ key: 'held', request: 1 }, (flow) => flow.step('wait', () => new Promise<number>((resolve) => (held = () => resolve(1)))))
+      const running = idempotency.run({ key: 'held', request: 1 }, (flow) =>
+        flow.step('wait', () => new Promise<number>((resolve) => (held = () => resolve(1)))),
+      )
       await sleep(200)
-      expect(JSON.parse((await cli(['inspect', '--url', url(), '--table', table, '--key', 'held', '--json'])).stdout)).toMatchObject({ state: 'running' })
+      expect(JSON.parse((await cli(['inspect', '--url', url(), '--table', table, '--key', 'held', '--json'])).stdout)).toMatchObject({
+        state: 'running',
+      })
       expectOneLine(await cli(['forget', '--url', url(), '--table', table, '--key', 'held']), /"held" is held by a running attempt/)
       held()
       await running
@@ -328,7 +355,10 @@ describe.each(databases)('the CLI on %s', (database: DatabaseName) => {
       const other = `${table}_x`
       await db.schema.createTable(other).addColumn('id', 'integer').addColumn('scope', 'text').execute()
       try {
-        expectOneLine(await cli(['migrate', '--url', url(), '--table', other]), new RegExp(`"${other}" exists but lacks the columns key, fingerprint,.* not an idempotency table`))
+        expectOneLine(
+          await cli(['migrate', '--url', url(), '--table', other]),
+          new RegExp(`"${other}" exists but lacks the columns key, fingerprint,.* not an idempotency table`),
+        )
       } finally {
         await cli(['down', '--url', url(), '--table', other, '--yes'])
       }
@@ -358,18 +388,25 @@ describe('the CLI without a database', () => {
     // citty would colour these; it must not when stdout is a pipe, whatever the environment.
     const plain = await cli(['--help'], { NO_COLOR: undefined, TEST: undefined, CI: undefined, VITEST: undefined, TERM: 'xterm-256color' })
     expect(plain.stdout).toContain('USAGE')
+    // biome-ignore lint/suspicious/noControlCharactersInRegex: the escape that starts a color.
     expect(plain.stdout).not.toMatch(/\u001b\[/)
     const terminal = (noColor: string) =>
       execFileSync('script', ['-qec', `${JSON.stringify(process.execPath)} ${JSON.stringify(bin)} --help`, '/dev/null'], {
         encoding: 'utf8',
         env: { PATH: process.env.PATH, TERM: 'xterm-256color', ...(noColor ? { NO_COLOR: noColor } : {}) },
       })
+    // biome-ignore lint/suspicious/noControlCharactersInRegex: the escape that starts a color.
     expect(terminal('')).toMatch(/\u001b\[/)
+    // biome-ignore lint/suspicious/noControlCharactersInRegex: the escape that starts a color.
     expect(terminal('true')).not.toMatch(/\u001b\[/)
   })
 
   it('takes the URL schemes as --dialect names', async () => {
-    for (const [alias, name] of [['postgresql', 'postgres'], ['mariadb', 'mysql'], ['SQLite', 'sqlite']]) {
+    for (const [alias, name] of [
+      ['postgresql', 'postgres'],
+      ['mariadb', 'mysql'],
+      ['SQLite', 'sqlite'],
+    ]) {
       const [a, b] = await Promise.all([cli(['sql', '--dialect', alias!]), cli(['sql', '--dialect', name!])])
       expect(a.code, a.stderr).toBe(0)
       expect(a.stdout).toBe(b.stdout)
@@ -387,7 +424,9 @@ describe('the CLI without a database', () => {
       const r = await cli(['sql', '--dialect', dialect, '--table', 'keys'])
       expect(r.code, r.stderr).toBe(0)
       expect(r.stdout).toMatch(/^-- kysely_idempotency_keys_0001_create\ncreate table "?`?keys/)
-      expect(r.stdout).toMatch(/\n-- kysely_idempotency_keys_0003_recovery\n(alter table .keys. add column .+;\n){3}create index .keys_recover_after. on .keys. \(.recover_after.\);\n$/)
+      expect(r.stdout).toMatch(
+        /\n-- kysely_idempotency_keys_0003_recovery\n(alter table .keys. add column .+;\n){3}create index .keys_recover_after. on .keys. \(.recover_after.\);\n$/,
+      )
       expect(r.stdout).toMatch(/create index .keys_expires_at. on .keys. \(.expires_at.\);\n/)
       for (const pattern of patterns) expect(r.stdout).toMatch(pattern)
     }
@@ -418,15 +457,26 @@ describe('the CLI without a database', () => {
 
   it('never prints a credential: a password with a raw @, password parameters, and DATABASE_URL', async () => {
     const url = 'postgres://app:p@ss/w0rd@127.0.0.1:1/test?sslpassword=keypass&password=s3cret&application_name=cli'
-    for (const outcome of [await cli(['status', '--url', url]), await cli(['status'], { DATABASE_URL: url }), await cli(['status', '--url', url, '--debug'])]) {
+    for (const outcome of [
+      await cli(['status', '--url', url]),
+      await cli(['status'], { DATABASE_URL: url }),
+      await cli(['status', '--url', url, '--debug']),
+    ]) {
       expect(outcome.code).not.toBe(0)
       expect(outcome.stderr.split('\n')[0]).toContain('postgres://app:***@127.0.0.1:1/test?sslpassword=***&password=***&application_name=cli')
       // The stack trace --debug adds included.
       for (const secret of ['p@ss', 'ss/w0rd', 'w0rd', 'keypass', 's3cret']) expect(outcome.stderr + outcome.stdout).not.toContain(secret)
     }
-    expectOneLine(await cli(['status', '--url', 'mysql://root:my@secret@127.0.0.1:1/test']), /^kysely-idempotency: Cannot reach mysql:\/\/root:\*\*\*@127\.0\.0\.1:1\/test /)
+    expectOneLine(
+      await cli(['status', '--url', 'mysql://root:my@secret@127.0.0.1:1/test']),
+      /^kysely-idempotency: Cannot reach mysql:\/\/root:\*\*\*@127\.0\.0\.1:1\/test /,
+    )
     // Raw # and ? in a password: the URL cannot be read, and says so without the password.
-    for (const url of ['postgres://app:s3cr#t@127.0.0.1:1/test', 'postgres://app:s3cr?t@127.0.0.1:1/test', 'mysql://app:p@ss#w0rd@127.0.0.1:1/test']) {
+    for (const url of [
+      'postgres://app:s3cr#t@127.0.0.1:1/test',
+      'postgres://app:s3cr?t@127.0.0.1:1/test',
+      'mysql://app:p@ss#w0rd@127.0.0.1:1/test',
+    ]) {
       const outcome = await cli(['status', '--url', url])
       expectOneLine(outcome, /:\/\/app:\*\*\*@127\.0\.0\.1:1\/test /)
       for (const secret of ['s3cr', 'w0rd', 'ss#']) expect(outcome.stderr + outcome.stdout).not.toContain(secret)
@@ -434,14 +484,17 @@ describe('the CLI without a database', () => {
     expectOneLine(await cli(['status', '--url', 'postgres://app:s3cr#t@127.0.0.1:1/test']), /is not a URL the driver can read; percent-encode/)
   })
 
-  it('gives up on a server that never answers, and names a port that is another database\'s, in one line', async () => {
+  it("gives up on a server that never answers, and names a port that is another database's, in one line", async () => {
     const silent = createServer(() => {}).listen(0, '127.0.0.1')
     await new Promise((resolve) => silent.once('listening', resolve))
     try {
       const port = (silent.address() as AddressInfo).port
       for (const scheme of ['postgres', 'mysql']) {
         const started = Date.now()
-        expectOneLine(await cli(['status', '--url', `${scheme}://u:pw@127.0.0.1:${port}/test`, '--connect-timeout', '1']), /did not answer within 1 s; is the server up/)
+        expectOneLine(
+          await cli(['status', '--url', `${scheme}://u:pw@127.0.0.1:${port}/test`, '--connect-timeout', '1']),
+          /did not answer within 1 s; is the server up/,
+        )
         expect(Date.now() - started).toBeLessThan(8000)
       }
     } finally {
@@ -457,7 +510,10 @@ describe('the CLI without a database', () => {
   })
 
   it('names a mistyped command or option in one line, with the likely one, instead of help or nothing', async () => {
-    expectOneLine(await cli(['migrat', '--url', join(dir, 'x.db')]), /^kysely-idempotency: Unknown command "migrat"; did you mean "migrate"\?; the commands are migrate, status/)
+    expectOneLine(
+      await cli(['migrat', '--url', join(dir, 'x.db')]),
+      /^kysely-idempotency: Unknown command "migrat"; did you mean "migrate"\?; the commands are migrate, status/,
+    )
     expectOneLine(await cli(['migrate', '--urll', join(dir, 'x.db')]), /Unknown option "--urll" for migrate; did you mean "--url"\?/)
     expectOneLine(await cli(['status', '--url', join(dir, 'x.db'), '--jsn']), /Unknown option "--jsn" for status; did you mean "--json"\?/)
     expectOneLine(await cli(['status', join(dir, 'x.db')]), /Unexpected argument ".*x\.db" for status/)

@@ -22,10 +22,12 @@ for (const target of targetsFor('conformance')) {
       await fx.close()
     })
 
-    const once = (key: string, value: unknown = { ok: key }) => async (trx: Parameters<Fixture['effect']>[0]) => {
-      await fx.effect(trx, key)
-      return value
-    }
+    const once =
+      (key: string, value: unknown = { ok: key }) =>
+      async (trx: Parameters<Fixture['effect']>[0]) => {
+        await fx.effect(trx, key)
+        return value
+      }
 
     it('runs once and replays the stored value, telling the replay apart', async () => {
       const request = { amount: 100, currency: 'EUR' }
@@ -108,6 +110,7 @@ for (const target of targetsFor('conformance')) {
       ['a function', () => ({ callback: () => 1 })],
       ['a symbol', () => ({ tag: Symbol('x') })],
       ['a class instance', () => ({ at: new URL('https://example.com') })],
+      // biome-ignore lint/suspicious/noSparseArray: a hole is what is tested.
       ['a sparse array', () => [1, , 3]],
     ])('rolls back when the result holds %s', async (_, make) => {
       const run = fx.idempotency.transaction('odd', async (trx) => {
@@ -196,17 +199,20 @@ for (const target of targetsFor('conformance')) {
       expect(String(afterReplay)).toBe(String(before))
     })
 
-    itIf(target.database === 'postgres', 'lock_timeout is a Postgres setting')('puts back a lock_timeout the caller set in its transaction', async () => {
-      const setting = sql<{ v: string }>`select current_setting('lock_timeout') as v`
-      const run = () =>
-        fx.db.transaction().execute(async (trx) => {
-          await sql`set local lock_timeout = '7s'`.execute(trx)
-          const inside = await fx.idempotency.withIdempotency(trx, 'caller-setting', async (t) => (await setting.execute(t)).rows[0]!.v)
-          return [inside, (await setting.execute(trx)).rows[0]!.v]
-        })
-      expect(await run()).toEqual(['7s', '7s'])
-      expect(await run()).toEqual(['7s', '7s'])
-    })
+    itIf(target.database === 'postgres', 'lock_timeout is a Postgres setting')(
+      'puts back a lock_timeout the caller set in its transaction',
+      async () => {
+        const setting = sql<{ v: string }>`select current_setting('lock_timeout') as v`
+        const run = () =>
+          fx.db.transaction().execute(async (trx) => {
+            await sql`set local lock_timeout = '7s'`.execute(trx)
+            const inside = await fx.idempotency.withIdempotency(trx, 'caller-setting', async (t) => (await setting.execute(t)).rows[0]!.v)
+            return [inside, (await setting.execute(trx)).rows[0]!.v]
+          })
+        expect(await run()).toEqual(['7s', '7s'])
+        expect(await run()).toEqual(['7s', '7s'])
+      },
+    )
 
     itWhere(target, 'pool')('leaves the session lock-wait setting as it found it after a conflict', async () => {
       const setting = {

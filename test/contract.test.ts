@@ -9,7 +9,8 @@ import { targetsFor } from './support/harness.js'
 
 const ONE_WRITER = 'SQLite has one writer at a time: a second writer waits for the write lock, so rows are never locked one by one'
 const BUSY_TIMEOUT = "SQLite waits for the connection's busy timeout, not for the statement's own wait (SPEC §4.2)"
-const SYNCHRONOUS = 'better-sqlite3 waits for a lock synchronously, blocking the process: a holder in the same process cannot end while its competitor waits'
+const SYNCHRONOUS =
+  'better-sqlite3 waits for a lock synchronously, blocking the process: a holder in the same process cannot end while its competitor waits'
 
 /** What each target cannot show of the contract, and why. */
 function notApplicable(target: Target): Partial<Record<CheckId, string>> {
@@ -28,7 +29,11 @@ function notApplicable(target: Target): Partial<Record<CheckId, string>> {
 /** The target's database, and a second instance on it where its pool cannot lend two connections (SQLite: the same file). */
 function open(target: Target): { target: DialectTarget; close(): Promise<void> } {
   const dir = target.driver === 'better-sqlite3' ? mkdtempSync(join(tmpdir(), 'kidem-contract-')) : undefined
-  const location = dir ? join(dir, 'contract.db') : target.driver === 'pglite' ? PGLITE_LOCATION : inject('locations')[target.server ?? (target.database as 'postgres' | 'mysql')]!
+  const location = dir
+    ? join(dir, 'contract.db')
+    : target.driver === 'pglite'
+      ? PGLITE_LOCATION
+      : inject('locations')[target.server ?? (target.database as 'postgres' | 'mysql')]!
   const db: Kysely<any> = openDatabase(target.driver, location)
   const second: Kysely<any> | undefined = dir ? openDatabase(target.driver, location) : undefined
   return {
@@ -50,13 +55,19 @@ for (const target of targetsFor('dialect contract')) {
   describe(`dialect contract: ${target.id}`, () => {
     // Listing the checks opens nothing; each check opens its own instances, since a failed check
     // may leave a connection waiting.
-    const listing: DialectTarget = { db: {} as Kysely<unknown>, competitor: target.driver === 'pglite' ? false : undefined, notApplicable: notApplicable(target) }
+    const listing: DialectTarget = {
+      db: {} as Kysely<unknown>,
+      competitor: target.driver === 'pglite' ? false : undefined,
+      notApplicable: notApplicable(target),
+    }
     for (const check of dialectChecks(listing)) {
       const test = check.notApplicable === undefined ? it : it.skip
       test(check.notApplicable === undefined ? check.title : `${check.title} (N/A: ${check.notApplicable})`, async () => {
         const opened = open(target)
         try {
-          await dialectChecks(opened.target).find((c) => c.id === check.id)!.run()
+          await dialectChecks(opened.target)
+            .find((c) => c.id === check.id)!
+            .run()
         } finally {
           await opened.close()
         }

@@ -45,7 +45,12 @@ function readmeExamples(): Example[] {
     const start = i
     while (!lines[++i]!.startsWith('```'));
     const marker = /^<!-- example: ([\w-]+) -->$/.exec(lines[start - 1] ?? '') ?? /^<!-- example: ([\w-]+) -->$/.exec(lines[start - 2] ?? '')
-    examples.push({ where: `README.md:${start + 1}`, lang: open[1]!, code: lines.slice(start + 1, i).join('\n'), ...(marker ? { run: marker[1] } : {}) })
+    examples.push({
+      where: `README.md:${start + 1}`,
+      lang: open[1]!,
+      code: lines.slice(start + 1, i).join('\n'),
+      ...(marker ? { run: marker[1] } : {}),
+    })
   }
   return examples
 }
@@ -53,14 +58,19 @@ function readmeExamples(): Example[] {
 function docCommentExamples(): Example[] {
   const examples: Example[] = []
   for (const dir of ['src', 'http', 'express', 'fetch', 'fastify', 'dialects', 'migrations']) {
-    for (const file of readdirSync(join(root, dir), { recursive: true }).map(String).filter((f) => f.endsWith('.ts'))) {
+    for (const file of readdirSync(join(root, dir), { recursive: true })
+      .map(String)
+      .filter((f) => f.endsWith('.ts'))) {
       const lines = readFileSync(join(root, dir, file), 'utf8').split('\n')
       for (let i = 0; i < lines.length; i++) {
         const open = /^\s*\* ```(\w+)/.exec(lines[i]!)
         if (!open) continue
         const start = i
         while (!/^\s*\* ```\s*$/.test(lines[++i]!));
-        const code = lines.slice(start + 1, i).map((line) => line.replace(/^\s*\* ?/, '')).join('\n')
+        const code = lines
+          .slice(start + 1, i)
+          .map((line) => line.replace(/^\s*\* ?/, ''))
+          .join('\n')
         examples.push({ where: `${dir}/${file}:${start + 1}`, lang: open[1]!, code })
       }
     }
@@ -99,7 +109,9 @@ describe('the examples in README.md and doc comments', () => {
     const problems = ts.getPreEmitDiagnostics(program).map((d) => {
       const example = d.file && source(d.file.fileName)
       const line = d.file && d.start !== undefined ? d.file.getLineAndCharacterOfPosition(d.start).line : 0
-      const where = example ? `${example.where.replace(/:\d+$/, '')}:${Number(example.where.split(':').at(-1)) + 1 + line}` : relative(root, d.file?.fileName ?? '')
+      const where = example
+        ? `${example.where.replace(/:\d+$/, '')}:${Number(example.where.split(':').at(-1)) + 1 + line}`
+        : relative(root, d.file?.fileName ?? '')
       return `${where}: ${ts.flattenDiagnosticMessageText(d.messageText, '\n')}`
     })
     expect(problems).toEqual([])

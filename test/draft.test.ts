@@ -22,17 +22,22 @@ for (const target of targetsFor('draft-ietf-httpapi-idempotency-key-header-07', 
         fx = await openFixture(target)
         release = gate()
         entered = gate()
-        server = await startApp(adapter, fx.idempotency, { ttl, conflictWait: 0 }, {
-          orders: async (body, trx) => {
-            const order = (body ?? {}) as { item?: string; slow?: boolean }
-            await fx.effect(trx, `order:${order.item}`)
-            if (order.slow) {
-              entered.open()
-              await release.promise
-            }
-            return { status: 201, body: { item: order.item ?? null, id: Math.random() }, headers: { Location: `/orders/${order.item}` } }
+        server = await startApp(
+          adapter,
+          fx.idempotency,
+          { ttl, conflictWait: 0 },
+          {
+            orders: async (body, trx) => {
+              const order = (body ?? {}) as { item?: string; slow?: boolean }
+              await fx.effect(trx, `order:${order.item}`)
+              if (order.slow) {
+                entered.open()
+                await release.promise
+              }
+              return { status: 201, body: { item: order.item ?? null, id: Math.random() }, headers: { Location: `/orders/${order.item}` } }
+            },
           },
-        })
+        )
       })
       afterEach(async () => {
         release.open()

@@ -3,7 +3,7 @@
  * conditions that skip them, slow functions, keys that are missing, calls nested in
  * themselves, transactions committed after an error, prune running beside requests.
  */
-import { Kysely, sql } from 'kysely'
+import { type Kysely, sql } from 'kysely'
 import { Migrator } from './support/migrator.js'
 import { afterEach, beforeEach, describe, expect, it } from 'vitest'
 import {
@@ -31,8 +31,7 @@ for (const target of targetsFor('edges')) {
     })
 
     /** The key's row: where it stands and whether an attempt holds it. */
-    const row = (key: string) =>
-      fx.db.selectFrom(fx.table).select(['recovery_point', 'lock_token']).where('key', '=', key).executeTakeFirstOrThrow()
+    const row = (key: string) => fx.db.selectFrom(fx.table).select(['recovery_point', 'lock_token']).where('key', '=', key).executeTakeFirstOrThrow()
 
     /** A phase that records one side effect named `name` per run. */
     const phase = (flow: Flow<any, unknown>, name: string) =>
@@ -294,11 +293,15 @@ for (const target of targetsFor('edges')) {
         const tenYears = 3650 * 24 * 60 * 60 * 1000
         expect(await fx.idempotency.transaction('long', async () => 'kept', { ttl: tenYears })).toBe('kept')
         expect(await fx.idempotency.executeTransaction('long', async () => 'again', { ttl: tenYears })).toEqual({ value: 'kept', replayed: true })
-        expect(await fx.idempotency.run('long-flow', async (flow) => flow.step('s', async () => 1), { ttl: tenYears, lockTimeout: 24 * 3600_000 })).toBe(1)
+        expect(
+          await fx.idempotency.run('long-flow', async (flow) => flow.step('s', async () => 1), { ttl: tenYears, lockTimeout: 24 * 3600_000 }),
+        ).toBe(1)
         expect(await fx.idempotency.executeRun('long-flow', async () => 2, { ttl: tenYears })).toEqual({ value: 1, replayed: true })
         expect((await fx.idempotency.counts()).expired).toBe(0)
 
-        await expect(fx.idempotency.transaction('longer', async () => 1, { ttl: tenYears + 1 })).rejects.toThrow(/ttl must be an integer from 1 to \d+ \(10 years\)/)
+        await expect(fx.idempotency.transaction('longer', async () => 1, { ttl: tenYears + 1 })).rejects.toThrow(
+          /ttl must be an integer from 1 to \d+ \(10 years\)/,
+        )
         await expect(fx.idempotency.run('longer', async () => 1, { lockTimeout: 24 * 3600_000 + 1 })).rejects.toThrow(/lockTimeout .* \(24 hours\)/)
         await expect(fx.idempotency.transaction('longer', async () => 1, { conflictWait: 3600_001 })).rejects.toThrow(/conflictWait .* \(1 hour\)/)
         expect(() => fx.with({ ttl: 1e15 })).toThrow(RangeError)
@@ -314,11 +317,23 @@ for (const target of targetsFor('edges')) {
           ['executeTransaction(null)', () => fx.idempotency.executeTransaction(null as unknown as string, fn), InvalidIdempotencyKeyError],
           ['run({ key: undefined })', () => fx.idempotency.run({ key: undefined as unknown as string }, fn), InvalidIdempotencyKeyError],
           ['executeRun(42)', () => fx.idempotency.executeRun(42 as unknown as string, fn), InvalidIdempotencyKeyError],
-          ['execute(trx, undefined)', () => fx.db.transaction().execute((trx) => fx.idempotency.execute(trx, undefined as unknown as string, fn)), InvalidIdempotencyKeyError],
-          ['withIdempotency(trx, null)', () => fx.db.transaction().execute((trx) => withIdempotency(trx, null as unknown as string, fn, { tableName: fx.table })), InvalidIdempotencyKeyError],
+          [
+            'execute(trx, undefined)',
+            () => fx.db.transaction().execute((trx) => fx.idempotency.execute(trx, undefined as unknown as string, fn)),
+            InvalidIdempotencyKeyError,
+          ],
+          [
+            'withIdempotency(trx, null)',
+            () => fx.db.transaction().execute((trx) => withIdempotency(trx, null as unknown as string, fn, { tableName: fx.table })),
+            InvalidIdempotencyKeyError,
+          ],
           ['executeTransaction ttl 0', () => fx.idempotency.executeTransaction('k', fn, { ttl: 0 }), RangeError],
           ['executeRun lockTimeout -1', () => fx.idempotency.executeRun('k', fn, { lockTimeout: -1 }), RangeError],
-          ['execute conflictWait NaN', () => fx.db.transaction().execute((trx) => fx.idempotency.execute(trx, 'k', fn, { conflictWait: Number.NaN })), RangeError],
+          [
+            'execute conflictWait NaN',
+            () => fx.db.transaction().execute((trx) => fx.idempotency.execute(trx, 'k', fn, { conflictWait: Number.NaN })),
+            RangeError,
+          ],
           ['abandoned limit 0', () => fx.idempotency.abandoned({ limit: 0 }), RangeError],
           ['prune batchSize 0', () => fx.idempotency.prune({ batchSize: 0 }), RangeError],
         ]
@@ -332,9 +347,11 @@ for (const target of targetsFor('edges')) {
       })
 
       it('names a key nested inside its own call, instead of calling it a flow to resume', async () => {
-        const nested = fx.db.transaction().execute((trx) =>
-          fx.idempotency.withIdempotency(trx, 'nest', async (trx) => fx.idempotency.withIdempotency(trx, 'nest', async () => 'inner')),
-        )
+        const nested = fx.db
+          .transaction()
+          .execute((trx) =>
+            fx.idempotency.withIdempotency(trx, 'nest', async (trx) => fx.idempotency.withIdempotency(trx, 'nest', async () => 'inner')),
+          )
         await expect(nested).rejects.toBeInstanceOf(IdempotencyConflictError)
         await expect(nested).rejects.toMatchObject({ reason: 'nested', message: expect.stringContaining('nested inside its own function') })
         await expect(nested).rejects.not.toThrow(/run\(\)/)
@@ -356,9 +373,15 @@ for (const target of targetsFor('edges')) {
 
       it('tells a caller who calls again in the transaction of a failed call what happened', async () => {
         await fx.db.transaction().execute(async (trx) => {
-          await expect(fx.idempotency.withIdempotency(trx, 'again', async () => Promise.reject(new Error('validation')))).rejects.toThrow('validation')
+          await expect(fx.idempotency.withIdempotency(trx, 'again', async () => Promise.reject(new Error('validation')))).rejects.toThrow(
+            'validation',
+          )
           const again = fx.idempotency.withIdempotency(trx, 'again', async () => 'second')
-          await expect(again).rejects.toMatchObject({ reason: 'stranded', retryAfter: 1, message: expect.stringContaining('in this same transaction') })
+          await expect(again).rejects.toMatchObject({
+            reason: 'stranded',
+            retryAfter: 1,
+            message: expect.stringContaining('in this same transaction'),
+          })
           await expect(again).rejects.not.toThrow(/committed/)
         })
       })
@@ -382,7 +405,12 @@ for (const target of targetsFor('edges')) {
           else await Promise.all(keys.map((key) => expiring.transaction(key, async () => 'old')))
           await sleep(5)
           const prune = () => fx.idempotency.prune({ batchSize: 3 })
-          const results = await Promise.allSettled([prune(), ...keys.map((key) => fx.idempotency.transaction(key, async () => 'new')), prune(), prune()])
+          const results = await Promise.allSettled([
+            prune(),
+            ...keys.map((key) => fx.idempotency.transaction(key, async () => 'new')),
+            prune(),
+            prune(),
+          ])
           for (const result of results) if (result.status === 'rejected') failures.push(result.reason)
         }
         // Under SERIALIZABLE the database may abort a request more often than it is retried: a 409 to retry, never a raw error.
@@ -434,10 +462,20 @@ for (const target of targetsFor('edges')) {
             await idempotency.migrate()
             const value = { note: '漢字 💳 ñ', scope: 'tenant-ü' }
             expect(await idempotency.transaction({ key: 'k', scope: 'tenant-ü', request: { item: '☕' } }, async () => value)).toEqual(value)
-            expect(await idempotency.executeTransaction({ key: 'k', scope: 'tenant-ü', request: { item: '☕' } }, async () => 'no')).toEqual({ value, replayed: true })
-            expect(await idempotency.executeTransaction({ key: 'K', scope: 'tenant-ü', request: { item: '☕' } }, async () => 'other')).toEqual({ value: 'other', replayed: false })
+            expect(await idempotency.executeTransaction({ key: 'k', scope: 'tenant-ü', request: { item: '☕' } }, async () => 'no')).toEqual({
+              value,
+              replayed: true,
+            })
+            expect(await idempotency.executeTransaction({ key: 'K', scope: 'tenant-ü', request: { item: '☕' } }, async () => 'other')).toEqual({
+              value: 'other',
+              replayed: false,
+            })
             expect(await idempotency.run({ key: 'f', request: '💳' }, async (flow) => flow.phase('p', async () => '漢字'))).toBe('漢字')
-            const { rows } = await sql<{ c: string }>`select table_collation as c from information_schema.tables where table_schema = 'kidem_latin1' and table_name = ${table}`.execute(latin1)
+            const { rows } = await sql<{
+              c: string
+            }>`select table_collation as c from information_schema.tables where table_schema = 'kidem_latin1' and table_name = ${table}`.execute(
+              latin1,
+            )
             expect(rows[0]?.c).toBe('utf8mb4_bin')
           } finally {
             await drop(table)
@@ -448,7 +486,12 @@ for (const target of targetsFor('edges')) {
           const table = `${fx.table}_l2`
           try {
             const { migrationTableName, migrationLockTableName } = migrationTables(table)
-            const migrator = new Migrator({ db: latin1, provider: idempotencyMigrations({ tableName: table }), migrationTableName, migrationLockTableName })
+            const migrator = new Migrator({
+              db: latin1,
+              provider: idempotencyMigrations({ tableName: table }),
+              migrationTableName,
+              migrationLockTableName,
+            })
             expect((await migrator.migrateTo(`kysely_idempotency_${table}_0001_create`)).error).toBeUndefined()
             await latin1
               .insertInto(table)

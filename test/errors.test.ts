@@ -20,7 +20,12 @@ describe('problemDetails', () => {
     const cases: Array<[IdempotencyError, number, string, Record<string, string>]> = [
       [new InvalidIdempotencyKeyError('The key is empty.'), 400, 'Invalid idempotency key', {}],
       [new IdempotencyKeyReuseError('Used with another request.'), 422, 'Idempotency key reused', {}],
-      [new IdempotencyConflictError('in_flight', 'Still running.', { retryAfter: 3 }), 409, 'Request with this idempotency key in progress', { 'Retry-After': '3' }],
+      [
+        new IdempotencyConflictError('in_flight', 'Still running.', { retryAfter: 3 }),
+        409,
+        'Request with this idempotency key in progress',
+        { 'Retry-After': '3' },
+      ],
       [new IdempotencyLockLostError('Taken over.'), 409, 'Request taken over by a retry', { 'Retry-After': '1' }],
     ]
     for (const [error, status, title, extra] of cases) {
@@ -74,7 +79,7 @@ describe('error classes', () => {
     const minified = (await import(copy)) as typeof import('../src/errors.js')
     const classes = Object.values(minified).filter((c): c is typeof IdempotencyError => typeof c === 'function')
     expect(classes.length).toBeGreaterThan(8)
-    classes.forEach((c, i) => Object.defineProperty(c, 'name', { value: String.fromCharCode(97 + i) }))
+    for (const [i, c] of classes.entries()) Object.defineProperty(c, 'name', { value: String.fromCharCode(97 + i) })
     const theirs = new minified.IdempotencyLockLostError('Taken over.')
     expect(theirs.name).toBe('IdempotencyLockLostError')
     expect(theirs).toBeInstanceOf(IdempotencyLockLostError)

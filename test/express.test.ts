@@ -65,7 +65,10 @@ for (const target of targetsFor('express helper', ['statement-paths'])) {
         app.post('/optional', idempotent(idempotency, { scope }, charge))
         app.get('/charges', idempotent(idempotency, { scope, required: true }, charge))
         app.post('/small', idempotent(idempotency, { scope, maxStoredBytes: 1024 }, charge))
-        app.post('/fingerprint', idempotent(idempotency, { scope: UNSCOPED, ignoreBodyFields: ['sentAt'], fingerprintHeaders: ['X-Currency'] }, charge))
+        app.post(
+          '/fingerprint',
+          idempotent(idempotency, { scope: UNSCOPED, ignoreBodyFields: ['sentAt'], fingerprintHeaders: ['X-Currency'] }, charge),
+        )
         const rides = idempotentFlow(idempotency, { scope, maxStoredBytes: 1024 }, async (req, flow) => {
           const body = req.body as { id: string; behave?: string }
           const ride = await flow.phase('ride_created', async (trx) => (await fx.effect(trx, `ride:${body.id}`), { id: body.id }))
@@ -89,11 +92,17 @@ for (const target of targetsFor('express helper', ['statement-paths'])) {
           }),
         )
         // Files beside the fields: multer in memory and on disk.
-        const uploaded = (storage: string) => async (req: IdempotentRequest, trx: Parameters<Fixture['effect']>[0]): Promise<HttpResult> => {
-          await fx.effect(trx, `upload:${storage}:${(req.body as { title: string }).title}`)
-          return { status: 201, body: { title: (req.body as { title: string }).title, at: Math.random() } }
-        }
-        app.post('/uploads/memory', multer({ storage: multer.memoryStorage() }).single('file'), idempotent(idempotency, { scope: UNSCOPED }, uploaded('memory')))
+        const uploaded =
+          (storage: string) =>
+          async (req: IdempotentRequest, trx: Parameters<Fixture['effect']>[0]): Promise<HttpResult> => {
+            await fx.effect(trx, `upload:${storage}:${(req.body as { title: string }).title}`)
+            return { status: 201, body: { title: (req.body as { title: string }).title, at: Math.random() } }
+          }
+        app.post(
+          '/uploads/memory',
+          multer({ storage: multer.memoryStorage() }).single('file'),
+          idempotent(idempotency, { scope: UNSCOPED }, uploaded('memory')),
+        )
         app.post('/uploads/disk', multer({ dest: uploads }).array('files'), idempotent(idempotency, { scope: UNSCOPED }, uploaded('disk')))
         app.post('/no-user', idempotent(idempotency, { scope: (req) => (req as { user?: { id: string } }).user?.id as string }, charge))
         app.post(
@@ -165,8 +174,11 @@ for (const target of targetsFor('express helper', ['statement-paths'])) {
         expect((await post('/charges', { id: 'after' }, { 'Idempotency-Key': 'after' })).status).toBe(201)
       })
 
-      it("fingerprints the files multer keeps beside the fields, in memory and on disk: another file is another request", async () => {
-        for (const [storage, field] of [['memory', 'file'], ['disk', 'files']] as const) {
+      it('fingerprints the files multer keeps beside the fields, in memory and on disk: another file is another request', async () => {
+        for (const [storage, field] of [
+          ['memory', 'file'],
+          ['disk', 'files'],
+        ] as const) {
           const send = (title: string, content: string) => {
             const form = new FormData()
             form.append('title', title)
@@ -185,20 +197,36 @@ for (const target of targetsFor('express helper', ['statement-paths'])) {
 
       it('refuses a body that no body parser read, instead of leaving it out of the fingerprint', async () => {
         // No parser for text/plain before the route: another amount must never be replayed the first answer.
-        const text = (amount: string) => fetch(`${base}/charges`, { method: 'POST', headers: { 'content-type': 'text/plain', 'Idempotency-Key': 'unparsed' }, body: amount })
+        const text = (amount: string) =>
+          fetch(`${base}/charges`, { method: 'POST', headers: { 'content-type': 'text/plain', 'Idempotency-Key': 'unparsed' }, body: amount })
         for (const amount of ['100', '999']) {
           const refused = await text(amount)
           expect(refused.status).toBe(500)
-          expect(((await refused.json()) as { error: string }).error).toMatch(/has a body \(text\/plain\) that no body parser read before the idempotent route.*express\.text\(\)/)
+          expect(((await refused.json()) as { error: string }).error).toMatch(
+            /has a body \(text\/plain\) that no body parser read before the idempotent route.*express\.text\(\)/,
+          )
         }
         // And with no parser mounted at all.
         const bare = express()
-        bare.post('/charges', idempotent(fx.idempotency, { scope: UNSCOPED }, async (req, trx) => (await fx.effect(trx, 'bare'), { status: 201, body: req.body ?? null })))
-        bare.use((err: Error, _req: unknown, res: { status(n: number): { json(b: unknown): void } }, _next: unknown) => res.status(500).json({ error: err.message }))
+        bare.post(
+          '/charges',
+          idempotent(
+            fx.idempotency,
+            { scope: UNSCOPED },
+            async (req, trx) => (await fx.effect(trx, 'bare'), { status: 201, body: req.body ?? null }),
+          ),
+        )
+        bare.use((err: Error, _req: unknown, res: { status(n: number): { json(b: unknown): void } }, _next: unknown) =>
+          res.status(500).json({ error: err.message }),
+        )
         const server = await listen(bare as unknown as ReturnType<typeof build>)
         try {
           const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}/charges`
-          const refused = await fetch(url, { method: 'POST', headers: { 'content-type': 'application/json', 'Idempotency-Key': 'bare' }, body: '{"amount":1}' })
+          const refused = await fetch(url, {
+            method: 'POST',
+            headers: { 'content-type': 'application/json', 'Idempotency-Key': 'bare' },
+            body: '{"amount":1}',
+          })
           expect(refused.status).toBe(500)
           expect(((await refused.json()) as { error: string }).error).toMatch(/no body parser read/)
           // A request without a body needs no parser.
@@ -262,12 +290,18 @@ for (const target of targetsFor('express helper', ['statement-paths'])) {
       itWhere(target, 'processes')('answers 409 with Retry-After while the same key is in flight', async () => {
         // A second app process with its own connection (SQLite: its own handle on the file).
         const db = openDatabase(target.driver, fx.location, 2, 300)
-        const other = await listen(build(createIdempotency({ db, tableName: fx.table, conflictWait: 500, ...(target.dialect ? { dialect: target.dialect() } : {}) })))
+        const other = await listen(
+          build(createIdempotency({ db, tableName: fx.table, conflictWait: 500, ...(target.dialect ? { dialect: target.dialect() } : {}) })),
+        )
         try {
           const first = post('/charges', { id: 'slow', behave: 'hold' }, { 'Idempotency-Key': 'slow' })
           await held.entered.promise
           const url = `http://127.0.0.1:${(other.address() as AddressInfo).port}/charges`
-          const second = await fetch(url, { method: 'POST', headers: { 'content-type': 'application/json', 'Idempotency-Key': 'slow' }, body: JSON.stringify({ id: 'slow', behave: 'hold' }) })
+          const second = await fetch(url, {
+            method: 'POST',
+            headers: { 'content-type': 'application/json', 'Idempotency-Key': 'slow' },
+            body: JSON.stringify({ id: 'slow', behave: 'hold' }),
+          })
           expect(second.headers.get('retry-after')).toBe('1')
           await expectProblem(second, 409, 'conflict')
           held.release.open()
@@ -347,7 +381,8 @@ for (const target of targetsFor('express helper', ['statement-paths'])) {
         expect((await form('1')).headers.get('idempotency-replayed')).toBe('true')
         expect((await form('2')).status).toBe(422)
 
-        const json = (sentAt: number, currency: string) => post('/fingerprint', { id: 'g', sentAt }, { 'Idempotency-Key': 'json', 'X-Currency': currency })
+        const json = (sentAt: number, currency: string) =>
+          post('/fingerprint', { id: 'g', sentAt }, { 'Idempotency-Key': 'json', 'X-Currency': currency })
         expect((await json(1, 'eur')).status).toBe(201)
         expect((await json(2, 'eur')).headers.get('idempotency-replayed')).toBe('true')
         expect((await json(3, 'usd')).status).toBe(422)
@@ -406,10 +441,13 @@ for (const target of targetsFor('express helper', ['statement-paths'])) {
       it('answers 400 to a request with two Idempotency-Key header lines', async () => {
         const { port } = server.address() as AddressInfo
         const status = await new Promise<number>((resolve, reject) => {
-          const req = request({ host: '127.0.0.1', port, path: '/charges', method: 'POST', headers: { 'content-type': 'application/json' } }, (res) => {
-            res.resume()
-            resolve(res.statusCode!)
-          })
+          const req = request(
+            { host: '127.0.0.1', port, path: '/charges', method: 'POST', headers: { 'content-type': 'application/json' } },
+            (res) => {
+              res.resume()
+              resolve(res.statusCode!)
+            },
+          )
           req.setHeader('Idempotency-Key', ['a', 'b'])
           req.on('error', reject)
           req.end(JSON.stringify({ id: 'two-lines' }))
@@ -448,7 +486,8 @@ for (const target of targetsFor('express helper', ['statement-paths'])) {
       })
 
       it('tells bodies apart by a __proto__ field', async () => {
-        const raw = (body: string) => fetch(`${base}/charges`, { method: 'POST', headers: { 'content-type': 'application/json', 'Idempotency-Key': 'proto' }, body })
+        const raw = (body: string) =>
+          fetch(`${base}/charges`, { method: 'POST', headers: { 'content-type': 'application/json', 'Idempotency-Key': 'proto' }, body })
         expect((await raw('{"id":"p","__proto__":{"amount":1}}')).status).toBe(201)
         expect((await raw('{"id":"p","__proto__":{"amount":1}}')).headers.get('idempotency-replayed')).toBe('true')
         await expectProblem(await raw('{"id":"p","__proto__":{"amount":2}}'), 422, 'key_reuse')
@@ -464,7 +503,9 @@ for (const target of targetsFor('express helper', ['statement-paths'])) {
             fingerprint: fingerprint(request),
             recovery_point: 'finished',
             // As JSON text whatever the driver makes of a JSON parameter (postgres.js would encode a string).
-            response: fx.idempotency.dialect.json(sql.val(JSON.stringify({ status: 201, headers: { Location: '/charges/legacy' }, body: { id: 'legacy', amount: null } }))),
+            response: fx.idempotency.dialect.json(
+              sql.val(JSON.stringify({ status: 201, headers: { Location: '/charges/legacy' }, body: { id: 'legacy', amount: null } })),
+            ),
             created_at: fx.idempotency.dialect.clock,
             last_run_at: fx.idempotency.dialect.clock,
             expires_at: fx.idempotency.dialect.later(sql.lit(60_000)),

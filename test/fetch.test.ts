@@ -40,7 +40,11 @@ for (const target of targetsFor('fetch helper', ['statement-paths'])) {
     })
 
     const post = (body: unknown, headers: Record<string, string> = {}, path = '/charges') =>
-      new Request(`http://app.test${path}`, { method: 'POST', headers: { 'content-type': 'application/json', ...headers }, body: JSON.stringify(body) })
+      new Request(`http://app.test${path}`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json', ...headers },
+        body: JSON.stringify(body),
+      })
 
     it('stores a returned Response and replays it byte for byte, reading the body the handler still gets', async () => {
       let calls = 0
@@ -77,11 +81,15 @@ for (const target of targetsFor('fetch helper', ['statement-paths'])) {
         c.set('account', c.req.header('authorization') ?? 'nobody')
         await next()
       })
-      const charges = idempotent(fx.idempotency, { scope: (_request, c: Context<Env>) => c.get('account'), required: true }, async (request, trx, c) => {
-        const body = (await request.json()) as { id: string }
-        await fx.effect(trx, `${c.get('account')}:${body.id}`)
-        return { status: 201, body: { id: body.id, account: c.get('account'), at: Math.random() } }
-      })
+      const charges = idempotent(
+        fx.idempotency,
+        { scope: (_request, c: Context<Env>) => c.get('account'), required: true },
+        async (request, trx, c) => {
+          const body = (await request.json()) as { id: string }
+          await fx.effect(trx, `${c.get('account')}:${body.id}`)
+          return { status: 201, body: { id: body.id, account: c.get('account'), at: Math.random() } }
+        },
+      )
       app.post('/charges', (c) => charges(c.req.raw, c))
       const send = (account: string) => app.request(post({ id: 'x' }, { 'idempotency-key': 'same', authorization: account }))
       const answers = await Promise.all(Array.from({ length: 20 }, () => send('acct_1')))
@@ -107,7 +115,10 @@ for (const target of targetsFor('fetch helper', ['statement-paths'])) {
       twice.append('idempotency-key', 'b')
       const repeated = await route(new Request('http://app.test/charges', { method: 'POST', headers: twice, body: '{}' }))
       expect(repeated.status).toBe(400)
-      expect(await repeated.json()).toMatchObject({ type: 'urn:kysely-idempotency:invalid_key', detail: expect.stringMatching(/several header lines joined into one/) })
+      expect(await repeated.json()).toMatchObject({
+        type: 'urn:kysely-idempotency:invalid_key',
+        detail: expect.stringMatching(/several header lines joined into one/),
+      })
       await expect(route(post({ behave: 'throw' }, { 'idempotency-key': 't' }))).rejects.toThrow('handler failed')
       expect(await fx.effects()).toBe(0)
       expect(await fx.rows()).toBe(0)
@@ -218,7 +229,12 @@ for (const target of targetsFor('fetch helper', ['statement-paths'])) {
       expect(cancelled).toBe(true)
       expect(await fx.effects('stalled')).toBe(0)
       expect(await fx.rows()).toBe(0)
-      const slowClient = new Request('http://app.test/x', { method: 'POST', headers: { 'idempotency-key': 'st2' }, body: stalled(), duplex: 'half' } as RequestInit)
+      const slowClient = new Request('http://app.test/x', {
+        method: 'POST',
+        headers: { 'idempotency-key': 'st2' },
+        body: stalled(),
+        duplex: 'half',
+      } as RequestInit)
       expect((await route(slowClient)).status).toBe(408)
       expect(() => idempotent(fx.idempotency, { scope: UNSCOPED, bodyTimeout: 0 }, async () => ({ status: 200 }))).toThrow(RangeError)
     })
@@ -236,7 +252,12 @@ for (const target of targetsFor('fetch helper', ['statement-paths'])) {
         validator('json', (value) => value as { amount: number }),
         (c) => charges(c.req.raw, c),
       )
-      const send = (amount: number, key: string) => app.request('/charges', { method: 'POST', headers: { 'content-type': 'application/json', 'idempotency-key': key }, body: JSON.stringify({ amount }) })
+      const send = (amount: number, key: string) =>
+        app.request('/charges', {
+          method: 'POST',
+          headers: { 'content-type': 'application/json', 'idempotency-key': key },
+          body: JSON.stringify({ amount }),
+        })
       const first = await send(5, 'v1')
       expect(first.status).toBe(201)
       const body = await first.text()
@@ -280,15 +301,23 @@ for (const target of targetsFor('fetch helper', ['statement-paths'])) {
         await fx.effect(trx, `hono-form:${String(form.get('title'))}`)
         return { status: 201, body: { title: form.get('title'), at: Math.random() } }
       })
-      app.post('/uploads', async (c, next) => (await c.req.formData(), next()), (c) => route(c.req.raw, c))
-      const send = (key: string, body: FormData | URLSearchParams) => app.request('/uploads', { method: 'POST', headers: { 'idempotency-key': key }, body })
+      app.post(
+        '/uploads',
+        async (c, next) => (await c.req.formData(), next()),
+        (c) => route(c.req.raw, c),
+      )
+      const send = (key: string, body: FormData | URLSearchParams) =>
+        app.request('/uploads', { method: 'POST', headers: { 'idempotency-key': key }, body })
       const multipart = (title: string) => {
         const form = new FormData()
         form.append('title', title)
         form.append('file', new Blob(['abc'], { type: 'text/plain' }), 'notes.txt')
         return form
       }
-      for (const [key, body] of [['hf1', multipart], ['hf2', (title: string) => new URLSearchParams({ title })]] as const) {
+      for (const [key, body] of [
+        ['hf1', multipart],
+        ['hf2', (title: string) => new URLSearchParams({ title })],
+      ] as const) {
         const first = await send(key, body('first'))
         expect(first.status).toBe(201)
         const retry = await send(key, body('first'))

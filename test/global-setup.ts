@@ -58,10 +58,11 @@ async function serializableDatabase(url: string): Promise<string> {
   const db = openDatabase('postgres', url, 1)
   try {
     const { rows } = await sql`select 1 from pg_database where datname = ${name}`.execute(db)
-    if (!rows.length) await sql`create database ${sql.id(name)}`.execute(db).catch((error: { code?: string }) => {
-      // Another run made it meanwhile.
-      if (error.code !== '42P04') throw error
-    })
+    if (!rows.length)
+      await sql`create database ${sql.id(name)}`.execute(db).catch((error: { code?: string }) => {
+        // Another run made it meanwhile.
+        if (error.code !== '42P04') throw error
+      })
     await sql`alter database ${sql.id(name)} set default_transaction_isolation to 'serializable'`.execute(db)
   } finally {
     await db.destroy()
@@ -87,9 +88,12 @@ async function dockerAnswers(): Promise<boolean> {
  * that does not answer fails the run with the env var to set.
  */
 export default async function setup(project: TestProject): Promise<() => Promise<void>> {
-  const wanted = process.env.KIDEM_TARGETS?.split(',').map((s) => s.trim()).filter(Boolean)
+  const wanted = process.env.KIDEM_TARGETS?.split(',')
+    .map((s) => s.trim())
+    .filter(Boolean)
   const targets = ALL_TARGETS.filter((t) => !wanted || wanted.includes(t.id) || wanted.includes(t.database) || wanted.includes(t.driver))
-  if (targets.length === 0) throw new Error(`KIDEM_TARGETS=${process.env.KIDEM_TARGETS} selects nothing; use ids from: ${ALL_TARGETS.map((t) => t.id).join(', ')}`)
+  if (targets.length === 0)
+    throw new Error(`KIDEM_TARGETS=${process.env.KIDEM_TARGETS} selects nothing; use ids from: ${ALL_TARGETS.map((t) => t.id).join(', ')}`)
   const locations: Locations = {}
   const stops: Array<() => Promise<unknown>> = []
   let docker: boolean | undefined
@@ -126,12 +130,17 @@ export default async function setup(project: TestProject): Promise<() => Promise
     try {
       await ping('postgres', pooler)
     } catch (error) {
-      throw new Error(`PgBouncer did not answer at ${pooler} (KIDEM_PGBOUNCER_URL): ${(error as Error).message}. Start it (see the README) or unset the variable.`)
+      throw new Error(
+        `PgBouncer did not answer at ${pooler} (KIDEM_PGBOUNCER_URL): ${(error as Error).message}. Start it (see the README) or unset the variable.`,
+      )
     }
     locations.pgbouncer = pooler
   }
   project.provide('locations', locations)
-  project.provide('targets', targets.map((t) => t.id))
+  project.provide(
+    'targets',
+    targets.map((t) => t.id),
+  )
   return async () => {
     await Promise.all(stops.map((stop) => stop()))
   }

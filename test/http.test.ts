@@ -40,25 +40,30 @@ for (const target of targetsFor('HTTP conformance', ['statement-paths'])) {
       beforeEach(async () => {
         fx = await openFixture(target)
         Object.assign(plan, { throws: 0, fails: 0, entered: gate(), release: gate() })
-        app = await startApp(adapter, fx.idempotency, { conflictWait, lockTimeout }, {
-          orders: async (body, trx): Promise<HttpResult> => {
-            const order = (body ?? {}) as Order
-            await fx.effect(trx, `order:${order.item}`)
-            if (order.hold) {
-              plan.entered.open()
-              await plan.release.promise
-            }
-            if (plan.throws > 0 && plan.throws--) throw new Error('the handler failed')
-            if (plan.fails > 0 && plan.fails--) return { status: 503, body: { error: 'try later' } }
-            if (order.unsendable) return { status: 201, body: { item: order.item ?? null }, headers: UNSENDABLE[order.unsendable][0] }
-            return {
-              status: 201,
-              body: { item: order.item ?? null, at: Math.random() },
-              headers: { Location: `/orders/${order.item}`, 'Set-Cookie': 'session=first', 'X-Order': String(order.item) },
-            }
+        app = await startApp(
+          adapter,
+          fx.idempotency,
+          { conflictWait, lockTimeout },
+          {
+            orders: async (body, trx): Promise<HttpResult> => {
+              const order = (body ?? {}) as Order
+              await fx.effect(trx, `order:${order.item}`)
+              if (order.hold) {
+                plan.entered.open()
+                await plan.release.promise
+              }
+              if (plan.throws > 0 && plan.throws--) throw new Error('the handler failed')
+              if (plan.fails > 0 && plan.fails--) return { status: 503, body: { error: 'try later' } }
+              if (order.unsendable) return { status: 201, body: { item: order.item ?? null }, headers: UNSENDABLE[order.unsendable][0] }
+              return {
+                status: 201,
+                body: { item: order.item ?? null, at: Math.random() },
+                headers: { Location: `/orders/${order.item}`, 'Set-Cookie': 'session=first', 'X-Order': String(order.item) },
+              }
+            },
+            rides: defineRides(fx.idempotency, fx.db, fx.effectsTable),
           },
-          rides: defineRides(fx.idempotency, fx.db, fx.effectsTable),
-        })
+        )
       })
       afterEach(async () => {
         plan.release.open()
@@ -70,11 +75,20 @@ for (const target of targetsFor('HTTP conformance', ['statement-paths'])) {
         fetch(`${app.url}/orders`, {
           method: 'POST',
           ...init,
-          headers: { 'content-type': 'application/json', ...(key === undefined ? {} : { 'idempotency-key': key }), ...(init.user ? { 'x-user': init.user } : {}) },
+          headers: {
+            'content-type': 'application/json',
+            ...(key === undefined ? {} : { 'idempotency-key': key }),
+            ...(init.user ? { 'x-user': init.user } : {}),
+          },
           body: JSON.stringify(body),
         })
 
-      async function expectProblem(response: { status: number; headers: Headers } | { status: number; headers: Record<string, unknown> }, text: string, status: number, code: string) {
+      async function expectProblem(
+        response: { status: number; headers: Headers } | { status: number; headers: Record<string, unknown> },
+        text: string,
+        status: number,
+        code: string,
+      ) {
         expect(response.status, text).toBe(status)
         const type = response.headers instanceof Headers ? response.headers.get('content-type') : response.headers['content-type']
         expect(type).toMatch(/^application\/problem\+json/)
@@ -106,10 +120,27 @@ for (const target of targetsFor('HTTP conformance', ['statement-paths'])) {
         const missing = await post({ item: 'a' })
         await expectProblem(missing, await missing.text(), 400, 'missing_key')
         for (const key of ['', 'x'.repeat(256), 'tab\tkey', '"unterminated', 'a, b']) {
-          const bad = await sendLines(`${app.url}/orders`, 'POST', [['content-type', 'application/json'], ['idempotency-key', key]], '{"item":"a"}')
+          const bad = await sendLines(
+            `${app.url}/orders`,
+            'POST',
+            [
+              ['content-type', 'application/json'],
+              ['idempotency-key', key],
+            ],
+            '{"item":"a"}',
+          )
           await expectProblem({ status: bad.status, headers: bad.headers }, bad.body, 400, 'invalid_key')
         }
-        const twice = await sendLines(`${app.url}/orders`, 'POST', [['content-type', 'application/json'], ['Idempotency-Key', 'k2'], ['Idempotency-Key', 'k3']], '{"item":"a"}')
+        const twice = await sendLines(
+          `${app.url}/orders`,
+          'POST',
+          [
+            ['content-type', 'application/json'],
+            ['Idempotency-Key', 'k2'],
+            ['Idempotency-Key', 'k3'],
+          ],
+          '{"item":"a"}',
+        )
         await expectProblem({ status: twice.status, headers: twice.headers }, twice.body, 400, 'invalid_key')
         // A key with a comma is fine quoted, as a Structured-Field string.
         expect((await post({ item: 'comma' }, '"a,b"')).status).toBe(201)
@@ -140,7 +171,9 @@ for (const target of targetsFor('HTTP conformance', ['statement-paths'])) {
       })
 
       it('runs 20 concurrent identical requests once, and answers each with the same bytes', async () => {
-        const answers = await Promise.all(Array.from({ length: 20 }, () => post({ item: 'storm' }, 'k6').then(async (r) => ({ status: r.status, text: await r.text() }))))
+        const answers = await Promise.all(
+          Array.from({ length: 20 }, () => post({ item: 'storm' }, 'k6').then(async (r) => ({ status: r.status, text: await r.text() }))),
+        )
         for (const a of answers) expect(a).toEqual({ status: 201, text: answers[0]!.text })
         expect(await fx.effects('order:storm')).toBe(1)
       })
@@ -174,8 +207,12 @@ for (const target of targetsFor('HTTP conformance', ['statement-paths'])) {
       })
 
       it('answers 400 to a body nested deeper than a fingerprint walks, without running anything', async () => {
-        const deep = '{"a":'.repeat(2500) + '1' + '}'.repeat(2500)
-        const refused = await fetch(`${app.url}/orders`, { method: 'POST', headers: { 'content-type': 'application/json', 'idempotency-key': 'deep' }, body: deep })
+        const deep = `${'{"a":'.repeat(2500)}1${'}'.repeat(2500)}`
+        const refused = await fetch(`${app.url}/orders`, {
+          method: 'POST',
+          headers: { 'content-type': 'application/json', 'idempotency-key': 'deep' },
+          body: deep,
+        })
         const text = await refused.text()
         expect(refused.status, text).toBe(400)
         expect(await fx.rows()).toBe(0)
@@ -214,32 +251,50 @@ for (const target of targetsFor('HTTP conformance', ['statement-paths'])) {
         expect(await fx.effects('order:thrown')).toBe(1)
       })
 
-      itWhere(target, 'processes')('finishes a defined flow whose server was killed between its phases with the recovery worker, and replays its answer to the retry', async () => {
-        const effects = rideEffects('ride-1')
-        const killed = startChild('http-app.ts', { adapter, target: target.id, location: fx.location, table: fx.table, lockTimeout, stopAt: 'charge_created' })
-        const url = await killed.printedAfter('listening:')
-        const lost = fetch(`${url}/rides`, { method: 'POST', headers: { 'content-type': 'application/json', 'idempotency-key': 'ride-1' }, body: JSON.stringify({ id: 'ride-1' }) })
-        await killed.printed('at:charge_created')
-        killed.kill('SIGKILL')
-        await expect(lost).rejects.toThrow()
-        const retry = () =>
-          fetch(`${app.url}/rides`, { method: 'POST', headers: { 'content-type': 'application/json', 'idempotency-key': 'ride-1' }, body: JSON.stringify({ id: 'ride-1' }) })
-        // Until the dead attempt's lock runs out, the key is in flight; then the worker finishes it.
-        expect((await retry()).status).toBe(409)
-        await sleep(lockTimeout + 100)
-        expect(await fx.idempotency.recover()).toEqual({ finished: 1, failed: 0, skipped: 0 })
-        const resumed = await retry()
-        expect(resumed.status).toBe(201)
-        expect(resumed.headers.get('idempotency-replayed')).toBe('true')
-        const body = (await resumed.json()) as { ride: { id: string }; charge: { id: string } }
-        expect(body.ride).toEqual({ id: 'ride-ride-1' })
-        expect(await fx.effects(effects.ride)).toBe(1)
-        expect(await fx.effects(effects.charged)).toBe(1)
-        // The step was recorded before the kill, so the provider was called once, with its step key.
-        expect(await fx.effects(effects.call(body.charge.id.slice('ch-'.length)))).toBe(1)
-        const replay = await retry()
-        expect(await replay.json()).toEqual(body)
-      })
+      itWhere(target, 'processes')(
+        'finishes a defined flow whose server was killed between its phases with the recovery worker, and replays its answer to the retry',
+        async () => {
+          const effects = rideEffects('ride-1')
+          const killed = startChild('http-app.ts', {
+            adapter,
+            target: target.id,
+            location: fx.location,
+            table: fx.table,
+            lockTimeout,
+            stopAt: 'charge_created',
+          })
+          const url = await killed.printedAfter('listening:')
+          const lost = fetch(`${url}/rides`, {
+            method: 'POST',
+            headers: { 'content-type': 'application/json', 'idempotency-key': 'ride-1' },
+            body: JSON.stringify({ id: 'ride-1' }),
+          })
+          await killed.printed('at:charge_created')
+          killed.kill('SIGKILL')
+          await expect(lost).rejects.toThrow()
+          const retry = () =>
+            fetch(`${app.url}/rides`, {
+              method: 'POST',
+              headers: { 'content-type': 'application/json', 'idempotency-key': 'ride-1' },
+              body: JSON.stringify({ id: 'ride-1' }),
+            })
+          // Until the dead attempt's lock runs out, the key is in flight; then the worker finishes it.
+          expect((await retry()).status).toBe(409)
+          await sleep(lockTimeout + 100)
+          expect(await fx.idempotency.recover()).toEqual({ finished: 1, failed: 0, skipped: 0 })
+          const resumed = await retry()
+          expect(resumed.status).toBe(201)
+          expect(resumed.headers.get('idempotency-replayed')).toBe('true')
+          const body = (await resumed.json()) as { ride: { id: string }; charge: { id: string } }
+          expect(body.ride).toEqual({ id: 'ride-ride-1' })
+          expect(await fx.effects(effects.ride)).toBe(1)
+          expect(await fx.effects(effects.charged)).toBe(1)
+          // The step was recorded before the kill, so the provider was called once, with its step key.
+          expect(await fx.effects(effects.call(body.charge.id.slice('ch-'.length)))).toBe(1)
+          const replay = await retry()
+          expect(await replay.json()).toEqual(body)
+        },
+      )
     })
   }
 }

@@ -51,7 +51,10 @@ for (const target of targetsFor('in-flight duplicates')) {
         const duplicates = Array.from({ length: 50 }, () => timed(start, slowCharge(idempotency, 'slow', runs)))
         await sleep(200)
         // Another key, another request: it needs the pool's second connection.
-        const other = timed(start, idempotency.transaction({ key: 'other', request: 1 }, async (trx) => fx.effect(trx, 'other').then(() => 'done')))
+        const other = timed(
+          start,
+          idempotency.transaction({ key: 'other', request: 1 }, async (trx) => fx.effect(trx, 'other').then(() => 'done')),
+        )
         const [firstDone, otherDone, ...duplicatesDone] = await Promise.all([first, other, ...duplicates])
         expect(firstDone.value).toEqual({ value: { charge: 'slow', at: new Date(5) }, replayed: false })
         for (const d of duplicatesDone) {
@@ -92,25 +95,28 @@ for (const target of targetsFor('in-flight duplicates')) {
     })
 
     // Across SQLite processes a writer waits for the write lock (any writer's) for the busy timeout.
-    itWhere(target, 'pool')('with conflictWait 0, answers a duplicate from another process (another instance) 409 without waiting for the first', async () => {
-      const here = onPool(2)
-      const there = onPool(2, { conflictWait: 0 })
-      try {
-        const runs = { n: 0 }
-        const start = Date.now()
-        const first = timed(start, slowCharge(here.idempotency, 'elsewhere', runs, 3000))
-        await sleep(300)
-        const duplicate = await timed(start, slowCharge(there.idempotency, 'elsewhere', runs))
-        expect(duplicate.error).toBeInstanceOf(IdempotencyConflictError)
-        expect(duplicate.error).toMatchObject({ reason: 'in_flight' })
-        // MySQL proper cannot wait less than 1 s; MariaDB and Postgres do not wait at all.
-        expect(duplicate.at).toBeLessThan(300 + 1500)
-        expect((await first).value).toMatchObject({ replayed: false })
-        expect(runs.n).toBe(1)
-      } finally {
-        await Promise.all([here.db.destroy(), there.db.destroy()])
-      }
-    })
+    itWhere(target, 'pool')(
+      'with conflictWait 0, answers a duplicate from another process (another instance) 409 without waiting for the first',
+      async () => {
+        const here = onPool(2)
+        const there = onPool(2, { conflictWait: 0 })
+        try {
+          const runs = { n: 0 }
+          const start = Date.now()
+          const first = timed(start, slowCharge(here.idempotency, 'elsewhere', runs, 3000))
+          await sleep(300)
+          const duplicate = await timed(start, slowCharge(there.idempotency, 'elsewhere', runs))
+          expect(duplicate.error).toBeInstanceOf(IdempotencyConflictError)
+          expect(duplicate.error).toMatchObject({ reason: 'in_flight' })
+          // MySQL proper cannot wait less than 1 s; MariaDB and Postgres do not wait at all.
+          expect(duplicate.at).toBeLessThan(300 + 1500)
+          expect((await first).value).toMatchObject({ replayed: false })
+          expect(runs.n).toBe(1)
+        } finally {
+          await Promise.all([here.db.destroy(), there.db.destroy()])
+        }
+      },
+    )
 
     it('lets one waiting duplicate run when the first rolls back, and replays its answer to the others', async () => {
       const runs = { n: 0 }
@@ -157,7 +163,10 @@ for (const target of targetsFor('in-flight duplicates')) {
       const first = slowCharge(fx.idempotency, 'late', runs, 1200)
       await sleep(50)
       const start = Date.now()
-      const waited = await timed(start, fx.idempotency.executeTransaction({ key: 'late', request: 'charge' }, async () => 'never', { conflictWait: 300 }))
+      const waited = await timed(
+        start,
+        fx.idempotency.executeTransaction({ key: 'late', request: 'charge' }, async () => 'never', { conflictWait: 300 }),
+      )
       expect(waited.error).toMatchObject({ reason: 'in_flight' })
       expect(waited.at).toBeGreaterThanOrEqual(280)
       expect(waited.at).toBeLessThan(1200)
@@ -173,7 +182,9 @@ for (const target of targetsFor('in-flight duplicates')) {
       await expect(nested).rejects.toMatchObject({ reason: 'nested' })
       // Another instance on the same table is the same key: it must not wait for its caller either.
       const other = fx.with({})
-      const across = fx.idempotency.transaction({ key: 'across', request: 1 }, () => other.transaction({ key: 'across', request: 1 }, async () => 'inner'))
+      const across = fx.idempotency.transaction({ key: 'across', request: 1 }, () =>
+        other.transaction({ key: 'across', request: 1 }, async () => 'inner'),
+      )
       await expect(across).rejects.toMatchObject({ reason: 'nested' })
       expect(Date.now() - start).toBeLessThan(2000)
       const inFlow = fx.idempotency.run({ key: 'flow', request: 1 }, (flow) =>
@@ -198,7 +209,10 @@ for (const target of targetsFor('in-flight duplicates')) {
       const flows = await Promise.allSettled(
         Array.from({ length: 10 }, () => idempotency.executeRun({ key: 'flow-done', request: 1 }, async (f) => f.phase('only', async () => 'ran'))),
       )
-      expect(flows.filter((r) => r.status === 'fulfilled' && !r.value.replayed), JSON.stringify(flows.map((r) => (r.status === 'fulfilled' ? r.value : String(r.reason))))).toHaveLength(1)
+      expect(
+        flows.filter((r) => r.status === 'fulfilled' && !r.value.replayed),
+        JSON.stringify(flows.map((r) => (r.status === 'fulfilled' ? r.value : String(r.reason)))),
+      ).toHaveLength(1)
       for (const r of flows) {
         if (r.status === 'rejected') expect(r.reason).toMatchObject({ reason: 'in_flight' })
       }
@@ -252,10 +266,14 @@ for (const target of targetsFor('in-flight duplicates')) {
     // SQLite has no row locks to hold.
     itWhere(target, 'pool')('gives the phases of a duplicate that waited its whole conflictWait in memory the full wait on their rows', async () => {
       const conflictWait = 3000
-      const first = fx.idempotency.run({ key: 'budget', request: 1 }, async () => {
-        await sleep(conflictWait - 400)
-        throw new Error('the first attempt stops')
-      }, { conflictWait })
+      const first = fx.idempotency.run(
+        { key: 'budget', request: 1 },
+        async () => {
+          await sleep(conflictWait - 400)
+          throw new Error('the first attempt stops')
+        },
+        { conflictWait },
+      )
       await sleep(50)
       const second = fx.idempotency.run(
         { key: 'budget', request: 1 },
@@ -281,13 +299,21 @@ for (const target of targetsFor('in-flight duplicates')) {
 
     it('refuses a call nested in the function of withIdempotency at once, in any transaction', async () => {
       const start = Date.now()
-      const inTransaction = fx.db.transaction().execute((trx) =>
-        fx.idempotency.withIdempotency(trx, { key: 'own-nest', request: 1 }, () => fx.idempotency.transaction({ key: 'own-nest', request: 1 }, async () => 'inner')),
-      )
+      const inTransaction = fx.db
+        .transaction()
+        .execute((trx) =>
+          fx.idempotency.withIdempotency(trx, { key: 'own-nest', request: 1 }, () =>
+            fx.idempotency.transaction({ key: 'own-nest', request: 1 }, async () => 'inner'),
+          ),
+        )
       await expect(inTransaction).rejects.toMatchObject({ reason: 'nested' })
-      const inRun = fx.db.transaction().execute((trx) =>
-        fx.idempotency.withIdempotency(trx, { key: 'own-run', request: 1 }, () => fx.idempotency.run({ key: 'own-run', request: 1 }, async () => 'inner')),
-      )
+      const inRun = fx.db
+        .transaction()
+        .execute((trx) =>
+          fx.idempotency.withIdempotency(trx, { key: 'own-run', request: 1 }, () =>
+            fx.idempotency.run({ key: 'own-run', request: 1 }, async () => 'inner'),
+          ),
+        )
       await expect(inRun).rejects.toMatchObject({ reason: 'nested' })
       expect(Date.now() - start).toBeLessThan(2000)
       expect(await fx.rows()).toBe(0)
@@ -296,7 +322,9 @@ for (const target of targetsFor('in-flight duplicates')) {
     it('with conflictWait 0, replays a finished flow to 20 concurrent retries', async () => {
       const idempotency = fx.with({ conflictWait: 0 })
       await idempotency.run({ key: 'finished-flow', request: 1 }, async (f) => f.phase('only', async () => 'ran'))
-      const retries = await Promise.allSettled(Array.from({ length: 20 }, () => idempotency.executeRun({ key: 'finished-flow', request: 1 }, async () => 'again')))
+      const retries = await Promise.allSettled(
+        Array.from({ length: 20 }, () => idempotency.executeRun({ key: 'finished-flow', request: 1 }, async () => 'again')),
+      )
       for (const r of retries) expect(r).toEqual({ status: 'fulfilled', value: { value: 'ran', replayed: true } })
     })
 
@@ -313,7 +341,9 @@ for (const target of targetsFor('in-flight duplicates')) {
       }
       const first = fx.idempotency.executeRun({ key: 'herd', request: 1 }, body('first'), settings)
       await sleep(50)
-      const waiters = await Promise.all(Array.from({ length: 8 }, (_, i) => fx.idempotency.executeRun({ key: 'herd', request: 1 }, body(`waiter ${i}`), settings)))
+      const waiters = await Promise.all(
+        Array.from({ length: 8 }, (_, i) => fx.idempotency.executeRun({ key: 'herd', request: 1 }, body(`waiter ${i}`), settings)),
+      )
       hung.open()
       await expect(first).rejects.toMatchObject({ code: 'lock_lost' })
       const ran = waiters.filter((w) => !w.replayed)
@@ -364,18 +394,23 @@ for (const target of targetsFor('in-flight duplicates')) {
     })
 
     // Two SQLite files are two databases with the same table name; two server tables could not be.
-    itIf(target.driver === 'better-sqlite3', 'two databases with one table name need two SQLite files')('does not count a call with the same key and table on another database as nested', async () => {
-      const elsewhere = await openFixture(target)
-      try {
-        const other = createIdempotency({ db: elsewhere.db, tableName: fx.table })
-        await other.migrate()
-        const inner = await fx.idempotency.transaction({ key: 'x', request: 1 }, async () => other.transaction({ key: 'x', request: 1 }, async () => 'inner'))
-        expect(inner).toBe('inner')
-      } finally {
-        await elsewhere.db.schema.dropTable(fx.table).execute()
-        await elsewhere.close()
-      }
-    })
+    itIf(target.driver === 'better-sqlite3', 'two databases with one table name need two SQLite files')(
+      'does not count a call with the same key and table on another database as nested',
+      async () => {
+        const elsewhere = await openFixture(target)
+        try {
+          const other = createIdempotency({ db: elsewhere.db, tableName: fx.table })
+          await other.migrate()
+          const inner = await fx.idempotency.transaction({ key: 'x', request: 1 }, async () =>
+            other.transaction({ key: 'x', request: 1 }, async () => 'inner'),
+          )
+          expect(inner).toBe('inner')
+        } finally {
+          await elsewhere.db.schema.dropTable(fx.table).execute()
+          await elsewhere.close()
+        }
+      },
+    )
 
     it('coalesces duplicates of an atomic-phases flow: they wait, then get its answer', async () => {
       const hold = gate()
@@ -398,22 +433,29 @@ for (const target of targetsFor('in-flight duplicates')) {
     })
 
     // With one connection the caller's own transaction cannot even begin while the first one is open.
-    itWhere(target, 'pool')('withIdempotency in your own transaction: a duplicate waits in the database, or with conflictWait 0 gets 409 at once', async () => {
-      const hold = gate()
-      const first = fx.idempotency.transaction({ key: 'own', request: 1 }, async () => {
-        await hold.promise
-        return 'first'
-      })
-      await sleep(50)
-      const start = Date.now()
-      const refused = fx.db.transaction().execute((trx) => fx.idempotency.withIdempotency(trx, { key: 'own', request: 1 }, async () => 'second', { conflictWait: 0 }))
-      await expect(refused).rejects.toMatchObject({ reason: 'in_flight' })
-      // MySQL proper waits at least 1 s for a row lock; MariaDB and Postgres do not wait.
-      expect(Date.now() - start).toBeLessThan(1500)
-      hold.open()
-      expect(await first).toBe('first')
-      const replay = await fx.db.transaction().execute((trx) => fx.idempotency.withIdempotency(trx, { key: 'own', request: 1 }, async () => 'third'))
-      expect(replay).toBe('first')
-    })
+    itWhere(target, 'pool')(
+      'withIdempotency in your own transaction: a duplicate waits in the database, or with conflictWait 0 gets 409 at once',
+      async () => {
+        const hold = gate()
+        const first = fx.idempotency.transaction({ key: 'own', request: 1 }, async () => {
+          await hold.promise
+          return 'first'
+        })
+        await sleep(50)
+        const start = Date.now()
+        const refused = fx.db
+          .transaction()
+          .execute((trx) => fx.idempotency.withIdempotency(trx, { key: 'own', request: 1 }, async () => 'second', { conflictWait: 0 }))
+        await expect(refused).rejects.toMatchObject({ reason: 'in_flight' })
+        // MySQL proper waits at least 1 s for a row lock; MariaDB and Postgres do not wait.
+        expect(Date.now() - start).toBeLessThan(1500)
+        hold.open()
+        expect(await first).toBe('first')
+        const replay = await fx.db
+          .transaction()
+          .execute((trx) => fx.idempotency.withIdempotency(trx, { key: 'own', request: 1 }, async () => 'third'))
+        expect(replay).toBe('first')
+      },
+    )
   })
 }

@@ -48,7 +48,9 @@ function nodeOptions(lane: Lane): string {
   if (lane.kysely !== '0.28') return own
   return `${own} --import=${pathToFileURL(join(root, 'test/support/compat/register.mjs')).href}`.trim()
 }
-const wanted = process.env.KIDEM_LANES?.split(',').map((s) => s.trim()).filter(Boolean)
+const wanted = process.env.KIDEM_LANES?.split(',')
+  .map((s) => s.trim())
+  .filter(Boolean)
 const unknown = wanted?.filter((name) => !LANES.some((lane) => lane.name === name)) ?? []
 if (unknown.length) {
   console.error(`KIDEM_LANES names no lane ${unknown.join(', ')}; lanes: ${LANES.map((lane) => lane.name).join(', ')}.`)
@@ -64,12 +66,22 @@ for (const lane of LANES.filter((l) => !wanted || wanted.includes(l.name))) {
     process.exit(1)
   }
   const version = spawnSync(node, ['--version'], { encoding: 'utf8' }).stdout.trim()
-  console.log(`\n=== lane ${lane.name}: Node ${version}, Kysely ${lane.kysely}${lane.files.length ? `, ${lane.files.join(' ')}` : ', every test file'}\n`)
+  console.log(
+    `\n=== lane ${lane.name}: Node ${version}, Kysely ${lane.kysely}${lane.files.length ? `, ${lane.files.join(' ')}` : ', every test file'}\n`,
+  )
   const report = join(reports, `${lane.name}.json`)
   const started = performance.now()
   const run = spawnSync(
     node,
-    [join(root, 'node_modules/vitest/vitest.mjs'), 'run', '--reporter=default', '--reporter=json', `--outputFile.json=${report}`, ...lane.files, ...extra],
+    [
+      join(root, 'node_modules/vitest/vitest.mjs'),
+      'run',
+      '--reporter=default',
+      '--reporter=json',
+      `--outputFile.json=${report}`,
+      ...lane.files,
+      ...extra,
+    ],
     { cwd: root, stdio: 'inherit', env: { ...process.env, KIDEM_LANE: lane.name, KIDEM_KYSELY: lane.kysely, NODE_OPTIONS: nodeOptions(lane) } },
   )
   results.push({ lane, seconds: (performance.now() - started) / 1000, ok: run.status === 0 })

@@ -35,7 +35,9 @@ for (const target of targetsFor('migrations')) {
 
     it('runs each migration once when 30 instances migrate at once, under any default isolation', async () => {
       const table = fresh('many').tableName
-      const instances = Array.from({ length: 30 }, () => createIdempotency({ db: fx.db, tableName: table, ...(target.dialect ? { dialect: target.dialect() } : {}) }))
+      const instances = Array.from({ length: 30 }, () =>
+        createIdempotency({ db: fx.db, tableName: table, ...(target.dialect ? { dialect: target.dialect() } : {}) }),
+      )
       const ran = (await Promise.all(instances.map((i) => i.migrate()))).flatMap((r) => r.results.map((m) => m.migrationName))
       expect(ran.sort()).toEqual(['0001_create', '0002_codec', '0003_recovery'].map((m) => `kysely_idempotency_${table}_${m}`))
       expect(await instances[0]!.transaction('k', async () => 'works')).toBe('works')
@@ -69,30 +71,33 @@ for (const target of targetsFor('migrations')) {
     })
 
     // Kysely's Migrator holds a session-level advisory lock.
-    itWhere(target, 'session-state')('adopts a table a Migrator made under another history table (0.1.0\'s README), making nothing again', async () => {
-      const idempotency = fresh('adopt')
-      const table = idempotency.tableName
-      extra.push(`${table}_old`, `${table}_old_lock`)
-      const old = new Migrator({
-        db: fx.db,
-        provider: idempotencyMigrations({ tableName: table }),
-        migrationTableName: `${table}_old`,
-        migrationLockTableName: `${table}_old_lock`,
-      })
-      expect((await old.migrateToLatest()).error).toBeUndefined()
-      await idempotency.transaction('kept', async () => new Date(1))
-      const adopted = await idempotency.migrate()
-      expect(adopted.results?.map((r) => [r.migrationName, r.status])).toEqual([
-        [`kysely_idempotency_${table}_0001_create`, 'Success'],
-        [`kysely_idempotency_${table}_0002_codec`, 'Success'],
-        [`kysely_idempotency_${table}_0003_recovery`, 'Success'],
-      ])
-      expect(await idempotency.transaction('kept', async () => new Date(2))).toEqual(new Date(1))
-      expect((await idempotency.migrate()).results).toEqual([])
-      // Your own Migrator, now with the shared history tables, finds everything recorded.
-      const own = new Migrator({ db: fx.db, provider: idempotencyMigrations({ tableName: table }), ...migrationTables(table) })
-      expect((await own.migrateToLatest()).results).toEqual([])
-    })
+    itWhere(target, 'session-state')(
+      "adopts a table a Migrator made under another history table (0.1.0's README), making nothing again",
+      async () => {
+        const idempotency = fresh('adopt')
+        const table = idempotency.tableName
+        extra.push(`${table}_old`, `${table}_old_lock`)
+        const old = new Migrator({
+          db: fx.db,
+          provider: idempotencyMigrations({ tableName: table }),
+          migrationTableName: `${table}_old`,
+          migrationLockTableName: `${table}_old_lock`,
+        })
+        expect((await old.migrateToLatest()).error).toBeUndefined()
+        await idempotency.transaction('kept', async () => new Date(1))
+        const adopted = await idempotency.migrate()
+        expect(adopted.results?.map((r) => [r.migrationName, r.status])).toEqual([
+          [`kysely_idempotency_${table}_0001_create`, 'Success'],
+          [`kysely_idempotency_${table}_0002_codec`, 'Success'],
+          [`kysely_idempotency_${table}_0003_recovery`, 'Success'],
+        ])
+        expect(await idempotency.transaction('kept', async () => new Date(2))).toEqual(new Date(1))
+        expect((await idempotency.migrate()).results).toEqual([])
+        // Your own Migrator, now with the shared history tables, finds everything recorded.
+        const own = new Migrator({ db: fx.db, provider: idempotencyMigrations({ tableName: table }), ...migrationTables(table) })
+        expect((await own.migrateToLatest()).results).toEqual([])
+      },
+    )
 
     // Kysely's Migrator holds a session-level advisory lock.
     itWhere(target, 'session-state')('baseline records only what the table has, changes nothing, and names what it lacks', async () => {
@@ -101,7 +106,11 @@ for (const target of targetsFor('migrations')) {
       await expect(idempotency.migrate({ baseline: true })).rejects.toThrow(new RegExp(`no table "${table}" to record as migrated`))
       const made = new Migrator({
         db: fx.db,
-        provider: { getMigrations: async () => ({ only: (await idempotencyMigrations({ tableName: table }).getMigrations())[`kysely_idempotency_${table}_0001_create`]! }) },
+        provider: {
+          getMigrations: async () => ({
+            only: (await idempotencyMigrations({ tableName: table }).getMigrations())[`kysely_idempotency_${table}_0001_create`]!,
+          }),
+        },
         migrationTableName: `${table}_by_hand`,
         migrationLockTableName: `${table}_by_hand_lock`,
       })
@@ -148,21 +157,28 @@ for (const target of targetsFor('migrations')) {
     }
 
     // Kysely's Migrator holds a session-level advisory lock.
-    itWhere(target, 'session-state')('refuses a table in place without the unique (scope, key) index, which at-most-once needs, in either mode', async () => {
-      const idempotency = fresh('nouniq')
-      await byHand(idempotency.tableName, { unique: false })
-      for (const baseline of [false, true]) {
-        const refused = idempotency.migrate({ baseline })
-        await expect(refused).rejects.toBeInstanceOf(IdempotencyMigrationError)
-        await expect(refused).rejects.toThrow(/has no unique index on \(scope, key\).*add a unique constraint on \(scope, key\)/)
-      }
-      const status = await new Migrator({ db: fx.db, provider: idempotencyMigrations({ tableName: idempotency.tableName }), ...migrationTables(idempotency.tableName) }).getMigrations()
-      expect(status.map((m) => m.executedAt)).toEqual([undefined, undefined, undefined])
-      // With the index added, the same table is adopted.
-      await fx.db.schema.createIndex(`${idempotency.tableName}_sk`).on(idempotency.tableName).columns(['key', 'scope']).unique().execute()
-      expect((await idempotency.migrate({ baseline: true })).results).toHaveLength(3)
-      expect(await idempotency.transaction('k', async () => new Date(3))).toEqual(new Date(3))
-    })
+    itWhere(target, 'session-state')(
+      'refuses a table in place without the unique (scope, key) index, which at-most-once needs, in either mode',
+      async () => {
+        const idempotency = fresh('nouniq')
+        await byHand(idempotency.tableName, { unique: false })
+        for (const baseline of [false, true]) {
+          const refused = idempotency.migrate({ baseline })
+          await expect(refused).rejects.toBeInstanceOf(IdempotencyMigrationError)
+          await expect(refused).rejects.toThrow(/has no unique index on \(scope, key\).*add a unique constraint on \(scope, key\)/)
+        }
+        const status = await new Migrator({
+          db: fx.db,
+          provider: idempotencyMigrations({ tableName: idempotency.tableName }),
+          ...migrationTables(idempotency.tableName),
+        }).getMigrations()
+        expect(status.map((m) => m.executedAt)).toEqual([undefined, undefined, undefined])
+        // With the index added, the same table is adopted.
+        await fx.db.schema.createIndex(`${idempotency.tableName}_sk`).on(idempotency.tableName).columns(['key', 'scope']).unique().execute()
+        expect((await idempotency.migrate({ baseline: true })).results).toHaveLength(3)
+        expect(await idempotency.transaction('k', async () => new Date(3))).toEqual(new Date(3))
+      },
+    )
 
     it('makes the expires_at index a table in place lacks, and baseline names it instead', async () => {
       const idempotency = fresh('noexp')
@@ -176,20 +192,23 @@ for (const target of targetsFor('migrations')) {
     })
 
     // Postgres keeps the case of quoted names, and the library's statements name columns in lower case.
-    itIf(target.database !== 'postgres', 'Postgres keeps the case of quoted column names')('adopts a table whose column names differ only in case, as the database compares them', async () => {
-      const idempotency = fresh('upper')
-      await byHand(idempotency.tableName, { upper: true })
-      expect((await idempotency.migrate({ baseline: true })).results).toHaveLength(3)
-      expect(await idempotency.transaction('k', async () => 5n)).toBe(5n)
-      expect(await idempotency.transaction('k', async () => 6n)).toBe(5n)
-      const stopped = idempotency.run({ key: 'f', scope: 's', request: 1 }, async (flow) => {
-        await flow.phase('one', async () => 1)
-        throw new Error('stops')
-      })
-      await expect(stopped).rejects.toThrow('stops')
-      expect(await idempotency.abandoned()).toMatchObject([{ scope: 's', key: 'f', recoveryPoint: 'one', request: 1 }])
-      expect(await idempotency.run({ key: 'f', scope: 's', request: 1 }, async (flow) => (await flow.phase('one', async () => 2)) + 10)).toBe(11)
-    })
+    itIf(target.database !== 'postgres', 'Postgres keeps the case of quoted column names')(
+      'adopts a table whose column names differ only in case, as the database compares them',
+      async () => {
+        const idempotency = fresh('upper')
+        await byHand(idempotency.tableName, { upper: true })
+        expect((await idempotency.migrate({ baseline: true })).results).toHaveLength(3)
+        expect(await idempotency.transaction('k', async () => 5n)).toBe(5n)
+        expect(await idempotency.transaction('k', async () => 6n)).toBe(5n)
+        const stopped = idempotency.run({ key: 'f', scope: 's', request: 1 }, async (flow) => {
+          await flow.phase('one', async () => 1)
+          throw new Error('stops')
+        })
+        await expect(stopped).rejects.toThrow('stops')
+        expect(await idempotency.abandoned()).toMatchObject([{ scope: 's', key: 'f', recoveryPoint: 'one', request: 1 }])
+        expect(await idempotency.run({ key: 'f', scope: 's', request: 1 }, async (flow) => (await flow.phase('one', async () => 2)) + 10)).toBe(11)
+      },
+    )
 
     // Kysely's Migrator holds a session-level advisory lock.
     itWhere(target, 'session-state')('tells a table migrated by 0.1.0 (0001 recorded, 0002 not) that it predates 0002, and migrates it', async () => {
@@ -210,7 +229,10 @@ for (const target of targetsFor('migrations')) {
     })
 
     it('names its history tables after the table, idempotency_keys by default', () => {
-      expect(migrationTables()).toEqual({ migrationTableName: 'idempotency_keys_migration', migrationLockTableName: 'idempotency_keys_migration_lock' })
+      expect(migrationTables()).toEqual({
+        migrationTableName: 'idempotency_keys_migration',
+        migrationLockTableName: 'idempotency_keys_migration_lock',
+      })
       expect(() => migrationTables('a;b')).toThrow(/not a plain identifier/)
     })
 

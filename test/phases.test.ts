@@ -36,11 +36,7 @@ for (const target of targetsFor('atomic phases')) {
     }
 
     async function row(key: string) {
-      return fx.db
-        .selectFrom(fx.table)
-        .select(['recovery_point', 'lock_token', 'locked_until'])
-        .where('key', '=', key)
-        .executeTakeFirstOrThrow()
+      return fx.db.selectFrom(fx.table).select(['recovery_point', 'lock_token', 'locked_until']).where('key', '=', key).executeTakeFirstOrThrow()
     }
 
     /** One answer ran the flow, the others replayed it or met it in flight; each effect happened once. */
@@ -70,9 +66,10 @@ for (const target of targetsFor('atomic phases')) {
           await flow.phase('p', async () => 1)
           throw undefined
         },
-        phase: async (flow) => flow.phase('p', async () => {
-          throw undefined
-        }),
+        phase: async (flow) =>
+          flow.phase('p', async () => {
+            throw undefined
+          }),
         step: async (flow) => {
           await flow.phase('p', async () => 1)
           return flow.step('s', () => Promise.reject(undefined))
@@ -163,7 +160,11 @@ for (const target of targetsFor('atomic phases')) {
         override name = 'UnlistedError'
         readonly status = 503
       }
-      const unprintable = { toString: () => { throw new Error('no text') } }
+      const unprintable = {
+        toString: () => {
+          throw new Error('no text')
+        },
+      }
       const thrown: Record<string, unknown> = {
         listed: new CardDeclined('insufficient_funds'),
         unlisted: new Unlisted('provider down'),
@@ -210,7 +211,9 @@ for (const target of targetsFor('atomic phases')) {
       let attempt = 0
       const tolerant = fx.idempotency.defineFlow('tolerant', async (flow: Flow<any, string>) => {
         attempt++
-        const first = await flow.phase('risky', async () => (runs.risky++, Promise.reject(new TypeError(`attempt ${attempt}`)))).catch((error: Error) => error.message)
+        const first = await flow
+          .phase('risky', async () => (runs.risky++, Promise.reject(new TypeError(`attempt ${attempt}`))))
+          .catch((error: Error) => error.message)
         await flow.phase('after', async () => (runs.after++, first))
         if (attempt === 1) throw new Error('the process stops here')
         return first
@@ -366,7 +369,9 @@ for (const target of targetsFor('atomic phases')) {
       await held.promise
       const inFlight = { name: IdempotencyConflictError.name, reason: 'in_flight' }
       await expect(fx.idempotency.transaction('mixed', async () => 'no')).rejects.toMatchObject(inFlight)
-      await expect(fx.db.transaction().execute((trx) => fx.idempotency.withIdempotency(trx, 'mixed', async () => 'no'))).rejects.toMatchObject(inFlight)
+      await expect(fx.db.transaction().execute((trx) => fx.idempotency.withIdempotency(trx, 'mixed', async () => 'no'))).rejects.toMatchObject(
+        inFlight,
+      )
       await expect(fx.idempotency.run('mixed', ride('mixed'))).rejects.toMatchObject(inFlight)
       release.open()
       await expect(running).rejects.toThrow('stop')
@@ -471,7 +476,11 @@ for (const target of targetsFor('atomic phases')) {
       const kill = async (points: RidePoint[]) => {
         const workers = points.map((point) => {
           const key = `kill-${point}`
-          return { point, key, worker: startWorker({ target: target.id, location: fx.location, table: fx.table, action: 'ride', key, stopAt: point, lockTimeout: 3000 }) }
+          return {
+            point,
+            key,
+            worker: startWorker({ target: target.id, location: fx.location, table: fx.table, action: 'ride', key, stopAt: point, lockTimeout: 3000 }),
+          }
         })
         for (const { point, worker } of workers) await worker.printed(`at:${point}`)
         for (const { worker } of workers) worker.kill('SIGKILL')
@@ -483,7 +492,10 @@ for (const target of targetsFor('atomic phases')) {
       }
       // A process stopped inside a phase holds its transaction open; on SQLite that blocks
       // every other writer, so it goes first, alone.
-      const workers = [...(await kill(['creating_ride'])), ...(await kill(['begun', 'ride_created', 'charge_called', 'charge_created', 'ride_charged']))]
+      const workers = [
+        ...(await kill(['creating_ride'])),
+        ...(await kill(['begun', 'ride_created', 'charge_called', 'charge_created', 'ride_charged'])),
+      ]
       for (const { point, key } of workers) {
         expect((await abandonedEntry(key)).recoveryPoint, point).toBe(recoveryPoints[point])
         const resumed = await fx.idempotency.executeRun(key, ride(key))
@@ -502,7 +514,16 @@ for (const target of targetsFor('atomic phases')) {
       const stalls: RidePoint[] = ['ride_created', 'charge_created']
       const workers = stalls.map((point) => {
         const key = `stall-${point}`
-        const worker = startWorker({ target: target.id, location: fx.location, table: fx.table, action: 'ride', key, stopAt: point, stall: 3000, lockTimeout: 1000 })
+        const worker = startWorker({
+          target: target.id,
+          location: fx.location,
+          table: fx.table,
+          action: 'ride',
+          key,
+          stopAt: point,
+          stall: 3000,
+          lockTimeout: 1000,
+        })
         return { point, key, worker }
       })
       for (const { point, worker } of workers) await worker.printed(`at:${point}`)

@@ -29,7 +29,10 @@ describe('keys', () => {
   })
 
   it('rejects every string with a character outside printable ASCII', () => {
-    const outside = fc.integer({ min: 0, max: 0xffff }).filter((c) => c < 0x20 || c > 0x7e).map((c) => String.fromCharCode(c))
+    const outside = fc
+      .integer({ min: 0, max: 0xffff })
+      .filter((c) => c < 0x20 || c > 0x7e)
+      .map((c) => String.fromCharCode(c))
     fc.assert(
       fc.property(fc.string({ maxLength: 100 }), outside, fc.string({ maxLength: 100 }), (before, bad, after) => {
         expect(() => normalizeKey(before + bad + after)).toThrow(InvalidIdempotencyKeyError)
@@ -83,13 +86,18 @@ function values(options: { bare: boolean; unit?: 'grapheme-ascii' | 'binary' }) 
 
 /** An equal value built differently: object keys, Map entries and Set members in another order. */
 function reorder(value: unknown, seed: number): unknown {
-  const shuffle = <T>(items: T[]): T[] => items.map((item, i) => ({ item, rank: (i * 7919 + seed) % 97 })).sort((a, b) => a.rank - b.rank).map((x) => x.item)
+  const shuffle = <T>(items: T[]): T[] =>
+    items
+      .map((item, i) => ({ item, rank: (i * 7919 + seed) % 97 }))
+      .sort((a, b) => a.rank - b.rank)
+      .map((x) => x.item)
   if (Array.isArray(value)) return value.map((v) => reorder(v, seed))
   if (value instanceof Map) return new Map(shuffle([...value].map(([k, v]) => [reorder(k, seed), reorder(v, seed)] as const)))
   if (value instanceof Set) return new Set(shuffle([...value].map((v) => reorder(v, seed))))
   if (value === null || typeof value !== 'object' || Object.getPrototypeOf(value) !== Object.prototype) return value
   const copy: Record<string, unknown> = {}
-  for (const [k, v] of shuffle(Object.entries(value))) Object.defineProperty(copy, k, { value: reorder(v, seed), enumerable: true, writable: true, configurable: true })
+  for (const [k, v] of shuffle(Object.entries(value)))
+    Object.defineProperty(copy, k, { value: reorder(v, seed), enumerable: true, writable: true, configurable: true })
   return copy
 }
 
@@ -124,7 +132,15 @@ describe('the codec', () => {
         guarded.z = shared
         const cycle: Record<string, unknown> = { shared }
         cycle.self = wrap ? [cycle] : cycle
-        for (const value of [[shared, shared], { a: shared, b: [shared] }, [bare, bare], { bare, shared }, [guarded, shared], new Map([[shared, bare]]), cycle]) {
+        for (const value of [
+          [shared, shared],
+          { a: shared, b: [shared] },
+          [bare, bare],
+          { bare, shared },
+          [guarded, shared],
+          new Map([[shared, bare]]),
+          cycle,
+        ]) {
           keptOrRefused(value)
         }
       }),
@@ -134,23 +150,38 @@ describe('the codec', () => {
 
   it("writes superjson's own text for JSON values, shared objects and -0 included", () => {
     fc.assert(
-      fc.property(fc.jsonValue().filter((v) => !/"(__proto__|constructor|prototype)":/.test(JSON.stringify(v))), fc.boolean(), (value, share) => {
-        // Plain JSON skips superjson's walk; what it writes must not change for it.
-        const candidate = share ? { a: value, b: [value] } : value
-        expect(defaultCodec.encode(candidate)).toBe(SuperJSON.stringify(candidate))
-      }),
+      fc.property(
+        fc.jsonValue().filter((v) => !/"(__proto__|constructor|prototype)":/.test(JSON.stringify(v))),
+        fc.boolean(),
+        (value, share) => {
+          // Plain JSON skips superjson's walk; what it writes must not change for it.
+          const candidate = share ? { a: value, b: [value] } : value
+          expect(defaultCodec.encode(candidate)).toBe(SuperJSON.stringify(candidate))
+        },
+      ),
       { numRuns: 500 },
     )
   })
 
   it('keeps what plain JSON would lose, at the top and deep inside', () => {
     const shared = { s: 1 }
+    // biome-ignore lint/suspicious/noSparseArray: a hole is what is tested.
     const sparse = [1, , 3]
     const extra = Object.assign([1, 2], { note: 'x' })
     const hidden = Object.defineProperty({ a: 1 }, 'b', { value: 2, enumerable: false })
     const edges: unknown[] = [-0, Number.NaN, Number.POSITIVE_INFINITY, undefined, { a: undefined }, { a: shared, b: shared }, [shared, shared]]
-    edges.push(Object.assign(Object.create(null) as object, { a: 1 }), JSON.parse('{"__proto__": 1, "a": 2}'), { s: Symbol.for('k') }, sparse, extra, hidden)
-    edges.push(Object.defineProperty({}, 'when', { get: () => new Date(0), enumerable: true }), Object.defineProperty([1], 0, { get: () => 2n, enumerable: true }))
+    edges.push(
+      Object.assign(Object.create(null) as object, { a: 1 }),
+      JSON.parse('{"__proto__": 1, "a": 2}'),
+      { s: Symbol.for('k') },
+      sparse,
+      extra,
+      hidden,
+    )
+    edges.push(
+      Object.defineProperty({}, 'when', { get: () => new Date(0), enumerable: true }),
+      Object.defineProperty([1], 0, { get: () => 2n, enumerable: true }),
+    )
     for (const edge of edges) {
       for (const value of [edge, { deep: [edge] }]) keptOrRefused(value)
     }
@@ -159,9 +190,12 @@ describe('the codec', () => {
   it('writes JSON, the value itself when it is plain JSON', () => {
     fc.assert(
       // Keys superjson guards (__proto__, constructor, prototype) are stored as a list of entries.
-      fc.property(fc.jsonValue().filter((v) => !hasNegativeZero(v) && !/"(__proto__|constructor|prototype)":/.test(JSON.stringify(v))), (value) => {
-        expect(JSON.parse(defaultCodec.encode(value))).toStrictEqual({ json: JSON.parse(JSON.stringify(value)) })
-      }),
+      fc.property(
+        fc.jsonValue().filter((v) => !hasNegativeZero(v) && !/"(__proto__|constructor|prototype)":/.test(JSON.stringify(v))),
+        (value) => {
+          expect(JSON.parse(defaultCodec.encode(value))).toStrictEqual({ json: JSON.parse(JSON.stringify(value)) })
+        },
+      ),
     )
   })
 
@@ -214,9 +248,12 @@ describe('fingerprints', () => {
 
   it('are unchanged for JSON values: SHA-256 of sorted, compact JSON', () => {
     fc.assert(
-      fc.property(fc.jsonValue().filter((v) => !hasNegativeZero(v)), (value) => {
-        expect(JSON.parse(canonicalJson(value))).toStrictEqual(JSON.parse(JSON.stringify(value)))
-      }),
+      fc.property(
+        fc.jsonValue().filter((v) => !hasNegativeZero(v)),
+        (value) => {
+          expect(JSON.parse(canonicalJson(value))).toStrictEqual(JSON.parse(JSON.stringify(value)))
+        },
+      ),
     )
     expect(canonicalJson({ b: [1, { d: 1, c: 2 }], a: 'x' })).toBe('{"a":"x","b":[1,{"c":2,"d":1}]}')
     expect(fingerprint(null)).toBe('74234e98afe7498fb5daf1f36ac2d78acc339464f950703b8c019892f982b90b')

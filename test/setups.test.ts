@@ -3,7 +3,20 @@
  * people add, the drivers' own parsing settings, and timeouts set on the pool's sessions.
  */
 import * as kysely from 'kysely'
-import { CamelCasePlugin, CompiledQuery, DeduplicateJoinsPlugin, HandleEmptyInListsPlugin, Kysely, MysqlDialect, ParseJSONResultsPlugin, PostgresDialect, SqliteDialect, sql, replaceWithNoncontingentExpression, type KyselyPlugin } from 'kysely'
+import {
+  CamelCasePlugin,
+  CompiledQuery,
+  DeduplicateJoinsPlugin,
+  HandleEmptyInListsPlugin,
+  Kysely,
+  MysqlDialect,
+  ParseJSONResultsPlugin,
+  PostgresDialect,
+  SqliteDialect,
+  sql,
+  replaceWithNoncontingentExpression,
+  type KyselyPlugin,
+} from 'kysely'
 import Database from 'better-sqlite3'
 import { PostgresJSDialect } from 'kysely-postgres-js5'
 import { createPool } from 'mysql2'
@@ -25,7 +38,9 @@ async function exercise(fx: Fixture, db: Kysely<any>, options: { dialect?: Targe
   const value = { n: 1, at: new Date(5), big: 7n, nested: { created_at: 'kept as written' } }
   expect(await idempotency.executeTransaction({ key: 'x', request: { a: 1 } }, async () => value)).toEqual({ value, replayed: false })
   expect(await idempotency.executeTransaction({ key: 'x', request: { a: 1 } }, async () => 'again')).toEqual({ value, replayed: true })
-  expect(await db.transaction().execute((trx) => idempotency.withIdempotency(trx, { key: 'x', request: { a: 1 } }, async () => 'again'))).toEqual(value)
+  expect(await db.transaction().execute((trx) => idempotency.withIdempotency(trx, { key: 'x', request: { a: 1 } }, async () => 'again'))).toEqual(
+    value,
+  )
 
   let failures = 1
   const flow = idempotency.defineFlow('setup-flow', async (f: Flow<any, string>, request: { id: number }) => {
@@ -69,14 +84,16 @@ for (const target of targetsFor('setups', ['statement-paths'])) {
     const schema = (name: string) => {
       const made = `${fx.table}_${name}`
       cleanups.push(() =>
-        target.database === 'mysql' ? sql`drop database if exists ${sql.id(made)}`.execute(fx.db) : sql`drop schema if exists ${sql.id(made)} cascade`.execute(fx.db),
+        target.database === 'mysql'
+          ? sql`drop database if exists ${sql.id(made)}`.execute(fx.db)
+          : sql`drop schema if exists ${sql.id(made)} cascade`.execute(fx.db),
       )
       return made
     }
     const columns = (table: TableName) => fx.idempotency.dialect.upgrades.columns(fx.db, table)
 
     itIf(target.database !== 'sqlite', 'SQLite has no schemas (see the next test)')(
-      'keeps the schema of withSchema: the table, its history and its keys are the tenant\'s own',
+      "keeps the schema of withSchema: the table, its history and its keys are the tenant's own",
       async () => {
         const [one, two] = [schema('one'), schema('two')]
         const tenant = (s: string) => createIdempotency({ db: fx.db.withSchema(s), tableName: fx.table })
@@ -93,10 +110,15 @@ for (const target of targetsFor('setups', ['statement-paths'])) {
         expect(await once(second, 'again')).toEqual({ value: 'tenant two', replayed: true })
         expect(await once(first, 'again')).toEqual({ value: 'tenant one', replayed: true })
         // The free function finds the schema in the transaction it is given.
-        const free = await fx.db.withSchema(two).transaction().execute((trx) => withIdempotency(trx, { key: 'k', request: 1 }, async () => 'again', { tableName: fx.table }))
+        const free = await fx.db
+          .withSchema(two)
+          .transaction()
+          .execute((trx) => withIdempotency(trx, { key: 'k', request: 1 }, async () => 'again', { tableName: fx.table }))
         expect(free).toBe('tenant two')
         // The same key in another tenant, inside this tenant's function, is another key, not a nested call.
-        const inner = await first.transaction({ key: 'n', request: 1 }, async (trx) => second.withIdempotency(trx, { key: 'n', request: 1 }, async () => 'inner'))
+        const inner = await first.transaction({ key: 'n', request: 1 }, async (trx) =>
+          second.withIdempotency(trx, { key: 'n', request: 1 }, async () => 'inner'),
+        )
         expect(inner).toBe('inner')
         expect(await first.counts()).toMatchObject({ finished: 2 })
         expect(await fx.idempotency.counts()).toMatchObject({ finished: 1 })
@@ -129,12 +151,20 @@ for (const target of targetsFor('setups', ['statement-paths'])) {
       },
     )
 
-    itIf(target.database === 'sqlite', 'only SQLite has no schemas')('refuses withSchema on SQLite when the instance is created, naming why', async () => {
-      const refused = () => createIdempotency({ db: fx.db.withSchema('tenant'), tableName: fx.table })
-      expect(refused).toThrow(IdempotencySetupError)
-      expect(refused).toThrow(/schema "tenant" \(withSchema\), which sqlite cannot hold the idempotency table in/)
-      await expect(fx.db.withSchema('tenant').transaction().execute((trx) => withIdempotency(trx, 'k', async () => 1))).rejects.toBeInstanceOf(IdempotencySetupError)
-    })
+    itIf(target.database === 'sqlite', 'only SQLite has no schemas')(
+      'refuses withSchema on SQLite when the instance is created, naming why',
+      async () => {
+        const refused = () => createIdempotency({ db: fx.db.withSchema('tenant'), tableName: fx.table })
+        expect(refused).toThrow(IdempotencySetupError)
+        expect(refused).toThrow(/schema "tenant" \(withSchema\), which sqlite cannot hold the idempotency table in/)
+        await expect(
+          fx.db
+            .withSchema('tenant')
+            .transaction()
+            .execute((trx) => withIdempotency(trx, 'k', async () => 1)),
+        ).rejects.toBeInstanceOf(IdempotencySetupError)
+      },
+    )
 
     it('works through CamelCasePlugin, ParseJSONResultsPlugin, DeduplicateJoinsPlugin and HandleEmptyInListsPlugin, which its function still gets', async () => {
       const plugins: KyselyPlugin[] = [
@@ -173,7 +203,11 @@ for (const target of targetsFor('setups', ['statement-paths'])) {
     })
 
     // The timeouts are settings of each session, which a pooler hands from client to client.
-    itWhere(target, 'pool', 'session-state')('answers 409 in_flight when a statement timeout set on the sessions ends the wait for the key, and replays once it finished', async () => {
+    itWhere(
+      target,
+      'pool',
+      'session-state',
+    )('answers 409 in_flight when a statement timeout set on the sessions ends the wait for the key, and replays once it finished', async () => {
       const db = withStatementTimeout(target, fx.location, 300)
       try {
         const hurried = createIdempotency({ db, tableName: fx.table, conflictWait: 5000 })
@@ -202,7 +236,11 @@ for (const target of targetsFor('setups', ['statement-paths'])) {
       }
     })
 
-    itWhere(target, 'pool', 'session-state')('keeps waiting its conflictWait whatever lock wait the sessions have, and replays the first answer', async () => {
+    itWhere(
+      target,
+      'pool',
+      'session-state',
+    )('keeps waiting its conflictWait whatever lock wait the sessions have, and replays the first answer', async () => {
       const db = withLockWaitTimeout(target, fx.location)
       try {
         const patient = createIdempotency({ db, tableName: fx.table, conflictWait: 5000 })
@@ -232,14 +270,31 @@ function withDriverSettings(target: Target, location: string): Kysely<any> {
     case 'pg': {
       const unparsed = (text: string) => text
       const getTypeParser = ((oid: number, format?: 'text' | 'binary') =>
-        oid === 20 ? BigInt : [1082, 1114, 1184, 114, 3802].includes(oid) ? unparsed : pg.types.getTypeParser(oid, format ?? 'text')) as typeof pg.types.getTypeParser
+        oid === 20
+          ? BigInt
+          : [1082, 1114, 1184, 114, 3802].includes(oid)
+            ? unparsed
+            : pg.types.getTypeParser(oid, format ?? 'text')) as typeof pg.types.getTypeParser
       return new Kysely({ dialect: new PostgresDialect({ pool: new pg.Pool({ connectionString: location, max: 5, types: { getTypeParser } }) }) })
     }
     case 'postgres-js':
-      return new Kysely({ dialect: new PostgresJSDialect({ postgres: postgres(location, { max: 5, onnotice: () => {}, types: { bigint: postgres.BigInt }, transform: postgres.camel }) }) })
+      return new Kysely({
+        dialect: new PostgresJSDialect({
+          postgres: postgres(location, { max: 5, onnotice: () => {}, types: { bigint: postgres.BigInt }, transform: postgres.camel }),
+        }),
+      })
     case 'mysql2':
       return new Kysely({
-        dialect: new MysqlDialect({ pool: createPool({ uri: location, connectionLimit: 5, dateStrings: true, supportBigNumbers: true, bigNumberStrings: true, timezone: '+05:30' }) }),
+        dialect: new MysqlDialect({
+          pool: createPool({
+            uri: location,
+            connectionLimit: 5,
+            dateStrings: true,
+            supportBigNumbers: true,
+            bigNumberStrings: true,
+            timezone: '+05:30',
+          }),
+        }),
       })
     case 'better-sqlite3': {
       const file = new Database(location, { timeout: 5000 })
@@ -262,13 +317,16 @@ function withStatementTimeout(target: Target, location: string, ms: number): Kys
     case 'pg':
       return new Kysely({ dialect: new PostgresDialect({ pool: new pg.Pool({ connectionString: location, max: 5, statement_timeout: ms }) }) })
     case 'postgres-js':
-      return new Kysely({ dialect: new PostgresJSDialect({ postgres: postgres(location, { max: 5, onnotice: () => {}, connection: { statement_timeout: ms } }) }) })
+      return new Kysely({
+        dialect: new PostgresJSDialect({ postgres: postgres(location, { max: 5, onnotice: () => {}, connection: { statement_timeout: ms } }) }),
+      })
     case 'mysql2':
       // MariaDB's max_statement_time is in seconds.
       return new Kysely({
         dialect: new MysqlDialect({
           pool: createPool({ uri: location, connectionLimit: 5 }),
-          onCreateConnection: (connection) => connection.executeQuery(CompiledQuery.raw(`set session max_statement_time = ${ms / 1000}`)).then(() => undefined),
+          onCreateConnection: (connection) =>
+            connection.executeQuery(CompiledQuery.raw(`set session max_statement_time = ${ms / 1000}`)).then(() => undefined),
         }),
       })
     default:
@@ -282,12 +340,15 @@ function withLockWaitTimeout(target: Target, location: string): Kysely<any> {
     case 'pg':
       return new Kysely({ dialect: new PostgresDialect({ pool: new pg.Pool({ connectionString: location, max: 5, lock_timeout: 100 }) }) })
     case 'postgres-js':
-      return new Kysely({ dialect: new PostgresJSDialect({ postgres: postgres(location, { max: 5, onnotice: () => {}, connection: { lock_timeout: 100 } }) }) })
+      return new Kysely({
+        dialect: new PostgresJSDialect({ postgres: postgres(location, { max: 5, onnotice: () => {}, connection: { lock_timeout: 100 } }) }),
+      })
     case 'mysql2':
       return new Kysely({
         dialect: new MysqlDialect({
           pool: createPool({ uri: location, connectionLimit: 5 }),
-          onCreateConnection: (connection) => connection.executeQuery(CompiledQuery.raw('set session innodb_lock_wait_timeout = 1')).then(() => undefined),
+          onCreateConnection: (connection) =>
+            connection.executeQuery(CompiledQuery.raw('set session innodb_lock_wait_timeout = 1')).then(() => undefined),
         }),
       })
     default:

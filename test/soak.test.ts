@@ -14,7 +14,13 @@ const exec = promisify(execFile)
 
 // The short, seeded variant of `npm run soak`: every fault kind on every database, with the
 // checker over the whole history. The long one is for humans (README, "Scaling out").
-const databases = [...new Set(selectedTargets().filter((t) => !t.server).map((t) => t.database))]
+const databases = [
+  ...new Set(
+    selectedTargets()
+      .filter((t) => !t.server)
+      .map((t) => t.database),
+  ),
+]
 describe.skipIf(databases.length === 0)('npm run soak (a short run with a fixed seed)', () => {
   beforeAll(() => {
     execFileSync(process.execPath, [tsc, '-p', 'tsconfig.tools.json'], { cwd: root, stdio: 'pipe' })

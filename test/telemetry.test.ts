@@ -50,7 +50,11 @@ for (const target of targetsFor('OpenTelemetry spans', ['statement-paths'])) {
       }
       exporter.reset()
       await fx.with({ traceKeys: true }).transaction({ key: 'secret-key', scope: 'user-1', request: 1 }, async () => 1)
-      expect(named('idempotency.transaction')[0]!.attributes).toMatchObject({ 'idempotency.key': 'secret-key', 'idempotency.scope': 'user-1', 'idempotency.outcome': 'replayed' })
+      expect(named('idempotency.transaction')[0]!.attributes).toMatchObject({
+        'idempotency.key': 'secret-key',
+        'idempotency.scope': 'user-1',
+        'idempotency.outcome': 'replayed',
+      })
     })
 
     it('puts the spans of a flow, its phases and steps under one another, and marks recorded ones on resume', async () => {

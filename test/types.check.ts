@@ -41,7 +41,9 @@ const expectType = <A, B>(_proof: Equal<A, B>) => undefined
 export async function returnsWhatTheFunctionReturns() {
   const order = await idempotency.transaction('k', (trx) => trx.selectFrom('orders').selectAll().executeTakeFirstOrThrow())
   expectType<typeof order, { id: number; item: string; created_at: Date; amount: bigint }>(true)
-  const inserted = await idempotency.transaction('k', (trx) => trx.insertInto('orders').values({ id: 1, item: 'x', created_at: new Date(), amount: 1n }).executeTakeFirst())
+  const inserted = await idempotency.transaction('k', (trx) =>
+    trx.insertInto('orders').values({ id: 1, item: 'x', created_at: new Date(), amount: 1n }).executeTakeFirst(),
+  )
   expectType<typeof inserted, InsertResult>(true)
   const typed = await idempotency.withIdempotency(trx, 'k', async (): Promise<Order> => ({ id: 1, created_at: new Date() }))
   expectType<typeof typed, Order>(true)

@@ -46,17 +46,29 @@ export const CHECKS: readonly Check[] = [
       const phases = '{"$flow":"f","a":[1.5,"ü 💳",null]}'
       const plain = await s.statements.claim(s.db, s.values('plain'))
       const flow = await s.statements.claim(s.db, s.values('flow', { token: 'tok', lease: 60_000, phases, codec: 'c1', flow: 'f', recoverIn: 0 }))
-      for (const [key, claim] of [['plain', plain], ['flow', flow]] as const) {
+      for (const [key, claim] of [
+        ['plain', plain],
+        ['flow', flow],
+      ] as const) {
         expectThat(claim.claimed !== null, `claim of the absent key "${key}" returned ${shown(claim)} instead of the new row's id.`)
       }
       const [a, b] = [await s.read('plain'), await s.read('flow')]
-      expectThat(a !== undefined && String(a.id) === String(plain.claimed), `the claimed id ${shown(plain.claimed)} is not the row's id ${shown(a?.id)}.`)
       expectThat(
-        a.fingerprint === 'fingerprint of plain' && a.recoveryPoint === STARTED && !a.expired && !a.locked && a.token === null && a.phases === null && a.codec === null,
+        a !== undefined && String(a.id) === String(plain.claimed),
+        `the claimed id ${shown(plain.claimed)} is not the row's id ${shown(a?.id)}.`,
+      )
+      expectThat(
+        a.fingerprint === 'fingerprint of plain' &&
+          a.recoveryPoint === STARTED &&
+          !a.expired &&
+          !a.locked &&
+          a.token === null &&
+          a.phases === null &&
+          a.codec === null,
         `a new single-transaction key reads back as ${shown(a)}: expected started, not expired, not locked, no token, phases or codec.`,
       )
       expectThat(
-        b !== undefined && b.locked && !b.expired && b.token === 'tok' && b.codec === 'c1' && b.phases !== null && sameJson(b.phases, phases),
+        b?.locked === true && !b.expired && b.token === 'tok' && b.codec === 'c1' && b.phases !== null && sameJson(b.phases, phases),
         `a new flow key reads back as ${shown(b)}: expected locked by "tok", codec c1, and its phases as JSON equal to ${phases}.`,
       )
     },
@@ -86,7 +98,10 @@ export const CHECKS: readonly Check[] = [
         const key = `waits-${end}`
         const holder = await s.hold(s.db, (trx) => s.statements.claim(trx, s.values(key)))
         const started = performance.now()
-        const waiting = settled(s.statements.claim(s.competitor, s.values(key, { wait: 10_000 })), `a claim waiting for a competing insert that ends with ${end}`)
+        const waiting = settled(
+          s.statements.claim(s.competitor, s.values(key, { wait: 10_000 })),
+          `a claim waiting for a competing insert that ends with ${end}`,
+        )
         await sleep(300)
         await (end === 'commit' ? holder.trx.commit() : holder.trx.rollback()).execute()
         const outcome = await waiting
@@ -98,7 +113,11 @@ export const CHECKS: readonly Check[] = [
           if (end === 'commit' && s.dialect.classify(outcome.error) === 'serialization_failure') continue
           throw new ContractViolation(`a claim waiting for a competing insert that ends with ${end} failed: ${describeError(outcome.error)}.`)
         }
-        if (end === 'commit') expectThat(outcome.value.claimed === null, `a claim found the key a competing transaction committed and still returned ${shown(outcome.value)}.`)
+        if (end === 'commit')
+          expectThat(
+            outcome.value.claimed === null,
+            `a claim found the key a competing transaction committed and still returned ${shown(outcome.value)}.`,
+          )
         else expectThat(outcome.value.claimed !== null, `a claim did not take a key whose competing insert rolled back: ${shown(outcome.value)}.`)
       }
     },
@@ -109,7 +128,10 @@ export const CHECKS: readonly Check[] = [
     competing: true,
     async run(s) {
       const holder = await s.hold(s.db, (trx) => s.statements.claim(trx, s.values('k')))
-      const { error, ms } = await rejection(s.statements.claim(s.competitor, s.values('k', { wait: 0 })), 'a claim with wait 0 of a key another transaction holds')
+      const { error, ms } = await rejection(
+        s.statements.claim(s.competitor, s.values('k', { wait: 0 })),
+        'a claim with wait 0 of a key another transaction holds',
+      )
       await holder.trx.rollback().execute()
       expectClassified(s.dialect, error, ['lock_timeout'], 'a claim with wait 0 of a held key')
       expectThat(ms < BOUND_SLACK, `a claim with wait 0 gave up after ${Math.round(ms)} ms.`)
@@ -121,7 +143,10 @@ export const CHECKS: readonly Check[] = [
     competing: true,
     async run(s) {
       const holder = await s.hold(s.db, (trx) => s.statements.claim(trx, s.values('k')))
-      const { error, ms } = await rejection(s.statements.claim(s.competitor, s.values('k', { wait: BOUNDED_WAIT })), `a claim with wait ${BOUNDED_WAIT}`)
+      const { error, ms } = await rejection(
+        s.statements.claim(s.competitor, s.values('k', { wait: BOUNDED_WAIT })),
+        `a claim with wait ${BOUNDED_WAIT}`,
+      )
       await holder.trx.rollback().execute()
       expectClassified(s.dialect, error, ['lock_timeout'], `a claim with wait ${BOUNDED_WAIT} of a held key`)
       expectThat(ms >= BOUNDED_WAIT * 0.8 && ms < BOUNDED_WAIT + BOUND_SLACK, `a claim with wait ${BOUNDED_WAIT} gave up after ${Math.round(ms)} ms.`)
@@ -129,7 +154,8 @@ export const CHECKS: readonly Check[] = [
   },
   {
     id: 'lock-latest',
-    title: 'lock holds the latest committed row until its transaction ends: lockNow elsewhere fails at once with lock_timeout, then reads what was committed',
+    title:
+      'lock holds the latest committed row until its transaction ends: lockNow elsewhere fails at once with lock_timeout, then reads what was committed',
     competing: true,
     async run(s) {
       await s.statements.claim(s.db, s.values('k'))
@@ -161,7 +187,8 @@ export const CHECKS: readonly Check[] = [
   },
   {
     id: 'lock-wait-restored',
-    title: "withLockWait puts the session's lock wait back after its statements, whether they succeed or fail: a later plain statement waits as before",
+    title:
+      "withLockWait puts the session's lock wait back after its statements, whether they succeed or fail: a later plain statement waits as before",
     competing: true,
     async run(s) {
       await s.statements.claim(s.db, s.values('k'))
@@ -174,7 +201,8 @@ export const CHECKS: readonly Check[] = [
         await sleep(400)
         await holder.trx.commit().execute()
         const outcome = await update
-        if ('error' in outcome) throw new ContractViolation(`a plain update ${after} did not wait for the row as before: ${describeError(outcome.error)}.`)
+        if ('error' in outcome)
+          throw new ContractViolation(`a plain update ${after} did not wait for the row as before: ${describeError(outcome.error)}.`)
       }
       const fails = () => sql`select * from ${sql.table(`${s.table}_missing`)}`.execute(s.competitor)
       await s.competitor.connection().execute(async (conn) => {
@@ -216,7 +244,8 @@ export const CHECKS: readonly Check[] = [
   },
   {
     id: 'classify-serialization',
-    title: 'classify maps the failure of a SERIALIZABLE transaction whose read another one changed to serialization_failure (or deadlock, where the database breaks it so)',
+    title:
+      'classify maps the failure of a SERIALIZABLE transaction whose read another one changed to serialization_failure (or deadlock, where the database breaks it so)',
     competing: true,
     async run(s) {
       await s.statements.claim(s.db, s.values('k'))
@@ -244,7 +273,7 @@ export const CHECKS: readonly Check[] = [
   },
   {
     id: 'classify-undefined-table',
-    title: "classify maps a statement on a missing idempotency table to undefined_table",
+    title: 'classify maps a statement on a missing idempotency table to undefined_table',
     competing: false,
     async run(s) {
       const missing = await s.dialect.prepare(s.db, `${s.table}_missing`)
@@ -308,8 +337,12 @@ export const CHECKS: readonly Check[] = [
       const outcome = await settled(s.statements.pruneBatch(s.competitor, 10), 'pruneBatch beside a locked expired key')
       const ms = performance.now() - started
       await holder.trx.rollback().execute()
-      if ('error' in outcome) throw new ContractViolation(`pruneBatch beside a locked expired key failed after ${Math.round(ms)} ms: ${describeError(outcome.error)}.`)
-      expectThat(outcome.value === 1 && ms < BOUND_SLACK, `pruneBatch beside a locked expired key deleted ${outcome.value} rows after ${Math.round(ms)} ms, not 1 at once.`)
+      if ('error' in outcome)
+        throw new ContractViolation(`pruneBatch beside a locked expired key failed after ${Math.round(ms)} ms: ${describeError(outcome.error)}.`)
+      expectThat(
+        outcome.value === 1 && ms < BOUND_SLACK,
+        `pruneBatch beside a locked expired key deleted ${outcome.value} rows after ${Math.round(ms)} ms, not 1 at once.`,
+      )
       expectThat((await s.read('locked')) !== undefined, 'pruneBatch deleted the key another transaction had locked.')
     },
   },
@@ -332,7 +365,9 @@ export const CHECKS: readonly Check[] = [
         `epochMs(clock) is ${Math.round(skew / 60_000)} min off this process's clock: hours mean a local time read as UTC.`,
       )
       await s.statements.claim(s.db, s.values('k', { token: 'tok', lease: 30_000, expiresIn: 90_000 }))
-      const stored = await sql<Record<string, unknown>>`select ${d.epochMs(sql.ref('created_at'))} as created, ${d.epochMs(sql.ref('locked_until'))} as locked,
+      const stored = await sql<
+        Record<string, unknown>
+      >`select ${d.epochMs(sql.ref('created_at'))} as created, ${d.epochMs(sql.ref('locked_until'))} as locked,
         ${d.epochMs(sql.ref('expires_at'))} as expires, ${d.elapsed(sql.ref('created_at'))} as age from ${sql.table(s.table)}`.execute(s.db)
       const row = stored.rows[0] ?? {}
       const [created, locked, expires, age] = [row.created, row.locked, row.expires, row.age].map(Number) as [number, number, number, number]
@@ -372,7 +407,9 @@ export const CHECKS: readonly Check[] = [
       expectThat(first !== undefined, 'the package has no migration 0001.')
       await first[1].up(s.origin)
       await sql`insert into ${sql.table(s.table)} (scope, ${sql.ref('key')}, fingerprint, recovery_point, response, created_at, last_run_at, expires_at)
-        values ('contract', 'old', 'fingerprint of old', 'finished', ${d.json(sql`${'{"ok":true}'}`)}, ${d.clock}, ${d.clock}, ${d.later(sql.lit(60_000))})`.execute(s.db)
+        values ('contract', 'old', 'fingerprint of old', 'finished', ${d.json(sql`${'{"ok":true}'}`)}, ${d.clock}, ${d.clock}, ${d.later(sql.lit(60_000))})`.execute(
+        s.db,
+      )
       const result = await migrateTable(s.origin, s.where, d, false)
       expectThat(result.results.length >= 2, `migrating a 0001 table ran ${shown(result.results.map((r) => r.migrationName))}.`)
       const columns = await d.upgrades.columns(s.db, s.where)

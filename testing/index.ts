@@ -13,13 +13,12 @@ import { openScratch } from './scratch.js'
 export type { CheckId } from './checks.js'
 
 /** The database and dialect module {@link exerciseDialect} checks. */
-export interface DialectTarget {
+export interface DialectTarget<DB = unknown> {
   /**
    * A Kysely instance on a database where the kit may create and drop tables (each check makes
    * its own, named after `tablePrefix`, and drops it).
    */
-  // The kit's own tables are its only business with the database: any table type fits.
-  readonly db: Kysely<any>
+  readonly db: Kysely<DB>
   /** The dialect module under test. Default: the one the package detects for `db`. */
   readonly dialect?: IdempotencyDialect
   /**
@@ -28,7 +27,7 @@ export interface DialectTarget {
    * connections at once. `false` for a database with a single connection: those checks are then
    * not applicable.
    */
-  readonly competitor?: Kysely<any> | false
+  readonly competitor?: Kysely<DB> | false
   /** Checks that cannot apply to this database, each with the reason, which the report shows. */
   readonly notApplicable?: Readonly<Partial<Record<CheckId, string>>>
   /** Prefix of the tables the checks create: a plain identifier of at most 30 characters. Default `kidem_contract`. */
@@ -67,21 +66,24 @@ export class DialectContractError extends AggregateError {
 }
 
 /** The checks of the contract for `target`, each to run on its own (with a test runner's `it`, say). */
-export function dialectChecks(target: DialectTarget): DialectCheck[] {
+export function dialectChecks<DB>(target: DialectTarget<DB>): DialectCheck[] {
   const prefix = target.tablePrefix ?? 'kidem_contract'
   if (!/^[A-Za-z_][A-Za-z0-9_]{0,29}$/.test(prefix)) {
     throw new TypeError(`The tablePrefix ${JSON.stringify(prefix)} is not a plain identifier of at most 30 characters.`)
   }
-  const competitor = target.competitor === false ? undefined : (target.competitor ?? target.db)
+  // The kit's own tables are its only business with the database, whatever tables DB describes.
+  const db = target.db as unknown as Kysely<unknown>
+  const competitor = target.competitor === false ? undefined : ((target.competitor ?? target.db) as unknown as Kysely<unknown>)
   return CHECKS.map((check) => {
-    const notApplicable = target.notApplicable?.[check.id] ?? (check.competing && !competitor ? 'the target has no second connection (competitor: false)' : undefined)
+    const notApplicable =
+      target.notApplicable?.[check.id] ?? (check.competing && !competitor ? 'the target has no second connection (competitor: false)' : undefined)
     return {
       id: check.id,
       title: check.title,
       notApplicable,
       run: async () => {
         if (notApplicable !== undefined) return
-        const scratch = await openScratch(target.db, competitor, target.dialect ?? detectDialect(target.db), prefix)
+        const scratch = await openScratch(db, competitor, target.dialect ?? detectDialect(db), prefix)
         try {
           await check.run(scratch)
         } finally {
@@ -109,7 +111,7 @@ export function dialectChecks(target: DialectTarget): DialectCheck[] {
  * console.log(`${report.passed.length} checks passed`)
  * ```
  */
-export async function exerciseDialect(target: DialectTarget): Promise<DialectReport> {
+export async function exerciseDialect<DB>(target: DialectTarget<DB>): Promise<DialectReport> {
   const passed: CheckId[] = []
   const notApplicable: Array<{ id: CheckId; reason: string }> = []
   const failed: Array<{ id: CheckId; title: string; error: unknown }> = []

@@ -6,7 +6,15 @@
 import { inspect } from 'node:util'
 import { sql, type ControlledTransaction, type Kysely } from 'kysely'
 import { dropTable, migrateTable } from '../migrations/index.js'
-import { aliased, decodeKeyRow, keyRowColumns, type ClaimValues, type DialectStatements, type IdempotencyDialect, type KeyRow } from '../src/dialect.js'
+import {
+  aliased,
+  decodeKeyRow,
+  keyRowColumns,
+  type ClaimValues,
+  type DialectStatements,
+  type IdempotencyDialect,
+  type KeyRow,
+} from '../src/dialect.js'
 import { locateTable, qualified, type TableName } from '../src/table.js'
 
 /** How long a step that should settle may take before the check calls it stuck. */
@@ -31,11 +39,19 @@ export interface Scratch {
   /** A statement that takes the key's row lock (an update that changes nothing). */
   touch(db: Kysely<unknown>, key: string): Promise<void>
   /** Opens a transaction on `db` and runs `work` in it, leaving it open: the caller commits or rolls it back. */
-  hold<T>(db: Kysely<unknown>, work: (trx: Kysely<unknown>) => Promise<T>): Promise<{ readonly value: T; readonly trx: ControlledTransaction<unknown> }>
+  hold<T>(
+    db: Kysely<unknown>,
+    work: (trx: Kysely<unknown>) => Promise<T>,
+  ): Promise<{ readonly value: T; readonly trx: ControlledTransaction<unknown> }>
   close(): Promise<void>
 }
 
-export async function openScratch(target: Kysely<any>, competitor: Kysely<any> | undefined, dialect: IdempotencyDialect, prefix: string): Promise<Scratch> {
+export async function openScratch(
+  target: Kysely<unknown>,
+  competitor: Kysely<unknown> | undefined,
+  dialect: IdempotencyDialect,
+  prefix: string,
+): Promise<Scratch> {
   const name = `${prefix}_${Math.random().toString(36).slice(2, 10)}`
   const where = locateTable(target, name)
   const db = (target as Kysely<unknown>).withoutPlugins()
@@ -47,7 +63,7 @@ export async function openScratch(target: Kysely<any>, competitor: Kysely<any> |
   return {
     origin: target,
     db,
-    competitor: (competitor ?? target).withoutPlugins() as Kysely<unknown>,
+    competitor: (competitor ?? target).withoutPlugins(),
     dialect,
     table,
     where,
@@ -67,7 +83,9 @@ export async function openScratch(target: Kysely<any>, competitor: Kysely<any> |
       ...overrides,
     }),
     async read(key) {
-      const { rows } = await sql<Record<string, unknown>>`select ${columns} from ${aliased(table)} where k.scope = 'contract' and k.${sql.ref('key')} = ${key}`.execute(db)
+      const { rows } = await sql<
+        Record<string, unknown>
+      >`select ${columns} from ${aliased(table)} where k.scope = 'contract' and k.${sql.ref('key')} = ${key}`.execute(db)
       return rows[0] && decodeKeyRow(rows[0])
     },
     async touch(on, key) {
@@ -85,7 +103,12 @@ export async function openScratch(target: Kysely<any>, competitor: Kysely<any> |
     },
     async close() {
       // A check that failed half-way may leave a transaction open, which would block the drop.
-      for (const trx of opened) if (!trx.isCommitted && !trx.isRolledBack) await trx.rollback().execute().catch(() => undefined)
+      for (const trx of opened)
+        if (!trx.isCommitted && !trx.isRolledBack)
+          await trx
+            .rollback()
+            .execute()
+            .catch(() => undefined)
       await dropTable(target, where)
     },
   }
@@ -110,7 +133,8 @@ export async function rejection(promise: Promise<unknown>, what: string): Promis
   const started = performance.now()
   const outcome = await settled(promise, what)
   const ms = performance.now() - started
-  if ('value' in outcome) throw new ContractViolation(`${what} was expected to fail, and returned ${shown(outcome.value)} after ${Math.round(ms)} ms.`)
+  if ('value' in outcome)
+    throw new ContractViolation(`${what} was expected to fail, and returned ${shown(outcome.value)} after ${Math.round(ms)} ms.`)
   return { error: outcome.error, ms }
 }
 
@@ -121,7 +145,13 @@ export async function settled<T>(promise: Promise<T>, what: string): Promise<{ v
     timer = setTimeout(() => reject(new ContractViolation(`${what} did not settle within ${STUCK_MS / 1000} s.`)), STUCK_MS)
   })
   try {
-    return await Promise.race([promise.then((value) => ({ value }), (error: unknown) => ({ error })), stuck])
+    return await Promise.race([
+      promise.then(
+        (value) => ({ value }),
+        (error: unknown) => ({ error }),
+      ),
+      stuck,
+    ])
   } finally {
     clearTimeout(timer)
   }

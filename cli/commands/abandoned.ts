@@ -24,10 +24,18 @@ export const abandoned = defineCommand({
         ...flows.map((f) => [f.scope, f.key, f.recoveryPoint, f.attempts === null ? '?' : String(f.attempts), `${Math.round(f.idle / 1000)}s`]),
       ]
       const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)))
-      for (const r of rows) console.log(r.map((cell, i) => cell.padEnd(widths[i]!)).join('  ').trimEnd())
+      for (const r of rows)
+        console.log(
+          r
+            .map((cell, i) => cell.padEnd(widths[i]!))
+            .join('  ')
+            .trimEnd(),
+        )
       const unreadable = flows.filter((f) => f.unreadable !== null)
       if (unreadable.length) {
-        console.log(`${unreadable.length} of these cannot be read here (attempts "?"): ${unreadable[0]!.unreadable} Pass the app's codec with --codec.`)
+        console.log(
+          `${unreadable.length} of these cannot be read here (attempts "?"): ${unreadable[0]!.unreadable} Pass the app's codec with --codec.`,
+        )
       }
     })
   },

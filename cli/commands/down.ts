@@ -17,7 +17,10 @@ export const down = defineCommand({
   run: ({ args }) =>
     withDatabase(args, { create: false }, async ({ db, table, where }) => {
       const keys = await countKeys(db.withoutPlugins(), where, detectDialect(db))
-      const what = keys === undefined ? `the migration history of "${table}" (there is no such table)` : `the table "${table}" with its ${plural(keys)}, and its migration history`
+      const what =
+        keys === undefined
+          ? `the migration history of "${table}" (there is no such table)`
+          : `the table "${table}" with its ${plural(keys)}, and its migration history`
       if (!args.yes) {
         if (!process.stdin.isTTY || !process.stdout.isTTY) throw new CliError(`down drops ${what}; pass --yes to confirm.`)
         const prompt = createInterface({ input: process.stdin, output: process.stdout })

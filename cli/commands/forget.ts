@@ -8,7 +8,9 @@ export const forget = defineCommand({
     const key = requiredKey(args)
     return withDatabase(args, { create: false }, async ({ idempotency, table }) => {
       const deleted = await idempotency.forget({ key, scope: args.scope })
-      console.log(deleted ? `Forgot the key "${key}" in scope "${args.scope}".` : `No key "${key}" in scope "${args.scope}" in "${table}"; nothing to forget.`)
+      console.log(
+        deleted ? `Forgot the key "${key}" in scope "${args.scope}".` : `No key "${key}" in scope "${args.scope}" in "${table}"; nothing to forget.`,
+      )
     })
   },
 })

@@ -11,7 +11,8 @@ export const migrate = defineCommand({
     ...connectionArgs,
     baseline: {
       type: 'boolean',
-      description: 'Change nothing: record as applied what the table already has (made from the `sql` DDL by Flyway, Prisma, Atlas…), and fail on anything it lacks',
+      description:
+        'Change nothing: record as applied what the table already has (made from the `sql` DDL by Flyway, Prisma, Atlas…), and fail on anything it lacks',
       default: false,
     },
   },

@@ -8,7 +8,8 @@ import { EXIT } from '../errors.js'
 export const status = defineCommand({
   meta: {
     name: 'status',
-    description: 'Show applied and pending migrations and how many keys are live, finished, expired or abandoned; exits 2 while migrations are pending',
+    description:
+      'Show applied and pending migrations and how many keys are live, finished, expired or abandoned; exits 2 while migrations are pending',
   },
   args: {
     ...connectionArgs,

@@ -74,7 +74,9 @@ function checkStorable(value: unknown, path: Path, seen: Set<object>, ancestors:
   if (kind === 'primitive') return
   const object = value as object
   if (ancestors.has(object) && (inside || storedAsEntries(object))) {
-    path.refuse('contains itself (a cycle) through an object without a prototype or with a property named __proto__, constructor or prototype, which the codec cannot keep')
+    path.refuse(
+      'contains itself (a cycle) through an object without a prototype or with a property named __proto__, constructor or prototype, which the codec cannot keep',
+    )
   }
   if (seen.has(object)) return
   seen.add(object)
@@ -147,12 +149,24 @@ const byEntries = (name: string, applies: (prototype: unknown, v: object) => boo
     },
     name,
   )
-byEntries('bare-object', (prototype) => prototype === null, () => Object.create(null) as Record<string, unknown>)
-byEntries('guarded-object', (prototype, v) => prototype === Object.prototype && hasGuardedKey(v), () => ({}))
+byEntries(
+  'bare-object',
+  (prototype) => prototype === null,
+  () => Object.create(null) as Record<string, unknown>,
+)
+byEntries(
+  'guarded-object',
+  (prototype, v) => prototype === Object.prototype && hasGuardedKey(v),
+  () => ({}),
+)
 
 // superjson writes an invalid Date as null; it is a Date all the same (MySQL's zero dates).
 superjson.registerCustom<Date, string>(
-  { isApplicable: (v): v is Date => v instanceof Date && Number.isNaN(v.getTime()), serialize: () => 'Invalid Date', deserialize: () => new Date(Number.NaN) },
+  {
+    isApplicable: (v): v is Date => v instanceof Date && Number.isNaN(v.getTime()),
+    serialize: () => 'Invalid Date',
+    deserialize: () => new Date(Number.NaN),
+  },
   'InvalidDate',
 )
 

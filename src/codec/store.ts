@@ -46,7 +46,8 @@ export class ValueStore {
   encode(value: unknown): Encoded {
     if (this.#codec === defaultCodec) return { text: defaultCodec.encode(value), codec: DEFAULT_NAME }
     const text = this.#codec.encode(value)
-    if (typeof text !== 'string') throw new IdempotencySetupError(`The codec "${this.#name}" returned ${typeof text} from encode; it must return a string.`)
+    if (typeof text !== 'string')
+      throw new IdempotencySetupError(`The codec "${this.#name}" returned ${typeof text} from encode; it must return a string.`)
     return { text: JSON.stringify(text), codec: this.#name }
   }
 

@@ -44,6 +44,7 @@ type Atom =
   | bigint
   | null
   | undefined
+  // biome-ignore lint/suspicious/noConfusingVoidType: a function typed as returning void stores undefined.
   | void
   | Date
   | Uint8Array
@@ -122,9 +123,17 @@ export class Path {
   }
   refuse(what: string): never {
     // A deep path is named by its start.
-    const steps = this.#steps.slice(0, 12).map((step) =>
-      typeof step === 'number' ? `[${step}]` : typeof step !== 'string' ? `{${step[1]} ${step[0]}}` : /^[A-Za-z_$][\w$]*$/.test(step) ? `.${step}` : `[${JSON.stringify(step)}]`,
-    )
+    const steps = this.#steps
+      .slice(0, 12)
+      .map((step) =>
+        typeof step === 'number'
+          ? `[${step}]`
+          : typeof step !== 'string'
+            ? `{${step[1]} ${step[0]}}`
+            : /^[A-Za-z_$][\w$]*$/.test(step)
+              ? `.${step}`
+              : `[${JSON.stringify(step)}]`,
+      )
     const more = this.#steps.length > steps.length ? '…' : ''
     const where = steps.length === 0 ? 'The value' : `The value at ${steps.join('').replace(/^\./, '')}${more}`
     throw new IdempotencySerializationError(`${where} ${what}.`)
@@ -183,7 +192,11 @@ export function bytesOf(value: TypedArray | Buffer): Buffer {
 export const GUARDED_KEYS = ['__proto__', 'constructor', 'prototype']
 
 /** Visits each key and value of a `Map`, or each member of a `Set`, with the path set to it. */
-export function eachEntry(container: ReadonlyMap<unknown, unknown> | ReadonlySet<unknown>, path: Path, visit: (item: unknown, part: 'key' | 'value' | 'member') => void): void {
+export function eachEntry(
+  container: ReadonlyMap<unknown, unknown> | ReadonlySet<unknown>,
+  path: Path,
+  visit: (item: unknown, part: 'key' | 'value' | 'member') => void,
+): void {
   let i = 0
   if (container instanceof Set) {
     for (const member of container) {
@@ -224,7 +237,8 @@ export function nestsDeeper(value: unknown, limit: number): boolean {
     if (typeof item !== 'object' || item === null || seen.has(item)) continue
     if (depth >= limit) return true
     seen.add(item)
-    const children = item instanceof Map ? [...item.keys(), ...item.values()] : item instanceof Set ? [...item] : ArrayBuffer.isView(item) ? [] : Object.values(item)
+    const children =
+      item instanceof Map ? [...item.keys(), ...item.values()] : item instanceof Set ? [...item] : ArrayBuffer.isView(item) ? [] : Object.values(item)
     for (const child of children) stack.push([child, depth + 1])
   }
   return false

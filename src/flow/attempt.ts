@@ -111,7 +111,11 @@ export class Attempt<DB, T> {
         this.#settle()
         const missed = this.#order[this.#position]
         if (missed !== undefined && !this.#broken) {
-          this.#break(new IdempotencyFlowError(`The flow returned before reaching "${missed}", which an earlier attempt recorded; a resume must call the recorded phases in the same order.`))
+          this.#break(
+            new IdempotencyFlowError(
+              `The flow returned before reaching "${missed}", which an earlier attempt recorded; a resume must call the recorded phases in the same order.`,
+            ),
+          )
         }
       } catch (error) {
         this.#settle()
@@ -212,9 +216,12 @@ export class Attempt<DB, T> {
       throw this.#break(error as IdempotencyFlowError)
     }
     if (this.#busy !== undefined) {
-      throw this.#break(new IdempotencyFlowError(`"${name}" was called while "${this.#busy}" was running; await each phase and step before the next.`))
+      throw this.#break(
+        new IdempotencyFlowError(`"${name}" was called while "${this.#busy}" was running; await each phase and step before the next.`),
+      )
     }
-    if (this.#called.has(name)) throw this.#break(new IdempotencyFlowError(`The phase or step name "${name}" is used twice in one flow; names must be unique.`))
+    if (this.#called.has(name))
+      throw this.#break(new IdempotencyFlowError(`The phase or step name "${name}" is used twice in one flow; names must be unique.`))
     this.#called.add(name)
     const expected = this.#order[this.#position]
     if (expected === undefined) return undefined
@@ -241,17 +248,19 @@ export class Attempt<DB, T> {
     const s = this.#s
     const settings = this.#settings
     // Its fence extends the lock before it commits: duplicates here must not take over meanwhile.
-    const recorded = await this.#slot.holding(() => table.retrying(settings, () =>
-      this.#db.transaction().execute(async (trx) => {
-        const own = trx.withoutPlugins() as unknown as Kysely<unknown>
-        const held = await table.waiting(settings, () =>
-          s.withLockWait(own, settings.conflictWait, () => s.fence(own, this.#lease, extension(settings))),
-        )
-        if (!held) throw this.#lockLost(name)
-        const value = await fn(trx)
-        return { value, state: await this.#record(own, name, value) }
-      }),
-    ))
+    const recorded = await this.#slot.holding(() =>
+      table.retrying(settings, () =>
+        this.#db.transaction().execute(async (trx) => {
+          const own = trx.withoutPlugins() as unknown as Kysely<unknown>
+          const held = await table.waiting(settings, () =>
+            s.withLockWait(own, settings.conflictWait, () => s.fence(own, this.#lease, extension(settings))),
+          )
+          if (!held) throw this.#lockLost(name)
+          const value = await fn(trx)
+          return { value, state: await this.#record(own, name, value) }
+        }),
+      ),
+    )
     this.#slot.leased(settings.lockTimeout)
     this.#adopt(recorded.state)
     return recorded.value
@@ -306,7 +315,8 @@ export class Attempt<DB, T> {
   async #complete(value: T): Promise<void> {
     const settings = this.#settings
     const response = this.#table.values.encode(value)
-    if (!(await this.#table.waiting(settings, () => this.#s.complete(this.#plain, this.#lease, response, settings.ttl)))) throw this.#lockLost(FINISHED)
+    if (!(await this.#table.waiting(settings, () => this.#s.complete(this.#plain, this.#lease, response, settings.ttl))))
+      throw this.#lockLost(FINISHED)
   }
 
   #lockLost(name: string): IdempotencyLockLostError {

@@ -35,7 +35,13 @@ export class FlowRunner {
    * Runs `body` as one attempt at `key`. The claim waits at most `slot.claimWait` for a holder in
    * another process; every lock this attempt takes or extends is reported to `slot`.
    */
-  async run<T, DB>(db: Kysely<DB>, key: NormalizedKey, body: (flow: Flow<DB, T>) => Promise<T>, settings: FlowSettings, slot: AttemptSlot): Promise<Execution<T>> {
+  async run<T, DB>(
+    db: Kysely<DB>,
+    key: NormalizedKey,
+    body: (flow: Flow<DB, T>) => Promise<T>,
+    settings: FlowSettings,
+    slot: AttemptSlot,
+  ): Promise<Execution<T>> {
     const table = this.#table
     const claiming = { ...settings, claimWait: slot.claimWait }
     const plain = db.withoutPlugins() as unknown as Kysely<unknown>
@@ -104,12 +110,7 @@ export class FlowRunner {
   }
 
   /** In one short transaction: a new row, a takeover of a stopped attempt, or a replay. */
-  async #claim(
-    trx: Kysely<unknown>,
-    s: Statements,
-    key: NormalizedKey,
-    settings: FlowSettings,
-  ): Promise<Claimed | { value: unknown }> {
+  async #claim(trx: Kysely<unknown>, s: Statements, key: NormalizedKey, settings: FlowSettings): Promise<Claimed | { value: unknown }> {
     const table = this.#table
     for (let round = 1; round <= CLAIM_ROUNDS; round++) {
       const row = await table.waiting(settings, () => s.lock(trx, key.scope, key.key, claimWait(settings)))
@@ -123,7 +124,8 @@ export class FlowRunner {
         const previous = readState(table.values, row.phases!, row.codec)
         const taken = renewal(table.values, settings, { ...previous, attempt: previous.attempt + 1 })
         const due = settings.resumeOnly && settings.flow !== null ? settings.flow : undefined
-        if (await s.takeOver(trx, row.id, row.token, { id: row.id, token }, taken, due)) return { lease: { id: row.id, token }, stored: taken.phases, takenOver: true }
+        if (await s.takeOver(trx, row.id, row.token, { id: row.id, token }, taken, due))
+          return { lease: { id: row.id, token }, stored: taken.phases, takenOver: true }
         if (due !== undefined) throw new NotResumable()
         continue
       }
@@ -132,7 +134,8 @@ export class FlowRunner {
       if (verdict !== EXPIRED) return verdict
       const { phases, ...extension } = renewal(table.values, settings, fresh(key, settings))
       const values = { ...key, ...extension, ...named(settings), wait: claimWait(settings), token, phases: phases.text, codec: phases.codec }
-      if (await table.waiting(settings, () => s.reclaim(trx, row.id, values))) return { lease: { id: row.id, token }, stored: phases, takenOver: false }
+      if (await table.waiting(settings, () => s.reclaim(trx, row.id, values)))
+        return { lease: { id: row.id, token }, stored: phases, takenOver: false }
     }
     throw keptChanging(settings)
   }

@@ -135,7 +135,9 @@ export function newToken(): string {
 
 export function checkFlowName(name: unknown): string {
   if (typeof name !== 'string' || !NAME.test(name)) {
-    throw new TypeError(`${JSON.stringify(name)} is not a valid flow name: use 1 to 100 letters, digits, "_", ".", ":" or "-", starting with a letter.`)
+    throw new TypeError(
+      `${JSON.stringify(name)} is not a valid flow name: use 1 to 100 letters, digits, "_", ".", ":" or "-", starting with a letter.`,
+    )
   }
   return name
 }

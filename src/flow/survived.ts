@@ -119,7 +119,11 @@ export class SurvivedFailures {
     Object.defineProperty(error, 'message', { value: recorded.message, writable: true, configurable: true })
     const name = recorded.name ?? recorded.class
     if (error.name !== name) Object.defineProperty(error, 'name', { value: name, writable: true, configurable: true })
-    Object.defineProperty(error, 'stack', { value: `${error.name}: ${recorded.message}\n    (recorded by an earlier attempt)`, writable: true, configurable: true })
+    Object.defineProperty(error, 'stack', {
+      value: `${error.name}: ${recorded.message}\n    (recorded by an earlier attempt)`,
+      writable: true,
+      configurable: true,
+    })
     Object.assign(error, recorded.fields)
     if (recorded.cause) Object.defineProperty(error, 'cause', { value: this.replay(recorded.cause), writable: true, configurable: true })
     return error

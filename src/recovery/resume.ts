@@ -43,7 +43,12 @@ export interface ResumeContext {
  * if the run fails, the flow backs off as `failure` says. `skipped` when someone else holds,
  * finished or took over the flow, or when its finisher is not registered here.
  */
-export async function resumeFlow(context: ResumeContext, row: AbandonedRow, definition: Definition, failure: RecoveryFailure): Promise<'finished' | 'skipped'> {
+export async function resumeFlow(
+  context: ResumeContext,
+  row: AbandonedRow,
+  definition: Definition,
+  failure: RecoveryFailure,
+): Promise<'finished' | 'skipped'> {
   const { db, plain, table, coalescer, runner, observer } = context
   const key = { scope: text(row.scope), key: text(row.key), fingerprint: String(row.fingerprint) }
   const outcome = await observer

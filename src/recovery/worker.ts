@@ -89,7 +89,10 @@ export function startWorker(
       stopped = true
       clearTimeout(timer)
       let waited: ReturnType<typeof setTimeout> | undefined
-      const ended = await Promise.race([running.then(() => true), new Promise<boolean>((resolve) => (waited = setTimeout(() => resolve(false), timeout)))])
+      const ended = await Promise.race([
+        running.then(() => true),
+        new Promise<boolean>((resolve) => (waited = setTimeout(() => resolve(false), timeout))),
+      ])
       clearTimeout(waited)
       return ended
     },

@@ -51,6 +51,7 @@ declare global {
   /** A flow defined once, re-driven with a stored request. */
   function rideFlow(request: unknown): (flow: Flow<Database, { status: number }>) => Promise<{ status: number }>
 
+  // biome-ignore lint/suspicious/noRedeclare: Express's own namespace, augmented.
   namespace Express {
     interface Request {
       /** Set by the app's authentication middleware. */

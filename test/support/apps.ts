@@ -46,7 +46,12 @@ const user = (value: string | null | undefined) => value ?? 'anonymous'
  * The ride flow (test/support/ride.ts) defined as `ride` for the `/rides` route: the body's `id`
  * names the ride, and `at` runs at every point of it.
  */
-export function defineRides(idempotency: Idempotency<any>, db: Kysely<any>, effects: string, at?: (point: RidePoint) => Promise<void>): HttpDefinedFlow {
+export function defineRides(
+  idempotency: Idempotency<any>,
+  db: Kysely<any>,
+  effects: string,
+  at?: (point: RidePoint) => Promise<void>,
+): HttpDefinedFlow {
   return idempotency.defineFlow('ride', async (flow, request: HttpFlowRequest<{ id: string }>) => {
     // The ride flow never calls fail(), the one member whose type differs.
     const { status, ...answer } = await rideFlow(db, effects, request.body.id, at)(flow as unknown as Flow<any, Ride>)
@@ -75,7 +80,14 @@ export async function startApp(adapter: AdapterName, idempotency: Idempotency<an
       const route = idempotent(idempotency, { ...orders, scope }, (req, trx) => routes.orders(req.body, trx))
       app.post('/orders', route)
       app.get('/orders', route)
-      app.post('/rides', idempotentFlow(idempotency, { ...rides, scope }, ridesOf((req: express5.Request) => req.body)))
+      app.post(
+        '/rides',
+        idempotentFlow(
+          idempotency,
+          { ...rides, scope },
+          ridesOf((req: express5.Request) => req.body),
+        ),
+      )
       return listening(app.listen(0, '127.0.0.1'))
     }
     case 'fastify': {
@@ -85,7 +97,14 @@ export async function startApp(adapter: AdapterName, idempotency: Idempotency<an
       const route = idempotent(idempotency, { ...orders, scope }, (request, trx) => routes.orders(request.body, trx))
       app.post('/orders', route)
       app.get('/orders', route)
-      app.post('/rides', idempotentFlow(idempotency, { ...rides, scope }, ridesOf((request: FastifyRequest) => request.body)))
+      app.post(
+        '/rides',
+        idempotentFlow(
+          idempotency,
+          { ...rides, scope },
+          ridesOf((request: FastifyRequest) => request.body),
+        ),
+      )
       await app.listen({ port: 0, host: '127.0.0.1' })
       return {
         url: `http://127.0.0.1:${(app.server.address() as AddressInfo).port}`,

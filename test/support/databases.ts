@@ -49,7 +49,8 @@ export interface Target {
 /** A server the tests connect to: a database, PgBouncer in front of Postgres, or a Postgres database whose default isolation is SERIALIZABLE. */
 export type Server = Exclude<DatabaseName, 'sqlite'> | 'pgbouncer' | 'postgres-serializable'
 
-const ONE_CONNECTION = 'one connection per Kysely instance: every query of the instance waits its turn, so no transaction can hold a key while another claims it'
+const ONE_CONNECTION =
+  'one connection per Kysely instance: every query of the instance waits its turn, so no transaction can hold a key while another claims it'
 const IN_PROCESS = 'the database lives inside one process: no other process can open it'
 const NO_SESSIONS = 'an in-process database has no session to end from outside'
 const FORCED_MODULE = 'forces another dialect module on a database another target covers; only statement-level tests run on it'
@@ -65,7 +66,7 @@ export const ALL_TARGETS: readonly Target[] = [
     driver: 'postgres-js',
     lacks: {
       sessions:
-        'postgres.js 3.4 (the range kysely-postgres-js accepts) never settles a query on a reserved connection whose backend was terminated, so Kysely\'s rollback waits forever',
+        "postgres.js 3.4 (the range kysely-postgres-js accepts) never settles a query on a reserved connection whose backend was terminated, so Kysely's rollback waits forever",
     },
   },
   {
@@ -121,7 +122,13 @@ export const PGLITE_LOCATION = 'pglite:memory'
  * the write lock. For PGlite, it is {@link PGLITE_LOCATION}. `log` sees every statement, BEGIN and
  * COMMIT included.
  */
-export function openDatabase(via: DriverName | DatabaseName, location: string, poolSize = 30, busyTimeout = 5000, log?: KyselyConfig['log']): Kysely<any> {
+export function openDatabase(
+  via: DriverName | DatabaseName,
+  location: string,
+  poolSize = 30,
+  busyTimeout = 5000,
+  log?: KyselyConfig['log'],
+): Kysely<any> {
   const driver = Object.hasOwn(DEFAULT_DRIVER, via) ? DEFAULT_DRIVER[via as DatabaseName] : (via as DriverName)
   switch (driver) {
     case 'pg': {

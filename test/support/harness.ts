@@ -69,7 +69,11 @@ export interface Fixture {
 
 export async function openFixture(target: Target, options: Omit<IdempotencyOptions<any>, 'db'> = {}): Promise<Fixture> {
   const dir = target.driver === 'better-sqlite3' ? mkdtempSync(join(tmpdir(), 'kidem-')) : undefined
-  const location = dir ? join(dir, 'test.db') : target.driver === 'pglite' ? PGLITE_LOCATION : inject('locations')[target.server ?? (target.database as 'postgres' | 'mysql')]!
+  const location = dir
+    ? join(dir, 'test.db')
+    : target.driver === 'pglite'
+      ? PGLITE_LOCATION
+      : inject('locations')[target.server ?? (target.database as 'postgres' | 'mysql')]!
   const db = openDatabase(target.driver, location)
   const table = `t_${Math.random().toString(36).slice(2, 10)}`
   const effectsTable = `${table}_fx`
@@ -79,7 +83,10 @@ export async function openFixture(target: Target, options: Omit<IdempotencyOptio
   // Through the target itself, a pooler in transaction mode included: the migrations lock a row
   // of their history in their transaction, not the session.
   await idempotency.migrate()
-  await db.schema.createTable(effectsTable).addColumn('k', 'varchar(255)', (c) => c.notNull()).execute()
+  await db.schema
+    .createTable(effectsTable)
+    .addColumn('k', 'varchar(255)', (c) => c.notNull())
+    .execute()
   return {
     target,
     location,
@@ -100,7 +107,10 @@ export async function openFixture(target: Target, options: Omit<IdempotencyOptio
       return Number((await query.executeTakeFirstOrThrow()).n)
     },
     async rows() {
-      const { n } = await db.selectFrom(table).select((eb) => eb.fn.countAll<number | string>().as('n')).executeTakeFirstOrThrow()
+      const { n } = await db
+        .selectFrom(table)
+        .select((eb) => eb.fn.countAll<number | string>().as('n'))
+        .executeTakeFirstOrThrow()
       return Number(n)
     },
     async close() {

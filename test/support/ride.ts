@@ -33,7 +33,10 @@ export function rideFlow(db: Kysely<any>, effectsTable: string, key: string, at:
     })
     await at('ride_created')
     const charge = await flow.step('charge_created', async () => {
-      await db.insertInto(effectsTable).values({ k: names.call(flow.stepKey('charge_created')) }).execute()
+      await db
+        .insertInto(effectsTable)
+        .values({ k: names.call(flow.stepKey('charge_created')) })
+        .execute()
       await at('charge_called')
       return { id: `ch-${flow.stepKey('charge_created')}` }
     })

@@ -31,4 +31,3 @@ export interface WorkerArgs {
   /** Epoch ms at which to start, so that several processes fire together. */
   readonly startAt?: number
 }
-
