@@ -57,22 +57,22 @@ function readmeExamples(): Example[] {
 
 function docCommentExamples(): Example[] {
   const examples: Example[] = []
-  for (const dir of ['src', 'http', 'express', 'fetch', 'fastify', 'dialects', 'migrations']) {
-    for (const file of readdirSync(join(root, dir), { recursive: true })
-      .map(String)
-      .filter((f) => f.endsWith('.ts'))) {
-      const lines = readFileSync(join(root, dir, file), 'utf8').split('\n')
-      for (let i = 0; i < lines.length; i++) {
-        const open = /^\s*\* ```(\w+)/.exec(lines[i]!)
-        if (!open) continue
-        const start = i
-        while (!/^\s*\* ```\s*$/.test(lines[++i]!));
-        const code = lines
-          .slice(start + 1, i)
-          .map((line) => line.replace(/^\s*\* ?/, ''))
-          .join('\n')
-        examples.push({ where: `${dir}/${file}:${start + 1}`, lang: open[1]!, code })
-      }
+  const files = ['index.ts']
+  for (const dir of ['src', 'http', 'express', 'fetch', 'fastify', 'dialects', 'migrations', 'testing']) {
+    for (const file of readdirSync(join(root, dir), { recursive: true }).map(String)) if (file.endsWith('.ts')) files.push(join(dir, file))
+  }
+  for (const file of files) {
+    const lines = readFileSync(join(root, file), 'utf8').split('\n')
+    for (let i = 0; i < lines.length; i++) {
+      const open = /^\s*\* ```(\w+)/.exec(lines[i]!)
+      if (!open) continue
+      const start = i
+      while (!/^\s*\* ```\s*$/.test(lines[++i]!));
+      const code = lines
+        .slice(start + 1, i)
+        .map((line) => line.replace(/^\s*\* ?/, ''))
+        .join('\n')
+      examples.push({ where: `${file}:${start + 1}`, lang: open[1]!, code })
     }
   }
   return examples
