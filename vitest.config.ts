@@ -2,7 +2,7 @@ import { join } from 'node:path'
 import { defineConfig } from 'vitest/config'
 
 /** Tests that build the package or spawn its built tools: one at a time, after the others, as they share `dist/` and `build/`. */
-const TOOLS = ['test/cli.test.ts', 'test/package.test.ts', 'test/bench.test.ts', 'test/soak.test.ts']
+const TOOLS = ['test/cli.test.ts', 'test/package.test.ts', 'test/bench.test.ts', 'test/soak.test.ts', 'test/site.test.ts']
 
 /**
  * The compatibility lane (test/lanes.ts) runs the library and its tests on the oldest supported

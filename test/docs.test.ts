@@ -1,5 +1,5 @@
 /**
- * Docs are code: every TypeScript example in README.md and in the doc comments of the package
+ * Docs are code: every TypeScript example in README.md, the docs site (docs/) and the doc comments of the package
  * type-checks against the package's source, each as its own module (what the examples take for
  * granted is declared in test/docs/ambient.d.ts); every JavaScript example is an excerpt of a
  * file in examples/, which other tests run; and the README examples marked
@@ -36,8 +36,22 @@ interface Example {
   readonly run?: string
 }
 
+/** README.md and every page of the docs site (docs/). */
+function markdownFiles(): string[] {
+  const pages = readdirSync(join(root, 'docs'), { recursive: true })
+    .map(String)
+    .filter((f) => f.endsWith('.md'))
+  return ['README.md', ...pages.map((page) => join('docs', page))]
+}
+
 function readmeExamples(): Example[] {
-  const lines = readFileSync(join(root, 'README.md'), 'utf8').split('\n')
+  const examples: Example[] = []
+  for (const markdown of markdownFiles()) examples.push(...markdownExamples(markdown))
+  return examples
+}
+
+function markdownExamples(markdown: string): Example[] {
+  const lines = readFileSync(join(root, markdown), 'utf8').split('\n')
   const examples: Example[] = []
   for (let i = 0; i < lines.length; i++) {
     const open = /^```(\w+)/.exec(lines[i]!)
@@ -46,7 +60,7 @@ function readmeExamples(): Example[] {
     while (!lines[++i]!.startsWith('```'));
     const marker = /^<!-- example: ([\w-]+) -->$/.exec(lines[start - 1] ?? '') ?? /^<!-- example: ([\w-]+) -->$/.exec(lines[start - 2] ?? '')
     examples.push({
-      where: `README.md:${start + 1}`,
+      where: `${markdown}:${start + 1}`,
       lang: open[1]!,
       code: lines.slice(start + 1, i).join('\n'),
       ...(marker ? { run: marker[1] } : {}),
@@ -179,7 +193,7 @@ describe('the README examples, run against SQLite', () => {
 
   const example = (name: string) => {
     const found = readmeExamples().find((e) => e.run === name)
-    if (!found) throw new Error(`README.md has no example marked <!-- example: ${name} -->`)
+    if (!found) throw new Error(`No page of the docs has an example marked <!-- example: ${name} -->`)
     return found
   }
 

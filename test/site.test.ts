@@ -1,0 +1,45 @@
+/**
+ * The docs site builds (`npm run docs`: VitePress fails on a link to a page that does not exist),
+ * and every link inside it, anchors included, lands on something.
+ */
+import { execFileSync } from 'node:child_process'
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { dirname, join, posix, resolve } from 'node:path'
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+
+const root = resolve(import.meta.dirname, '..')
+
+describe('the docs site', () => {
+  let out: string
+  beforeAll(() => {
+    out = mkdtempSync(join(tmpdir(), 'kidem-site-'))
+    execFileSync(process.execPath, [join(root, 'node_modules', 'vitepress', 'bin', 'vitepress.js'), 'build', 'docs', '--outDir', out], {
+      cwd: root,
+      stdio: 'pipe',
+    })
+  }, 120_000)
+  afterAll(() => rmSync(out, { recursive: true, force: true }))
+
+  it('has a page for every guide, and no link to a page or an anchor that is not there', () => {
+    const pages = new Map<string, string>()
+    for (const file of readdirSync(out, { recursive: true }).map(String)) {
+      if (file.endsWith('.html') && file !== '404.html')
+        pages.set(`/${file.replace(/\.html$/, '').replace(/(^|\/)index$/, '')}`, readFileSync(join(out, file), 'utf8'))
+    }
+    expect([...pages.keys()]).toEqual(expect.arrayContaining(['/', '/why', '/guide/api', '/guide/http', '/guide/adding-a-database', '/performance']))
+    const broken: string[] = []
+    for (const [page, html] of pages) {
+      const base = page.endsWith('/') ? page : dirname(`${page}.html`)
+      for (const [, href] of html.matchAll(/<a [^>]*href="([^"]+)"/g)) {
+        if (/^(https?:|mailto:)/.test(href!) || href === '#VPContent') continue
+        const [path, anchor] = href!.split('#') as [string, string | undefined]
+        const target = path === '' ? page : posix.normalize(path.startsWith('/') ? path : posix.join(base, path)).replace(/\.html$/, '')
+        const text = pages.get(target) ?? pages.get(target.replace(/\/$/, '')) ?? pages.get(`${target}/`)
+        if (text === undefined) broken.push(`${page}: ${href} (no page)`)
+        else if (anchor && !text.includes(`id="${anchor}"`)) broken.push(`${page}: ${href} (no #${anchor} there)`)
+      }
+    }
+    expect(broken).toEqual([])
+  })
+})
