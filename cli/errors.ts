@@ -1,6 +1,6 @@
 import { IdempotencyError } from '../src/errors.js'
 
-/** Exit codes, documented in the README: `status` exits `pending` while migrations are pending. */
+/** Exit codes, documented in docs/guide/operations.md: `status` exits `pending` while migrations are pending. */
 export const EXIT = { ok: 0, error: 1, pending: 2 } as const
 
 /** An error whose message is all the user needs to see. */

@@ -162,7 +162,9 @@ export class IdempotentRoute<Req> {
 
   constructor(options: RouteOptions<Req>) {
     if (options?.scope !== UNSCOPED && typeof options?.scope !== 'function') {
-      throw new TypeError('The idempotent route needs a scope: a function of the request, or UNSCOPED (see the README before using it).')
+      throw new TypeError(
+        'The idempotent route needs a scope: a function of the request, or UNSCOPED (read what it allows in the docs, docs/guide/http.md, before using it).',
+      )
     }
     this.#options = options
     this.#methods = new Set((options.methods ?? DEFAULT_METHODS).map((m) => m.toUpperCase()))

@@ -1,6 +1,6 @@
 /**
  * `npm run soak`: many app processes, clients that retry like real SDKs, and faults on a seeded
- * schedule, then a checker over the whole history. See the README's "Scaling out".
+ * schedule, then a checker over the whole history. See "Scaling out" in the docs (docs/guide/scaling-out.md).
  */
 import { fork, type ChildProcess } from 'node:child_process'
 import { once } from 'node:events'
