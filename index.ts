@@ -82,7 +82,7 @@ export type {
 export type { KeyInspection, KeyReference } from './src/operations.js'
 export type { ErrorClass } from './src/flow/survived.js'
 export type { IdempotencyEvent, IdempotencyEventType, IdempotencyOperation, ObserveOptions } from './src/observe.js'
-export type { KeyCounts } from './src/statements.js'
+export type { KeyCounts } from './src/rows.js'
 export {
   IdempotencyConflictError,
   IdempotencyError,

@@ -9,7 +9,7 @@ import type { KeyInspection, KeyReference } from './operations.js'
 import type { AbandonedOptions, CallOptions, MigrateOptions, PruneOptions, RunOptions, TransactionOptions } from './options.js'
 import type { DefinedFlow, DefineFlowOptions, FlowFunction } from './recovery/registry.js'
 import type { RecoverOptions, RecoveryReport, RecoveryWorker, StartRecoveryOptions } from './recovery/worker.js'
-import type { KeyCounts } from './statements.js'
+import type { KeyCounts } from './rows.js'
 
 /** What an idempotent execution gave: the value, and whether it was replayed from storage. */
 export interface Execution<T> {

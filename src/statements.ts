@@ -14,59 +14,7 @@ import {
 import type { Encoded } from './codec/store.js'
 import { backOffAssignments, type RecoveryFailure } from './recovery/backoff.js'
 import { prepare } from './sql.js'
-
-/** An unfinished atomic-phases row whose lock expired, as {@link Statements.abandoned} reads it. */
-export interface AbandonedRow {
-  readonly id: RowId
-  readonly scope: unknown
-  readonly key: unknown
-  readonly point: unknown
-  readonly phases: unknown
-  readonly codec: unknown
-  readonly age: unknown
-  readonly idle: unknown
-  readonly flow: unknown
-  readonly failures: unknown
-  /** The recovery worker may pick the flow now. */
-  readonly due: unknown
-  readonly fingerprint: unknown
-}
-
-/** Everything about one key, as {@link Statements.inspect} reads it: times in epoch milliseconds. */
-export interface InspectedRow {
-  readonly id: RowId
-  readonly point: unknown
-  readonly phases: unknown
-  readonly codec: unknown
-  readonly flow: unknown
-  readonly failures: unknown
-  readonly expired: unknown
-  readonly locked: unknown
-  readonly created: unknown
-  readonly ran: unknown
-  readonly expires: unknown
-  readonly lockedUntil: unknown
-}
-
-/** A lock held by one atomic-phases attempt: the row and the attempt's token. */
-export interface Lease {
-  readonly id: RowId
-  readonly token: string
-}
-
-/** How far a lock and the key's life are pushed from now, in milliseconds. */
-export interface Extension {
-  /** Milliseconds the lock lasts. */
-  readonly lease: number
-  /** Milliseconds until the key expires; at least `lease`, so that a held key never expires. */
-  readonly expiresIn: number
-}
-
-/** New lock values and flow state for a takeover or a recorded phase. */
-export interface Renewal extends Extension {
-  /** The whole `phase_results`, encoded. */
-  readonly phases: Encoded
-}
+import type { AbandonedRow, Extension, InspectedRow, KeyCounts, Lease, Renewal } from './rows.js'
 
 /**
  * Every statement the library sends for one table: the dialect's own, plus the ones that are
@@ -117,18 +65,6 @@ export interface Statements extends Required<DialectStatements> {
   /** Deletes the row `id`. */
   remove(db: Kysely<unknown>, id: RowId): Promise<void>
   counts(db: Kysely<unknown>): Promise<KeyCounts>
-}
-
-/** How many keys the table holds in each state; see {@link Statements.counts}. */
-export interface KeyCounts {
-  /** Unfinished atomic-phases flows an attempt holds. */
-  readonly live: number
-  /** Finished keys still replayable. */
-  readonly finished: number
-  /** Keys past their lifetime, waiting for `prune`. */
-  readonly expired: number
-  /** Unfinished atomic-phases flows whose lock expired or was released. */
-  readonly abandoned: number
 }
 
 /** Compiles every statement for `table` once. */

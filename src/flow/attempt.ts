@@ -7,28 +7,14 @@ import { IdempotencyFlowError, IdempotencyLockLostError, IdempotencySerializatio
 import type { KeyTable } from '../keytable.js'
 import type { NormalizedKey } from '../keys.js'
 import { failureOf, type Observer } from '../observe.js'
-import type { Lease, Renewal, Statements } from '../statements.js'
-import type { Flow } from './handle.js'
+import type { Lease, Renewal } from '../rows.js'
+import type { Statements } from '../statements.js'
+import { Failure, type Flow } from './handle.js'
 import { checkName, extension, readState, renewal, type Entry, type FlowSettings, type FlowState } from './state.js'
 import type { RecordedFailure, SurvivedFailures } from './survived.js'
 
 /** Tries at releasing a key when the attempt failed (see `Attempt.#release`). */
 const RELEASE_ATTEMPTS = 3
-
-/** What `flow.fail()` throws to end a flow with `response`. */
-class Failure<T> extends Error {
-  constructor(
-    readonly owner: object,
-    readonly response: T,
-  ) {
-    super('flow.fail() was called outside of the flow that owns it.')
-  }
-}
-
-/** Whether `error` is what `flow.fail()` throws to end a flow with an answer. */
-export function isFailure(error: unknown): boolean {
-  return error instanceof Failure
-}
 
 export class Attempt<DB, T> {
   readonly #db: Kysely<DB>

@@ -1,4 +1,4 @@
-/** The handle an atomic-phases flow works with, and what `abandoned()` lists of an unfinished one. */
+/** The handle an atomic-phases flow works with, what its `fail()` throws, and what `abandoned()` lists of an unfinished one. */
 import type { Transaction } from 'kysely'
 import type { Storable } from '../codec/values.js'
 
@@ -98,4 +98,19 @@ export interface AbandonedFlow {
    * after a failure, and has not failed too often.
    */
   readonly recoverable: boolean
+}
+
+/** What `flow.fail()` throws to end a flow with `response`. */
+export class Failure<T> extends Error {
+  constructor(
+    readonly owner: object,
+    readonly response: T,
+  ) {
+    super('flow.fail() was called outside of the flow that owns it.')
+  }
+}
+
+/** Whether `error` is what `flow.fail()` throws to end a flow with an answer. */
+export function isFailure(error: unknown): boolean {
+  return error instanceof Failure
 }

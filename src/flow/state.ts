@@ -10,7 +10,7 @@ import type { NormalizedKey } from '../keys.js'
 import type { IdempotencyOperation } from '../observe.js'
 import type { RecoveryFailure } from '../recovery/backoff.js'
 import type { Settings } from '../retries.js'
-import type { Extension, Renewal } from '../statements.js'
+import type { Extension, Renewal } from '../rows.js'
 import type { RecordedFailure } from './survived.js'
 
 /** Settings of one `run`. */
