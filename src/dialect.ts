@@ -72,6 +72,15 @@ export interface ClaimValues {
   readonly recoverIn: number | null
 }
 
+/**
+ * The claim of a single-transaction key: no lock, no flow state. It lives `expiresIn` ms, and
+ * waits at most `wait` ms for a competing insert of the same key.
+ */
+export function plainClaim(key: Pick<ClaimValues, 'scope' | 'key' | 'fingerprint'>, expiresIn: number, wait: number): ClaimValues {
+  const { scope, key: name, fingerprint } = key
+  return { scope, key: name, fingerprint, expiresIn, wait, token: null, lease: null, phases: null, codec: null, flow: null, recoverIn: null }
+}
+
 /** The statements a dialect writes itself, compiled for one table. */
 export interface DialectStatements {
   /**

@@ -1,7 +1,7 @@
 /** What operators do: inspect one key, forget it, and delete expired keys. */
 import type { Kysely } from 'kysely'
 import type { Coalescer } from './coalesce.js'
-import { FINISHED } from './dialect.js'
+import { FINISHED, plainClaim } from './dialect.js'
 import { IdempotencyConflictError } from './errors.js'
 import { readable, readAttempts } from './flow/state.js'
 import type { KeyTable } from './keytable.js'
@@ -104,7 +104,7 @@ export async function forgetKey(
       }
       // Postgres does not show another transaction's uncommitted claim to a read; a claim of our
       // own, not waiting, runs into it (and refuses), or succeeds and is rolled back.
-      const probe = { ...key, expiresIn: 1, wait: 0, token: null, lease: null, phases: null, codec: null, flow: null, recoverIn: null }
+      const probe = plainClaim(key, 1, 0)
       if ((await now(() => s.claim(trx, probe))).claimed === null) throw held()
       throw NOTHING
     })

@@ -6,7 +6,7 @@
 import type { Kysely, Transaction } from 'kysely'
 import type { Execution } from './api.js'
 import { runningFunction, type AttemptSlot, type Coalescer } from './coalesce.js'
-import type { ClaimValues } from './dialect.js'
+import { plainClaim } from './dialect.js'
 import type { KeyTable } from './keytable.js'
 import type { NormalizedKey } from './keys.js'
 import { CLAIM_ROUNDS, claimWait, keptChanging, type Settings } from './retries.js'
@@ -34,17 +34,7 @@ export class TransactionPath {
     const db = trx.withoutPlugins() as unknown as Kysely<unknown>
     const s = await table.statements(db)
     const wait = claimWait(settings)
-    const values: ClaimValues = {
-      ...key,
-      expiresIn: settings.ttl,
-      wait,
-      token: null,
-      lease: null,
-      phases: null,
-      codec: null,
-      flow: null,
-      recoverIn: null,
-    }
+    const values = plainClaim(key, settings.ttl, wait)
     for (let round = 1; ; round++) {
       const claim = await table.waiting(settings, () => s.claim(db, values))
       let id = claim.claimed

@@ -10,6 +10,7 @@ import {
   aliased,
   decodeKeyRow,
   keyRowColumns,
+  plainClaim,
   type ClaimValues,
   type DialectStatements,
   type IdempotencyDialect,
@@ -68,20 +69,7 @@ export async function openScratch(
     table,
     where,
     statements,
-    values: (key, overrides) => ({
-      scope: 'contract',
-      key,
-      fingerprint: `fingerprint of ${key}`,
-      expiresIn: 60_000,
-      wait: 5000,
-      token: null,
-      lease: null,
-      phases: null,
-      codec: null,
-      flow: null,
-      recoverIn: null,
-      ...overrides,
-    }),
+    values: (key, overrides) => ({ ...plainClaim({ scope: 'contract', key, fingerprint: `fingerprint of ${key}` }, 60_000, 5000), ...overrides }),
     async read(key) {
       const { rows } = await sql<
         Record<string, unknown>
