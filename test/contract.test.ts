@@ -93,6 +93,18 @@ describe('the dialect contract kit', () => {
     }
   }, 120_000)
 
+  it('fails a competing check with what to do, instead of hanging, when the target lends one connection and names no competitor', async () => {
+    const opened = open(ALL_TARGETS.find((t) => t.id === 'sqlite')!)
+    const { competitor: _, ...alone } = opened.target
+    try {
+      const check = dialectChecks(alone).find((c) => c.id === 'lock-latest')!
+      expect(check.notApplicable).toBeUndefined()
+      await expect(check.run()).rejects.toThrow(/lends one connection at a time\. Pass a second Kysely instance on the same database as competitor/)
+    } finally {
+      await opened.close()
+    }
+  }, 60_000)
+
   it('refuses a table prefix that is not a plain identifier', () => {
     expect(() => dialectChecks({ db: {} as Kysely<unknown>, dialect: {} as never, tablePrefix: 'x; drop table y' })).toThrow(TypeError)
   })

@@ -98,14 +98,18 @@ export const CHECKS: readonly Check[] = [
         const key = `waits-${end}`
         const holder = await s.hold(s.db, (trx) => s.statements.claim(trx, s.values(key)))
         const started = performance.now()
+        let ended = Number.POSITIVE_INFINITY
         const waiting = settled(
-          s.statements.claim(s.competitor, s.values(key, { wait: 10_000 })),
+          s.statements.claim(s.competitor, s.values(key, { wait: 10_000 })).finally(() => {
+            ended = performance.now()
+          }),
           `a claim waiting for a competing insert that ends with ${end}`,
         )
         await sleep(300)
         await (end === 'commit' ? holder.trx.commit() : holder.trx.rollback()).execute()
         const outcome = await waiting
-        const ms = performance.now() - started
+        // When the claim itself ended: it must not return before the competing insert ends.
+        const ms = ended - started
         expectThat(ms >= 250, `a claim of a key another transaction had just inserted ended after ${Math.round(ms)} ms, without waiting for it.`)
         if ('error' in outcome) {
           // Under REPEATABLE READ or SERIALIZABLE, a key committed after the claim's snapshot is a
@@ -166,9 +170,21 @@ export const CHECKS: readonly Check[] = [
       const { error, ms } = await rejection(attempt, 'lockNow of a row another transaction locked')
       expectClassified(s.dialect, error, ['lock_timeout'], 'lockNow of a locked row')
       expectThat(ms < BOUND_SLACK, `lockNow of a locked row gave up after ${Math.round(ms)} ms, not at once.`)
+      // A transaction that read the row before the holder committed: its locking read must see the
+      // commit (or, under REPEATABLE READ or SERIALIZABLE, fail as a serialization failure), never
+      // the row as its snapshot had it.
+      const reader = await s.hold(s.competitor, async (trx) => {
+        await sql`select recovery_point from ${sql.table(s.table)} where ${sql.ref('key')} = 'k'`.execute(trx)
+      })
       await holder.trx.commit().execute()
-      const after = await s.competitor.transaction().execute((trx) => s.statements.lockNow(trx, 'contract', 'k'))
-      expectThat(after?.recoveryPoint === 'finished', `lockNow after the holder committed read ${shown(after)}, not the committed change.`)
+      const after = await settled(s.statements.lockNow(reader.trx, 'contract', 'k'), 'lockNow after the holder committed')
+      await reader.trx.rollback().execute()
+      if ('error' in after) expectClassified(s.dialect, after.error, ['serialization_failure'], 'lockNow of a row changed since the snapshot')
+      else
+        expectThat(
+          after.value?.recoveryPoint === 'finished',
+          `lockNow after the holder committed read ${shown(after.value)}, not the committed change.`,
+        )
     },
   },
   {
@@ -192,13 +208,13 @@ export const CHECKS: readonly Check[] = [
     competing: true,
     async run(s) {
       await s.statements.claim(s.db, s.values('k'))
-      // A plain update of a row another transaction holds for 400 ms must wait for it, not give up
-      // after the bounded wait. The holder only locks the row: a change would be a serialization
+      // A plain update of a row another transaction holds for 1.5 s must wait for it, not give up
+      // after the bounded wait (which MySQL rounds up to 1 s). The holder only locks the row: a change would be a serialization
       // failure for a competitor whose snapshot predates it (a SERIALIZABLE default).
       const waitsAsBefore = async (on: typeof s.db, after: string) => {
         const holder = await s.hold(s.db, (trx) => s.statements.lock(trx, 'contract', 'k', 5000))
         const update = settled(s.touch(on, 'k'), `a plain update ${after}`)
-        await sleep(400)
+        await sleep(1500)
         await holder.trx.commit().execute()
         const outcome = await update
         if ('error' in outcome)

@@ -4,11 +4,11 @@
  * learns "the claim does not wait for a competing insert" rather than "a retry ran twice".
  * The library's own dialects run it on every target of its suite.
  */
-import type { Kysely } from 'kysely'
+import { sql, type Kysely } from 'kysely'
 import { detectDialect } from '../dialects/registry.js'
 import type { IdempotencyDialect } from '../src/dialect.js'
 import { CHECKS, type CheckId } from './checks.js'
-import { openScratch } from './scratch.js'
+import { ContractViolation, openScratch, type Scratch } from './scratch.js'
 
 export type { CheckId } from './checks.js'
 
@@ -85,6 +85,7 @@ export function dialectChecks<DB>(target: DialectTarget<DB>): DialectCheck[] {
         if (notApplicable !== undefined) return
         const scratch = await openScratch(db, competitor, target.dialect ?? detectDialect(db), prefix)
         try {
+          if (check.competing) await secondConnection(scratch)
           await check.run(scratch)
         } finally {
           await scratch.close()
@@ -92,6 +93,28 @@ export function dialectChecks<DB>(target: DialectTarget<DB>): DialectCheck[] {
       },
     }
   })
+}
+
+/**
+ * Fails clearly, instead of waiting forever, when the competitor cannot run a statement while
+ * `db` holds a transaction (a pool of one connection, and no second instance given).
+ */
+async function secondConnection(scratch: Scratch): Promise<void> {
+  const held = await scratch.hold(scratch.db, async () => undefined)
+  try {
+    const probe = await Promise.race([
+      sql`select 1`.execute(scratch.competitor).then(() => true),
+      new Promise<false>((resolve) => setTimeout(() => resolve(false), 5000).unref()),
+    ])
+    if (!probe) {
+      throw new ContractViolation(
+        "The competitor could not run a statement while db held a transaction: db's pool lends one connection at a time. " +
+          'Pass a second Kysely instance on the same database as competitor, or competitor: false.',
+      )
+    }
+  } finally {
+    await held.trx.rollback().execute()
+  }
 }
 
 /**

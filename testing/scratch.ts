@@ -91,12 +91,9 @@ export async function openScratch(
     },
     async close() {
       // A check that failed half-way may leave a transaction open, which would block the drop.
+      // A rollback queued behind a statement that is still stuck is given up after STUCK_MS.
       for (const trx of opened)
-        if (!trx.isCommitted && !trx.isRolledBack)
-          await trx
-            .rollback()
-            .execute()
-            .catch(() => undefined)
+        if (!trx.isCommitted && !trx.isRolledBack) await settled(trx.rollback().execute(), 'a rollback after the check').catch(() => undefined)
       await dropTable(target, where)
     },
   }
