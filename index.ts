@@ -20,6 +20,7 @@ import type { IdempotencyKeyInput } from './src/keys.js'
  *
  * ```ts
  * import { createIdempotency } from 'kysely-idempotency'
+ * import { body, createOrder, db } from './app'
  *
  * const idempotency = createIdempotency({ db })
  * await idempotency.migrate()
@@ -39,6 +40,7 @@ export function createIdempotency<DB>(options: IdempotencyOptions<DB>): Idempote
  *
  * ```ts
  * import { withIdempotency } from 'kysely-idempotency'
+ * import { body, createOrder, db, key, userId } from './app'
  *
  * await db.transaction().execute((trx) =>
  *   withIdempotency(trx, { key, scope: userId, request: body }, (trx) => createOrder(trx, body)))

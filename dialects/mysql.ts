@@ -74,6 +74,7 @@ export interface MysqlDialectOptions {
  *
  * ```ts
  * import { createIdempotency, mysqlDialect } from 'kysely-idempotency'
+ * import { db } from './app'
  *
  * createIdempotency({ db, dialect: mysqlDialect({ statementLockWait: false }) })
  * ```

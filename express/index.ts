@@ -72,6 +72,7 @@ export type NextFunction = ExpressNext
  * ```ts
  * import express from 'express'
  * import { idempotent } from 'kysely-idempotency/express'
+ * import { app, idempotency } from './app'
  *
  * app.post('/charges', express.json(),
  *   idempotent(idempotency, { scope: (req) => req.user.id, required: true }, async (req, trx) => {
@@ -99,10 +100,11 @@ export function idempotent<DB, Req extends IdempotentRequest = Request>(
  * ```ts
  * import express from 'express'
  * import { idempotentFlow } from 'kysely-idempotency/express'
+ * import { app, idempotency, insertRide, payments } from './app'
  *
  * app.post('/rides', express.json(), idempotentFlow(idempotency, { scope: (req) => req.user.id }, async (req, flow) => {
- *   const ride = await flow.phase('ride_created', (trx) => createRide(trx, req.body))
- *   const charge = await flow.step('charge_created', () => chargeCard(ride, flow.stepKey('charge_created')))
+ *   const ride = await flow.phase('ride_created', (trx) => insertRide(trx, req.body))
+ *   const charge = await flow.step('charge_created', () => payments.charge(ride, { idempotencyKey: flow.stepKey('charge_created') }))
  *   return { status: 201, body: { ...ride, charge: charge.id } }
  * }))
  * ```

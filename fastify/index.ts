@@ -69,6 +69,11 @@ interface Call<Req, Reply> {
  * ```ts
  * import Fastify from 'fastify'
  * import { idempotent } from 'kysely-idempotency/fastify'
+ * import { idempotency } from './app'
+ *
+ * declare module 'fastify' {
+ *   interface FastifyRequest { user: { id: string } } // set by your authentication hook
+ * }
  *
  * const app = Fastify()
  * app.post<{ Body: { customer: string; amount: number } }>('/charges',
@@ -97,11 +102,16 @@ export function idempotent<DB, Req extends IdempotentRequest = FastifyRequest, R
  * ```ts
  * import Fastify from 'fastify'
  * import { idempotentFlow } from 'kysely-idempotency/fastify'
+ * import { idempotency, insertRide, payments, type RideRequest } from './app'
+ *
+ * declare module 'fastify' {
+ *   interface FastifyRequest { user: { id: string } } // set by your authentication hook
+ * }
  *
  * const app = Fastify()
  * app.post<{ Body: RideRequest }>('/rides', idempotentFlow(idempotency, { scope: (request) => request.user.id }, async (request, flow) => {
- *   const ride = await flow.phase('ride_created', (trx) => createRide(trx, request.body))
- *   const charge = await flow.step('charge_created', () => chargeCard(ride, flow.stepKey('charge_created')))
+ *   const ride = await flow.phase('ride_created', (trx) => insertRide(trx, request.body))
+ *   const charge = await flow.step('charge_created', () => payments.charge(ride, { idempotencyKey: flow.stepKey('charge_created') }))
  *   return { status: 201, body: { ...ride, charge: charge.id } }
  * }))
  * ```

@@ -62,6 +62,7 @@ interface Call<Args extends readonly unknown[]> {
  *
  * ```ts
  * import { idempotent } from 'kysely-idempotency/fetch'
+ * import { idempotency } from './app'
  *
  * // Next.js (app/charges/route.ts), Bun.serve or Deno.serve: (request: Request) => Promise<Response>
  * export const POST = idempotent(idempotency, { scope: (request) => request.headers.get('x-account') ?? '', required: true },
@@ -97,10 +98,11 @@ export function idempotent<DB, Args extends readonly unknown[] = []>(
  * ```ts
  * import { Hono } from 'hono'
  * import { idempotentFlow } from 'kysely-idempotency/fetch'
+ * import { idempotency, insertRide, payments, type RideRequest } from './app'
  *
  * const rides = idempotentFlow(idempotency, { scope: (request) => request.headers.get('x-user') ?? '' }, async (request, flow) => {
- *   const ride = await flow.phase('ride_created', async (trx) => createRide(trx, (await request.json()) as RideRequest))
- *   const charge = await flow.step('charge_created', () => chargeCard(ride, flow.stepKey('charge_created')))
+ *   const ride = await flow.phase('ride_created', async (trx) => insertRide(trx, (await request.json()) as RideRequest))
+ *   const charge = await flow.step('charge_created', () => payments.charge(ride, { idempotencyKey: flow.stepKey('charge_created') }))
  *   return { status: 201, body: { ...ride, charge: charge.id } }
  * })
  * new Hono().post('/rides', (c) => rides(c.req.raw))

@@ -37,6 +37,7 @@ const TITLES: Record<IdempotencyErrorCode, string> = {
  *
  * ```ts
  * import { IdempotencyError, problemDetails } from 'kysely-idempotency'
+ * import { createOrder, idempotency } from './app'
  *
  * export async function POST(request: Request): Promise<Response> {
  *   const body = (await request.json()) as { item: string }

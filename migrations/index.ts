@@ -35,6 +35,7 @@ export interface IdempotencyMigrationsOptions {
  * ```ts
  * import { Migrator } from 'kysely/migration' // Kysely 0.28: from 'kysely'
  * import { idempotencyMigrations, migrationTables } from 'kysely-idempotency'
+ * import { db } from './app'
  *
  * const migrator = new Migrator({ db, provider: idempotencyMigrations(), ...migrationTables() })
  * const { error } = await migrator.migrateToLatest()

@@ -38,6 +38,8 @@ export interface Idempotency<DB> {
    * ### Examples
    *
    * ```ts
+   * import { body, db, idempotency, key, userId } from './app'
+   *
    * const order = await db.transaction().execute((trx) =>
    *   idempotency.withIdempotency(trx, { key, scope: userId, request: body }, (trx) =>
    *     trx.insertInto('orders').values(body).returningAll().executeTakeFirstOrThrow()))
@@ -67,6 +69,8 @@ export interface Idempotency<DB> {
    * ### Examples
    *
    * ```ts
+   * import { accountId, body, idempotency, key } from './app'
+   *
    * const order = await idempotency.transaction({ key, scope: accountId, request: body }, (trx) =>
    *   trx.insertInto('orders').values(body).returningAll().executeTakeFirstOrThrow())
    * ```
@@ -98,6 +102,8 @@ export interface Idempotency<DB> {
    * ### Examples
    *
    * ```ts
+   * import { idempotency, insertRide, key, markCharged, payments, rideRequest, userId } from './app'
+   *
    * const ride = await idempotency.run({ key, scope: userId, request: rideRequest }, async (flow) => {
    *   const r = await flow.phase('ride_created', (trx) => insertRide(trx, rideRequest))
    *   const charge = await flow.step('charge_created', () =>
@@ -148,6 +154,8 @@ export interface Idempotency<DB> {
    * ### Examples
    *
    * ```ts
+   * import { idempotency, insertRide, key, markCharged, payments, rideRequest, userId, type RideRequest } from './app'
+   *
    * const createRide = idempotency.defineFlow('create-ride', async (flow, request: RideRequest) => {
    *   const ride = await flow.phase('ride_created', (trx) => insertRide(trx, request))
    *   const charge = await flow.step('charge_created', () =>

@@ -10,6 +10,7 @@
  *
  * ```ts
  * import { IdempotencyError } from 'kysely-idempotency'
+ * import { app, createOrder, idempotency, key } from './app'
  *
  * app.post('/orders', async (req, res, next) => {
  *   try {

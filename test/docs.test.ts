@@ -1,9 +1,10 @@
 /**
  * Docs are code: every TypeScript example in README.md, the docs site (docs/) and the doc comments of the package
- * type-checks against the package's source, each as its own module (what the examples take for
- * granted is declared in test/docs/ambient.d.ts); every JavaScript example is an excerpt of a
- * file in examples/, which other tests run; and the README examples marked
- * `<!-- example: NAME -->` run here against SQLite.
+ * type-checks against the package's source, each as its own module, with nothing declared for it:
+ * what an example does not define it imports, from the package or from `./app`, the reader's app
+ * written out in docs/snippets/app.ts (the examples are checked as files beside it); every
+ * JavaScript example is an excerpt of a file in examples/, which other tests run; and the
+ * examples marked `<!-- example: NAME -->` run here against SQLite.
  */
 import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import type { AddressInfo } from 'node:net'
@@ -19,6 +20,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { createIdempotency } from '../index.js'
 
 const root = resolve(import.meta.dirname, '..')
+/** Where the reader's app, `./app` in the examples, is. */
+const snippets = join(root, 'docs', 'snippets')
 const PACKAGE_PATHS: Readonly<Record<string, string>> = {
   'kysely-idempotency': 'index.ts',
   'kysely-idempotency/express': 'express/index.ts',
@@ -36,11 +39,11 @@ interface Example {
   readonly run?: string
 }
 
-/** README.md and every page of the docs site (docs/). */
+/** README.md and every page of the docs site (docs/), but the API reference, generated from the doc comments. */
 function markdownFiles(): string[] {
   const pages = readdirSync(join(root, 'docs'), { recursive: true })
     .map(String)
-    .filter((f) => f.endsWith('.md'))
+    .filter((f) => f.endsWith('.md') && !f.startsWith('reference'))
   return ['README.md', ...pages.map((page) => join('docs', page))]
 }
 
@@ -99,15 +102,17 @@ const javascript = examples.filter((e) => e.lang === 'js' || e.lang === 'javascr
 describe('the examples in README.md and doc comments', () => {
   it('are many, and every TypeScript one compiles', () => {
     expect(typescript.length).toBeGreaterThan(20)
-    const virtual = new Map(typescript.map((e, i) => [join(root, 'test', 'docs', `example-${i}.ts`), e]))
+    const virtual = new Map(typescript.map((e, i) => [join(snippets, `example-${i}.ts`), e]))
     const config = ts.getParsedCommandLineOfConfigFile(join(root, 'tsconfig.json'), {}, { ...ts.sys, onUnRecoverableConfigFileDiagnostic: () => {} })!
     const options: ts.CompilerOptions = {
       ...config.options,
       noEmit: true,
       noUnusedLocals: false,
       noUnusedParameters: false,
-      baseUrl: root,
-      paths: Object.fromEntries(Object.entries(PACKAGE_PATHS).map(([name, path]) => [name, [path]])),
+      // As a bundler or tsx resolves them: `./app` without the `.js` that Node's own resolution needs.
+      module: ts.ModuleKind.Preserve,
+      moduleResolution: ts.ModuleResolutionKind.Bundler,
+      paths: Object.fromEntries(Object.entries(PACKAGE_PATHS).map(([name, path]) => [name, [join(root, path)]])),
     }
     const host = ts.createCompilerHost(options)
     const source = (file: string) => virtual.get(resolve(file))
@@ -119,7 +124,7 @@ describe('the examples in README.md and doc comments', () => {
       if (example) return ts.createSourceFile(file, `${example.code}\nexport {}\n`, language)
       return getSourceFile.call(host, file, language, ...rest)
     }
-    const program = ts.createProgram([join(root, 'test', 'docs', 'ambient.d.ts'), ...virtual.keys()], options, host)
+    const program = ts.createProgram([...virtual.keys()], options, host)
     const problems = ts.getPreEmitDiagnostics(program).map((d) => {
       const example = d.file && source(d.file.fileName)
       const line = d.file && d.start !== undefined ? d.file.getLineAndCharacterOfPosition(d.start).line : 0
@@ -146,16 +151,23 @@ describe('the examples in README.md and doc comments', () => {
 })
 
 /**
- * Turns a README example into a module whose default export runs it with the free names it
- * uses (`db`, `app`, `stripe`...) taken from a context, and imports it.
+ * Turns an example into a module whose default export runs it with what it imports from `./app`
+ * (`db`, `app`, `stripe`...) taken from a context, and imports it.
  */
 async function load(example: Example, dir: string): Promise<(context: Record<string, unknown>) => Promise<void>> {
   const file = ts.createSourceFile('example.ts', example.code, ts.ScriptTarget.ES2023, true)
   const imports: string[] = []
+  const fromApp: string[] = []
   const body: string[] = []
   for (const statement of file.statements) {
     if (ts.isImportDeclaration(statement)) {
       const specifier = (statement.moduleSpecifier as ts.StringLiteral).text
+      if (specifier === './app') {
+        const names = statement.importClause?.namedBindings
+        if (names && ts.isNamedImports(names) && !statement.importClause?.isTypeOnly)
+          fromApp.push(...names.elements.filter((e) => !e.isTypeOnly).map((e) => e.name.text))
+        continue
+      }
       const target = PACKAGE_PATHS[specifier]
       const text = statement.getText(file)
       imports.push(target ? text.replace(specifier, relative(dir, join(root, target.replace(/\.ts$/, '.js')))) : text)
@@ -166,7 +178,7 @@ async function load(example: Example, dir: string): Promise<(context: Record<str
   const module = join(dir, `${example.run}.ts`)
   writeFileSync(
     module,
-    `${imports.join('\n')}\nexport default async function (context: any) {\n  const { db, app, stripe, idempotency } = context\n  {\n${body.join('\n')}\n  }\n}\n`,
+    `${imports.join('\n')}\nexport default async function (context: any) {\n  const { ${fromApp.join(', ')} } = context\n  {\n${body.join('\n')}\n  }\n}\n`,
   )
   return ((await import(module)) as { default: (context: Record<string, unknown>) => Promise<void> }).default
 }

@@ -30,6 +30,7 @@ import {
  * ```ts
  * import { createCipheriv, createDecipheriv, randomBytes } from 'node:crypto'
  * import { createIdempotency, defaultCodec, type Codec } from 'kysely-idempotency'
+ * import { db } from './app'
  *
  * const secret = randomBytes(32) // in production: a key from your secret store
  * const encrypted: Codec = {

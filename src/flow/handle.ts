@@ -28,9 +28,11 @@ export interface Flow<DB, T> {
    * ### Examples
    *
    * ```ts
-   * const rideId = await idempotency.run({ key, request: rideRequest }, async (flow) => {
+   * import { idempotency, key, rideRequest, userId } from './app'
+   *
+   * const rideId = await idempotency.run({ key, scope: userId, request: rideRequest }, async (flow) => {
    *   const ride = await flow.phase('ride_created', (trx) =>
-   *     trx.insertInto('rides').values({ user_id: userId, ...rideRequest }).returningAll().executeTakeFirstOrThrow())
+   *     trx.insertInto('rides').values(rideRequest).returningAll().executeTakeFirstOrThrow())
    *   return ride.id
    * })
    * ```
@@ -45,6 +47,8 @@ export interface Flow<DB, T> {
    * ### Examples
    *
    * ```ts
+   * import { idempotency, key, rideRequest, stripe } from './app'
+   *
    * const intentId = await idempotency.run({ key, request: rideRequest }, async (flow) => {
    *   const intent = await flow.step('charge_created', async () => {
    *     const created = await stripe.paymentIntents.create({ amount: rideRequest.price, currency: 'usd' }, { idempotencyKey: flow.stepKey('charge_created') })
