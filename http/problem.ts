@@ -4,6 +4,12 @@ import { IdempotencyConflictError, type IdempotencyError, type IdempotencyErrorC
 export interface ProblemDocument {
   /** `urn:kysely-idempotency:<code>`. */
   readonly type: string
+  /**
+   * The same kind, as a stable kebab-case name a client can switch on: the names of the IETF
+   * draft's profile where it has one (`missing-key`, `invalid-key`, `fingerprint-mismatch`,
+   * `conflict`), else this library's own (`lock-lost`, `response-too-large`, …).
+   */
+  readonly code: string
   readonly title: string
   readonly status: number
   /** What happened, for the client; absent on a 5xx, whose message is for the server's log only. */
@@ -57,10 +63,19 @@ export function problemDetails(error: IdempotencyError): ProblemDetails {
   return problem(error.status, error.code, TITLES[error.code], error.status < 500 ? error.message : undefined, retryAfter)
 }
 
+/** The IETF draft profile's names for the kinds it has; every other code is only made kebab-case. */
+const PROFILE_CODES: Readonly<Record<string, string>> = { key_reuse: 'fingerprint-mismatch' }
+
 /** A problem answer for `code`, which may also be one of an HTTP layer's own (e.g. `missing_key`). */
 export function problem(status: number, code: string, title: string, detail?: string, retryAfter?: number): ProblemDetails {
   const headers: Record<string, string> = { 'Content-Type': 'application/problem+json' }
   if (retryAfter !== undefined) headers['Retry-After'] = String(retryAfter)
-  const body: ProblemDocument = { type: `urn:kysely-idempotency:${code}`, title, status, ...(detail === undefined ? {} : { detail }) }
+  const body: ProblemDocument = {
+    type: `urn:kysely-idempotency:${code}`,
+    code: PROFILE_CODES[code] ?? code.replaceAll('_', '-'),
+    title,
+    status,
+    ...(detail === undefined ? {} : { detail }),
+  }
   return { status, headers, body }
 }

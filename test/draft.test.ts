@@ -52,16 +52,22 @@ for (const target of targetsFor('draft-ietf-httpapi-idempotency-key-header-07', 
           ...(method === 'GET' ? {} : { body: JSON.stringify(body) }),
         })
 
-      async function problem(response: Response, status: number) {
+      /** A problem document, with the `code` the draft's profile names the case by. */
+      async function problem(response: Response, status: number, code: string) {
         expect(response.status).toBe(status)
         expect(response.headers.get('content-type')).toMatch(/^application\/problem\+json/)
-        const document = (await response.json()) as { type: string; title: string; status: number; detail: string }
-        expect(document).toMatchObject({ type: expect.stringMatching(/^urn:kysely-idempotency:/), title: expect.any(String), status })
+        const document = (await response.json()) as { type: string; code: string; title: string; status: number; detail: string }
+        expect(document).toMatchObject({ type: expect.stringMatching(/^urn:kysely-idempotency:/), code, title: expect.any(String), status })
         return document
       }
 
       it('§2.7 a request without the key to an operation that requires it: 400, and nothing runs', async () => {
-        await problem(await send({ item: 'a' }), 400)
+        await problem(await send({ item: 'a' }), 400, 'missing-key')
+        expect(await fx.effects()).toBe(0)
+      })
+
+      it('§2.2 a key that is not a Structured Field string: 400, and nothing runs', async () => {
+        await problem(await send({ item: 'a' }, '"unterminated'), 400, 'invalid-key')
         expect(await fx.effects()).toBe(0)
       })
 
@@ -79,7 +85,7 @@ for (const target of targetsFor('draft-ietf-httpapi-idempotency-key-header-07', 
       it('§2.7 the key reused with a different payload: 422, and the key still answers its own request', async () => {
         const first = await send({ item: 'a' }, 'key-2')
         const stored = await first.text()
-        const reuse = await problem(await send({ item: 'b' }, 'key-2'), 422)
+        const reuse = await problem(await send({ item: 'b' }, 'key-2'), 422, 'fingerprint-mismatch')
         expect(reuse.detail).toMatch(/different request/)
         expect(await fx.effects('order:b')).toBe(0)
         const again = await send({ item: 'a' }, 'key-2')
@@ -93,7 +99,7 @@ for (const target of targetsFor('draft-ietf-httpapi-idempotency-key-header-07', 
         const started = Date.now()
         const concurrent = await send({ item: 'a', slow: true }, 'key-3')
         expect(Date.now() - started).toBeLessThan(1000)
-        await problem(concurrent, 409)
+        await problem(concurrent, 409, 'conflict')
         expect(Number(concurrent.headers.get('retry-after'))).toBeGreaterThanOrEqual(1)
         release.open()
         expect((await original).status).toBe(201)

@@ -17,22 +17,24 @@ import {
 
 describe('problemDetails', () => {
   it('answers each 4xx with its status, an RFC 9457 body that says what happened, and Retry-After on a 409', () => {
-    const cases: Array<[IdempotencyError, number, string, Record<string, string>]> = [
-      [new InvalidIdempotencyKeyError('The key is empty.'), 400, 'Invalid idempotency key', {}],
-      [new IdempotencyKeyReuseError('Used with another request.'), 422, 'Idempotency key reused', {}],
+    // The codes the IETF draft's profile names, and ours where it has none.
+    const cases: Array<[IdempotencyError, number, string, string, Record<string, string>]> = [
+      [new InvalidIdempotencyKeyError('The key is empty.'), 400, 'invalid-key', 'Invalid idempotency key', {}],
+      [new IdempotencyKeyReuseError('Used with another request.'), 422, 'fingerprint-mismatch', 'Idempotency key reused', {}],
       [
         new IdempotencyConflictError('in_flight', 'Still running.', { retryAfter: 3 }),
         409,
+        'conflict',
         'Request with this idempotency key in progress',
         { 'Retry-After': '3' },
       ],
-      [new IdempotencyLockLostError('Taken over.'), 409, 'Request taken over by a retry', { 'Retry-After': '1' }],
+      [new IdempotencyLockLostError('Taken over.'), 409, 'lock-lost', 'Request taken over by a retry', { 'Retry-After': '1' }],
     ]
-    for (const [error, status, title, extra] of cases) {
+    for (const [error, status, code, title, extra] of cases) {
       expect(problemDetails(error)).toEqual({
         status,
         headers: { 'Content-Type': 'application/problem+json', ...extra },
-        body: { type: `urn:kysely-idempotency:${error.code}`, title, status, detail: error.message },
+        body: { type: `urn:kysely-idempotency:${error.code}`, code, title, status, detail: error.message },
       })
     }
   })
@@ -47,7 +49,12 @@ describe('problemDetails', () => {
     ]) {
       const problem = problemDetails(error)
       expect(problem.status).toBe(500)
-      expect(problem.body).toEqual({ type: `urn:kysely-idempotency:${error.code}`, title: expect.any(String), status: 500 })
+      expect(problem.body).toEqual({
+        type: `urn:kysely-idempotency:${error.code}`,
+        code: error.code.replaceAll('_', '-'),
+        title: expect.any(String),
+        status: 500,
+      })
       expect(JSON.stringify(problem)).not.toContain('secret')
     }
   })
