@@ -26,6 +26,7 @@ export interface ProblemDetails {
 const TITLES: Record<IdempotencyErrorCode, string> = {
   invalid_key: 'Invalid idempotency key',
   key_reuse: 'Idempotency key reused',
+  key_used: 'Idempotency key already used',
   conflict: 'Request with this idempotency key in progress',
   lock_lost: 'Request taken over by a retry',
   unserializable: 'Response cannot be stored',

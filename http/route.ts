@@ -191,8 +191,8 @@ export class IdempotentRoute<Req> {
     idempotency: Idempotency<DB>,
     handler: (req: Req, trx: Transaction<DB>) => Promise<HttpResult>,
   ): (req: Req, facts: RequestFacts) => Promise<Outcome> {
-    const { ttl, conflictWait, isolationLevel } = this.#options
-    const settings: TransactionOptions = { ttl, conflictWait, isolationLevel }
+    const { ttl, conflictWait, isolationLevel, reuse } = this.#options
+    const settings: TransactionOptions = { ttl, conflictWait, isolationLevel, reuse }
     const left = LEFT_BEHIND.transaction
     return this.#route(
       'transaction',
@@ -260,8 +260,8 @@ export class IdempotentRoute<Req> {
     idempotency: Idempotency<DB>,
     handler: ((req: Req, flow: Flow<DB, HttpResult>) => Promise<HttpResult>) | HttpDefinedFlow,
   ): (req: Req, facts: RequestFacts) => Promise<Outcome> {
-    const { ttl, conflictWait, lockTimeout } = this.#options
-    const settings: RunOptions = { ttl, conflictWait, lockTimeout }
+    const { ttl, conflictWait, lockTimeout, reuse } = this.#options
+    const settings: RunOptions = { ttl, conflictWait, lockTimeout, reuse }
     if (typeof handler !== 'function') return this.#definedFlow(idempotency, settings, handler)
     return this.#route(
       'flow',

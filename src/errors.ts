@@ -68,6 +68,7 @@ export type IdempotencyErrorCode =
   | 'invalid_key'
   | 'conflict'
   | 'key_reuse'
+  | 'key_used'
   | 'lock_lost'
   | 'unserializable'
   | 'setup'
@@ -135,6 +136,17 @@ export class IdempotencyKeyReuseError extends IdempotencyError {
  * An atomic-phases attempt lost its lock to another attempt that took the key over
  * (status 409). The phase that noticed it was rolled back.
  */
+/**
+ * The key already answered this same request, and the call was made with `reuse: 'reject'`
+ * (status 409): nothing ran and the stored answer was not returned. The key stays as it was.
+ */
+export class IdempotencyKeyUsedError extends IdempotencyError {
+  declare readonly code: 'key_used'
+  constructor(message: string) {
+    super('key_used', 409, message)
+  }
+}
+
 export class IdempotencyLockLostError extends IdempotencyError {
   declare readonly code: 'lock_lost'
   constructor(message: string) {
@@ -195,6 +207,7 @@ for (const [c, name] of [
   [InvalidIdempotencyKeyError, 'InvalidIdempotencyKeyError'],
   [IdempotencyConflictError, 'IdempotencyConflictError'],
   [IdempotencyKeyReuseError, 'IdempotencyKeyReuseError'],
+  [IdempotencyKeyUsedError, 'IdempotencyKeyUsedError'],
   [IdempotencyLockLostError, 'IdempotencyLockLostError'],
   [IdempotencySerializationError, 'IdempotencySerializationError'],
   [IdempotencySetupError, 'IdempotencySetupError'],

@@ -1,5 +1,5 @@
 import type { ConflictReason } from './errors.js'
-import { IdempotencyConflictError, IdempotencyKeyReuseError, IdempotencyLockLostError } from './errors.js'
+import { IdempotencyConflictError, IdempotencyKeyReuseError, IdempotencyKeyUsedError, IdempotencyLockLostError } from './errors.js'
 
 /** What happened, as {@link IdempotencyEvent.type} names it. */
 export type IdempotencyEventType =
@@ -19,6 +19,8 @@ export type IdempotencyEventType =
   | 'conflict'
   /** The key was used before for a different request (422). */
   | 'key_reuse'
+  /** The key already answered this request, and the call asked to reject a used key (`reuse: 'reject'`, 409). */
+  | 'key_used'
   /** A flow's attempt found its lock taken over by another attempt and stopped. */
   | 'lock_lost'
   /** A flow's attempt took over an unfinished flow that another attempt left; `recoveryPoint` is where it resumes. */
@@ -55,6 +57,7 @@ export type Ending =
   | { readonly type: 'failed'; readonly error: unknown }
   | { readonly type: 'conflict'; readonly reason: ConflictReason }
   | { readonly type: 'key_reuse' }
+  | { readonly type: 'key_used' }
   | { readonly type: 'lock_lost'; readonly error: unknown }
   | { readonly type: 'taken_over'; readonly recoveryPoint: string }
   | { readonly type: 'recovered'; readonly recoveryPoint: string }
@@ -250,6 +253,7 @@ function toSpan(span: SpanLike, ending: Ending): void {
       span.setStatus({ code: SPAN_ERROR, message: ending.error instanceof Error ? ending.error.message : String(ending.error) })
       return
     case 'key_reuse':
+    case 'key_used':
       return
   }
 }
@@ -258,6 +262,7 @@ function toSpan(span: SpanLike, ending: Ending): void {
 export function failureOf(error: unknown): Ending {
   if (error instanceof IdempotencyConflictError) return { type: 'conflict', reason: error.reason }
   if (error instanceof IdempotencyKeyReuseError) return { type: 'key_reuse' }
+  if (error instanceof IdempotencyKeyUsedError) return { type: 'key_used' }
   if (error instanceof IdempotencyLockLostError) return { type: 'lock_lost', error }
   return { type: 'failed', error }
 }

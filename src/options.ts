@@ -26,7 +26,19 @@ export interface CallOptions {
    * the connection's busy timeout instead.
    */
   readonly conflictWait?: number
+  /**
+   * What a call gets when its key already answered the same request: `'replay'` (the default)
+   * returns the stored answer without running anything; `'reject'` throws
+   * `IdempotencyKeyUsedError` instead, for callers to whom a used key is a fault they must see
+   * (an internal call that should never repeat, a consumer that must not take a redelivery
+   * silently). Nothing runs either way. A key another attempt holds is waited for, as always,
+   * and a key used for another request is `IdempotencyKeyReuseError` whatever this says.
+   */
+  readonly reuse?: Reuse
 }
+
+/** See {@link CallOptions.reuse}. */
+export type Reuse = 'replay' | 'reject'
 
 /** Options of `createIdempotency`. */
 export interface IdempotencyOptions<DB> extends CallOptions, ObserveOptions {
@@ -111,6 +123,7 @@ export const DEFAULTS = {
   abandonedLimit: 100,
   recoveryEvery: 30_000,
   maxFailures: 5,
+  reuse: 'replay' as Reuse,
 }
 
 /** Checks the options given to `defineFlow` now, so that a bad one throws there rather than at every run. */
@@ -125,7 +138,14 @@ export function resolveSettings(base: Settings, options: CallOptions & { readonl
     ttl: bounded('ttl', options.ttl ?? base.ttl),
     conflictWait: bounded('conflictWait', options.conflictWait ?? base.conflictWait),
     maxAttempts: bounded('maxAttempts', options.maxAttempts ?? base.maxAttempts),
+    reuse: oneOf('reuse', options.reuse ?? base.reuse, ['replay', 'reject']),
   }
+}
+
+function oneOf<const V extends string>(name: string, value: unknown, allowed: readonly V[]): V {
+  if (!allowed.includes(value as V))
+    throw new RangeError(`The option ${name} must be ${allowed.map((v) => `'${v}'`).join(' or ')}, got ${String(value)}.`)
+  return value as V
 }
 
 const HOUR = 60 * 60 * 1000

@@ -5,6 +5,7 @@
  */
 import type { IsolationLevel } from 'kysely'
 import type { IdempotencyDialect } from './dialect.js'
+import type { Reuse } from './options.js'
 import { IdempotencyConflictError, IdempotencySetupError } from './errors.js'
 
 /** Per-call settings, resolved from the options with their defaults. */
@@ -17,6 +18,8 @@ export interface Settings {
    */
   readonly claimWait?: number
   readonly maxAttempts: number
+  /** What a finished key gives a new call with the same request: its answer, or `IdempotencyKeyUsedError`. */
+  readonly reuse: Reuse
   readonly isolationLevel?: IsolationLevel
 }
 

@@ -6,7 +6,7 @@
 import type { Kysely } from 'kysely'
 import { functionRunning, inFlight, processWide, type Coalescer } from './coalesce.js'
 import { FINISHED, STARTED, type KeyRow } from './dialect.js'
-import { IdempotencyConflictError, IdempotencyKeyReuseError } from './errors.js'
+import { IdempotencyConflictError, IdempotencyKeyReuseError, IdempotencyKeyUsedError } from './errors.js'
 import type { KeyTable } from './keytable.js'
 import type { NormalizedKey } from './keys.js'
 import { retryAfter, secondsAtLeastOne, type Settings } from './retries.js'
@@ -78,7 +78,15 @@ export class Verdicts {
         `The idempotency key "${key.key}" was already used for a different request; send a new key for a new request.`,
       )
     }
-    if (row.recoveryPoint === FINISHED) return { value: this.#table.values.decode(row.response ?? 'null', row.codec) }
+    if (row.recoveryPoint === FINISHED) {
+      if (settings.reuse === 'reject') {
+        throw new IdempotencyKeyUsedError(
+          `The idempotency key "${key.key}" already answered this request, and the call asked to reject a used key (reuse: 'reject'); nothing ran. ` +
+            "Use a new key for a new request, or reuse: 'replay' to get the stored answer.",
+        )
+      }
+      return { value: this.#table.values.decode(row.response ?? 'null', row.codec) }
+    }
     if (row.phases === null && !row.locked && row.recoveryPoint === STARTED) {
       // A single-transaction claim is visible before its response only to its own transaction,
       // or after a commit that should have been a rollback.

@@ -4,6 +4,7 @@ import {
   createIdempotency,
   IdempotencyConflictError,
   IdempotencyKeyReuseError,
+  IdempotencyKeyUsedError,
   IdempotencySerializationError,
   IdempotencySetupError,
   InvalidIdempotencyKeyError,
@@ -57,6 +58,56 @@ for (const target of targetsFor('conformance')) {
       const inside = fx.db.transaction().execute((trx) => fx.idempotency.withIdempotency(trx, { key: 'reuse', request: { a: 2 } }, once('reuse')))
       await expect(inside).rejects.toBeInstanceOf(IdempotencyKeyReuseError)
       expect(await fx.effects('reuse')).toBe(1)
+    })
+
+    it("with reuse: 'reject', refuses a used key on every entry point, running nothing and returning no stored answer", async () => {
+      const request = { amount: 100 }
+      const reject = { reuse: 'reject' } as const
+      await fx.idempotency.transaction({ key: 'used', request }, once('used', 'first'))
+      const used = (call: Promise<unknown>) =>
+        expect(call).rejects.toMatchObject({
+          name: 'IdempotencyKeyUsedError',
+          status: 409,
+          code: 'key_used',
+          message: expect.stringMatching(/nothing ran/),
+        })
+      await used(fx.idempotency.transaction({ key: 'used', request }, once('used'), reject))
+      await used(fx.idempotency.executeTransaction({ key: 'used', request }, once('used'), reject))
+      await used(fx.db.transaction().execute((trx) => fx.idempotency.withIdempotency(trx, { key: 'used', request }, once('used'), reject)))
+      await used(
+        fx.db.transaction().execute((trx) => withIdempotency(trx, { key: 'used', request }, once('used'), { tableName: fx.table, reuse: 'reject' })),
+      )
+      await used(fx.idempotency.run({ key: 'used', request }, (flow) => flow.phase('p', once('used')), reject))
+      // Another request with the key is still the 422 it always is.
+      await expect(fx.idempotency.transaction({ key: 'used', request: { amount: 200 } }, once('used'), reject)).rejects.toBeInstanceOf(
+        IdempotencyKeyReuseError,
+      )
+      // The key is untouched: the default still replays it, and a new key runs.
+      expect(await fx.idempotency.executeTransaction({ key: 'used', request }, once('used'))).toEqual({ value: 'first', replayed: true })
+      expect(await fx.idempotency.executeTransaction({ key: 'fresh', request }, once('fresh', 'new'), reject)).toEqual({
+        value: 'new',
+        replayed: false,
+      })
+      expect(await fx.effects('used')).toBe(1)
+    })
+
+    it("with reuse: 'reject' on the instance, rejects by default and replays where a call asks, and one of many duplicates runs", async () => {
+      const events: string[] = []
+      const strict = fx.with({ reuse: 'reject', onEvent: (event) => void events.push(event.type) })
+      const results = await Promise.allSettled(Array.from({ length: 8 }, () => strict.transaction('storm', once('storm', 'only'))))
+      expect(results.filter((r) => r.status === 'fulfilled').map((r) => r.value)).toEqual(['only'])
+      for (const r of results) if (r.status === 'rejected') expect(r.reason).toBeInstanceOf(IdempotencyKeyUsedError)
+      expect(events.filter((type) => type === 'key_used')).toHaveLength(7)
+      expect(events).not.toContain('replayed')
+      expect(await strict.executeTransaction('storm', once('storm'), { reuse: 'replay' })).toEqual({ value: 'only', replayed: true })
+      expect(await fx.effects('storm')).toBe(1)
+    })
+
+    it('refuses a reuse option that is neither replay nor reject, with a RangeError and nothing written', async () => {
+      const bad = { reuse: 'ignore' } as unknown as { reuse: 'reject' }
+      await expect(fx.idempotency.transaction('bad-reuse', once('bad-reuse'), bad)).rejects.toThrow(/reuse must be 'replay' or 'reject'/)
+      expect(() => fx.with(bad)).toThrow(RangeError)
+      expect(await fx.rows()).toBe(0)
     })
 
     it('keeps scopes apart: the same key in another scope runs', async () => {
