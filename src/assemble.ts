@@ -9,7 +9,6 @@ import { Coalescer } from './coalesce.js'
 import { ValueStore } from './codec/store.js'
 import type { Storable } from './codec/values.js'
 import type { IdempotencyDialect } from './dialect.js'
-import { IdempotencySetupError } from './errors.js'
 import { FlowRunner } from './flow/claim.js'
 import type { Flow } from './flow/handle.js'
 import { checkFlowName, type FlowSettings } from './flow/state.js'
@@ -44,7 +43,7 @@ import {
 import type { ResumeContext } from './recovery/resume.js'
 import { startWorker, type RecoverOptions } from './recovery/worker.js'
 import type { Settings } from './retries.js'
-import { DEFAULT_TABLE, locateTable, qualified, type TableName } from './table.js'
+import { DEFAULT_TABLE, placeTable, qualified, type TableName } from './table.js'
 import { TransactionPath } from './transaction.js'
 import { Verdicts } from './verdict.js'
 
@@ -256,18 +255,6 @@ export async function withIdempotencyDetecting<DB, T>(
   const [normalized, resolved] = [normalizeKey(key), resolveSettings(DEFAULTS, options ?? {})]
   found.coalescer.refuseNested(normalized, resolved)
   return (await found.path.inTransaction(trx, normalized, fn, resolved)).value
-}
-
-/** Where `db` puts the table `name`; a schema (`withSchema`) only where the dialect has schemas. */
-function placeTable(db: Kysely<unknown>, name: string, dialect: IdempotencyDialect): TableName {
-  const table = locateTable(db, name)
-  if (table.schema !== undefined && !dialect.schemas) {
-    throw new IdempotencySetupError(
-      `This Kysely instance puts tables in the schema "${table.schema}" (withSchema), which ${dialect.name} cannot hold the idempotency table in; ` +
-        'create the idempotency instance from a Kysely instance without withSchema.',
-    )
-  }
-  return table
 }
 
 function requireTransaction<DB>(trx: Transaction<DB>): Transaction<DB> {

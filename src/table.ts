@@ -1,4 +1,5 @@
 import type { Kysely } from 'kysely'
+import type { IdempotencyDialect } from './dialect.js'
 import { IdempotencySetupError } from './errors.js'
 
 /** Where the idempotency table is: its name, and the schema a `withSchema` instance puts it in. */
@@ -55,4 +56,16 @@ export function locateTable(db: Kysely<unknown>, name: string): TableName {
 /** `schema.name`, or `name`: what `sql.table()` and Kysely's schema builder take. */
 export function qualified(table: TableName, name: string = table.name): string {
   return table.schema === undefined ? name : `${table.schema}.${name}`
+}
+
+/** Where `db` puts the table `name`; a schema (`withSchema`) only where the dialect has schemas. */
+export function placeTable(db: Kysely<unknown>, name: string, dialect: Pick<IdempotencyDialect, 'name' | 'schemas'>): TableName {
+  const table = locateTable(db, name)
+  if (table.schema !== undefined && !dialect.schemas) {
+    throw new IdempotencySetupError(
+      `This Kysely instance puts tables in the schema "${table.schema}" (withSchema), which ${dialect.name} cannot hold the idempotency table in; ` +
+        'create the idempotency instance from a Kysely instance without withSchema.',
+    )
+  }
+  return table
 }

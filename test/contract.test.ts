@@ -2,13 +2,20 @@ import { inject, describe, expect, it } from 'vitest'
 import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import type { Kysely } from 'kysely'
+import { sql, type Kysely } from 'kysely'
+import { detectDialect } from '../dialects/registry.js'
+import { IdempotencySetupError, type IdempotencyDialect } from '../index.js'
 import { DialectContractError, dialectChecks, exerciseDialect, type CheckId, type DialectTarget } from '../testing/index.js'
-import { ALL_TARGETS, openDatabase, PGLITE_LOCATION, type Target } from './support/databases.js'
-import { targetsFor } from './support/harness.js'
+import { ALL_TARGETS, openDatabase, PGLITE_LOCATION, type DatabaseName, type Target } from './support/databases.js'
+import { itIf, targetsFor } from './support/harness.js'
 
 const ONE_WRITER = 'SQLite has one writer at a time: a second writer waits for the write lock, so rows are never locked one by one'
 const BUSY_TIMEOUT = "SQLite waits for the connection's busy timeout, not for the statement's own wait (SPEC §4.2)"
+const NO_SCHEMAS = 'SQLite has no schemas: the library refuses a withSchema instance there (IdempotencySetupError)'
+/** Where the kit runs on a withSchema instance: once per database and in-process server; it costs ~15 s a target. */
+const SCHEMA_TARGETS = ['postgres', 'pglite', 'mysql']
+const ONE_SCHEMA_RUN =
+  "the kit names its tables through the library's own table placement, the same code whatever the driver, pooler or session settings of the database"
 const SYNCHRONOUS =
   'better-sqlite3 waits for a lock synchronously, blocking the process: a holder in the same process cannot end while its competitor waits'
 
@@ -73,7 +80,76 @@ for (const target of targetsFor('dialect contract')) {
         }
       }, 60_000)
     }
+
+    itIf(SCHEMA_TARGETS.includes(target.id), target.database === 'sqlite' ? NO_SCHEMAS : `run on ${SCHEMA_TARGETS.join(', ')}: ${ONE_SCHEMA_RUN}`)(
+      'runs every check on a withSchema instance: its tables, the 0001 table and the history are in that schema, and nothing is left',
+      async () => {
+        const opened = open(target)
+        const { db } = opened.target
+        const id = Math.random().toString(36).slice(2, 8)
+        // A schema (a MySQL database) of this test's own, and a prefix no other test's tables start with.
+        const schema = `kidem_contract_schema_${id}`
+        const prefix = `kidem_ws_${id}`
+        const dialect = opened.target.dialect ?? detectDialect(db)
+        // When a check prepares the dialect's statements, its table has just been made (or upgraded
+        // from 0001): where everything named after the prefix is then tells where the kit put it.
+        const prepared: Array<{ table: string; found: string[] }> = []
+        const watched: IdempotencyDialect = {
+          ...dialect,
+          async prepare(on, table) {
+            if (!table.endsWith('_missing')) prepared.push({ table, found: await relations(db, target.database, prefix) })
+            return dialect.prepare(on, table)
+          },
+        }
+        try {
+          await db.schema.createSchema(schema).execute()
+          const tenant = db.withSchema(schema)
+          const run: DialectTarget = {
+            ...opened.target,
+            db: tenant,
+            dialect: watched,
+            competitor: opened.target.competitor === false ? false : tenant,
+            tablePrefix: prefix,
+          }
+          const report = await exerciseDialect(run)
+          const applicable = dialectChecks(run).filter((c) => c.notApplicable === undefined)
+          expect(report.passed).toEqual(applicable.map((c) => c.id))
+          // One scratch table per check that ran, and the one upgrade-0001 made from 0001.
+          expect(prepared).toHaveLength(applicable.length + 1)
+          for (const { table, found } of prepared) {
+            const name = table.slice(schema.length + 1)
+            expect(table).toBe(`${schema}.${name}`)
+            expect(found).toContain(`${schema}.${name}`)
+            expect(found).toContain(`${schema}.${name}_migration`)
+            expect(found.filter((relation) => !relation.startsWith(`${schema}.`))).toEqual([])
+          }
+          // The kit dropped what it made, in the schema and elsewhere.
+          expect(await relations(db, target.database, prefix)).toEqual([])
+        } finally {
+          await (target.database === 'mysql'
+            ? sql`drop database if exists ${sql.id(schema)}`.execute(db)
+            : sql`drop schema if exists ${sql.id(schema)} cascade`.execute(db))
+          await opened.close()
+        }
+      },
+      240_000,
+    )
   })
+}
+
+/** Every relation (table, index, sequence; MySQL: table) whose name starts with `prefix`, as `schema.name`, in any schema. */
+async function relations(db: Kysely<any>, database: DatabaseName, prefix: string): Promise<string[]> {
+  const query =
+    database === 'mysql'
+      ? sql<{ s: string; n: string }>`select table_schema as s, table_name as n from information_schema.tables where table_name like ${`${prefix}%`}`
+      : sql<{ s: string; n: string }>`select ns.nspname as s, c.relname as n from pg_class c join pg_namespace ns on ns.oid = c.relnamespace
+          where c.relname like ${`${prefix}%`}`
+  const { rows } = await query.execute(db)
+  // An underscore of the prefix matches any character in LIKE.
+  return rows
+    .filter((row) => row.n.startsWith(prefix))
+    .map((row) => `${row.s}.${row.n}`)
+    .sort()
 }
 
 describe('the dialect contract kit', () => {
@@ -104,6 +180,20 @@ describe('the dialect contract kit', () => {
       await opened.close()
     }
   }, 60_000)
+
+  it('refuses a withSchema instance on SQLite, as the library does, instead of failing every check as the dialect', async () => {
+    const opened = open(ALL_TARGETS.find((t) => t.id === 'sqlite')!)
+    const tenant = opened.target.db.withSchema('tenant')
+    const target: DialectTarget = { ...opened.target, db: tenant }
+    try {
+      const refused = await exerciseDialect(target).catch((error: unknown) => error)
+      expect(refused).toBeInstanceOf(IdempotencySetupError)
+      expect((refused as Error).message).toMatch(/schema "tenant" \(withSchema\), which sqlite cannot hold the idempotency table in/)
+      await expect(dialectChecks(target)[0]!.run()).rejects.toThrow(IdempotencySetupError)
+    } finally {
+      await opened.close()
+    }
+  })
 
   it('refuses a table prefix that is not a plain identifier', () => {
     expect(() => dialectChecks({ db: {} as Kysely<unknown>, dialect: {} as never, tablePrefix: 'x; drop table y' })).toThrow(TypeError)
