@@ -106,7 +106,19 @@ export type { IdempotencyKeyInput } from './src/keys.js'
 export { defaultCodec } from './src/codec/codec.js'
 export type { Codec } from './src/codec/codec.js'
 export type { Storable } from './src/codec/values.js'
-export type { ColumnTypes, DatabaseErrorKind, IdempotencyDialect } from './src/dialect.js'
+// What a dialect module is made of, for authors of one (docs: Adding a database).
+export type {
+  Claim,
+  ClaimValues,
+  ColumnTypes,
+  DatabaseErrorKind,
+  DialectStatements,
+  IdempotencyDialect,
+  KeyRow,
+  TableIndex,
+  TableUpgrades,
+} from './src/dialect.js'
+export type { TableName } from './src/table.js'
 export { postgresDialect } from './dialects/postgres.js'
 export { mysqlDialect } from './dialects/mysql.js'
 export type { MysqlDialectOptions } from './dialects/mysql.js'

@@ -1,7 +1,10 @@
 import type { TableName } from './table.js'
 import { sql, type ColumnDataType, type ColumnDefinitionBuilder, type DialectAdapter, type Expression, type Kysely, type RawBuilder } from 'kysely'
 
-/** A column type as Kysely's schema builder takes it. */
+/**
+ * A column type as Kysely's schema builder takes it.
+ * @inline
+ */
 export type DataTypeExpression = ColumnDataType | Expression<unknown>
 
 /** Database errors the library reacts to, as each dialect module classifies them. */
@@ -21,7 +24,10 @@ export type DatabaseErrorKind =
   /** The idempotency table does not exist. */
   | 'undefined_table'
 
-/** The surrogate key of a row, exactly as the driver returned it. */
+/**
+ * The surrogate key of a row, exactly as the driver returned it.
+ * @inline
+ */
 export type RowId = string | number
 
 /** The state of one key as the database has it. */

@@ -147,6 +147,10 @@ export class IdempotencyKeyUsedError extends IdempotencyError {
   }
 }
 
+/**
+ * Atomic phases: this attempt's lock expired and another attempt took the key over (status
+ * 409). The phase that noticed rolled back; the attempt stops, and the one that took over goes on.
+ */
 export class IdempotencyLockLostError extends IdempotencyError {
   declare readonly code: 'lock_lost'
   constructor(message: string) {

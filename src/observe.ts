@@ -1,7 +1,7 @@
 import type { ConflictReason } from './errors.js'
 import { IdempotencyConflictError, IdempotencyKeyReuseError, IdempotencyKeyUsedError, IdempotencyLockLostError } from './errors.js'
 
-/** What happened, as {@link IdempotencyEvent.type} names it. */
+/** What happened, as the `type` of an {@link IdempotencyEvent} names it. */
 export type IdempotencyEventType =
   /** The function or flow ran and its result was stored (committed, in the library's own transaction). */
   | 'executed'
@@ -35,7 +35,10 @@ export type IdempotencyEventType =
 /** Which method an event comes from. */
 export type IdempotencyOperation = 'transaction' | 'withIdempotency' | 'run' | 'recover' | 'prune'
 
-/** What every event tells: where it comes from, about which key, and when. */
+/**
+ * What every event tells: where it comes from, about which key, and when.
+ * @inline
+ */
 interface EventContext {
   readonly operation: IdempotencyOperation
   readonly scope?: string
@@ -49,6 +52,7 @@ interface EventContext {
 /**
  * What a call ended with, by type: the fields each type has besides its context. A flow's
  * `recoveryPoint` is where the attempt resumed from (`taken_over`) or the point it reached.
+ * @inline
  */
 export type Ending =
   | { readonly type: 'executed'; readonly recoveryPoint?: string }

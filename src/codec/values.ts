@@ -36,7 +36,10 @@ export type Storable<T> = unknown extends T
                 ? { [K in keyof T]: Storable<T[K]> }
                 : never
 
-/** Values stored as they are; everything else is taken apart (or refused). */
+/**
+ * Values stored as they are; everything else is taken apart (or refused).
+ * @inline
+ */
 type Atom =
   | string
   | number
