@@ -1,5 +1,5 @@
 import type { AddressInfo } from 'node:net'
-import { request, type Server } from 'node:http'
+import type { Server } from 'node:http'
 import express5 from 'express'
 import express4 from 'express4'
 import multer from 'multer'
@@ -19,7 +19,7 @@ const EXPRESS = { 'express 5': express5, 'express 4': express4 }
 interface Charge {
   readonly id?: string
   readonly amount?: number
-  readonly behave?: 'throw' | '503' | 'hold' | 'cookie' | 'huge'
+  readonly behave?: 'throw' | 'hold' | 'huge'
 }
 
 // Nothing here waits on a row lock, so one of the MySQL lock-wait paths is enough.
@@ -37,12 +37,12 @@ for (const target of targetsFor('express helper', ['statement-paths'])) {
       function build(idempotency: Idempotency<any>) {
         const app = express()
         app.use(express.json(), express.urlencoded({ extended: true }))
-        // A client whose first answer is lost: the response is committed, then the socket dies.
-        // The stripe SDK's calls lose their first answer the same way, and retry with the same key.
+        // The stripe SDK's calls lose their first answer: the response is committed, then the
+        // socket dies, and the SDK retries with the same key.
         const dropped = new Set<string>()
         app.use((req, res, next) => {
           const sdkKey = req.path === '/v1/customers' ? req.get('idempotency-key') : undefined
-          const drop = req.get('x-drop') === 'after-commit' || (sdkKey !== undefined && !dropped.has(sdkKey))
+          const drop = sdkKey !== undefined && !dropped.has(sdkKey)
           if (sdkKey) dropped.add(sdkKey)
           if (drop) res.send = () => (req.socket.destroy(), res)
           next()
@@ -55,10 +55,12 @@ for (const target of targetsFor('express helper', ['statement-paths'])) {
             held.entered.open()
             await held.release.promise
           }
-          if (body.behave === '503') return { status: 503, body: { error: 'try later' } }
           if (body.behave === 'huge') return { status: 201, body: { padding: 'x'.repeat(2048) } }
-          const headers = { Location: `/charges/${body.id}`, ...(body.behave === 'cookie' ? { 'Set-Cookie': 'session=abc' } : {}) }
-          return { status: 201, body: { id: body.id ?? null, amount: body.amount ?? null, at: Math.random() }, headers }
+          return {
+            status: 201,
+            body: { id: body.id ?? null, amount: body.amount ?? null, at: Math.random() },
+            headers: { Location: `/charges/${body.id}` },
+          }
         }
         const scope = (req: { get(name: string): string | undefined }) => req.get('x-user') ?? 'anonymous'
         app.post('/charges', idempotent(idempotency, { scope, required: true }, charge))
@@ -105,16 +107,6 @@ for (const target of targetsFor('express helper', ['statement-paths'])) {
         )
         app.post('/uploads/disk', multer({ dest: uploads }).array('files'), idempotent(idempotency, { scope: UNSCOPED }, uploaded('disk')))
         app.post('/no-user', idempotent(idempotency, { scope: (req) => (req as { user?: { id: string } }).user?.id as string }, charge))
-        app.post(
-          '/text',
-          idempotent(idempotency, { scope: UNSCOPED }, async (req, trx) => {
-            await fx.effect(trx, 'text')
-            const kind = (req.body as { kind: string }).kind
-            if (kind === 'bytes') return { status: 200, body: Buffer.from([0, 255, 10]), headers: { 'Content-Type': 'application/octet-stream' } }
-            if (kind === 'plain') return { status: 200, body: 'just text' }
-            return { status: 200, body: 'hello', headers: { 'Content-Type': 'application/json' } }
-          }),
-        )
         app.post(
           '/v1/customers',
           idempotent(idempotency, { scope: (req) => req.get('authorization') ?? '' }, async (req, trx) => {
@@ -239,54 +231,6 @@ for (const target of targetsFor('express helper', ['statement-paths'])) {
         expect(await fx.effects('bare')).toBe(1)
       })
 
-      it('stores the first answer and replays status, body and headers with Idempotency-Replayed', async () => {
-        const first = await post('/charges', { id: 'c1', amount: 5 }, { 'Idempotency-Key': 'k1' })
-        expect(first.status).toBe(201)
-        expect(first.headers.get('location')).toBe('/charges/c1')
-        expect(first.headers.get('idempotency-replayed')).toBeNull()
-        const body = await first.json()
-        const again = await post('/charges', { id: 'c1', amount: 5 }, { 'Idempotency-Key': 'k1' })
-        expect(again.status).toBe(201)
-        expect(again.headers.get('location')).toBe('/charges/c1')
-        expect(again.headers.get('idempotency-replayed')).toBe('true')
-        expect(await again.json()).toEqual(body)
-        expect(await fx.effects('charge:c1')).toBe(1)
-      })
-
-      it('runs 50 concurrent identical requests once', async () => {
-        const responses = await Promise.all(Array.from({ length: 50 }, () => post('/charges', { id: 'storm' }, { 'Idempotency-Key': 'storm' })))
-        const bodies = new Set<string>()
-        for (const r of responses) {
-          if (r.status === 409) {
-            expect(r.headers.get('retry-after')).toMatch(/^\d+$/)
-            await expectProblem(r, 409, 'conflict')
-          } else {
-            expect(r.status).toBe(201)
-            bodies.add(await r.text())
-          }
-        }
-        expect(bodies.size).toBe(1)
-        expect(await fx.effects('charge:storm')).toBe(1)
-      })
-
-      it('answers a missing or malformed key with 400 before running anything', async () => {
-        await expectProblem(await post('/charges', { id: 'none' }), 400, 'missing_key')
-        for (const key of ['""', 'x'.repeat(256), '"abc', 'a\tb', '"a"b"']) {
-          await expectProblem(await post('/charges', { id: 'bad' }, { 'Idempotency-Key': key }), 400, 'invalid_key')
-        }
-        expect(await fx.effects()).toBe(0)
-      })
-
-      it('treats the quoted Structured-Field form and the bare form as the same key', async () => {
-        expect((await post('/charges', { id: 'q' }, { 'Idempotency-Key': '"quoted-key"' })).status).toBe(201)
-        const bare = await post('/charges', { id: 'q' }, { 'Idempotency-Key': 'quoted-key' })
-        expect(bare.headers.get('idempotency-replayed')).toBe('true')
-        const escaped = await post('/charges', { id: 'e' }, { 'Idempotency-Key': '"a\\"b"' })
-        expect(escaped.status).toBe(201)
-        expect((await post('/charges', { id: 'e' }, { 'Idempotency-Key': 'a"b' })).headers.get('idempotency-replayed')).toBe('true')
-        expect(await fx.effects()).toBe(2)
-      })
-
       itWhere(target, 'processes')('answers 409 with Retry-After while the same key is in flight', async () => {
         // A second app process with its own connection (SQLite: its own handle on the file).
         const db = openDatabase(target.driver, fx.location, 2, 300)
@@ -313,43 +257,12 @@ for (const target of targetsFor('express helper', ['statement-paths'])) {
         }
       })
 
-      it('answers 422 to the same key with another request', async () => {
-        await post('/charges', { id: 'r', amount: 1 }, { 'Idempotency-Key': 'reuse' })
-        await expectProblem(await post('/charges', { id: 'r', amount: 2 }, { 'Idempotency-Key': 'reuse' }), 422, 'key_reuse')
-        expect(await fx.effects('charge:r')).toBe(1)
-      })
-
-      it('keeps scopes apart: the same key from two users runs twice', async () => {
-        const a = await post('/charges', { id: 's' }, { 'Idempotency-Key': 'shared', 'x-user': 'alice' })
-        const b = await post('/charges', { id: 's' }, { 'Idempotency-Key': 'shared', 'x-user': 'bob' })
-        expect(b.headers.get('idempotency-replayed')).toBeNull()
-        expect(await a.text()).not.toBe(await b.text())
-        expect(await fx.effects('charge:s')).toBe(2)
-      })
-
       it('passes a thrown error to Express and stores nothing, so a retry runs', async () => {
         const failed = await post('/charges', { id: 't', behave: 'throw' }, { 'Idempotency-Key': 'throws' })
         expect(failed.status).toBe(500)
         expect(await failed.json()).toEqual({ error: 'handler failed' })
         expect(await fx.effects('charge:t')).toBe(0)
         expect(await fx.rows()).toBe(0)
-      })
-
-      it('sends a returned 5xx without storing it and rolls its writes back', async () => {
-        const failed = await post('/charges', { id: 'u', behave: '503' }, { 'Idempotency-Key': 'unavailable' })
-        expect(failed.status).toBe(503)
-        expect(await failed.json()).toEqual({ error: 'try later' })
-        expect(await fx.effects('charge:u')).toBe(0)
-        const retry = await post('/charges', { id: 'u', behave: '503' }, { 'Idempotency-Key': 'unavailable' })
-        expect(retry.headers.get('idempotency-replayed')).toBeNull()
-      })
-
-      it('gives a client whose first answer was lost after the commit the stored answer', async () => {
-        await expect(post('/charges', { id: 'd' }, { 'Idempotency-Key': 'dropped', 'x-drop': 'after-commit' })).rejects.toThrow()
-        const retry = await post('/charges', { id: 'd' }, { 'Idempotency-Key': 'dropped' })
-        expect(retry.status).toBe(201)
-        expect(retry.headers.get('idempotency-replayed')).toBe('true')
-        expect(await fx.effects('charge:d')).toBe(1)
       })
 
       it('leaves other methods and key-less optional requests alone', async () => {
@@ -363,13 +276,7 @@ for (const target of targetsFor('express helper', ['statement-paths'])) {
         expect(await fx.rows()).toBe(0)
       })
 
-      it('does not persist Set-Cookie, and refuses to store a response over the size limit', async () => {
-        const first = await post('/charges', { id: 'cookie', behave: 'cookie' }, { 'Idempotency-Key': 'cookie' })
-        expect(first.headers.get('set-cookie')).toBe('session=abc')
-        const again = await post('/charges', { id: 'cookie', behave: 'cookie' }, { 'Idempotency-Key': 'cookie' })
-        expect(again.headers.get('idempotency-replayed')).toBe('true')
-        expect(again.headers.get('set-cookie')).toBeNull()
-
+      it('refuses to store a response over maxStoredBytes', async () => {
         await expectProblem(await post('/small', { id: 'huge', behave: 'huge' }, { 'Idempotency-Key': 'huge' }), 500, 'response_too_large')
         expect(await fx.effects('charge:huge')).toBe(0)
       })
@@ -438,24 +345,6 @@ for (const target of targetsFor('express helper', ['statement-paths'])) {
         expect(finished).toHaveLength(1)
       })
 
-      it('answers 400 to a request with two Idempotency-Key header lines', async () => {
-        const { port } = server.address() as AddressInfo
-        const status = await new Promise<number>((resolve, reject) => {
-          const req = request(
-            { host: '127.0.0.1', port, path: '/charges', method: 'POST', headers: { 'content-type': 'application/json' } },
-            (res) => {
-              res.resume()
-              resolve(res.statusCode!)
-            },
-          )
-          req.setHeader('Idempotency-Key', ['a', 'b'])
-          req.on('error', reject)
-          req.end(JSON.stringify({ id: 'two-lines' }))
-        })
-        expect(status).toBe(400)
-        expect(await fx.effects()).toBe(0)
-      })
-
       it('takes a numeric scope as its decimal text, and answers a missing one with a 500 that names the option', async () => {
         const first = await post('/numeric', { id: 'n' }, { 'Idempotency-Key': 'n', 'x-user-id': '42' })
         expect(first.status).toBe(201)
@@ -469,20 +358,6 @@ for (const target of targetsFor('express helper', ['statement-paths'])) {
         expect(anonymous.status).toBe(500)
         expect(((await anonymous.json()) as { error: string }).error).toMatch(/scope option returned undefined/)
         expect(await fx.effects('charge:a')).toBe(0)
-      })
-
-      it('sends the same bytes on replay as on the first answer', async () => {
-        for (const kind of ['json-string', 'bytes', 'plain']) {
-          const send = () => post('/text', { kind }, { 'Idempotency-Key': kind })
-          const first = await send()
-          const again = await send()
-          expect(again.headers.get('idempotency-replayed')).toBe('true')
-          expect(Buffer.from(await again.arrayBuffer())).toEqual(Buffer.from(await first.arrayBuffer()))
-          expect(again.headers.get('content-type')).toBe(first.headers.get('content-type'))
-        }
-        expect(await (await post('/text', { kind: 'json-string' }, { 'Idempotency-Key': 'json-string' })).text()).toBe('hello')
-        expect(await (await post('/text', { kind: 'plain' }, { 'Idempotency-Key': 'plain' })).text()).toBe('"just text"')
-        expect(await fx.effects('text')).toBe(3)
       })
 
       it('tells bodies apart by a __proto__ field', async () => {

@@ -15,7 +15,31 @@ interface Order {
   readonly hold?: boolean
   /** Answer with headers that some framework cannot send. */
   readonly unsendable?: keyof typeof UNSENDABLE
+  /** Answer with a body that is not a JSON value. */
+  readonly kind?: keyof typeof KINDS
 }
+
+/** Answers whose body is not a JSON value, and what is sent for each, first and on replay: its status, Content-Type and bytes. */
+const KINDS = {
+  'a string with a Content-Type': {
+    result: { status: 200, body: 'hello', headers: { 'Content-Type': 'application/json' } },
+    sent: { status: 200, type: 'application/json', body: Buffer.from('hello') },
+  },
+  bytes: {
+    result: { status: 200, body: Buffer.from([0, 255, 10]), headers: { 'Content-Type': 'application/octet-stream' } },
+    sent: { status: 200, type: 'application/octet-stream', body: Buffer.from([0, 255, 10]) },
+  },
+  'a string without one': {
+    result: { status: 200, body: 'just text' },
+    sent: { status: 200, type: 'application/json; charset=utf-8', body: Buffer.from('"just text"') },
+  },
+  'no body': { result: { status: 204, headers: { 'X-Kind': 'empty' } }, sent: { status: 204, type: null, body: Buffer.alloc(0) } },
+} as const satisfies Record<string, { result: HttpResult; sent: { status: number; type: string | null; body: Buffer } }>
+
+/** Response headers that differ between any two answers of a server, whatever was stored; Set-Cookie is never replayed. */
+const PER_RESPONSE = new Set(['date', 'connection', 'keep-alive', 'idempotency-replayed', 'set-cookie'])
+
+const headersOf = (response: Response) => Object.fromEntries([...response.headers].filter(([name]) => !PER_RESPONSE.has(name)))
 
 /** Answers Node or the Fetch API refuse to send, by what makes them so, and the header each names. */
 const UNSENDABLE = {
@@ -55,10 +79,11 @@ for (const target of targetsFor('HTTP conformance', ['statement-paths'])) {
               if (plan.throws > 0 && plan.throws--) throw new Error('the handler failed')
               if (plan.fails > 0 && plan.fails--) return { status: 503, body: { error: 'try later' } }
               if (order.unsendable) return { status: 201, body: { item: order.item ?? null }, headers: UNSENDABLE[order.unsendable][0] }
+              if (order.kind) return KINDS[order.kind].result
               return {
                 status: 201,
                 body: { item: order.item ?? null, at: Math.random() },
-                headers: { Location: `/orders/${order.item}`, 'Set-Cookie': 'session=first', 'X-Order': String(order.item) },
+                headers: { Location: `/orders/${order.item}`, 'Set-Cookie': ['session=first', 'theme=dark'], 'X-Order': String(order.item) },
               }
             },
             rides: defineRides(fx.idempotency, fx.db, fx.effectsTable),
@@ -97,12 +122,14 @@ for (const target of targetsFor('HTTP conformance', ['statement-paths'])) {
         return problem
       }
 
-      it('stores the first answer and replays its status, body bytes and headers, without Set-Cookie, with Idempotency-Replayed', async () => {
+      it('stores the first answer and replays its status, body bytes and headers, without Set-Cookie, with Idempotency-Replayed, whatever the body (JSON, text, bytes, none)', async () => {
         const first = await post({ item: 'a' }, 'k1')
         const stored = await first.text()
         expect(first.status).toBe(201)
+        expect(first.headers.get('location')).toBe('/orders/a')
+        expect(first.headers.get('content-type')).toBe('application/json; charset=utf-8')
         expect(first.headers.get('idempotency-replayed')).toBeNull()
-        expect(first.headers.get('set-cookie')).toBe('session=first')
+        expect(first.headers.getSetCookie()).toEqual(['session=first', 'theme=dark'])
         for (let i = 0; i < 2; i++) {
           const replay = await post({ item: 'a' }, 'k1')
           expect(replay.status).toBe(201)
@@ -111,15 +138,33 @@ for (const target of targetsFor('HTTP conformance', ['statement-paths'])) {
           expect(replay.headers.get('x-order')).toBe('a')
           expect(replay.headers.get('content-type')).toBe(first.headers.get('content-type'))
           expect(replay.headers.get('idempotency-replayed')).toBe('true')
-          expect(replay.headers.get('set-cookie')).toBeNull()
+          expect(replay.headers.getSetCookie()).toEqual([])
+          expect(headersOf(replay)).toEqual(headersOf(first))
         }
         expect(await fx.effects('order:a')).toBe(1)
+        // Answers whose body is not a JSON value are sent as they were given, and replayed the same.
+        for (const [kind, { sent }] of Object.entries(KINDS)) {
+          const item = `kind-${Object.keys(KINDS).indexOf(kind)}`
+          const send = () => post({ item, kind }, `k-${item}`)
+          const first = await send()
+          const again = await send()
+          expect(first.headers.get('idempotency-replayed'), kind).toBeNull()
+          expect(again.headers.get('idempotency-replayed'), kind).toBe('true')
+          for (const response of [first, again]) {
+            expect(response.status, kind).toBe(sent.status)
+            expect(response.headers.get('content-type'), kind).toBe(sent.type)
+          }
+          expect(headersOf(again), kind).toEqual(headersOf(first))
+          expect(Buffer.from(await first.arrayBuffer()), kind).toEqual(sent.body)
+          expect(Buffer.from(await again.arrayBuffer()), kind).toEqual(sent.body)
+          expect(await fx.effects(`order:${item}`), kind).toBe(1)
+        }
       })
 
-      it('answers 400 problem+json to a missing, empty, too long, control-character or repeated key, and runs nothing', async () => {
+      it('answers 400 problem+json to a missing, empty, too long, control-character, malformed or repeated key, and runs nothing; a quoted key is the bare one', async () => {
         const missing = await post({ item: 'a' })
         await expectProblem(missing, await missing.text(), 400, 'missing_key')
-        for (const key of ['', 'x'.repeat(256), 'tab\tkey', '"unterminated', 'a, b']) {
+        for (const key of ['', '""', 'x'.repeat(256), 'tab\tkey', '"unterminated', '"a"b"', 'a, b']) {
           const bad = await sendLines(
             `${app.url}/orders`,
             'POST',
@@ -145,6 +190,13 @@ for (const target of targetsFor('HTTP conformance', ['statement-paths'])) {
         // A key with a comma is fine quoted, as a Structured-Field string.
         expect((await post({ item: 'comma' }, '"a,b"')).status).toBe(201)
         expect(await fx.effects('order:a')).toBe(0)
+        // The quoted Structured-Field form and the bare form name the same key, escapes included.
+        expect((await post({ item: 'quoted' }, '"quoted-key"')).status).toBe(201)
+        expect((await post({ item: 'quoted' }, 'quoted-key')).headers.get('idempotency-replayed')).toBe('true')
+        expect((await post({ item: 'escaped' }, '"a\\"b"')).status).toBe(201)
+        expect((await post({ item: 'escaped' }, 'a"b')).headers.get('idempotency-replayed')).toBe('true')
+        expect(await fx.effects('order:quoted')).toBe(1)
+        expect(await fx.effects('order:escaped')).toBe(1)
       })
 
       it('answers 422 to the same key with another request, and the key still answers its own', async () => {
@@ -153,9 +205,13 @@ for (const target of targetsFor('HTTP conformance', ['statement-paths'])) {
         expect((await expectProblem(reuse, await reuse.text(), 422, 'key_reuse')).detail).toMatch(/different request/)
         const again = await post({ item: 'a' }, 'k4')
         expect(await again.text()).toBe(stored)
+        expect(await fx.effects('order:a')).toBe(1)
         expect(await fx.effects('order:b')).toBe(0)
         // Scopes keep clients apart: another user's same key is another request.
-        expect((await post({ item: 'b' }, 'k4', { user: 'someone-else' })).status).toBe(201)
+        const other = await post({ item: 'b' }, 'k4', { user: 'someone-else' })
+        expect(other.status).toBe(201)
+        expect(other.headers.get('idempotency-replayed')).toBeNull()
+        expect(await fx.effects('order:b')).toBe(1)
       })
 
       it('answers 409 with Retry-After when the same key stays in flight past conflictWait, and the first still finishes once', async () => {
