@@ -22,12 +22,14 @@ import { createIdempotency } from '../index.js'
 const root = resolve(import.meta.dirname, '..')
 /** Where the reader's app, `./app` in the examples, is. */
 const snippets = join(root, 'docs', 'snippets')
+/** The package's subpaths, as package.json exports them (`./express`), and the folder of each. */
+const SUBPATHS = Object.keys((JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')) as { exports: object }).exports)
+  .filter((path) => path.startsWith('./') && path !== './package.json')
+  .map((path) => path.slice(2))
+/** Each import path of the package, and the source file it is built from. */
 const PACKAGE_PATHS: Readonly<Record<string, string>> = {
   'kysely-idempotency': 'index.ts',
-  'kysely-idempotency/express': 'express/index.ts',
-  'kysely-idempotency/fetch': 'fetch/index.ts',
-  'kysely-idempotency/fastify': 'fastify/index.ts',
-  'kysely-idempotency/testing': 'testing/index.ts',
+  ...Object.fromEntries(SUBPATHS.map((folder) => [`kysely-idempotency/${folder}`, `${folder}/index.ts`])),
 }
 
 interface Example {
@@ -75,7 +77,7 @@ function markdownExamples(markdown: string): Example[] {
 function docCommentExamples(): Example[] {
   const examples: Example[] = []
   const files = ['index.ts']
-  for (const dir of ['src', 'http', 'express', 'fetch', 'fastify', 'dialects', 'migrations', 'testing']) {
+  for (const dir of ['src', 'http', 'dialects', 'migrations', ...SUBPATHS]) {
     for (const file of readdirSync(join(root, dir), { recursive: true }).map(String)) if (file.endsWith('.ts')) files.push(join(dir, file))
   }
   for (const file of files) {

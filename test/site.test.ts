@@ -15,7 +15,7 @@ describe('the docs site', () => {
   let out: string
   beforeAll(() => {
     out = mkdtempSync(join(tmpdir(), 'kidem-site-'))
-    // The API reference (typedoc.json): an error or a warning (a public type naming an unexported one, a broken {@link}) fails here.
+    // The API reference (typedoc.config.mjs): an error or a warning (a public type naming an unexported one, a broken {@link}) fails here.
     try {
       execFileSync(process.execPath, [join(root, 'node_modules', 'typedoc', 'bin', 'typedoc')], { cwd: root, stdio: 'pipe' })
     } catch (error) {
@@ -35,7 +35,10 @@ describe('the docs site', () => {
       if (file.endsWith('.html') && file !== '404.html')
         pages.set(`/${file.replace(/\.html$/, '').replace(/(^|\/)index$/, '')}`, readFileSync(join(out, file), 'utf8'))
     }
-    const reference = ['', '/express', '/fastify', '/fetch', '/testing'].map((subpath) => `/reference/kysely-idempotency${subpath}`)
+    const { exports } = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')) as { exports: object }
+    const subpaths = Object.keys(exports).filter((path) => path !== './package.json')
+    // A page per module the package exports (`.` and `./express` are /reference/kysely-idempotency and …/express).
+    const reference = subpaths.map((path) => `/reference/kysely-idempotency${path.slice(1)}`)
     expect([...pages.keys()]).toEqual(
       expect.arrayContaining(['/', '/why', '/guide/api', '/guide/http', '/guide/adding-a-database', '/performance', '/reference', ...reference]),
     )

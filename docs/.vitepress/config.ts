@@ -3,7 +3,7 @@ import { defineConfig, type DefaultTheme } from 'vitepress'
 
 /**
  * The API reference's pages, as TypeDoc wrote them into docs/reference/ (`npm run docs:api`,
- * typedoc.json); none before it ran, and the reference is then not there at all.
+ * typedoc.config.mjs); none before it ran, and the reference is then not there at all.
  */
 const referenceSidebar = new URL('../reference/typedoc-sidebar.json', import.meta.url)
 const referenceItems: DefaultTheme.SidebarItem[] = existsSync(referenceSidebar) ? JSON.parse(readFileSync(referenceSidebar, 'utf8')) : []

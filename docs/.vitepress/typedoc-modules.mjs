@@ -1,6 +1,6 @@
 // @ts-check
 /**
- * TypeDoc plugin (typedoc.json): names each entry point's module after the path it is imported
+ * TypeDoc plugin (typedoc.config.mjs): names each entry point's module after the path it is imported
  * by (`index.ts` is `kysely-idempotency`, `express/index.ts` is `kysely-idempotency/express`), not
  * after its folder, without an `@module` tag in the source.
  */
