@@ -118,7 +118,14 @@ for (const target of targetsFor('HTTP conformance', ['statement-paths'])) {
         const type = response.headers instanceof Headers ? response.headers.get('content-type') : response.headers['content-type']
         expect(type).toMatch(/^application\/problem\+json/)
         const problem = JSON.parse(text) as Record<string, unknown>
-        expect(problem).toMatchObject({ type: `urn:kysely-idempotency:${code}`, status, title: expect.any(String), detail: expect.any(String) })
+        expect(problem).toMatchObject({
+          type: `urn:kysely-idempotency:${code}`,
+          // The IETF draft profile's name where it has one, else ours in kebab case.
+          code: code === 'key_reuse' ? 'fingerprint-mismatch' : code.replaceAll('_', '-'),
+          status,
+          title: expect.any(String),
+          detail: expect.any(String),
+        })
         return problem
       }
 
@@ -212,6 +219,33 @@ for (const target of targetsFor('HTTP conformance', ['statement-paths'])) {
         expect(other.status).toBe(201)
         expect(other.headers.get('idempotency-replayed')).toBeNull()
         expect(await fx.effects('order:b')).toBe(1)
+      })
+
+      it("with reuse: 'reject' on the route, answers a used key 409 key_used and runs nothing, while another request is still 422", async () => {
+        const strict = await startApp(
+          adapter,
+          fx.idempotency,
+          { reuse: 'reject' },
+          { orders: async (body, trx) => (await fx.effect(trx, `strict:${(body as Order).item}`), { status: 201, body }) },
+        )
+        try {
+          const send = (item: string) =>
+            fetch(`${strict.url}/orders`, {
+              method: 'POST',
+              headers: { 'content-type': 'application/json', 'idempotency-key': 'k' },
+              body: JSON.stringify({ item }),
+            })
+          expect((await send('a')).status).toBe(201)
+          const used = await send('a')
+          await expectProblem(used, await used.text(), 409, 'key_used')
+          expect(used.headers.get('idempotency-replayed')).toBeNull()
+          const other = await send('b')
+          await expectProblem(other, await other.text(), 422, 'key_reuse')
+          expect(await fx.effects('strict:a')).toBe(1)
+          expect(await fx.effects('strict:b')).toBe(0)
+        } finally {
+          await strict.close()
+        }
       })
 
       it('answers 409 with Retry-After when the same key stays in flight past conflictWait, and the first still finishes once', async () => {

@@ -28,6 +28,7 @@ export interface RouteSettings {
   readonly ttl?: number
   readonly conflictWait?: number
   readonly lockTimeout?: number
+  readonly reuse?: 'replay' | 'reject'
 }
 
 /** An app listening on loopback. */
@@ -61,9 +62,9 @@ export function defineRides(
 
 /** Starts the API on `adapter`, on a free port. */
 export async function startApp(adapter: AdapterName, idempotency: Idempotency<any>, settings: RouteSettings, routes: Routes): Promise<App> {
-  const { ttl, conflictWait, lockTimeout } = settings
-  const orders = { ttl, conflictWait, required: true }
-  const rides = { ttl, conflictWait, lockTimeout, required: true }
+  const { ttl, conflictWait, lockTimeout, reuse } = settings
+  const orders = { ttl, conflictWait, reuse, required: true }
+  const rides = { ttl, conflictWait, lockTimeout, reuse, required: true }
   const noRides = async (): Promise<HttpResult> => ({ status: 404 })
   const ridesOf = <Req>(body: (req: Req) => unknown) => {
     const rides = routes.rides ?? noRides
