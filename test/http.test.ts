@@ -1,5 +1,5 @@
 /**
- * SPEC §5 as one table over every HTTP adapter (Express 5 and 4, Fastify, the Fetch API, Hono)
+ * SPEC §5 as one table over every HTTP adapter (Express 5 and 4, Fastify, the Fetch API, Hono, Koa)
  * and every database, each over real HTTP: the adapters differ only in how they map requests
  * and answers, so each row must hold for each of them.
  */

@@ -238,7 +238,7 @@ describe('the packed package', () => {
   it('ships built code and type declarations, and no tests', () => {
     const files = readdirSync(join(project, 'node_modules', 'kysely-idempotency'), { recursive: true }).map(String)
     for (const build of ['esm', 'cjs']) {
-      for (const entry of ['', 'express', 'fetch', 'fastify', 'testing']) {
+      for (const entry of ['', 'express', 'fetch', 'fastify', 'koa', 'testing']) {
         expect(files).toContain(join('dist', build, entry, 'index.js'))
         expect(files).toContain(join('dist', build, entry, 'index.d.ts'))
       }
@@ -282,7 +282,7 @@ describe('the packed package', () => {
     expect(resolved).toEqual({
       '.': { node10: cjs(''), 'node16-cjs': cjs(''), 'node16-esm': esm(''), bundler: esm('') },
       ...Object.fromEntries(
-        ['express', 'fetch', 'fastify', 'testing'].map((entry) => [
+        ['express', 'fetch', 'fastify', 'koa', 'testing'].map((entry) => [
           `./${entry}`,
           { node10: cjs(entry), 'node16-cjs': cjs(entry), 'node16-esm': esm(entry), bundler: esm(entry) },
         ]),

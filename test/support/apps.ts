@@ -8,11 +8,14 @@ import type { AddressInfo } from 'node:net'
 import express5 from 'express'
 import express4 from 'express4'
 import Fastify, { type FastifyRequest } from 'fastify'
+import { bodyParser } from '@koa/bodyparser'
 import { Hono } from 'hono'
+import Koa, { type Context as KoaContext } from 'koa'
 import type { Kysely, Transaction } from 'kysely'
 import * as forExpress from '../../express/index.js'
 import * as forFastify from '../../fastify/index.js'
 import * as forFetch from '../../fetch/index.js'
+import * as forKoa from '../../koa/index.js'
 import type { HttpDefinedFlow, HttpFlowRequest, HttpResult } from '../../http/index.js'
 import { rideFlow, type Ride, type RidePoint } from './ride.js'
 import type { Flow, Idempotency } from '../../index.js'
@@ -38,7 +41,7 @@ export interface App {
   close(): Promise<void>
 }
 
-export const ADAPTER_NAMES = ['express 5', 'express 4', 'fastify', 'fetch', 'hono'] as const
+export const ADAPTER_NAMES = ['express 5', 'express 4', 'fastify', 'fetch', 'hono', 'koa'] as const
 export type AdapterName = (typeof ADAPTER_NAMES)[number]
 
 const user = (value: string | null | undefined) => value ?? 'anonymous'
@@ -142,6 +145,26 @@ export async function startApp(adapter: AdapterName, idempotency: Idempotency<an
       app.on(['GET', 'POST'], '/orders', (c) => route(c.req.raw, c))
       app.post('/rides', (c) => ride(c.req.raw, c))
       return serveFetch((request) => Promise.resolve(app.fetch(request)))
+    }
+    case 'koa': {
+      const { idempotent, idempotentFlow } = forKoa
+      const app = new Koa()
+      // A thrown error answers 500 without a stack trace on the test's output.
+      app.silent = true
+      app.use(bodyParser())
+      const scope = (ctx: KoaContext) => user(ctx.get('x-user') || undefined)
+      const route = idempotent(idempotency, { ...orders, scope }, (ctx, trx) => routes.orders(ctx.request.body, trx))
+      const ride = idempotentFlow(
+        idempotency,
+        { ...rides, scope },
+        ridesOf((ctx: KoaContext) => ctx.request.body),
+      )
+      app.use(async (ctx, next) => {
+        if (ctx.path === '/orders' && (ctx.method === 'POST' || ctx.method === 'GET')) return route(ctx, next)
+        if (ctx.path === '/rides' && ctx.method === 'POST') return ride(ctx, next)
+        return next()
+      })
+      return listening(app.listen(0, '127.0.0.1'))
     }
   }
 }
