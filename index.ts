@@ -83,6 +83,7 @@ export type {
   StopOptions,
 } from './src/recovery/worker.js'
 export type { KeyInspection, KeyReference } from './src/operations.js'
+export type { ConsumeOptions, Delivery, Message } from './src/consume.js'
 export type { ErrorClass } from './src/flow/survived.js'
 export type { IdempotencyEvent, IdempotencyEventType, IdempotencyOperation, ObserveOptions } from './src/observe.js'
 export type { KeyCounts } from './src/rows.js'

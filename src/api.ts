@@ -1,6 +1,7 @@
 /** The public API of an idempotency instance (see `createIdempotency` in the package entry). */
 import type { Kysely, Transaction } from 'kysely'
 import type { Storable } from './codec/values.js'
+import type { ConsumeOptions, Delivery, Message } from './consume.js'
 import type { IdempotencyDialect } from './dialect.js'
 import type { AbandonedFlow, Flow } from './flow/handle.js'
 import type { IdempotencyKeyInput } from './keys.js'
@@ -186,6 +187,28 @@ export interface Idempotency<DB> {
    * (`recovery_failed`), never into the event loop; the worker does not keep the process alive.
    */
   startRecovery(options?: StartRecoveryOptions): RecoveryWorker
+
+  /**
+   * Processes a queue message or a webhook delivery at most once per id (and source): `handler`
+   * runs in a transaction that also stores the id, so its writes and the id commit together, and
+   * a redelivery after that commit runs nothing and gives `{ duplicate: true }`: acknowledge it.
+   * A redelivery while the first is still running waits `conflictWait`, then rejects with
+   * `IdempotencyConflictError` (let the queue redeliver it later); with `reuse: 'reject'`, a
+   * processed id rejects with `IdempotencyKeyUsedError`. Ids are remembered 7 days unless `ttl`
+   * says otherwise (docs: Message and webhook consumers).
+   *
+   * ### Examples
+   *
+   * ```ts
+   * import { idempotency } from './app'
+   *
+   * const message = { MessageId: '5fea7756-0ea4-451a-a703-a558b933e274', Body: '{"item":"book"}' }
+   * const { duplicate } = await idempotency.consume({ source: 'orders-queue', id: message.MessageId, body: message.Body }, (trx) =>
+   *   trx.insertInto('orders').values(JSON.parse(message.Body)).returning('id').executeTakeFirstOrThrow())
+   * // Processed now or before (duplicate): either way, delete the message from the queue.
+   * ```
+   */
+  consume<T>(message: Message, handler: (trx: Transaction<DB>) => Promise<T & Storable<T>>, options?: ConsumeOptions): Promise<Delivery<T>>
 
   /** What the table holds for one key, for support work; `undefined` when there is nothing. */
   inspect(key: KeyReference): Promise<KeyInspection | undefined>

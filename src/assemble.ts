@@ -6,6 +6,7 @@
 import type { DialectAdapter, Kysely, Transaction } from 'kysely'
 import type { Execution, Idempotency } from './api.js'
 import { Coalescer } from './coalesce.js'
+import { consumeMessage } from './consume.js'
 import { ValueStore } from './codec/store.js'
 import type { Storable } from './codec/values.js'
 import type { IdempotencyDialect } from './dialect.js'
@@ -192,6 +193,7 @@ export function assembleIdempotency<DB>(options: IdempotencyOptions<DB>, parts: 
     executeTransaction,
     withIdempotency: async (trx, key, fn, call) => (await execute(trx, key, fn, call)).value,
     transaction: async (key, fn, call) => (await executeTransaction(key, fn, call)).value,
+    consume: (message, handler, call) => consumeMessage(executeTransaction, message, handler, call),
     executeRun: executeRun as Idempotency<DB>['executeRun'],
     run: (async <T>(key: IdempotencyKeyInput, flow: (flow: Flow<DB, T>) => Promise<T>, call?: RunOptions) =>
       (await executeRun(key, flow, call)).value) as Idempotency<DB>['run'],

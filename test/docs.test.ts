@@ -14,6 +14,7 @@ import { join, relative, resolve } from 'node:path'
 import Database from 'better-sqlite3'
 import express, { type Express } from 'express'
 import { Kysely, SqliteDialect } from 'kysely'
+import { Webhook } from 'standardwebhooks'
 import Stripe from 'stripe'
 import ts from 'typescript'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
@@ -214,7 +215,8 @@ describe('the README examples, run against SQLite', () => {
   /** An Express app whose requests are authenticated as `user`, with the example's routes, listening. */
   async function serve(register: (app: Express) => Promise<void>): Promise<string> {
     const app = express()
-    app.use(express.json(), (req, _res, next) => {
+    // As the examples' app (docs/snippets/app.ts): every route mounts its own body parser.
+    app.use((req, _res, next) => {
       Object.assign(req, { user: { id: req.get('x-user') ?? 'user-1', stripeId: 'cus_1' } })
       next()
     })
@@ -286,5 +288,43 @@ describe('the README examples, run against SQLite', () => {
     expect(again.headers.get('idempotency-replayed')).toBe('true')
     expect(await again.text()).toBe(await first.text())
     expect(await db.selectFrom('charges').selectAll().execute()).toHaveLength(1)
+  })
+
+  it('webhooks: Standard Webhooks deliveries, signed, consumed once', async () => {
+    await db.schema
+      .createTable('charges')
+      .ifNotExists()
+      .addColumn('id', 'integer', (c) => c.primaryKey())
+      .addColumn('customer', 'text', (c) => c.notNull())
+      .addColumn('amount', 'integer', (c) => c.notNull())
+      .addColumn('currency', 'text', (c) => c.notNull())
+      .execute()
+    const secret = `whsec_${Buffer.from('a secret of at least 24 bytes!').toString('base64')}`
+    process.env.WEBHOOK_SECRET = secret
+    const run = await load(example('webhook'), dir)
+    const url = await serve((app) => run({ app, idempotency: createIdempotency({ db }) }))
+    const sender = new Webhook(secret)
+    const deliver = (id: string, event: unknown, signature?: string) => {
+      const payload = JSON.stringify(event)
+      const at = new Date()
+      return fetch(`${url}/webhooks/billing`, {
+        method: 'POST',
+        headers: {
+          'content-type': 'application/json',
+          'webhook-id': id,
+          'webhook-timestamp': String(Math.floor(at.getTime() / 1000)),
+          'webhook-signature': signature ?? sender.sign(id, at, payload),
+        },
+        body: payload,
+      })
+    }
+    const charges = () => db.selectFrom('charges').selectAll().where('customer', '=', 'hooked').execute()
+    const event = { type: 'charge.succeeded', data: { customer: 'hooked', amount: 700 } }
+    expect((await deliver('msg_1', event, 'v1,bm90IGEgc2lnbmF0dXJl')).status).toBe(400)
+    expect(await charges()).toHaveLength(0)
+    for (let i = 0; i < 3; i++) expect((await deliver('msg_1', event)).status).toBe(204)
+    expect(await charges()).toHaveLength(1)
+    expect((await deliver('msg_2', event)).status).toBe(204)
+    expect(await charges()).toHaveLength(2)
   })
 })

@@ -36,6 +36,7 @@ export default defineConfig({
             { text: 'Errors', link: '/guide/errors' },
             { text: 'Values and codecs', link: '/guide/values' },
             { text: 'HTTP adapters', link: '/guide/http' },
+            { text: 'Message and webhook consumers', link: '/guide/consumers' },
             { text: 'Atomic phases', link: '/guide/atomic-phases' },
             { text: 'Recovery', link: '/guide/recovery' },
             { text: 'Observability', link: '/guide/observability' },

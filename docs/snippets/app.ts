@@ -38,8 +38,9 @@ function authenticate(req: express.Request, _res: express.Response, next: expres
   next()
 }
 
+// Body parsers go on each route: a webhook route needs the raw bytes its signature covers.
 export const app = express()
-app.use(express.json(), authenticate)
+app.use(authenticate)
 
 // One request, for the examples that are not inside a route: its Idempotency-Key, the body and
 // who sent it (the scope of the key).

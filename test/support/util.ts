@@ -20,10 +20,13 @@ export interface WorkerArgs {
   readonly target: string
   readonly location: string
   readonly table: string
-  readonly action: 'storm' | 'hold' | 'migrate' | 'ride' | 'defined-ride' | 'clean-exit'
+  readonly action: 'storm' | 'hold' | 'migrate' | 'ride' | 'defined-ride' | 'clean-exit' | 'consume'
   readonly key?: string
   readonly count?: number
-  /** `ride`, `defined-ride`: where to print `at:<point>` and then wait to be killed (`ride`: or stall for `stall` ms). */
+  /**
+   * `ride`, `defined-ride`: where to print `at:<point>` and then wait to be killed (`ride`: or stall for `stall` ms).
+   * `consume`: `handler` to wait inside the handler, else the process waits after the commit, before acknowledging.
+   */
   readonly stopAt?: string
   readonly stall?: number
   /** `ride`: the lock timeout of the flow, in milliseconds. */
