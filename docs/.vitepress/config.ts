@@ -37,6 +37,7 @@ export default defineConfig({
             { text: 'Values and codecs', link: '/guide/values' },
             { text: 'HTTP adapters', link: '/guide/http' },
             { text: 'Message and webhook consumers', link: '/guide/consumers' },
+            { text: 'Exactly-once enqueue', link: '/guide/enqueue' },
             { text: 'Atomic phases', link: '/guide/atomic-phases' },
             { text: 'Recovery', link: '/guide/recovery' },
             { text: 'Observability', link: '/guide/observability' },

@@ -15,6 +15,8 @@ export interface Database {
   stock: { item: string; available: number }
   charges: { id: Generated<number>; customer: string; amount: number; currency: string }
   rides: { id: Generated<number>; user_id: string; origin: string; target: string; price: number; charge_id: string | null }
+  /** Messages written with the business rows, for a relay to publish (docs: Exactly-once enqueue). */
+  outbox: { id: Generated<number>; topic: string; payload: string }
 }
 
 export const db = new Kysely<Database>({

@@ -20,17 +20,20 @@ export interface WorkerArgs {
   readonly target: string
   readonly location: string
   readonly table: string
-  readonly action: 'storm' | 'hold' | 'migrate' | 'ride' | 'defined-ride' | 'clean-exit' | 'consume'
+  readonly action: 'storm' | 'hold' | 'migrate' | 'ride' | 'defined-ride' | 'clean-exit' | 'consume' | 'enqueue'
   readonly key?: string
   readonly count?: number
   /**
    * `ride`, `defined-ride`: where to print `at:<point>` and then wait to be killed (`ride`: or stall for `stall` ms).
    * `consume`: `handler` to wait inside the handler, else the process waits after the commit, before acknowledging.
+   * `enqueue`: `before-commit` to wait after enqueuing in the handler, else the process waits after the commit.
    */
   readonly stopAt?: string
   readonly stall?: number
   /** `ride`: the lock timeout of the flow, in milliseconds. */
   readonly lockTimeout?: number
+  /** `enqueue`: where the job goes, graphile-worker's `add_job` (task `<table>_receipt`) or the table `<table>_outbox`. */
+  readonly queue?: 'graphile' | 'outbox'
   /** Epoch ms at which to start, so that several processes fire together. */
   readonly startAt?: number
 }
