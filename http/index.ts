@@ -6,6 +6,7 @@
  *
  *   route.ts    the route: options, modes (transaction, flow, defined flow), the key's answer
  *   answer.ts   a handler's result, the answer built from it, what can be sent and stored
+ *   storage.ts  what is stored of an answer: Set-Cookie, the size limit, an omitted body, the expiry header
  *   headers.ts  the key header
  *   body.ts     bodies the route reads itself (JSON, forms, multipart parts)
  *   uploads.ts  files a framework's upload middleware kept (multer, @fastify/multipart)

@@ -11,20 +11,9 @@ import { IdempotencySetupError, InvalidIdempotencyKeyError } from '../src/errors
 import type { Flow } from '../src/flow/handle.js'
 import type { RunOptions, TransactionOptions } from '../src/options.js'
 import { internalsOf, type DefinedFlow, type DefinedRunOptions, type Finisher } from '../src/recovery/registry.js'
-import {
-  LEFT_BEHIND,
-  markedReplayed,
-  problemOf,
-  Refused,
-  render,
-  renderStored,
-  sent,
-  tooLarge,
-  Unstored,
-  type Answer,
-  type HttpResult,
-} from './answer.js'
+import { LEFT_BEHIND, markedReplayed, problemOf, Refused, render, renderStored, sent, Unstored, type Answer, type HttpResult } from './answer.js'
 import { parseKeyHeader } from './headers.js'
+import { StorageRules } from './storage.js'
 import { problem } from './problem.js'
 
 /**
@@ -54,9 +43,23 @@ export interface IdempotentOptions<Req> {
   readonly ignoreBodyFields?: readonly string[]
   /**
    * Largest stored answer (status, headers and body) in bytes. A larger one is not stored:
-   * the request fails with 500 and its writes roll back. Default 1 MiB.
+   * the request fails with 500 and its writes roll back (see {@link oversized}). Default 1 MiB.
    */
   readonly maxStoredBytes?: number
+  /**
+   * What to do with an answer over `maxStoredBytes`. `'refuse'` (the default): answer 500
+   * `response_too_large` and roll the writes back. `'omit-body'`: send it in full, and store its
+   * status and headers only, so that a replay sends them without a body and with
+   * `Idempotency-Replay: omitted` (the IETF draft's profile). A `Response` body the Fetch
+   * adapter reads as a stream is read no further than the limit, so it is refused either way.
+   */
+  readonly oversized?: 'refuse' | 'omit-body'
+  /**
+   * Send the key's expiry with every answer to a keyed request, first and replayed, as the
+   * header `Idempotency-Key-Expires` (an HTTP date): until then a retry with the key is
+   * answered from storage. Default `false`.
+   */
+  readonly expiryHeader?: boolean
   /**
    * Largest request body the route reads itself for the fingerprint, in bytes, where no
    * framework has parsed it (the Fetch API adapter); a larger one is answered 413. Default 1 MiB.
@@ -155,6 +158,7 @@ export class IdempotentRoute<Req> {
   readonly #fingerprintHeaders: readonly string[]
   readonly #ignored: ReadonlySet<string>
   readonly #maxStoredBytes: number
+  readonly #storage: StorageRules
   /** See {@link IdempotentOptions.maxRequestBytes}. */
   readonly maxRequestBytes: number
   /** See {@link IdempotentOptions.bodyTimeout}. */
@@ -172,6 +176,7 @@ export class IdempotentRoute<Req> {
     this.#fingerprintHeaders = (options.fingerprintHeaders ?? []).map((h) => h.toLowerCase())
     this.#ignored = new Set(options.ignoreBodyFields ?? [])
     this.#maxStoredBytes = bytesOption('maxStoredBytes', options.maxStoredBytes)
+    this.#storage = new StorageRules(this.#maxStoredBytes, options)
     this.maxRequestBytes = bytesOption('maxRequestBytes', options.maxRequestBytes)
     this.bodyTimeout = options.bodyTimeout ?? DEFAULT_BODY_TIMEOUT
     if (!Number.isSafeInteger(this.bodyTimeout) || this.bodyTimeout <= 0 || this.bodyTimeout > HOUR) {
@@ -199,6 +204,7 @@ export class IdempotentRoute<Req> {
       (req, facts) => idempotency.db.transaction().execute(async (trx) => this.#sendable(render(returned(facts, await handler(req, trx), left)))),
       (req, key, facts) =>
         this.#once(
+          ttl ?? idempotency.ttl,
           (fn) => idempotency.executeTransaction(key, fn, settings),
           async (trx: Transaction<DB>) => returned(facts, await handler(req, trx), left),
         ),
@@ -218,14 +224,16 @@ export class IdempotentRoute<Req> {
     const internals = internalsOf(defined)
     if (!internals) throw new TypeError('idempotentFlow takes a flow function, or a flow defined with idempotency.defineFlow().')
     const { definition } = internals
+    // The ttl a run of this flow from this route stores its answer with, for the expiry header.
+    const ttl = settings.ttl ?? definition.options.ttl ?? idempotency.ttl
     const served = definition.finishers.get(ROUTE_FINISHER) as RouteFinisher | undefined
-    if (served && served.rules !== this.#rules()) {
+    if (served && served.rules !== this.#storage.id) {
       throw new TypeError(`The flow "${definition.name}" already serves a route with other storage rules; define one flow per set of rules.`)
     }
     const finisher: RouteFinisher = {
       id: ROUTE_FINISHER,
-      rules: this.#rules(),
-      finish: (result) => this.#kept(this.#sendable(render(result as HttpResult))),
+      rules: this.#storage.id,
+      finish: (result) => this.#storage.kept(this.#storage.dated(this.#sendable(render(result as HttpResult)), ttl)),
     }
     definition.finishers.set(ROUTE_FINISHER, finisher)
     const run = definition.fn as unknown as (flow: Flow<DB, HttpResult>, request: HttpFlowRequest) => Promise<HttpResult>
@@ -237,6 +245,7 @@ export class IdempotentRoute<Req> {
         ),
       (_req, key, facts) =>
         this.#once<Flow<DB, Answer>>(
+          ttl,
           (fn) =>
             internals.execute(key, fn as unknown as (flow: Flow<never, unknown>) => Promise<unknown>, settings, finisher) as Promise<
               Execution<Answer>
@@ -245,11 +254,6 @@ export class IdempotentRoute<Req> {
             returned(facts, await run({ ...flow, fail: (response) => flow.fail(keep(response)) }, key.request as HttpFlowRequest), LEFT_BEHIND.flow),
         ),
     )
-  }
-
-  /** The options that decide what is stored, as one comparable text. */
-  #rules(): string {
-    return JSON.stringify([this.#maxStoredBytes, this.#options.persistSetCookie === true])
   }
 
   /**
@@ -268,6 +272,7 @@ export class IdempotentRoute<Req> {
       async (req, facts) => this.#sendable(render(returned(facts, await handler(req, directFlow(idempotency)), LEFT_BEHIND.unkeyedFlow))),
       (req, key, facts) =>
         this.#once<Flow<DB, Answer>>(
+          ttl ?? idempotency.ttl,
           (fn) => idempotency.executeRun(key, fn, settings),
           async (flow: Flow<DB, Answer>, keep) =>
             returned(facts, await handler(req, { ...flow, fail: (response) => flow.fail(keep(response)) }), LEFT_BEHIND.flow),
@@ -358,31 +363,18 @@ export class IdempotentRoute<Req> {
   }
 
   /**
-   * The one place that decides what is stored for a handler's answer, returned or given to
-   * `flow.fail()`: a sendable answer, without `Set-Cookie` (unless allowed), within the size limit.
-   */
-  #kept(answer: Answer): Answer {
-    const headers = Object.fromEntries(
-      Object.entries(answer.headers).filter(([name]) => this.#options.persistSetCookie || name.toLowerCase() !== 'set-cookie'),
-    )
-    const kept = { ...answer, headers }
-    const bytes = Buffer.byteLength(JSON.stringify({ status: kept.status, headers })) + (kept.body === undefined ? 0 : Buffer.byteLength(kept.body))
-    if (bytes > this.#maxStoredBytes) throw tooLarge(`The response is ${bytes} bytes, more than maxStoredBytes (${this.#maxStoredBytes}).`)
-    return kept
-  }
-
-  /**
    * Runs `handler` through `execute` (a keyed transaction or flow) and returns what to send:
    * the stored answer on a replay, else the handler's own (its Set-Cookie included).
    */
   async #once<C>(
+    ttl: number,
     execute: (fn: (context: C) => Promise<Answer>) => Promise<Execution<Answer>>,
     handler: (context: C, keep: (result: HttpResult) => Answer) => Promise<HttpResult>,
   ): Promise<{ answer: Answer; replayed: boolean }> {
     let sent: Answer | undefined
     const keep = (result: HttpResult): Answer => {
-      sent = this.#sendable(render(result))
-      return this.#kept(sent)
+      sent = this.#storage.dated(this.#sendable(render(result)), ttl)
+      return this.#storage.kept(sent)
     }
     const execution = await execute(async (context) => keep(await handler(context, keep)))
     if (!execution.replayed && sent) return { answer: sent, replayed: false }

@@ -28,6 +28,8 @@ export interface Idempotency<DB> {
   readonly tableName: string
   /** The database module in use. */
   readonly dialect: IdempotencyDialect
+  /** How long a finished key stays replayable when a call does not say (the `ttl` option), in milliseconds. */
+  readonly ttl: number
 
   /**
    * Runs `fn` at most once per key inside your transaction `trx`, and returns its value;

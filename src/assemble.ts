@@ -189,6 +189,7 @@ export function assembleIdempotency<DB>(options: IdempotencyOptions<DB>, parts: 
     db,
     tableName: name.name,
     dialect,
+    ttl: base.ttl,
     execute,
     executeTransaction,
     withIdempotency: async (trx, key, fn, call) => (await execute(trx, key, fn, call)).value,

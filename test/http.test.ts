@@ -248,6 +248,72 @@ for (const target of targetsFor('HTTP conformance', ['statement-paths'])) {
         }
       })
 
+      it("with oversized: 'omit-body', sends a large answer in full and replays its status and headers without the body, marked omitted", async () => {
+        const big = 'x'.repeat(4096)
+        const omitting = await startApp(
+          adapter,
+          fx.idempotency,
+          { maxStoredBytes: 1024, oversized: 'omit-body' },
+          {
+            orders: async (body, trx) => (
+              await fx.effect(trx, 'big'), { status: 201, body: { big, ...(body as object) }, headers: { 'X-Order': 'big' } }
+            ),
+          },
+        )
+        try {
+          const send = () =>
+            fetch(`${omitting.url}/orders`, {
+              method: 'POST',
+              headers: { 'content-type': 'application/json', 'idempotency-key': 'big' },
+              body: '{"n":1}',
+            })
+          const first = await send()
+          expect(first.status).toBe(201)
+          expect(await first.json()).toEqual({ big, n: 1 })
+          expect(first.headers.get('idempotency-replay')).toBeNull()
+          for (let i = 0; i < 2; i++) {
+            const replay = await send()
+            expect(replay.status).toBe(201)
+            expect(await replay.text()).toBe('')
+            expect(replay.headers.get('idempotency-replay')).toBe('omitted')
+            expect(replay.headers.get('idempotency-replayed')).toBe('true')
+            expect(replay.headers.get('x-order')).toBe('big')
+          }
+          expect(await fx.effects('big')).toBe(1)
+        } finally {
+          await omitting.close()
+        }
+      })
+
+      it("with expiryHeader, answers a keyed request with the key's expiry, the same on every replay, and nothing else with it", async () => {
+        const dated = await startApp(
+          adapter,
+          fx.idempotency,
+          { ttl: 60_000, expiryHeader: true },
+          { orders: async () => ({ status: 201, body: { ok: true } }) },
+        )
+        try {
+          const send = (key?: string) =>
+            fetch(`${dated.url}/orders`, {
+              method: 'POST',
+              headers: { 'content-type': 'application/json', ...(key ? { 'idempotency-key': key } : {}) },
+              body: '{}',
+            })
+          const before = Date.now()
+          const first = await send('dated')
+          const expires = first.headers.get('idempotency-key-expires')
+          expect(Date.parse(expires!)).toBeGreaterThan(before + 58_000)
+          expect(Date.parse(expires!)).toBeLessThanOrEqual(Date.now() + 60_000)
+          expect(new Date(Date.parse(expires!)).toUTCString()).toBe(expires)
+          const replay = await send('dated')
+          expect(replay.headers.get('idempotency-replayed')).toBe('true')
+          expect(replay.headers.get('idempotency-key-expires')).toBe(expires)
+          expect((await send()).headers.get('idempotency-key-expires')).toBeNull()
+        } finally {
+          await dated.close()
+        }
+      })
+
       it('answers 409 with Retry-After when the same key stays in flight past conflictWait, and the first still finishes once', async () => {
         const original = post({ item: 'slow', hold: true }, 'k5')
         await plan.entered.promise

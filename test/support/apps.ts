@@ -32,6 +32,9 @@ export interface RouteSettings {
   readonly conflictWait?: number
   readonly lockTimeout?: number
   readonly reuse?: 'replay' | 'reject'
+  readonly maxStoredBytes?: number
+  readonly oversized?: 'refuse' | 'omit-body'
+  readonly expiryHeader?: boolean
 }
 
 /** An app listening on loopback. */
@@ -65,9 +68,9 @@ export function defineRides(
 
 /** Starts the API on `adapter`, on a free port. */
 export async function startApp(adapter: AdapterName, idempotency: Idempotency<any>, settings: RouteSettings, routes: Routes): Promise<App> {
-  const { ttl, conflictWait, lockTimeout, reuse } = settings
-  const orders = { ttl, conflictWait, reuse, required: true }
-  const rides = { ttl, conflictWait, lockTimeout, reuse, required: true }
+  const { lockTimeout, ...common } = settings
+  const orders = { ...common, required: true }
+  const rides = { ...common, lockTimeout, required: true }
   const noRides = async (): Promise<HttpResult> => ({ status: 404 })
   const ridesOf = <Req>(body: (req: Req) => unknown) => {
     const rides = routes.rides ?? noRides
