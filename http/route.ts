@@ -233,7 +233,8 @@ export class IdempotentRoute<Req> {
     const finisher: RouteFinisher = {
       id: ROUTE_FINISHER,
       rules: this.#storage.id,
-      finish: (result) => this.#storage.kept(this.#storage.dated(this.#sendable(render(result as HttpResult)), ttl)),
+      // The worker gives the run's own ttl: another route may have registered this finisher since.
+      finish: (result, runTtl) => this.#storage.kept(this.#storage.dated(this.#sendable(render(result as HttpResult)), runTtl)),
     }
     definition.finishers.set(ROUTE_FINISHER, finisher)
     const run = definition.fn as unknown as (flow: Flow<DB, HttpResult>, request: HttpFlowRequest) => Promise<HttpResult>

@@ -167,7 +167,10 @@ export function assembleIdempotency<DB>(options: IdempotencyOptions<DB>, parts: 
     }
     registry.define(definition)
     const executeDefined = async (key: DefinedFlowKey<R>, call?: DefinedRunOptions): Promise<Execution<T>> =>
-      runFlow(normalizeKey(key), (flow: Flow<DB, T>) => fn(flow, key.request), { ...definition.options, ...call }, { flow: flowName, finisher: null })
+      runFlow(normalizeKey(key), (flow: Flow<DB, T>) => fn(flow, key.request), overriding(definition.options, call), {
+        flow: flowName,
+        finisher: null,
+      })
     const handle: DefinedFlow<T, R> = {
       name: flowName,
       executeRun: executeDefined,
@@ -176,12 +179,10 @@ export function assembleIdempotency<DB>(options: IdempotencyOptions<DB>, parts: 
     return attachInternals(handle, {
       definition,
       execute: async (key, body, call, finisher) =>
-        runFlow(
-          normalizeKey(key),
-          body as unknown as (flow: Flow<DB, unknown>) => Promise<unknown>,
-          { ...definition.options, ...call },
-          { flow: flowName, finisher: finisher.id },
-        ),
+        runFlow(normalizeKey(key), body as unknown as (flow: Flow<DB, unknown>) => Promise<unknown>, overriding(definition.options, call), {
+          flow: flowName,
+          finisher: finisher.id,
+        }),
     })
   }
 
@@ -258,6 +259,14 @@ export async function withIdempotencyDetecting<DB, T>(
   const [normalized, resolved] = [normalizeKey(key), resolveSettings(DEFAULTS, options ?? {})]
   found.coalescer.refuseNested(normalized, resolved)
   return (await found.path.inTransaction(trx, normalized, fn, resolved)).value
+}
+
+/**
+ * A defined flow's options with a call's on top: only those the call gives, so that `{ ttl:
+ * undefined }` (an HTTP route without a ttl) leaves the definition's.
+ */
+function overriding(defaults: DefineFlowOptions, call: DefinedRunOptions | undefined): DefinedRunOptions {
+  return { ...defaults, ...Object.fromEntries(Object.entries(call ?? {}).filter(([, value]) => value !== undefined)) }
 }
 
 function requireTransaction<DB>(trx: Transaction<DB>): Transaction<DB> {

@@ -377,6 +377,45 @@ for (const target of targetsFor('recovery worker')) {
       })
     })
 
+    it("keeps a defined flow's own ttl through a route without one, and dates its answer by the run's ttl, whoever finishes it", async () => {
+      const DAY = 24 * 60 * 60 * 1000
+      const defined = idempotency.defineFlow(
+        'dated-flow',
+        async (flow: Flow<any, HttpResult>, request: HttpFlowRequest<{ crash?: boolean }>) => {
+          await flow.phase('a', async () => 1)
+          if (request.body?.crash && flow.attempt === 1) throw new Error('crash')
+          return { status: 201, body: { ok: true } }
+        },
+        { ttl: 3 * DAY },
+      )
+      const route = new IdempotentRoute<unknown>({ scope: () => 'u', required: true, expiryHeader: true }).flow(idempotency, defined)
+      // Another route with the same rules but another ttl registers its finisher on the flow after the first.
+      new IdempotentRoute<unknown>({ scope: () => 'u', required: true, expiryHeader: true, ttl: 30 * DAY }).flow(idempotency, defined)
+      const facts = (body: unknown, key: string): RequestFacts => ({
+        method: 'POST',
+        url: '/dated',
+        body: () => body,
+        headerLines: (name) => (name === 'Idempotency-Key' ? [key] : []),
+      })
+      const dated = async (key: string) => {
+        const outcome = await route({}, facts(key === 'by-worker' ? { crash: true } : {}, key))
+        const header = 'answer' in outcome ? String(outcome.answer.headers['Idempotency-Key-Expires']) : 'none'
+        const { expiresAt } = (await idempotency.inspect({ key, scope: 'u' }))!
+        return { header: Date.parse(header), expires: expiresAt.getTime() }
+      }
+      const direct = await dated('direct')
+      expect(direct.expires - Date.now()).toBeGreaterThan(3 * DAY - 60_000)
+      expect(direct.expires - Date.now()).toBeLessThan(3 * DAY + 60_000)
+      expect(direct.header).toBeLessThanOrEqual(direct.expires)
+      expect(direct.expires - direct.header).toBeLessThan(2000)
+      expect(await route({}, facts({ crash: true }, 'by-worker'))).toMatchObject({ error: expect.objectContaining({ message: 'crash' }) })
+      expect(await idempotency.recover()).toEqual({ finished: 1, failed: 0, skipped: 0 })
+      const finished = await dated('by-worker')
+      expect(finished.expires - Date.now()).toBeLessThan(3 * DAY + 60_000)
+      expect(finished.header).toBeLessThanOrEqual(finished.expires)
+      expect(finished.expires - finished.header).toBeLessThan(2000)
+    })
+
     it('finishes a route\'s flow stored before finishers had ids ("answer": "http") under the route\'s rules', async () => {
       let runs = 0
       const defined = idempotency.defineFlow('legacy', async (flow: Flow<any, HttpResult>) => {

@@ -6,6 +6,7 @@ import type { Execution } from '../api.js'
 import type { Storable } from '../codec/values.js'
 import type { IdempotencyKeyInput } from '../keys.js'
 import type { Flow } from '../flow/handle.js'
+import type { Reuse } from '../options.js'
 
 /** Options of `idempotency.defineFlow`: defaults of every run of the flow, the recovery worker's included. */
 export interface DefineFlowOptions {
@@ -30,6 +31,7 @@ export interface DefinedRunOptions {
   readonly ttl?: number
   readonly conflictWait?: number
   readonly lockTimeout?: number
+  readonly reuse?: Reuse
 }
 
 /**
@@ -54,8 +56,11 @@ export interface DefinedFlow<T, R> {
 export interface Finisher {
   /** Stored with each flow the finisher serves: keep it the same across deploys. */
   readonly id: string
-  /** The answer to store for `result`; throwing refuses the result, and the attempt fails with nothing stored. */
-  finish(result: unknown): unknown
+  /**
+   * The answer to store for `result`, from a run whose answer is kept `ttl` ms; throwing refuses
+   * the result, and the attempt fails with nothing stored.
+   */
+  finish(result: unknown, ttl: number): unknown
 }
 
 /** A flow defined in this instance, as the recovery worker and whoever serves it use it. */

@@ -73,10 +73,10 @@ export async function resumeFlow(
           operation: 'recover',
         }
         const body = async (flow: Flow<unknown, unknown>) => {
-          const handle = finisher ? { ...flow, fail: (response: unknown) => flow.fail(finisher.finish(response)) } : flow
+          const handle = finisher ? { ...flow, fail: (response: unknown) => flow.fail(finisher.finish(response, resolved.ttl)) } : flow
           try {
             const result = await definition.fn(handle as never, started.request)
-            return finisher ? finisher.finish(result) : result
+            return finisher ? finisher.finish(result, resolved.ttl) : result
           } catch (error) {
             // Whatever the flow's own code throws is its failure, even a conflict of another key.
             if (isFailure(error)) throw error
