@@ -46,6 +46,7 @@ export interface IdempotentRequest {
 export interface IdempotentResponse {
   status(code: number): unknown
   setHeader(name: string, value: string | number | readonly string[]): unknown
+  append(name: string, value: string | string[]): unknown
   send(body: unknown): unknown
   end(): unknown
   readonly headersSent: boolean
@@ -166,7 +167,11 @@ function parsed(req: IdempotentRequest): unknown {
 
 function send(res: IdempotentResponse, answer: Answer): void {
   res.status(answer.status)
-  for (const [name, value] of Object.entries(answer.headers)) res.setHeader(name, value)
+  for (const [name, value] of Object.entries(answer.headers)) {
+    // Cookies that middleware before the route set stay beside the answer's.
+    if (name.toLowerCase() === 'set-cookie') res.append(name, typeof value === 'string' ? value : [...value])
+    else res.setHeader(name, value)
+  }
   // Bytes, not a string: Express would add a charset to the Content-Type of a string.
   if (answer.body === undefined) res.end()
   else res.send(Buffer.isBuffer(answer.body) ? answer.body : Buffer.from(answer.body))

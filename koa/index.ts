@@ -38,6 +38,8 @@ export interface IdempotentContext {
   status: number
   get(name: string): string
   set(name: string, value: string | string[]): void
+  append(name: string, value: string | string[]): void
+  remove(name: string): void
 }
 
 /**
@@ -138,14 +140,21 @@ function parsed(ctx: IdempotentContext, request: Parsed): unknown {
 }
 
 function send(ctx: IdempotentContext, answer: Answer): void {
-  if (answer.body === undefined) {
-    // Koa turns a null body into a 204 and drops the body's headers: the status goes after it.
+  ctx.status = answer.status
+  // Before the body, so that Koa keeps the answer's Content-Type instead of guessing one.
+  for (const [name, value] of Object.entries(answer.headers)) {
+    const lines = typeof value === 'string' ? value : [...value]
+    // Cookies that middleware before the route set stay beside the answer's.
+    if (name.toLowerCase() === 'set-cookie') ctx.append(name, lines)
+    else ctx.set(name, lines)
+  }
+  if (answer.body !== undefined) ctx.body = Buffer.isBuffer(answer.body) ? answer.body : Buffer.from(answer.body)
+  // No body but a Content-Type (an omitted replay): empty bytes, since Koa drops the type of a null body.
+  else if (Object.keys(answer.headers).some((name) => name.toLowerCase() === 'content-type')) ctx.body = Buffer.alloc(0)
+  else {
+    // A null body is a 204 to Koa, and the JSON type that middleware may have set makes it `null`.
+    ctx.remove('Content-Type')
     ctx.body = null
     ctx.status = answer.status
-  } else {
-    ctx.status = answer.status
   }
-  // Before the body, so that Koa keeps the answer's Content-Type instead of guessing one.
-  for (const [name, value] of Object.entries(answer.headers)) ctx.set(name, typeof value === 'string' ? value : [...value])
-  if (answer.body !== undefined) ctx.body = Buffer.isBuffer(answer.body) ? answer.body : Buffer.from(answer.body)
 }

@@ -187,6 +187,31 @@ for (const target of targetsFor('express helper', ['statement-paths'])) {
         }
       })
 
+      it('keeps the cookies that middleware before the route set beside those of the answer', async () => {
+        const app = express()
+        app.use((_req, res, next) => (res.append('Set-Cookie', 'csrf=token'), next()))
+        app.post(
+          '/cookies',
+          idempotent(
+            fx.idempotency,
+            { scope: UNSCOPED },
+            async (_req, trx) => (await fx.effect(trx, 'cookies'), { status: 201, headers: { 'Set-Cookie': 'seen=1' } }),
+          ),
+        )
+        const server = await listen(app as unknown as ReturnType<typeof build>)
+        try {
+          const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}/cookies`
+          const answer = await fetch(url, { method: 'POST', headers: { 'Idempotency-Key': 'cookies' } })
+          expect(answer.status).toBe(201)
+          expect(answer.headers.getSetCookie()).toEqual(['csrf=token', 'seen=1'])
+          // The replay has the middleware's cookie, and not the answer's, which is not stored.
+          expect((await fetch(url, { method: 'POST', headers: { 'Idempotency-Key': 'cookies' } })).headers.getSetCookie()).toEqual(['csrf=token'])
+        } finally {
+          server.closeAllConnections()
+          await new Promise((resolve) => server.close(resolve))
+        }
+      })
+
       it('refuses a body that no body parser read, instead of leaving it out of the fingerprint', async () => {
         // No parser for text/plain before the route: another amount must never be replayed the first answer.
         const text = (amount: string) =>

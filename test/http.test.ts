@@ -276,6 +276,7 @@ for (const target of targetsFor('HTTP conformance', ['statement-paths'])) {
             expect(replay.status).toBe(201)
             expect(await replay.text()).toBe('')
             expect(replay.headers.get('idempotency-replay')).toBe('omitted')
+            expect(replay.headers.get('content-type')).toBe(first.headers.get('content-type'))
             expect(replay.headers.get('idempotency-replayed')).toBe('true')
             expect(replay.headers.get('x-order')).toBe('big')
           }

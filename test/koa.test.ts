@@ -44,7 +44,7 @@ for (const target of targetsFor('koa adapter', ['statement-paths'])) {
         await fx.effect(trx, `order:${item}`)
         if (behave === 'throw') throw new Error('the handler failed')
         if (behave === 'self') ctx.body = { answered: 'by itself' }
-        if (behave === 'empty') return { status: 201, headers: { 'X-Item': String(item) } }
+        if (behave === 'empty') return { status: 201, headers: { 'X-Item': String(item), 'Set-Cookie': 'seen=1' } }
         return { status: 201, body: { item, at: Math.random() } }
       }
       const options = { scope: (ctx: Context) => ctx.get('x-user') || 'anonymous', required: true }
@@ -64,6 +64,12 @@ for (const target of targetsFor('koa adapter', ['statement-paths'])) {
         if (ctx.path === '/unparsed') return parsed(ctx, next)
         if (ctx.path === '/upload') return upload(ctx, () => uploaded(ctx, next))
         if (ctx.path === '/rides') return parser(ctx, () => flow(ctx, next))
+        if (ctx.path === '/typed') {
+          // Middleware before the route that set a JSON type and a cookie of its own.
+          ctx.type = 'json'
+          ctx.append('Set-Cookie', 'csrf=token')
+          return parser(ctx, () => parsed(ctx, next))
+        }
         return next()
       })
       server = app.listen(0, '127.0.0.1')
@@ -117,6 +123,13 @@ for (const target of targetsFor('koa adapter', ['statement-paths'])) {
         expect(await answer.text()).toBe('')
       }
       expect(await fx.effects('order:a')).toBe(1)
+    })
+
+    it('keeps a JSON type and cookies that middleware before it set from turning a bodiless answer into `null` or losing the cookies', async () => {
+      const answer = await post('/typed', { item: 't', behave: 'empty' }, 't')
+      expect(answer.status).toBe(201)
+      expect(await answer.text()).toBe('')
+      expect(answer.headers.getSetCookie()).toEqual(['csrf=token', 'seen=1'])
     })
 
     it('fingerprints a file @koa/multer kept, by its bytes: another file under the key is 422', async () => {
