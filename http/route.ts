@@ -9,7 +9,7 @@ import type { Execution, Idempotency } from '../src/api.js'
 import { MAX_DEPTH, nestsDeeper } from '../src/codec/values.js'
 import { IdempotencySetupError, InvalidIdempotencyKeyError } from '../src/errors.js'
 import type { Flow } from '../src/flow/handle.js'
-import type { RunOptions, TransactionOptions } from '../src/options.js'
+import { bounded, DEFAULTS, resolveSettings, type RunOptions, type TransactionOptions } from '../src/options.js'
 import { internalsOf, type DefinedFlow, type DefinedRunOptions, type Finisher } from '../src/recovery/registry.js'
 import { LEFT_BEHIND, markedReplayed, problemOf, Refused, render, renderStored, sent, Unstored, type Answer, type HttpResult } from './answer.js'
 import { parseKeyHeader } from './headers.js'
@@ -50,14 +50,15 @@ export interface IdempotentOptions<Req> {
    * What to do with an answer over `maxStoredBytes`. `'refuse'` (the default): answer 500
    * `response_too_large` and roll the writes back. `'omit-body'`: send it in full, and store its
    * status and headers only, so that a replay sends them without a body and with
-   * `Idempotency-Replay: omitted` (the IETF draft's profile). A `Response` body the Fetch
-   * adapter reads as a stream is read no further than the limit, so it is refused either way.
+   * `Idempotency-Replay: omitted` (the IETF draft's profile). A `Response` returned to the Fetch
+   * adapter is read as a stream no further than the limit, so one over it is refused either way:
+   * return `{ status, body, headers }` for answers that may be large.
    */
   readonly oversized?: 'refuse' | 'omit-body'
   /**
-   * Send the key's expiry with every answer to a keyed request, first and replayed, as the
-   * header `Idempotency-Key-Expires` (an HTTP date): until then a retry with the key is
-   * answered from storage. Default `false`.
+   * Send the key's expiry with every answer the handler gave to a keyed request, first and
+   * replayed, as the header `Idempotency-Key-Expires` (an HTTP date, by the application's clock,
+   * rounded down): until then a retry with the key is answered from storage. Default `false`.
    */
   readonly expiryHeader?: boolean
   /**
@@ -177,6 +178,9 @@ export class IdempotentRoute<Req> {
     this.#ignored = new Set(options.ignoreBodyFields ?? [])
     this.#maxStoredBytes = bytesOption('maxStoredBytes', options.maxStoredBytes)
     this.#storage = new StorageRules(this.#maxStoredBytes, options)
+    // The call options, checked now: a mistake must not wait for the first request with a key.
+    resolveSettings(DEFAULTS, options)
+    if (options.lockTimeout !== undefined) bounded('lockTimeout', options.lockTimeout)
     this.maxRequestBytes = bytesOption('maxRequestBytes', options.maxRequestBytes)
     this.bodyTimeout = options.bodyTimeout ?? DEFAULT_BODY_TIMEOUT
     if (!Number.isSafeInteger(this.bodyTimeout) || this.bodyTimeout <= 0 || this.bodyTimeout > HOUR) {
@@ -314,7 +318,9 @@ export class IdempotentRoute<Req> {
           return { answer: sent(error.problem(left)), replayed: false }
         }
         const mapped = problemOf(error)
-        return mapped ? { answer: mapped, replayed: false } : { error }
+        if (mapped) return { answer: mapped, replayed: false }
+        // Frameworks take `undefined` for no error: Express's next(undefined) runs the next route, Koa leaves the request hanging.
+        return { error: error ?? new Error(`The idempotent handler of ${facts.method} ${facts.url} threw ${error}; nothing was stored.`) }
       }
     }
   }

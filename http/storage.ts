@@ -40,7 +40,7 @@ export class StorageRules {
    * a client retrying before it is sure to be answered from storage.
    */
   dated(answer: Answer, ttl: number): Answer {
-    if (!this.#options.expiryHeader) return answer
+    if (this.#options.expiryHeader !== true) return answer
     const expires = new Date(Math.floor((Date.now() + ttl) / 1000) * 1000).toUTCString()
     return { ...answer, headers: { ...without(answer.headers, EXPIRY_HEADER), [EXPIRY_HEADER]: expires } }
   }
@@ -51,7 +51,7 @@ export class StorageRules {
    * status and headers only, marked `Idempotency-Replay: omitted` for the replays.
    */
   kept(answer: Answer): Answer {
-    const headers = this.#options.persistSetCookie ? answer.headers : without(answer.headers, 'set-cookie')
+    const headers = this.#options.persistSetCookie === true ? answer.headers : without(answer.headers, 'set-cookie')
     const kept = { ...answer, headers }
     if (size(kept) <= this.#maxBytes) return kept
     const limit = `more than maxStoredBytes (${this.#maxBytes})`

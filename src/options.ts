@@ -143,8 +143,9 @@ export function resolveSettings(base: Settings, options: CallOptions & { readonl
 }
 
 function oneOf<const V extends string>(name: string, value: unknown, allowed: readonly V[]): V {
-  if (!allowed.includes(value as V))
-    throw new RangeError(`The option ${name} must be ${allowed.map((v) => `'${v}'`).join(' or ')}, got ${String(value)}.`)
+  if (!allowed.includes(value as V)) {
+    throw new RangeError(`The option ${name} must be ${allowed.map((v) => `'${v}'`).join(' or ')}, got ${given(value)}.`)
+  }
   return value as V
 }
 
@@ -171,7 +172,15 @@ const BOUNDS = {
 export function bounded(name: keyof typeof BOUNDS, value: unknown): number {
   const { min, max, label } = BOUNDS[name]
   if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < min || value > max) {
-    throw new RangeError(`The option ${name} must be an integer from ${min} to ${max}${label ? ` (${label})` : ''}, got ${String(value)}.`)
+    throw new RangeError(`The option ${name} must be an integer from ${min} to ${max}${label ? ` (${label})` : ''}, got ${given(value)}.`)
   }
   return value
+}
+
+/** An option's value as a message shows it; not String(value), which throws for an object without a prototype. */
+function given(value: unknown): string {
+  if (typeof value === 'string') return `'${value}'`
+  if (typeof value === 'number' || typeof value === 'bigint' || typeof value === 'boolean' || value === undefined || value === null)
+    return String(value)
+  return typeof value
 }

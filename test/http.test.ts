@@ -17,6 +17,8 @@ interface Order {
   readonly unsendable?: keyof typeof UNSENDABLE
   /** Answer with a body that is not a JSON value. */
   readonly kind?: keyof typeof KINDS
+  /** Throw `undefined` instead of an error. */
+  readonly throwNothing?: boolean
 }
 
 /** Answers whose body is not a JSON value, and what is sent for each, first and on replay: its status, Content-Type and bytes. */
@@ -77,6 +79,7 @@ for (const target of targetsFor('HTTP conformance', ['statement-paths'])) {
                 await plan.release.promise
               }
               if (plan.throws > 0 && plan.throws--) throw new Error('the handler failed')
+              if (order.throwNothing) throw undefined
               if (plan.fails > 0 && plan.fails--) return { status: 503, body: { error: 'try later' } }
               if (order.unsendable) return { status: 201, body: { item: order.item ?? null }, headers: UNSENDABLE[order.unsendable][0] }
               if (order.kind) return KINDS[order.kind].result
@@ -396,6 +399,19 @@ for (const target of targetsFor('HTTP conformance', ['statement-paths'])) {
         expect(retry.status).toBe(201)
         expect(retry.headers.get('idempotency-replayed')).toBeNull()
         expect(await fx.effects('order:later')).toBe(1)
+      })
+
+      it('answers 500 to a handler that throws undefined, which no framework takes for an error, and stores nothing', async () => {
+        const answered = await post({ item: 'nothing', throwNothing: true }, 'k-nothing')
+        expect(answered.status).toBe(500)
+        expect(await fx.rows()).toBe(0)
+        expect(await fx.effects('order:nothing')).toBe(0)
+      })
+
+      it('refuses call options a route cannot run with when the route is made, not at its first request with a key', async () => {
+        for (const bad of [{ reuse: 'rejected' }, { ttl: 0 }, { conflictWait: -1 }, { lockTimeout: 0 }, { oversized: 'truncate' }]) {
+          await expect(startApp(adapter, fx.idempotency, bad as never, { orders: async () => ({ status: 201 }) })).rejects.toThrow(RangeError)
+        }
       })
 
       it("passes a thrown error to the framework's error handling, stores nothing, and lets a retry run", async () => {
