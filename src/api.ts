@@ -196,8 +196,8 @@ export interface Idempotency<DB> {
    * a redelivery after that commit runs nothing and gives `{ duplicate: true }`: acknowledge it.
    * A redelivery while the first is still running waits `conflictWait`, then rejects with
    * `IdempotencyConflictError` (let the queue redeliver it later); with `reuse: 'reject'`, a
-   * processed id rejects with `IdempotencyKeyUsedError`. Ids are remembered 7 days unless `ttl`
-   * says otherwise (docs: Message and webhook consumers).
+   * processed id rejects with `IdempotencyKeyUsedError`. Ids are remembered 7 days (or the
+   * instance's `ttl` where longer) unless `ttl` says otherwise (docs: Message and webhook consumers).
    *
    * ### Examples
    *

@@ -195,7 +195,7 @@ export function assembleIdempotency<DB>(options: IdempotencyOptions<DB>, parts: 
     executeTransaction,
     withIdempotency: async (trx, key, fn, call) => (await execute(trx, key, fn, call)).value,
     transaction: async (key, fn, call) => (await executeTransaction(key, fn, call)).value,
-    consume: (message, handler, call) => consumeMessage(executeTransaction, message, handler, call),
+    consume: (message, handler, call) => consumeMessage(executeTransaction, message, handler, call, base.ttl),
     executeRun: executeRun as Idempotency<DB>['executeRun'],
     run: (async <T>(key: IdempotencyKeyInput, flow: (flow: Flow<DB, T>) => Promise<T>, call?: RunOptions) =>
       (await executeRun(key, flow, call)).value) as Idempotency<DB>['run'],

@@ -11,8 +11,10 @@ import type { TransactionOptions } from './options.js'
 /** One message or webhook delivery, as its sender identifies it on every redelivery. */
 export interface Message {
   /**
-   * Who sends it: the queue, topic or webhook endpoint (`'billing-webhooks'`, `'orders-queue'`).
-   * Ids are kept apart by source, under the scope `message:<source>`.
+   * This consumer's name for what it reads: the webhook endpoint, or the queue or topic and the
+   * consumer group (`'billing-webhooks'`, `'orders/shipping'`). Ids are kept apart by source,
+   * under the scope `message:<source>`: two consumers of one topic that both must process each
+   * message need sources of their own, or the second would take every message as a duplicate.
    */
   readonly source: string
   /**
@@ -41,7 +43,8 @@ export interface Delivery<T> {
 export interface ConsumeOptions extends TransactionOptions {
   /**
    * How long a processed id is remembered, in milliseconds: longer than the sender redelivers
-   * (webhook providers retry for up to days, a queue for its retention). Default 7 days.
+   * (webhook providers retry for up to days, a queue for its retention). Default 7 days, or the
+   * instance's `ttl` where that is longer.
    */
   readonly ttl?: number
 }
@@ -49,7 +52,7 @@ export interface ConsumeOptions extends TransactionOptions {
 /** How long a processed message id is remembered unless the call says otherwise. */
 export const MESSAGE_TTL = 7 * 24 * 60 * 60 * 1000
 
-/** The scope of a source's ids, apart from the scopes of HTTP clients (`user-1`) in a shared table. */
+/** The scope of a source's ids, apart from the scopes other callers give (`user-1`) in a shared table. */
 export function messageKey(message: Message): IdempotencyKeyInput {
   if (typeof message?.source !== 'string' || message.source === '') {
     throw new InvalidIdempotencyKeyError(`A message needs a source (the queue or webhook endpoint it comes from), got ${describe(message?.source)}.`)
@@ -62,8 +65,10 @@ export async function consumeMessage<DB, T>(
   message: Message,
   handler: (trx: Transaction<DB>) => Promise<T>,
   options: ConsumeOptions | undefined,
+  instanceTtl: number,
 ): Promise<Delivery<T>> {
-  const { value, replayed } = await transaction(messageKey(message), handler, { ...options, ttl: options?.ttl ?? MESSAGE_TTL })
+  const ttl = options?.ttl ?? Math.max(instanceTtl, MESSAGE_TTL)
+  const { value, replayed } = await transaction(messageKey(message), handler, { ...options, ttl })
   return { value, duplicate: replayed }
 }
 

@@ -37,6 +37,11 @@ for (const target of targetsFor('consumers')) {
       const shorter = await fx.idempotency.consume({ source: 'billing', id: 'msg_2' }, async () => 1, { ttl: DAY })
       expect(shorter.duplicate).toBe(false)
       expect((await fx.idempotency.inspect({ key: 'msg_2', scope: 'message:billing' }))!.expiresAt.getTime() - Date.now()).toBeLessThan(DAY + 1000)
+      // An instance that keeps keys longer keeps message ids as long.
+      await fx.with({ ttl: 14 * DAY }).consume({ source: 'billing', id: 'msg_3' }, async () => 1)
+      expect((await fx.idempotency.inspect({ key: 'msg_3', scope: 'message:billing' }))!.expiresAt.getTime() - Date.now()).toBeGreaterThan(
+        14 * DAY - 60_000,
+      )
     })
 
     it('keeps sources apart, and apart from HTTP scopes of the same name', async () => {
