@@ -32,7 +32,19 @@ export default defineConfig({
     // child processes, the CLI and the crash and soak apps, is not counted).
     coverage: {
       provider: 'v8',
-      include: ['index.ts', 'src/**', 'dialects/**', 'migrations/**', 'http/**', 'express/**', 'fastify/**', 'fetch/**', 'testing/**', 'cli/**'],
+      include: [
+        'index.ts',
+        'src/**',
+        'dialects/**',
+        'migrations/**',
+        'http/**',
+        'express/**',
+        'fastify/**',
+        'fetch/**',
+        'koa/**',
+        'testing/**',
+        'cli/**',
+      ],
       reporter: ['text-summary', 'text'],
     },
     testTimeout: 60_000,

@@ -133,10 +133,6 @@ export class IdempotencyKeyReuseError extends IdempotencyError {
 }
 
 /**
- * An atomic-phases attempt lost its lock to another attempt that took the key over
- * (status 409). The phase that noticed it was rolled back.
- */
-/**
  * The key already answered this same request, and the call was made with `reuse: 'reject'`
  * (status 409): nothing ran and the stored answer was not returned. The key stays as it was.
  */

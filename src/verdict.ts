@@ -81,8 +81,8 @@ export class Verdicts {
     if (row.recoveryPoint === FINISHED) {
       if (settings.reuse === 'reject') {
         throw new IdempotencyKeyUsedError(
-          `The idempotency key "${key.key}" already answered this request, and the call asked to reject a used key (reuse: 'reject'); nothing ran. ` +
-            "Use a new key for a new request, or reuse: 'replay' to get the stored answer.",
+          `The idempotency key "${key.key}" already answered this request, and this call rejects a used key instead of replaying it; nothing ran. ` +
+            'Use a new key for a new request.',
         )
       }
       return { value: this.#table.values.decode(row.response ?? 'null', row.codec) }
