@@ -343,8 +343,7 @@ for (const target of targetsFor('in-flight duplicates')) {
       await sleep(50)
       const waiters = await Promise.all(
         Array.from({ length: 8 }, (_, i) => fx.idempotency.executeRun({ key: 'herd', request: 1 }, body(`waiter ${i}`), settings)),
-      )
-      hung.open()
+      ).finally(() => hung.open())
       await expect(first).rejects.toMatchObject({ code: 'lock_lost' })
       const ran = waiters.filter((w) => !w.replayed)
       expect(ran).toHaveLength(1)
