@@ -9,6 +9,7 @@ import type { Idempotency } from '../src/api.js'
 import type { RunOptions, TransactionOptions } from '../src/options.js'
 import type { Flow } from '../src/flow/handle.js'
 import {
+  declaresBody,
   IdempotentRoute,
   multerFiles,
   rawHeaderLines,
@@ -154,9 +155,7 @@ function facts(req: IdempotentRequest): RequestFacts {
  * without a body, which would replay another request's answer to it.
  */
 function parsed(req: IdempotentRequest): unknown {
-  const length = req.get('content-length')
-  const hasBody = req.get('transfer-encoding') !== undefined || (length !== undefined && length.trim() !== '0')
-  if (hasBody && (!req.readableEnded || req.body === undefined)) {
+  if (declaresBody(req.rawHeaders) && (!req.readableEnded || req.body === undefined)) {
     throw new IdempotencySetupError(
       `The request ${req.method} ${req.originalUrl} has a body (${req.get('content-type') ?? 'no Content-Type'}) that no body parser read before the idempotent route, ` +
         'so its fingerprint cannot cover it. Mount a parser for that type before the route: express.json(), express.urlencoded(), express.text() or express.raw().',

@@ -9,6 +9,7 @@ import type { Idempotency } from '../src/api.js'
 import type { RunOptions, TransactionOptions } from '../src/options.js'
 import type { Flow } from '../src/flow/handle.js'
 import {
+  declaresBody,
   IdempotentRoute,
   multipartBody,
   rawHeaderLines,
@@ -147,9 +148,7 @@ function facts(request: IdempotentRequest, reply: IdempotentReply): RequestFacts
     method: request.method,
     url: request.originalUrl,
     body: () => {
-      const lines = (name: string) => rawHeaderLines(request.raw.rawHeaders, name)
-      const hasBody = lines('transfer-encoding').length > 0 || lines('content-length').some((length) => length.trim() !== '0')
-      if (hasBody && request.body === undefined) {
+      if (declaresBody(request.raw.rawHeaders) && request.body === undefined) {
         throw new IdempotencySetupError(
           `The request ${request.method} ${request.originalUrl} has a body that no content-type parser put in request.body, so its fingerprint cannot cover it. ` +
             "For multipart bodies, register @fastify/multipart with attachFieldsToBody: 'keyValues' (or true).",

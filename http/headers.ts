@@ -13,6 +13,16 @@ export function rawHeaderLines(rawHeaders: readonly string[], name: string): str
 }
 
 /**
+ * Whether the request declares a body (a Transfer-Encoding, or a Content-Length other than 0),
+ * from Node's `rawHeaders`: a body no parser read must be refused, never taken as none.
+ */
+export function declaresBody(rawHeaders: readonly string[]): boolean {
+  return (
+    rawHeaderLines(rawHeaders, 'transfer-encoding').length > 0 || rawHeaderLines(rawHeaders, 'content-length').some((length) => length.trim() !== '0')
+  )
+}
+
+/**
  * Reads the key from a header value: bare (`abc`) or a Structured-Field string (`"abc"`, with
  * `\"` and `\\` escapes), which denote the same key. A bare value with a comma is refused:
  * HTTP lets proxies and the Fetch API join repeated header lines with commas (RFC 9110 §5.3),

@@ -15,7 +15,7 @@
  */
 export { checkSendable, LEFT_BEHIND, Refused, render, type Answer, type HttpResult } from './answer.js'
 export { fieldsOf, mediaType, parsedBody, partsOf } from './body.js'
-export { parseKeyHeader, rawHeaderLines } from './headers.js'
+export { declaresBody, parseKeyHeader, rawHeaderLines } from './headers.js'
 export {
   IdempotentRoute,
   UNSCOPED,

@@ -9,6 +9,7 @@ import { IdempotencySetupError } from '../src/errors.js'
 import type { Flow } from '../src/flow/handle.js'
 import type { RunOptions, TransactionOptions } from '../src/options.js'
 import {
+  declaresBody,
   IdempotentRoute,
   multerFiles,
   rawHeaderLines,
@@ -128,9 +129,7 @@ function facts(ctx: IdempotentContext, before: unknown): RequestFacts {
 
 /** What a body parser left; a body no parser read is refused, never taken as no body. */
 function parsed(ctx: IdempotentContext, request: Parsed): unknown {
-  const length = ctx.get('content-length')
-  const hasBody = ctx.get('transfer-encoding') !== '' || (length !== '' && length.trim() !== '0')
-  if (hasBody && (!ctx.req.readableEnded || request.body === undefined)) {
+  if (declaresBody(ctx.req.rawHeaders) && (!ctx.req.readableEnded || request.body === undefined)) {
     throw new IdempotencySetupError(
       `The request ${ctx.method} ${ctx.originalUrl} has a body (${ctx.get('content-type') || 'no Content-Type'}) that no body parser read before the idempotent middleware, ` +
         'so its fingerprint cannot cover it. Mount a parser for that type before it: bodyParser() from @koa/bodyparser, or koa-body.',
