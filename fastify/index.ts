@@ -4,16 +4,11 @@
  */
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import type { Transaction } from 'kysely'
-import { IdempotencySetupError } from '../src/errors.js'
 import type { Idempotency } from '../src/api.js'
 import type { RunOptions, TransactionOptions } from '../src/options.js'
 import type { Flow } from '../src/flow/handle.js'
 import {
-  declaresBody,
   IdempotentRoute,
-  multipartBody,
-  rawHeaderLines,
-  type Answer,
   type HttpDefinedFlow,
   type HttpResult,
   type IdempotentOptions,
@@ -21,31 +16,11 @@ import {
   type RequestFacts,
   type RouteOptions,
 } from '../http/index.js'
+import { facts, send, type IdempotentReply, type IdempotentRequest } from './serve.js'
 
 export { parseKeyHeader, UNSCOPED } from '../http/index.js'
 export type { HttpDefinedFlow, HttpFlowRequest, HttpResult, IdempotentOptions } from '../http/index.js'
-
-/** The parts of a request the helpers read; Fastify 5 requests have them. */
-export interface IdempotentRequest {
-  readonly method: string
-  /** Path and query string as the client sent them (before any `rewriteUrl`). */
-  readonly originalUrl: string
-  /** What Fastify's content-type parsers left (parsed JSON, or what the app's own parsers return), if any. */
-  readonly body?: unknown
-  /** Node's request: header names and values as received, one pair per line (`IncomingMessage.rawHeaders`). */
-  readonly raw: { readonly rawHeaders: readonly string[] }
-}
-
-/** The parts of a reply the helpers write; Fastify 5 replies have them. */
-export interface IdempotentReply {
-  code(statusCode: number): unknown
-  header(name: string, value: string | readonly string[]): unknown
-  send(payload?: unknown): unknown
-  /** Whether an answer was already sent. */
-  readonly sent: boolean
-  /** Settles once the answer has been sent (Fastify's `await reply`). */
-  then(fulfilled: () => void, rejected: (error: Error) => void): void
-}
+export type { IdempotentReply, IdempotentRequest } from './serve.js'
 
 /** One call of the route: the request, and the reply it answers through. */
 interface Call<Req, Reply> {
@@ -141,30 +116,4 @@ function fastify<Req extends IdempotentRequest, Reply extends IdempotentReply>(
     // Settles once the answer is sent, so Fastify leaves the reply alone (its `await reply`).
     await reply
   }
-}
-
-function facts(request: IdempotentRequest, reply: IdempotentReply): RequestFacts {
-  return {
-    method: request.method,
-    url: request.originalUrl,
-    body: () => {
-      if (declaresBody(request.raw.rawHeaders) && request.body === undefined) {
-        throw new IdempotencySetupError(
-          `The request ${request.method} ${request.originalUrl} has a body that no content-type parser put in request.body, so its fingerprint cannot cover it. ` +
-            "For multipart bodies, register @fastify/multipart with attachFieldsToBody: 'keyValues' (or true).",
-        )
-      }
-      return multipartBody(request.body)
-    },
-    headerLines: (name) => rawHeaderLines(request.raw.rawHeaders, name),
-    sentBy: () => (reply.sent ? 'reply.send()' : undefined),
-  }
-}
-
-function send(reply: IdempotentReply, answer: Answer): void {
-  reply.code(answer.status)
-  for (const [name, value] of Object.entries(answer.headers)) reply.header(name, value)
-  // Bytes, not a string: Fastify adds a charset to a JSON Content-Type sent with a string, and
-  // passes a string through a serializer set with reply.serializer(); it sends bytes as they are.
-  reply.send(answer.body === undefined ? undefined : Buffer.isBuffer(answer.body) ? answer.body : Buffer.from(answer.body))
 }
