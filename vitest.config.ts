@@ -8,8 +8,8 @@ const TOOLS = ['test/cli.test.ts', 'test/package.test.ts', 'test/bench.test.ts',
  * The compatibility lane (test/lanes.ts) runs the library and its tests on the oldest supported
  * stack: Kysely 0.28, installed beside 0.29 as `kysely028`, so every `kysely` import that vite
  * resolves (the code under test, the tests) goes there; kysely-postgres-js 3, which serves 0.28
- * (5 needs 0.29); better-sqlite3 12. What Node resolves itself is redirected the same way by
- * test/support/compat/hooks.mjs.
+ * (5 needs 0.29); better-sqlite3 12; NestJS 11, installed in the test/support/nest11 workspace.
+ * What Node resolves itself is redirected the same way by test/support/compat/hooks.mjs.
  */
 const kysely028 = process.env.KIDEM_KYSELY === '0.28'
 
@@ -23,6 +23,7 @@ export default defineConfig({
           { find: /^kysely-postgres-js5$/, replacement: 'kysely-postgres-js' },
           // better-sqlite3 13 needs Node-API 10 (Node 22.14+); 12 is built for this lane's Node 22.12 at install (.npmrc).
           { find: /^better-sqlite3$/, replacement: 'better-sqlite3-node22' },
+          { find: /^@nestjs\/(.*)$/, replacement: join(import.meta.dirname, 'test/support/nest11/node_modules/@nestjs/$1') },
         ],
       }
     : {},

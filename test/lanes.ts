@@ -4,7 +4,8 @@
  * `node` is Node 24, which npm scripts run on; `node22` and `node26` beside it).
  *
  *   main    Node 24 LTS, Kysely 0.29: every test file.
- *   compat  the oldest supported pair, Node 22.12 and Kysely 0.28: the conformance files.
+ *   compat  the oldest supported stack, Node 22.12, Kysely 0.28 and NestJS 11: the conformance files
+ *           and the Nest adapter's.
  *   newest  the newest line, Node 26, Kysely 0.29: the core conformance file.
  *
  * KIDEM_LANES=main,compat picks lanes; arguments after `--` go to vitest (file filters, -t).
@@ -22,7 +23,7 @@ interface Lane {
   readonly name: string
   /** The Node binary, relative to the repository. */
   readonly node: string
-  /** `0.28` runs the library and the tests on the `kysely028` package (see vitest.config.ts). */
+  /** `0.28` runs the library and the tests on the `kysely028` package, and on NestJS 11 (see vitest.config.ts). */
   readonly kysely: '0.28' | '0.29'
   /** Test files; empty for all. */
   readonly files: readonly string[]
@@ -33,7 +34,7 @@ const CONFORMANCE = ['test/conformance.test.ts', 'test/http.test.ts', 'test/migr
 
 const LANES: readonly Lane[] = [
   { name: 'main', node: 'node_modules/node/bin/node', kysely: '0.29', files: [] },
-  { name: 'compat', node: 'node_modules/node22/bin/node', kysely: '0.28', files: CONFORMANCE },
+  { name: 'compat', node: 'node_modules/node22/bin/node', kysely: '0.28', files: [...CONFORMANCE, 'test/nest.test.ts'] },
   { name: 'newest', node: 'node_modules/node26/bin/node', kysely: '0.29', files: ['test/conformance.test.ts'] },
 ]
 

@@ -10,6 +10,10 @@ import { inject } from 'vitest'
 import { selectedTargets } from './support/harness.js'
 
 const root = resolve(import.meta.dirname, '..')
+/** The package's subpaths (`express`, `nest`, `testing`…), as its exports name them. */
+const SUBPATHS = Object.keys((JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')) as { exports: Record<string, unknown> }).exports)
+  .filter((entry) => entry !== '.' && entry !== './package.json')
+  .map((entry) => entry.slice(2))
 const run = (file: string, args: string[], cwd: string) =>
   execFileSync(process.execPath, [file, ...args], { cwd, encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] })
 
@@ -55,10 +59,12 @@ const Database = require('better-sqlite3')
 const express = require('express')
 const cjs = require('kysely-idempotency')
 const cjsExpress = require('kysely-idempotency/express')
+const cjsNest = require('kysely-idempotency/nest')
 
 async function main() {
   const esm = await import('kysely-idempotency')
   const esmExpress = await import('kysely-idempotency/express')
+  const esmNest = await import('kysely-idempotency/nest')
   const db = new Kysely({ dialect: new SqliteDialect({ database: new Database(process.argv[2]) }) })
   const idempotency = cjs.createIdempotency({ db })
   await idempotency.migrate()
@@ -100,8 +106,8 @@ async function main() {
     superjson: (({ __esModule, default: d }) => ({ __esModule, default: typeof d }))(require('superjson')),
     copies: {
       distinct: cjs.IdempotencyError !== esm.IdempotencyError && cjsExpress.idempotent !== esmExpress.idempotent,
-      requireKinds: [typeof cjs.createIdempotency, typeof cjsExpress.idempotent, typeof cjsExpress.idempotentFlow],
-      importKinds: [typeof esm.createIdempotency, typeof esmExpress.idempotent, typeof esmExpress.idempotentFlow],
+      requireKinds: [typeof cjs.createIdempotency, typeof cjsExpress.idempotent, typeof cjsExpress.idempotentFlow, typeof cjsNest.Idempotent],
+      importKinds: [typeof esm.createIdempotency, typeof esmExpress.idempotent, typeof esmExpress.idempotentFlow, typeof esmNest.Idempotent],
     },
     fromCjs: {
       name: fromCjs.name,
@@ -218,7 +224,8 @@ describe('the packed package', () => {
     // ...and the type declarations a TypeScript consumer would have installed.
     const types = withDependencies(['@types/node', '@types/express', '@types/better-sqlite3'])
     const drivers = ['pg', 'postgres', '@electric-sql/pglite', 'mysql2', 'better-sqlite3']
-    for (const name of new Set(['kysely', ...drivers, 'express', ...withDependencies(['fastify', ...Object.keys(dependencies)]), ...types])) {
+    const frameworks = withDependencies(['fastify', '@nestjs/common', 'rxjs'])
+    for (const name of new Set(['kysely', ...drivers, 'express', ...frameworks, ...withDependencies(Object.keys(dependencies)), ...types])) {
       mkdirSync(dirname(join(project, 'node_modules', name)), { recursive: true })
       symlinkSync(join(root, 'node_modules', name), join(project, 'node_modules', name))
     }
@@ -238,7 +245,7 @@ describe('the packed package', () => {
   it('ships built code and type declarations, and no tests', () => {
     const files = readdirSync(join(project, 'node_modules', 'kysely-idempotency'), { recursive: true }).map(String)
     for (const build of ['esm', 'cjs']) {
-      for (const entry of ['', 'express', 'fetch', 'fastify', 'koa', 'testing']) {
+      for (const entry of ['', ...SUBPATHS]) {
         expect(files).toContain(join('dist', build, entry, 'index.js'))
         expect(files).toContain(join('dist', build, entry, 'index.d.ts'))
       }
@@ -282,10 +289,7 @@ describe('the packed package', () => {
     expect(resolved).toEqual({
       '.': { node10: cjs(''), 'node16-cjs': cjs(''), 'node16-esm': esm(''), bundler: esm('') },
       ...Object.fromEntries(
-        ['express', 'fetch', 'fastify', 'koa', 'testing'].map((entry) => [
-          `./${entry}`,
-          { node10: cjs(entry), 'node16-cjs': cjs(entry), 'node16-esm': esm(entry), bundler: esm(entry) },
-        ]),
+        SUBPATHS.map((entry) => [`./${entry}`, { node10: cjs(entry), 'node16-cjs': cjs(entry), 'node16-esm': esm(entry), bundler: esm(entry) }]),
       ),
       './package.json': expect.anything(),
     })
@@ -339,7 +343,11 @@ describe('the packed package', () => {
       orders: 2,
       resolved: [join('dist', 'cjs', 'index.js'), join('dist', 'cjs', 'express', 'index.js')],
       superjson: { __esModule: true, default: 'function' },
-      copies: { distinct: true, requireKinds: ['function', 'function', 'function'], importKinds: ['function', 'function', 'function'] },
+      copies: {
+        distinct: true,
+        requireKinds: ['function', 'function', 'function', 'function'],
+        importKinds: ['function', 'function', 'function', 'function'],
+      },
       fromCjs: { name: 'IdempotencyKeyReuseError', own: true, esmClass: true, esmBase: true, esmOther: false },
       fromEsm: { name: 'InvalidIdempotencyKeyError', own: true, cjsClass: true, cjsBase: true, cjsOther: false },
       conflict: true,

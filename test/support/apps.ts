@@ -17,6 +17,7 @@ import * as forFastify from '../../fastify/index.js'
 import * as forFetch from '../../fetch/index.js'
 import * as forKoa from '../../koa/index.js'
 import type { HttpDefinedFlow, HttpFlowRequest, HttpResult } from '../../http/index.js'
+import { startNest } from './nest.js'
 import { rideFlow, type Ride, type RidePoint } from './ride.js'
 import type { Flow, Idempotency } from '../../index.js'
 
@@ -44,7 +45,7 @@ export interface App {
   close(): Promise<void>
 }
 
-export const ADAPTER_NAMES = ['express 5', 'express 4', 'fastify', 'fetch', 'hono', 'koa'] as const
+export const ADAPTER_NAMES = ['express 5', 'express 4', 'fastify', 'fetch', 'hono', 'koa', 'nest express', 'nest fastify'] as const
 export type AdapterName = (typeof ADAPTER_NAMES)[number]
 
 const user = (value: string | null | undefined) => value ?? 'anonymous'
@@ -169,6 +170,10 @@ export async function startApp(adapter: AdapterName, idempotency: Idempotency<an
       })
       return listening(app.listen(0, '127.0.0.1'))
     }
+    case 'nest express':
+      return startNest('express', idempotency, settings, routes)
+    case 'nest fastify':
+      return startNest('fastify', idempotency, settings, routes)
   }
 }
 

@@ -1,0 +1,318 @@
+/**
+ * What only the NestJS adapter does, on both platforms, through Nest's own testing module; the
+ * shared behaviour is in test/http.test.ts, which runs Nest too.
+ */
+import type { IncomingHttpHeaders } from 'node:http'
+import type { AddressInfo } from 'node:net'
+import {
+  BadRequestException,
+  Body,
+  type CallHandler,
+  Controller,
+  Header,
+  HttpCode,
+  Injectable,
+  type INestApplication,
+  Module,
+  type NestInterceptor,
+  Post,
+  Redirect,
+  StreamableFile,
+  UploadedFile,
+  UseGuards,
+  UseInterceptors,
+} from '@nestjs/common'
+import { ExpressAdapter, FileInterceptor } from '@nestjs/platform-express'
+import { FastifyAdapter } from '@nestjs/platform-fastify'
+import { Test } from '@nestjs/testing'
+import type { Transaction } from 'kysely'
+import { map } from 'rxjs'
+import { afterEach, beforeEach, describe, expect, it } from 'vitest'
+import type { Flow } from '../index.js'
+import { answer, CurrentFlow, type HttpResult, IDEMPOTENCY, Idempotent, IdempotencyModule, IdempotentFlow, Trx } from '../nest/index.js'
+import { openFixture, targetsFor, type Fixture } from './support/harness.js'
+
+interface Order {
+  readonly item?: string
+}
+
+const scope = (req: { headers: IncomingHttpHeaders }) => (req.headers['x-user'] as string | undefined) ?? 'anonymous'
+const options = { scope, required: true }
+
+/** Wraps what the method returned, as an envelope interceptor does. */
+@Injectable()
+class Envelope implements NestInterceptor {
+  intercept(_context: unknown, next: CallHandler) {
+    return next.handle().pipe(map((data) => ({ data })))
+  }
+}
+
+/** Lets a request through only with `x-allowed`. */
+@Injectable()
+class Allowed {
+  canActivate(context: { switchToHttp(): { getRequest(): { headers: IncomingHttpHeaders } } }) {
+    return context.switchToHttp().getRequest().headers['x-allowed'] !== undefined
+  }
+}
+
+// Nothing here waits on a row lock, so one of the MySQL lock-wait paths is enough.
+for (const target of targetsFor('nest adapter', ['statement-paths'])) {
+  for (const platform of ['express', 'fastify'] as const) {
+    describe(`nest adapter: ${platform}, ${target.id}`, () => {
+      let fx: Fixture
+      let app: INestApplication
+      let base: string
+
+      @Controller()
+      class Orders {
+        @Post('plain')
+        @Header('X-Kind', 'plain')
+        @Idempotent(options)
+        async plain(@Body() order: Order, @Trx() trx: Transaction<any>) {
+          await fx.effect(trx, `plain:${order.item}`)
+          return { item: order.item, at: Math.random() }
+        }
+
+        @Post('coded')
+        @HttpCode(200)
+        @Idempotent(options)
+        async coded(@Body() order: Order, @Trx() trx: Transaction<any>) {
+          await fx.effect(trx, `coded:${order.item}`)
+          return `text ${order.item}`
+        }
+
+        @Post('answer')
+        @Idempotent(options)
+        async answered(@Body() order: Order, @Trx() trx: Transaction<any>) {
+          await fx.effect(trx, `answer:${order.item}`)
+          return answer({ status: 202, body: { item: order.item }, headers: { Location: `/orders/${order.item}` } })
+        }
+
+        @Post('refused')
+        @Idempotent(options)
+        async refused(@Body() order: Order, @Trx() trx: Transaction<any>) {
+          await fx.effect(trx, `refused:${order.item}`)
+          if (order.item === 'bad') throw new BadRequestException('no such item')
+          return { item: order.item }
+        }
+
+        @Post('guarded')
+        @Idempotent(options)
+        @UseGuards(Allowed)
+        async guarded(@Body() order: Order, @Trx() trx: Transaction<any>) {
+          await fx.effect(trx, `guarded:${order.item}`)
+          return { item: order.item }
+        }
+
+        @Post('inside')
+        @UseInterceptors(Envelope)
+        @Idempotent(options)
+        async inside(@Body() order: Order, @Trx() trx: Transaction<any>) {
+          await fx.effect(trx, `inside:${order.item}`)
+          return { item: order.item, at: Math.random() }
+        }
+
+        @Post('stream')
+        @Idempotent(options)
+        async stream(@Body() order: Order, @Trx() trx: Transaction<any>) {
+          await fx.effect(trx, `stream:${order.item}`)
+          return new StreamableFile(Buffer.from('bytes'))
+        }
+
+        @Post('redirect')
+        @Redirect('/elsewhere')
+        @Idempotent(options)
+        async redirect(@Trx() trx: Transaction<any>) {
+          await fx.effect(trx, 'redirect')
+        }
+
+        @Post('stray')
+        async stray(@Trx() trx: Transaction<any>) {
+          return { trx: typeof trx }
+        }
+
+        @Post('ride')
+        @IdempotentFlow(options)
+        async ride(@Body() order: Order, @CurrentFlow() flow: Flow<any, HttpResult>) {
+          await flow.phase('order', (trx) => fx.effect(trx, `ride:${order.item}`))
+          return answer({ status: 202, body: { item: order.item } })
+        }
+
+        @Post('upload')
+        @Idempotent(options)
+        @UseInterceptors(FileInterceptor('file'))
+        async upload(@Body() order: Order, @UploadedFile() file: { originalname: string }, @Trx() trx: Transaction<any>) {
+          await fx.effect(trx, `upload:${order.item}:${file.originalname}`)
+          return { item: order.item }
+        }
+
+        @Post('upload-late')
+        @UseInterceptors(FileInterceptor('file'))
+        @Idempotent(options)
+        async uploadLate(@Body() order: Order, @Trx() trx: Transaction<any>) {
+          await fx.effect(trx, `late:${order.item}`)
+          return { item: order.item }
+        }
+      }
+
+      beforeEach(async () => {
+        fx = await openFixture(target)
+        // forRootAsync, with the instance from another provider, as an app that builds it from its config would.
+        @Module({ providers: [{ provide: 'fixture', useValue: fx }], exports: ['fixture'] })
+        class Config {}
+        const moduleRef = await Test.createTestingModule({
+          imports: [
+            IdempotencyModule.forRootAsync({
+              imports: [Config],
+              inject: ['fixture'],
+              useFactory: (fixture: Fixture) => ({ idempotency: fixture.idempotency }),
+            }),
+          ],
+          controllers: [Orders],
+        }).compile()
+        app = moduleRef.createNestApplication(platform === 'express' ? new ExpressAdapter() : new FastifyAdapter(), { logger: false })
+        await app.listen(0, '127.0.0.1')
+        base = `http://127.0.0.1:${(app.getHttpServer().address() as AddressInfo).port}`
+      })
+      afterEach(async () => {
+        app.getHttpServer().closeAllConnections()
+        await app.close()
+        await fx.close()
+      })
+
+      const post = (path: string, body: unknown, key?: string, headers: Record<string, string> = {}) =>
+        fetch(`${base}${path}`, {
+          method: 'POST',
+          headers: { 'content-type': 'application/json', ...(key ? { 'idempotency-key': key } : {}), ...headers },
+          body: JSON.stringify(body),
+        })
+
+      it("sends a returned value with Nest's status and @Header() headers, and replays the same bytes", async () => {
+        const first = await post('/plain', { item: 'a' }, 'k')
+        expect(first.status).toBe(201)
+        expect(first.headers.get('x-kind')).toBe('plain')
+        expect(first.headers.get('content-type')).toBe('application/json; charset=utf-8')
+        const text = await first.text()
+        const again = await post('/plain', { item: 'a' }, 'k')
+        expect([again.status, again.headers.get('x-kind'), again.headers.get('idempotency-replayed')]).toEqual([201, 'plain', 'true'])
+        expect(await again.text()).toBe(text)
+        expect(await fx.effects('plain:a')).toBe(1)
+      })
+
+      it("sends returned text with @HttpCode()'s status and the type the platform gives text", async () => {
+        const type = platform === 'express' ? 'text/html; charset=utf-8' : 'text/plain; charset=utf-8'
+        for (const replayed of [null, 'true']) {
+          const sent = await post('/coded', { item: 't' }, 't')
+          expect([sent.status, sent.headers.get('content-type'), sent.headers.get('idempotency-replayed')]).toEqual([200, type, replayed])
+          expect(await sent.text()).toBe('text t')
+        }
+      })
+
+      it('sends an answer() with its own status and headers, first and on replay', async () => {
+        for (const replayed of [null, 'true']) {
+          const sent = await post('/answer', { item: 'a' }, 'a')
+          expect([sent.status, sent.headers.get('location'), sent.headers.get('idempotency-replayed')]).toEqual([202, '/orders/a', replayed])
+          expect(await sent.json()).toEqual({ item: 'a' })
+        }
+        expect(await fx.effects('answer:a')).toBe(1)
+      })
+
+      it("passes a thrown HttpException to Nest's exception filters, rolls back, stores nothing, and lets a retry run", async () => {
+        const refused = await post('/refused', { item: 'bad' }, 'r')
+        expect(refused.status).toBe(400)
+        expect(await refused.json()).toMatchObject({ message: 'no such item' })
+        expect(await fx.effects()).toBe(0)
+        expect(await fx.rows()).toBe(0)
+        expect((await post('/refused', { item: 'good' }, 'r')).status).toBe(201)
+      })
+
+      it('answers a missing key with a problem document, without running the method', async () => {
+        const missing = await post('/plain', { item: 'a' })
+        expect(missing.status).toBe(400)
+        expect(missing.headers.get('content-type')).toBe('application/problem+json')
+        expect(await missing.json()).toMatchObject({ code: 'missing-key' })
+        expect(await fx.effects()).toBe(0)
+      })
+
+      it('lets guards run before the key is claimed: a refused request leaves no key behind', async () => {
+        expect((await post('/guarded', { item: 'g' }, 'g')).status).toBe(403)
+        expect(await fx.rows()).toBe(0)
+        const allowed = await post('/guarded', { item: 'g' }, 'g', { 'x-allowed': '1' })
+        expect(allowed.status).toBe(201)
+        expect(await fx.effects('guarded:g')).toBe(1)
+      })
+
+      it('stores what interceptors listed above @Idempotent() made of the value, and replays it', async () => {
+        const first = await post('/inside', { item: 'i' }, 'i')
+        const body = (await first.json()) as { data: { item: string } }
+        expect(body.data.item).toBe('i')
+        const again = await post('/inside', { item: 'i' }, 'i')
+        expect(again.headers.get('idempotency-replayed')).toBe('true')
+        expect(await again.json()).toEqual(body)
+      })
+
+      it('refuses a StreamableFile, a @Redirect() and a stray @Trx(), each a 500 with nothing stored', async () => {
+        expect((await post('/stream', { item: 's' }, 's')).status).toBe(500)
+        expect((await post('/redirect', {}, 'd')).status).toBe(500)
+        expect((await post('/stray', {}, 'x')).status).toBe(500)
+        expect(await fx.effects()).toBe(0)
+        expect(await fx.rows()).toBe(0)
+      })
+
+      it('runs an atomic-phases flow once and replays its answer', async () => {
+        const first = await post('/ride', { item: 'r' }, 'f')
+        expect(first.status).toBe(202)
+        const again = await post('/ride', { item: 'r' }, 'f')
+        expect([again.status, again.headers.get('idempotency-replayed')]).toEqual([202, 'true'])
+        expect(await again.json()).toEqual({ item: 'r' })
+        expect(await fx.effects('ride:r')).toBe(1)
+      })
+
+      it('gives other providers the instance as IDEMPOTENCY', async () => {
+        expect(app.get(IDEMPOTENCY)).toBe(fx.idempotency)
+      })
+
+      it.runIf(platform === 'express')(
+        'fingerprints a file FileInterceptor() read before it, by its bytes: another file under the key is 422',
+        async () => {
+          const send = (path: string, content: string) => {
+            const form = new FormData()
+            form.append('item', 'scan')
+            form.append('file', new Blob([content], { type: 'text/plain' }), 'scan.txt')
+            return fetch(`${base}${path}`, { method: 'POST', headers: { 'idempotency-key': 'u' }, body: form })
+          }
+          expect((await send('/upload', 'page one')).status).toBe(201)
+          expect((await send('/upload', 'page one')).headers.get('idempotency-replayed')).toBe('true')
+          expect((await send('/upload', 'page two')).status).toBe(422)
+          expect(await fx.effects('upload:scan:scan.txt')).toBe(1)
+          // Listed above @Idempotent(), it reads the body only after the fingerprint was due.
+          expect((await send('/upload-late', 'page one')).status).toBe(500)
+          expect(await fx.effects('late:scan')).toBe(0)
+        },
+      )
+    })
+  }
+}
+
+describe('nest adapter: setup', () => {
+  it("runs on the lane's Nest: 11 on the compatibility lane, 12 elsewhere", async () => {
+    const { default: manifest } = await import('@nestjs/common/package.json', { with: { type: 'json' } })
+    expect(manifest.version).toMatch(process.env.KIDEM_KYSELY === '0.28' ? /^11\./ : /^12\./)
+  })
+
+  it('refuses options without a scope when the controller is defined', () => {
+    expect(() => Idempotent({} as never)).toThrow(/needs a scope/)
+  })
+
+  it('fails at bootstrap, naming the missing provider, in an app without IdempotencyModule', async () => {
+    @Controller()
+    class Lone {
+      @Post('x')
+      @Idempotent(options)
+      x() {
+        return {}
+      }
+    }
+    await expect(Test.createTestingModule({ controllers: [Lone] }).compile()).rejects.toThrow(/IdempotentInterceptor/)
+  })
+})
