@@ -27,8 +27,12 @@ export interface AttemptSlot {
 
 /** An attempt in this instance's registry. */
 interface Running {
-  /** Settles when the attempt ends. */
-  readonly settled: Promise<void>
+  /**
+   * Settles when the attempt's lease changes (it takes, renews or restores one, or holds the key
+   * through a phase) or when the attempt ends: a duplicate waiting for it reckons its wait again.
+   * A new promise after each change.
+   */
+  changed: Promise<void>
   /** Settles when the attempt has read the key and goes on to claim it, or when it ends. */
   readonly decided: Promise<void>
   /** The attempt found the key unfinished and claims it: a duplicate out of time gets 409. */
@@ -123,8 +127,10 @@ export class Coalescer {
           continue
         }
         // A finished key is read in a turn of its own too: it may have expired meanwhile, and then
-        // the read becomes a run that no other waiter may share.
-        await within(current.settled, Math.min(deadline, current.leaseUntil) - now)
+        // the read becomes a run that no other waiter may share. A lease taken after this wait
+        // began (the attempt had not claimed the key yet, or held it through a phase) wakes it,
+        // so that the duplicate takes over when that lease runs out, not when its own wait does.
+        await within(current.changed, Math.min(deadline, current.leaseUntil) - now)
       }
       try {
         return await this.#attempt(entry, deadline, displaced, attempt)
@@ -145,14 +151,22 @@ export class Coalescer {
     displaced: Running | undefined,
     attempt: (slot: AttemptSlot) => Promise<Execution<T>>,
   ): Promise<Execution<T>> {
-    let settle!: () => void
+    let change!: () => void
     let decide!: () => void
+    const next = () => new Promise<void>((resolve) => (change = resolve))
     const mine: Running = {
-      settled: new Promise<void>((resolve) => (settle = resolve)),
+      changed: next(),
       decided: new Promise<void>((resolve) => (decide = resolve)),
       claiming: false,
       leaseUntil: Infinity,
       ended: false,
+    }
+    /** Sets the lease duplicates here see, and wakes the ones waiting for it. */
+    const lease = (until: number) => {
+      mine.leaseUntil = until
+      const waiting = change
+      mine.changed = next()
+      waiting()
     }
     this.#inFlight.set(entry, mine)
     const slot: AttemptSlot = {
@@ -161,16 +175,14 @@ export class Coalescer {
         mine.claiming = true
         decide()
       },
-      leased: (ms) => {
-        mine.leaseUntil = Date.now() + ms + LEASE_MARGIN
-      },
+      leased: (ms) => lease(Date.now() + ms + LEASE_MARGIN),
       holding: async (work) => {
         const before = mine.leaseUntil
-        mine.leaseUntil = Infinity
+        lease(Infinity)
         try {
           return await work()
         } catch (error) {
-          mine.leaseUntil = before
+          lease(before)
           throw error
         }
       },
@@ -186,7 +198,7 @@ export class Coalescer {
       }
       mine.ended = true
       decide()
-      settle()
+      change()
     }
   }
 

@@ -351,6 +351,34 @@ for (const target of targetsFor('in-flight duplicates')) {
       expect(calls).toEqual(['first', ran[0]!.value])
     })
 
+    it('lets waiters that came before the flow took its lease take it over once that lease ran out, not when their wait does', async () => {
+      const hung = gate()
+      const calls: string[] = []
+      // A wait far longer than the lease: a waiter that slept through the lease until its own wait
+      // ran out would take over with no time left, and the others would get 409 in_flight.
+      const settings = { lockTimeout: 1000, conflictWait: 10_000 }
+      const body = (name: string) => async (f: Flow<any, string>) => {
+        await f.step('call', async () => {
+          calls.push(name)
+          // The winner's call takes a moment, as a real one does: on an in-process database it would
+          // otherwise finish before the timers of the other waiters fire, and they would replay it.
+          await (name === 'first' ? hung.promise : sleep(100))
+        })
+        return name
+      }
+      // All in the same turn: the waiters find the first attempt before it has even read the key,
+      // so it holds no lease yet when they start waiting.
+      const first = fx.idempotency.executeRun({ key: 'unleased', request: 1 }, body('first'), settings)
+      const waiters = await Promise.all(
+        Array.from({ length: 4 }, (_, i) => fx.idempotency.executeRun({ key: 'unleased', request: 1 }, body(`waiter ${i}`), settings)),
+      ).finally(() => hung.open())
+      await expect(first).rejects.toMatchObject({ code: 'lock_lost' })
+      const ran = waiters.filter((w) => !w.replayed)
+      expect(ran).toHaveLength(1)
+      for (const w of waiters) expect(w.value).toBe(ran[0]!.value)
+      expect(calls).toEqual(['first', ran[0]!.value])
+    })
+
     // SQLite has no row lock for a phase to hold while it renews the lease.
     itWhere(target, 'pool')('keeps waiting in memory for a flow that renewed its lease while a waiter tried to take it over', async () => {
       const settings = { lockTimeout: 600, conflictWait: 5000 }
