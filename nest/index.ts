@@ -13,17 +13,19 @@ import {
   UseInterceptors,
   type DynamicModule,
   type ExecutionContext,
+  type FactoryProvider,
   type InjectionToken,
 } from '@nestjs/common'
 import { ROUTE_ARGS_METADATA } from '@nestjs/common/constants.js'
+import { RouteParamtypes } from '@nestjs/common/enums/route-paramtypes.enum.js'
 import type { Idempotency } from '../src/api.js'
+import { IdempotencySetupError } from '../src/errors.js'
 import type { RunOptions, TransactionOptions } from '../src/options.js'
 import { IdempotentRoute, type HttpDefinedFlow, type HttpResult, type IdempotentOptions } from '../http/index.js'
 import { branded, IdempotentInterceptor, metadataOf, runningOf, SERVED, type Call, type Served } from './route.js'
 
 export { parseKeyHeader, UNSCOPED } from '../http/index.js'
 export type { HttpDefinedFlow, HttpFlowRequest, HttpResult, IdempotentOptions } from '../http/index.js'
-export { IdempotentInterceptor } from './route.js'
 
 /** The injection token of the idempotency instance the module holds. */
 export const IDEMPOTENCY: InjectionToken = Symbol('kysely-idempotency')
@@ -37,7 +39,7 @@ export interface IdempotencyModuleOptions<DB> {
 /** What {@link IdempotencyModule.forRootAsync} takes: a factory of the options, with its dependencies. */
 export interface IdempotencyModuleAsyncOptions<DB> {
   readonly imports?: DynamicModule['imports']
-  readonly inject?: readonly InjectionToken[]
+  readonly inject?: FactoryProvider['inject']
   readonly useFactory: (...dependencies: never[]) => IdempotencyModuleOptions<DB> | Promise<IdempotencyModuleOptions<DB>>
 }
 
@@ -68,7 +70,7 @@ export class IdempotencyModule {
       [
         {
           provide: IDEMPOTENCY,
-          inject: [...(options.inject ?? [])],
+          inject: options.inject ?? [],
           useFactory: async (...dependencies: never[]) => (await options.useFactory(...dependencies)).idempotency,
         },
       ],
@@ -100,13 +102,16 @@ Inject(IDEMPOTENCY)(IdempotentInterceptor, undefined, 0)
  *
  * The answer is what the method returns: the body, with the `@HttpCode()` status (201 for POST,
  * 200 otherwise) and the `@Header()` headers; or {@link answer} for a status and headers of its
- * own. The interceptor sends it itself, so that retries get the same bytes: interceptors declared
- * before `@Idempotent()` (global ones, a `ClassSerializerInterceptor`) run around the send and
- * cannot change the body; declare those that shape the body below it, to run inside.
+ * own. The interceptor sends it itself, so that retries get the same bytes. Interceptors listed
+ * above `@Idempotent()` run inside it, around the method, and shape what is stored; those that
+ * run before it (global and controller-wide ones, a `ClassSerializerInterceptor`, those listed
+ * below `@Idempotent()`) wrap the send and cannot change the body, so a returned class instance
+ * is refused rather than stored unshaped.
  *
- * Guards run first, then the interceptors in order: put `FileInterceptor()` in a
- * `@UseInterceptors()` below `@Idempotent()`, so that the files it reads are part of the
- * fingerprint. Needs {@link IdempotencyModule} in the app.
+ * Guards run first. Interceptors that read the request must run before this one: list
+ * `FileInterceptor()` below `@Idempotent()`, so that the files it reads are part of the
+ * fingerprint. A method with `@Res()` or `@Next()` answers by itself and is refused when the
+ * controller is defined. Needs {@link IdempotencyModule} in the app.
  *
  * ### Examples
  *
@@ -198,17 +203,34 @@ function serving<Req extends object>(
   })
   const served: Served = { mode, route, ...(defined ? { defined } : {}) }
   return (target, property, descriptor) => {
+    const where = `${target.constructor.name}.${String(property)}`
+    if (metadataOf(SERVED, descriptor.value as object) !== undefined) {
+      throw new IdempotencySetupError(`${where} has two of @Idempotent() and @IdempotentFlow(): keep one.`)
+    }
+    const declared = Object.keys(metadataOf<Record<string, unknown>>(ROUTE_ARGS_METADATA, target.constructor, property) ?? {})
+    if (declared.some((key) => answersItself(key))) {
+      throw new IdempotencySetupError(
+        `${where} takes @Res() or @Next(), so it answers by itself and its answer cannot be stored: return the body, or answer({ status, body, headers }).`,
+      )
+    }
     SetMetadata(SERVED, served)(target, property, descriptor)
     UseInterceptors(IdempotentInterceptor)(target, property, descriptor)
-    // A response parameter after the method's own tells Nest that the method answers by itself,
-    // so that Nest does not send the value the interceptor hands back after it sent the answer.
-    Res()(target, property, parameters(target, property, descriptor.value as unknown as (...args: unknown[]) => unknown))
+    // A response parameter tells Nest that the method answers by itself, so that Nest does not
+    // send the value the interceptor hands back after it sent the answer. It goes after every
+    // parameter the method has: past the last decorated one, and past any the method declares
+    // (a parameter with a default value is not counted by `length`, hence the floor).
+    const last = Math.max(-1, ...declared.map((key) => Number(key.slice(key.lastIndexOf(':') + 1))))
+    const method = descriptor.value as unknown as (...args: unknown[]) => unknown
+    Res()(target, property, Math.max(last + 1, method.length, HIDDEN_RESPONSE))
     return descriptor
   }
 }
 
-/** How many parameters the method has, counting those only a decorator names. */
-function parameters(target: object, property: string | symbol, method: (...args: unknown[]) => unknown): number {
-  const declared = Object.keys(metadataOf<Record<string, unknown>>(ROUTE_ARGS_METADATA, target.constructor, property) ?? {})
-  return Math.max(method.length, ...declared.map((key) => Number(key.slice(key.lastIndexOf(':') + 1)) + 1))
+/** The least index of the hidden response parameter: past any parameter list written by hand. */
+const HIDDEN_RESPONSE = 32
+
+/** Whether a route argument key (`${type}:${index}`) is `@Res()` or `@Next()`, which answer by themselves. */
+function answersItself(key: string): boolean {
+  const type = key.slice(0, key.indexOf(':'))
+  return type === String(RouteParamtypes.RESPONSE) || type === String(RouteParamtypes.NEXT)
 }

@@ -17,6 +17,7 @@ import * as fastify from '../fastify/serve.js'
 /** One request through an idempotent method: what the route's scope and handler get. */
 export interface Call {
   readonly request: object
+  readonly platform: Platform
   readonly context: ExecutionContext
   readonly next: CallHandler
 }
@@ -44,17 +45,20 @@ export function metadataOf<T>(key: string, target: object, property?: string | s
 /** The transaction or flow of each request inside an idempotent method, for the parameter decorators. */
 const running = new WeakMap<object, { readonly mode: Served['mode']; readonly value: unknown }>()
 
+const PARAMETERS = { transaction: '@Trx()', flow: '@CurrentFlow()' } as const
+const DECORATORS = { transaction: '@Idempotent()', flow: '@IdempotentFlow()' } as const
+
 /** The value `@Trx()` (`transaction`) or `@CurrentFlow()` (`flow`) gives the method. */
 export function runningOf(context: ExecutionContext, mode: Served['mode']): unknown {
   const found = running.get(context.switchToHttp().getRequest())
-  const wanted = mode === 'transaction' ? '@Trx()' : '@CurrentFlow()'
-  const owner = mode === 'transaction' ? '@Idempotent()' : '@IdempotentFlow()'
-  if (found?.mode !== mode) {
-    throw new IdempotencySetupError(
-      `${wanted} is a parameter of ${context.getClass().name}.${context.getHandler().name}, which has no ${owner}: put ${owner} on the method.`,
-    )
-  }
-  return found.value
+  if (found?.mode === mode) return found.value
+  const where = `${context.getClass().name}.${context.getHandler().name}`
+  const served = metadataOf<Served>(SERVED, context.getHandler())
+  throw new IdempotencySetupError(
+    served
+      ? `${PARAMETERS[mode]} is a parameter of ${where}, which has ${DECORATORS[served.mode]}: take its ${served.mode === 'flow' ? 'flow with @CurrentFlow() and write in flow.phase()' : 'transaction with @Trx()'} instead.`
+      : `${PARAMETERS[mode]} is a parameter of ${where}, which has no ${DECORATORS[mode]}: put ${DECORATORS[mode]} on the method.`,
+  )
 }
 
 /** An answer with its own status and headers, returned by an idempotent method (see `answer()`). */
@@ -67,9 +71,10 @@ export function branded(result: HttpResult): HttpResult {
 }
 
 /**
- * The interceptor of every idempotent method: it runs the method (through the interceptors
- * declared after it) inside the route's transaction or flow and sends the answer itself, so Nest
- * sends nothing more (the decorator marks the method as one that handles its response).
+ * The interceptor of every idempotent method, put there by its decorator: it runs the method
+ * (through the method's interceptors listed above the decorator) inside the route's transaction
+ * or flow and sends the answer itself; the decorator marks the method as one that answers by
+ * itself, so that Nest sends nothing more.
  */
 export class IdempotentInterceptor implements NestInterceptor {
   readonly #idempotency: Idempotency<unknown>
@@ -84,13 +89,10 @@ export class IdempotentInterceptor implements NestInterceptor {
       const serve = this.#serving(context)
       const http = context.switchToHttp()
       const request: object = http.getRequest()
-      const platform = platformOf(request, http.getResponse())
-      const outcome = await serve({ request, context, next }, platform.facts)
+      const platform = platformOf(request, http.getResponse(), declaredHeaders(context))
+      const outcome = await serve({ request, platform, context, next }, platform.facts)
       if ('error' in outcome) throw outcome.error
-      platform.send(
-        outcome.answer,
-        headersOf(context).map(([name]) => name),
-      )
+      platform.send(outcome.answer)
       return undefined
     })
   }
@@ -113,9 +115,8 @@ export class IdempotentInterceptor implements NestInterceptor {
         )
       }
     }
-    const served = metadataOf<Served>(SERVED, handler)
-    if (!served)
-      throw new IdempotencySetupError(`${where} uses the IdempotentInterceptor without @Idempotent() or @IdempotentFlow(); use the decorators.`)
+    // Only the decorators apply this interceptor (it is not exported), and they set this first.
+    const served = metadataOf<Served>(SERVED, handler)!
     const run = async (call: Call, value: unknown): Promise<HttpResult> => {
       running.set(call.request, { mode: served.mode, value })
       try {
@@ -133,16 +134,16 @@ export class IdempotentInterceptor implements NestInterceptor {
   }
 }
 
-/** The `@Header()` headers of the method, as Nest sets them before the method runs. */
-function headersOf(context: ExecutionContext): [string, string][] {
-  const declared = metadataOf<{ name: string; value: string | (() => string) }[]>(HEADERS_METADATA, context.getHandler()) ?? []
-  return declared.map(({ name, value }) => [name, typeof value === 'function' ? value() : value])
+/** The names of the method's `@Header()` headers, which Nest set on the response before the method ran. */
+function declaredHeaders(context: ExecutionContext): readonly string[] {
+  return (metadataOf<{ name: string }[]>(HEADERS_METADATA, context.getHandler()) ?? []).map(({ name }) => name)
 }
 
 /**
  * The answer a method's return value stands for, as Nest would send it: an `answer()` as it is;
  * else the value as the body, with the `@HttpCode()` status (201 for POST, 200 otherwise) and the
- * `@Header()` headers; text as the platform sends it.
+ * `@Header()` headers as Nest set them; text (and on Express, numbers and booleans) as the
+ * platform sends them.
  */
 function resultOf(value: unknown, call: Call): HttpResult {
   if (typeof value === 'object' && value !== null && answers.has(value)) return value as HttpResult
@@ -152,48 +153,98 @@ function resultOf(value: unknown, call: Call): HttpResult {
       `${where} returned a StreamableFile, which is read only as it is sent and so cannot be stored: return answer({ status, body: buffer, headers }) instead.`,
     )
   }
-  const handler = call.context.getHandler()
+  const shaped = classOf(value, 0)
+  if (shaped !== undefined) {
+    throw new IdempotencySetupError(
+      `${where} returned ${shaped}, which interceptors around @Idempotent() (a ClassSerializerInterceptor) would shape after the answer is stored and sent. ` +
+        'Return plain data (instanceToPlain() of class-transformer), or answer({ status, body }) to send the value as JSON as it is.',
+    )
+  }
   const method = call.context.switchToHttp().getRequest<{ method: string }>().method
-  const status = metadataOf<number>(HTTP_CODE_METADATA, handler) ?? (method === 'POST' ? 201 : 200)
-  const headers = Object.fromEntries(headersOf(call.context))
+  const status = metadataOf<number>(HTTP_CODE_METADATA, call.context.getHandler()) ?? (method === 'POST' ? 201 : 200)
+  const headers = call.platform.declared()
   if (value === undefined || value === null) return { status, headers }
   const typed = Object.keys(headers).some((name) => name.toLowerCase() === 'content-type')
-  if (typeof value === 'string' && !typed) {
-    const fastifyText = 'raw' in call.request
-    return { status, headers: { ...headers, 'Content-Type': fastifyText ? 'text/plain; charset=utf-8' : 'text/html; charset=utf-8' }, body: value }
-  }
+  const text = call.platform.text(value)
+  if (text !== undefined && !typed) return { status, headers: { ...headers, 'Content-Type': text.type }, body: text.body }
   return { status, headers, body: value }
+}
+
+/** The depth {@link classOf} looks to: deeper values are left to JSON. */
+const SHAPE_DEPTH = 32
+
+/** The kind of the first value in `value` that is an instance of a class a serializer would shape, if any. */
+function classOf(value: unknown, depth: number): string | undefined {
+  if (typeof value !== 'object' || value === null || depth > SHAPE_DEPTH) return undefined
+  if (value instanceof Date || value instanceof Uint8Array) return undefined
+  const prototype: unknown = Object.getPrototypeOf(value)
+  if (!Array.isArray(value) && prototype !== Object.prototype && prototype !== null) {
+    return `an instance of ${(value as { constructor?: { name?: string } }).constructor?.name || 'a class'}`
+  }
+  for (const item of Object.values(value)) {
+    const found = classOf(item, depth + 1)
+    if (found !== undefined) return found
+  }
+  return undefined
 }
 
 /** What the Express or the Fastify platform reads and writes, for one request. */
 interface Platform {
   readonly facts: RequestFacts
-  send(answer: Answer, declared: readonly string[]): void
+  /** The `@Header()` headers, with the values Nest set. */
+  declared(): Record<string, string>
+  /** A value the platform sends as text, as that text and its type; `undefined` for one it sends as JSON. */
+  text(value: unknown): { readonly body: string; readonly type: string } | undefined
+  /** Sends the answer, in place of the `@Header()` headers: a stored answer carries its own. */
+  send(answer: Answer): void
 }
 
 /** Multipart bodies are read by an interceptor, which must run before the idempotent one. */
 const PARSERS =
   'Nest parses JSON and URL-encoded bodies unless bodyParser is false; register a parser for other types (app.useBodyParser()), ' +
-  'and for uploads put FileInterceptor() in @UseInterceptors() below @Idempotent(), so that it runs first.'
+  'and for uploads list FileInterceptor() below @Idempotent(), so that it runs first.'
 
-function platformOf(request: object, response: object): Platform {
+/** A response of either platform, as far as the `@Header()` headers go. */
+interface Headed {
+  getHeader(name: string): unknown
+  removeHeader(name: string): unknown
+}
+
+function platformOf(request: object, response: object, declared: readonly string[]): Platform {
+  const headed = response as Headed
+  const common = {
+    declared: () =>
+      Object.fromEntries(
+        declared.flatMap((name) => {
+          const value = headed.getHeader(name)
+          return value === undefined ? [] : [[name, String(value)]]
+        }),
+      ),
+    unset: () => {
+      for (const name of declared) headed.removeHeader(name)
+    },
+  }
   // Fastify's request and reply wrap Node's (`raw`); Express's are Node's own, extended.
   if ('raw' in request) {
-    const reply = response as fastify.IdempotentReply & { removeHeader(name: string): unknown }
+    const reply = response as fastify.IdempotentReply
     return {
       facts: fastify.facts(request as fastify.IdempotentRequest, reply),
-      send: (answer, declared) => {
-        for (const name of declared) reply.removeHeader(name)
+      declared: common.declared,
+      text: (value) => (typeof value === 'string' ? { body: value, type: 'text/plain; charset=utf-8' } : undefined),
+      send: (answer) => {
+        common.unset()
         fastify.send(reply, answer)
       },
     }
   }
-  const res = response as express.IdempotentResponse & { removeHeader(name: string): unknown }
+  const res = response as express.IdempotentResponse
   return {
     facts: express.facts(request as express.IdempotentRequest, PARSERS),
-    send: (answer, declared) => {
-      // Nest set them before the method ran; the answer carries its own, which a stored one may not.
-      for (const name of declared) res.removeHeader(name)
+    declared: common.declared,
+    // Nest's Express platform sends anything but an object with res.send(String(value)).
+    text: (value) => (typeof value !== 'object' ? { body: String(value), type: 'text/html; charset=utf-8' } : undefined),
+    send: (answer) => {
+      common.unset()
       express.send(res, answer)
     },
   }

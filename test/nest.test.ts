@@ -15,8 +15,10 @@ import {
   type INestApplication,
   Module,
   type NestInterceptor,
+  Next,
   Post,
   Redirect,
+  Res,
   StreamableFile,
   UploadedFile,
   UseGuards,
@@ -34,6 +36,11 @@ import { openFixture, targetsFor, type Fixture } from './support/harness.js'
 
 interface Order {
   readonly item?: string
+}
+
+/** A value a `ClassSerializerInterceptor` would shape. */
+class Receipt {
+  constructor(readonly item: string | undefined) {}
 }
 
 const scope = (req: { headers: IncomingHttpHeaders }) => (req.headers['x-user'] as string | undefined) ?? 'anonymous'
@@ -144,6 +151,28 @@ for (const target of targetsFor('nest adapter', ['statement-paths'])) {
         async upload(@Body() order: Order, @UploadedFile() file: { originalname: string }, @Trx() trx: Transaction<any>) {
           await fx.effect(trx, `upload:${order.item}:${file.originalname}`)
           return { item: order.item }
+        }
+
+        @Post('instance')
+        @Idempotent(options)
+        async instance(@Body() order: Order, @Trx() trx: Transaction<any>) {
+          await fx.effect(trx, `instance:${order.item}`)
+          const receipt = new Receipt(order.item)
+          return order.item === 'wrapped' ? answer({ status: 201, body: receipt }) : { receipts: [receipt] }
+        }
+
+        @Post('count')
+        @Idempotent(options)
+        async count(@Trx() trx: Transaction<any>) {
+          await fx.effect(trx, 'count')
+          return 42
+        }
+
+        @Post('defaulted')
+        @Idempotent(options)
+        async defaulted(@Body() order: Order, @Trx() trx: Transaction<any>, limit = 5) {
+          await fx.effect(trx, `defaulted:${order.item}`)
+          return { limit }
         }
 
         @Post('upload-late')
@@ -259,6 +288,27 @@ for (const target of targetsFor('nest adapter', ['statement-paths'])) {
         expect(await fx.rows()).toBe(0)
       })
 
+      it('refuses a class instance anywhere in the body, which a serializer around it would have shaped; answer() sends it as it is', async () => {
+        expect((await post('/instance', { item: 'bare' }, 'c')).status).toBe(500)
+        expect(await fx.effects()).toBe(0)
+        expect(await fx.rows()).toBe(0)
+        const wrapped = await post('/instance', { item: 'wrapped' }, 'w')
+        expect([wrapped.status, await wrapped.json()]).toEqual([201, { item: 'wrapped' }])
+      })
+
+      it('sends a returned number as the platform does: text on Express, JSON on Fastify', async () => {
+        const type = platform === 'express' ? 'text/html; charset=utf-8' : 'application/json; charset=utf-8'
+        for (const replayed of [null, 'true']) {
+          const sent = await post('/count', {}, 'n')
+          expect([sent.headers.get('content-type'), sent.headers.get('idempotency-replayed'), await sent.text()]).toEqual([type, replayed, '42'])
+        }
+        expect(await fx.effects('count')).toBe(1)
+      })
+
+      it('leaves a parameter with a default value to its default', async () => {
+        expect(await (await post('/defaulted', { item: 'd' }, 'd')).json()).toEqual({ limit: 5 })
+      })
+
       it('runs an atomic-phases flow once and replays its answer', async () => {
         const first = await post('/ride', { item: 'r' }, 'f')
         expect(first.status).toBe(202)
@@ -302,6 +352,43 @@ describe('nest adapter: setup', () => {
 
   it('refuses options without a scope when the controller is defined', () => {
     expect(() => Idempotent({} as never)).toThrow(/needs a scope/)
+  })
+
+  it('refuses, when the controller is defined, a method that answers by itself or has two idempotency decorators', () => {
+    const define = (decorate: (prototype: object) => void) => () => {
+      class Answers {
+        x(..._args: unknown[]) {
+          return {}
+        }
+      }
+      decorate(Answers.prototype)
+    }
+    const on = (prototype: object, decorator: MethodDecorator) =>
+      decorator(prototype, 'x', Object.getOwnPropertyDescriptor(prototype, 'x') as TypedPropertyDescriptor<unknown>)
+    expect(
+      define((prototype) => {
+        Res()(prototype, 'x', 0)
+        on(prototype, Idempotent(options))
+      }),
+    ).toThrow(/Answers\.x takes @Res\(\) or @Next\(\)/)
+    expect(
+      define((prototype) => {
+        Res({ passthrough: true })(prototype, 'x', 1)
+        on(prototype, IdempotentFlow(options))
+      }),
+    ).toThrow(/takes @Res\(\) or @Next\(\)/)
+    expect(
+      define((prototype) => {
+        Next()(prototype, 'x', 0)
+        on(prototype, Idempotent(options))
+      }),
+    ).toThrow(/takes @Res\(\) or @Next\(\)/)
+    expect(
+      define((prototype) => {
+        on(prototype, Idempotent(options))
+        on(prototype, IdempotentFlow(options))
+      }),
+    ).toThrow(/Answers\.x has two of @Idempotent\(\) and @IdempotentFlow\(\)/)
   })
 
   it('fails at bootstrap, naming the missing provider, in an app without IdempotencyModule', async () => {
