@@ -40,7 +40,21 @@ describe('the docs site', () => {
     // A page per module the package exports (`.` and `./express` are /reference/kysely-idempotency and …/express).
     const reference = subpaths.map((path) => `/reference/kysely-idempotency${path.slice(1)}`)
     expect([...pages.keys()]).toEqual(
-      expect.arrayContaining(['/', '/why', '/guide/api', '/guide/http', '/guide/adding-a-database', '/performance', '/reference', ...reference]),
+      expect.arrayContaining([
+        '/',
+        '/why',
+        '/guide/api',
+        '/guide/http',
+        '/guide/express',
+        '/guide/fastify',
+        '/guide/koa',
+        '/guide/nest',
+        '/guide/fetch',
+        '/guide/adding-a-database',
+        '/performance',
+        '/reference',
+        ...reference,
+      ]),
     )
     const broken: string[] = []
     for (const [page, html] of pages) {

@@ -35,7 +35,17 @@ export default defineConfig({
             { text: 'Lifetimes and in-flight duplicates', link: '/guide/lifetimes' },
             { text: 'Errors', link: '/guide/errors' },
             { text: 'Values and codecs', link: '/guide/values' },
-            { text: 'HTTP adapters', link: '/guide/http' },
+            {
+              text: 'HTTP routes',
+              link: '/guide/http',
+              items: [
+                { text: 'Express', link: '/guide/express' },
+                { text: 'Fastify', link: '/guide/fastify' },
+                { text: 'Koa', link: '/guide/koa' },
+                { text: 'NestJS', link: '/guide/nest' },
+                { text: 'Fetch API, Hono', link: '/guide/fetch' },
+              ],
+            },
             { text: 'Message and webhook consumers', link: '/guide/consumers' },
             { text: 'Exactly-once enqueue', link: '/guide/enqueue' },
             { text: 'Atomic phases', link: '/guide/atomic-phases' },
