@@ -18,6 +18,8 @@ export interface RawSequences {
 /** A fixed request hash: the raw paths measure statements, not hashing. */
 const FINGERPRINT = 'a'.repeat(64)
 const TTL = 24 * 3600 * 1000
+/** How much longer a claim lives than `ttl`, as the library's (`finishSlack`). */
+const SLACK = 1000
 /** `conflictWait`'s default, as the library passes it to the claim. */
 const WAIT = 5000
 
@@ -26,6 +28,8 @@ interface Shape {
   later(ms: unknown): RawBuilder<unknown>
   /** A JSON column read as text. */
   text(column: RawBuilder<unknown>): RawBuilder<unknown>
+  /** JSON text as the value of a JSON column. */
+  json(text: unknown): RawBuilder<unknown>
   /** Sends the claim insert (with its lock-wait bound) and answers the new row's id. */
   claim(trx: Transaction<BenchDB>, columns: RawBuilder<unknown>, values: RawBuilder<unknown>): Promise<unknown>
 }
@@ -43,10 +47,10 @@ export function rawSequences(database: DatabaseName, db: Kysely<BenchDB>, mariad
       from ${table} as k where k.scope = ${scope} and ${sql.ref('k.key')} = ${k}`.execute(db)
   const insert = (trx: Transaction<BenchDB>, k: string, finished: string | null) => {
     // A claim made first leaves `response` to its default (null), as the library's does.
-    const response = finished === null ? [sql``, sql``] : [sql`response, `, sql`${finished}, `]
+    const response = finished === null ? [sql``, sql``] : [sql`response, `, sql`${shape.json(finished)}, `]
     const columns = sql`(scope, ${key}, fingerprint, recovery_point, ${response[0]}phase_results, codec, lock_token, locked_until, created_at, last_run_at, expires_at, flow_name, recover_after)`
-    const values = sql`${''}, ${k}, ${FINGERPRINT}, ${sql.lit(finished === null ? 'started' : 'finished')}, ${response[1]}${null}, ${finished === null ? null : 'json'}, ${null},
-      ${shape.later(null)}, ${now}, ${now}, ${shape.later(TTL)}, ${null}, ${shape.later(null)}`
+    const values = sql`${''}, ${k}, ${FINGERPRINT}, ${sql.lit(finished === null ? 'started' : 'finished')}, ${response[1]}${shape.json(null)}, ${finished === null ? null : 'json'}, ${null},
+      ${shape.later(null)}, ${now}, ${now}, ${shape.later(finished === null ? TTL + SLACK : TTL)}, ${null}, ${shape.later(null)}`
     return shape.claim(trx, columns, values)
   }
   const fresh = async (k: string) => {
@@ -58,8 +62,9 @@ export function rawSequences(database: DatabaseName, db: Kysely<BenchDB>, mariad
       return db.transaction().execute(async (trx) => {
         const id = await insert(trx, k, null)
         const value = await work(trx)
-        await sql`update ${table} set response = ${JSON.stringify(value)}, codec = ${'json'}, recovery_point = 'finished',
-          last_run_at = ${now}, expires_at = ${shape.later(TTL)} where id = ${id}`.execute(trx)
+        await sql`update ${table} set response = ${shape.json(JSON.stringify(value))}, codec = ${'json'}, recovery_point = 'finished',
+          last_run_at = ${now}, expires_at = case when expires_at >= ${shape.later(TTL)} then expires_at else ${shape.later(TTL)} end
+          where id = ${id}`.execute(trx)
         return value
       })
     },
@@ -79,6 +84,7 @@ const SHAPES: Record<DatabaseName, (mariadb: boolean) => Shape> = {
     clock: sql`statement_timestamp()`,
     later: (ms) => sql`(statement_timestamp() + ${ms}::double precision * interval '1 millisecond')`,
     text: (column) => sql`${column}::text`,
+    json: (text) => sql`${text}::text::json`,
     async claim(trx, columns, values) {
       // lock_timeout is set for the insert alone: parked in a custom setting, put back by RETURNING.
       const { rows } = await sql<{ id: string }>`insert into ${sql.table(KEYS_TABLE)} ${columns} select ${values}
@@ -94,6 +100,7 @@ const SHAPES: Record<DatabaseName, (mariadb: boolean) => Shape> = {
     clock: sql`utc_timestamp(3)`,
     later: (ms) => sql`(utc_timestamp(3) + interval ${ms} * 1000 microsecond)`,
     text: (column) => column,
+    json: (text) => sql`${text}`,
     async claim(trx, columns, values) {
       const seconds = Math.ceil(WAIT / 1000)
       const insert = sql`insert into ${sql.table(KEYS_TABLE)} ${columns} values (${values})`
@@ -110,6 +117,7 @@ const SHAPES: Record<DatabaseName, (mariadb: boolean) => Shape> = {
       clock,
       later: (ms) => sql`(${clock} + ${ms})`,
       text: (column) => column,
+      json: (text) => sql`${text}`,
       async claim(trx, columns, values) {
         const { rows } = await sql<{ id: number }>`insert into ${sql.table(KEYS_TABLE)} ${columns} values (${values})
           on conflict (scope, "key") do nothing returning id as id`.execute(trx)

@@ -91,12 +91,14 @@ export async function prepareStatements(db: Kysely<unknown>, dialect: Idempotenc
       flow_name = ${p.flow}, recovery_failures = 0, recover_after = ${later(p.recoverIn)}
     where id = ${p.id} and expires_at <= ${now} and ${unheld}`,
   )
+  // The claim's expiry, when it is at least `ttl` away still (see finishSlack), is kept, so that
+  // the store changes no indexed column.
   const finish = prepare(
     db,
     ['id', 'response', 'codec', 'ttl'],
     (p) => sql`
     update ${sql.table(table)} set response = ${json(p.response)}, codec = ${p.codec}, recovery_point = ${sql.lit(FINISHED)},
-      last_run_at = ${now}, expires_at = ${later(p.ttl)}
+      last_run_at = ${now}, expires_at = case when expires_at >= ${later(p.ttl)} then expires_at else ${later(p.ttl)} end
     where id = ${p.id}`,
   )
   const remaining = prepare(

@@ -12,6 +12,16 @@ import type { NormalizedKey } from './keys.js'
 import { CLAIM_ROUNDS, claimWait, keptChanging, type Settings } from './retries.js'
 import { claimFailed, EXPIRED, type Verdicts } from './verdict.js'
 
+/**
+ * How much longer than `ttl` a single-transaction claim lives: a store made within this of the
+ * claim keeps the claim's `expires_at` (the `finish` statement), and a store that leaves every
+ * indexed column as it was is a heap-only update on Postgres and touches no secondary index on
+ * InnoDB. A finished key so lives `ttl`, plus at most 1% of it (a second at most).
+ */
+export function finishSlack(ttl: number): number {
+  return Math.min(1000, Math.floor(ttl / 100))
+}
+
 export class TransactionPath {
   readonly #table: KeyTable
   readonly #coalescer: Coalescer
@@ -34,7 +44,7 @@ export class TransactionPath {
     const db = trx.withoutPlugins() as unknown as Kysely<unknown>
     const s = await table.statements(db)
     const wait = claimWait(settings)
-    const values = plainClaim(key, settings.ttl, wait)
+    const values = plainClaim(key, settings.ttl + finishSlack(settings.ttl), wait)
     for (let round = 1; ; round++) {
       const claim = await table.waiting(settings, () => s.claim(db, values))
       let id = claim.claimed

@@ -17,7 +17,7 @@ import {
   type Flow,
 } from '../index.js'
 import { openDatabase } from './support/databases.js'
-import { gate, openFixture, targetsFor, type Fixture } from './support/harness.js'
+import { gate, itIf, openFixture, targetsFor, type Fixture } from './support/harness.js'
 import { sleep } from './support/util.js'
 
 for (const target of targetsFor('edges')) {
@@ -307,6 +307,40 @@ for (const target of targetsFor('edges')) {
         expect(() => fx.with({ ttl: 1e15 })).toThrow(RangeError)
         expect(await fx.rows()).toBe(2)
       })
+    })
+
+    describe('a finished key lives ttl from when it finished', () => {
+      it('is replayed until ttl has passed and is new soon after: the claim outlives ttl by 1% of it at most', async () => {
+        const short = fx.with({ ttl: 1000 })
+        expect(await short.transaction('ttl', async () => 'first')).toBe('first')
+        await sleep(500)
+        expect(await short.executeTransaction('ttl', async () => 'second')).toEqual({ value: 'first', replayed: true })
+        await sleep(700)
+        expect(await short.executeTransaction('ttl', async () => 'third')).toEqual({ value: 'third', replayed: false })
+      })
+
+      it('counts ttl from the store, not the claim, when the function ran longer than the slack', async () => {
+        const short = fx.with({ ttl: 1000 })
+        expect(
+          await short.transaction('slow-ttl', async () => {
+            await sleep(600)
+            return 'first'
+          }),
+        ).toBe('first')
+        await sleep(700)
+        expect(await short.executeTransaction('slow-ttl', async () => 'second')).toEqual({ value: 'first', replayed: true })
+      })
+
+      itIf(target.database === 'postgres', 'only Postgres has heap-only updates and counts them per transaction')(
+        'stores the answer without rewriting an index: a heap-only update',
+        async () => {
+          await fx.db.transaction().execute(async (trx) => {
+            await withIdempotency(trx, 'hot', async () => 'kept', { tableName: fx.table })
+            const { rows } = await sql<{ hot: string }>`select pg_stat_get_xact_tuples_hot_updated(${fx.table}::text::regclass) as hot`.execute(trx)
+            expect(Number(rows[0]!.hot)).toBe(1)
+          })
+        },
+      )
     })
 
     describe('errors say what happened', () => {
