@@ -11,6 +11,13 @@ export const PATHS = {
   first: 'b: first execution, idempotency.transaction',
   inside: "b': first execution, withIdempotency in your transaction",
   replay: 'c: replay, idempotency.transaction',
+  insideReplay: "c': replay, withIdempotency in your transaction",
+  mix1: 'm1: 1% replays, 99% new keys, transaction() (read first)',
+  mix1Inside: "m1': the same, withIdempotency (claim first)",
+  mix10: 'm10: 10% replays, transaction() (read first)',
+  mix10Inside: "m10': the same, withIdempotency (claim first)",
+  mix50: 'm50: 50% replays, transaction() (read first)',
+  mix50Inside: "m50': the same, withIdempotency (claim first)",
   rawFirst: "r: raw SQL, b's statements (claim first)",
   rawLast: "r': raw SQL, claim last (writes, then finished key)",
   dbosFirst: 'DBOS workflow (ID = key), first execution',
@@ -23,7 +30,7 @@ export type PathName = keyof typeof PATHS
 type CountedPath = 'bare' | 'first' | 'inside' | 'replay' | 'rawFirst' | 'rawLast'
 
 export interface PathFigures {
-  /** Calls per second, the mean over the rounds. */
+  /** Calls per second, the median of the rounds. */
   readonly opsPerSecond: number
   /** Calls per second in each round, to show how much the machine wandered. */
   readonly rounds: number[]
@@ -78,11 +85,26 @@ export async function measureTransactions(
   const redisCall = (redis: RedisPeer, key: string) =>
     redis.handle({ headers: { 'idempotency-key': key }, path: '/orders', method: 'POST', body: { amount: AMOUNT } }, bare)
   const replayKey = (client: number, n: number) => `replay-${run}-${(client * 7919 + n) % REPLAY_KEYS}`
+  const first = (key: string) => idempotency.transaction(key, order)
+  const inside = (key: string) => db.transaction().execute((trx) => idempotency.withIdempotency(trx, key, order))
+  // Every (100/percent)th call of a client replays a finished key; the others use new keys. Both
+  // sequences answer either: read first (transaction()) and claim first (withIdempotency).
+  const mixed =
+    (percent: number, sequence: (key: string) => Promise<unknown>) =>
+    (key: string, client: number, n: number): Promise<unknown> =>
+      sequence(n % (100 / percent) === 0 ? replayKey(client, n) : key)
   const ops: Partial<Record<PathName, (key: string, client: number, n: number) => Promise<unknown>>> = {
     bare: () => bare(),
-    first: (key) => idempotency.transaction(key, order),
-    inside: (key) => db.transaction().execute((trx) => idempotency.withIdempotency(trx, key, order)),
-    replay: (_key, client, n) => idempotency.transaction(replayKey(client, n), order),
+    first,
+    inside,
+    replay: (_key, client, n) => first(replayKey(client, n)),
+    insideReplay: (_key, client, n) => inside(replayKey(client, n)),
+    mix1: mixed(1, first),
+    mix1Inside: mixed(1, inside),
+    mix10: mixed(10, first),
+    mix10Inside: mixed(10, inside),
+    mix50: mixed(50, first),
+    mix50Inside: mixed(50, inside),
     rawFirst: (key) => raw.claimFirst(key, order),
     rawLast: (key) => raw.claimLast(key, order),
     ...(peers && {
@@ -109,11 +131,16 @@ export async function measureTransactions(
     for (const name of names) measured[name]!.push(await throughput(clients, seconds * 1000, call(name, round)))
   }
   const mean = (values: number[]) => values.reduce((a, b) => a + b, 0) / values.length
-  const bareOps = mean(measured.bare!.map((r) => r.perSecond))
+  const median = (values: number[]) => {
+    const sorted = [...values].sort((a, b) => a - b)
+    const middle = sorted.length >> 1
+    return sorted.length % 2 ? sorted[middle]! : (sorted[middle - 1]! + sorted[middle]!) / 2
+  }
+  const bareOps = median(measured.bare!.map((r) => r.perSecond))
   const paths = Object.fromEntries(
     names.map((name) => {
       const perRound = measured[name]!
-      const opsPerSecond = mean(perRound.map((r) => r.perSecond))
+      const opsPerSecond = median(perRound.map((r) => r.perSecond))
       return [
         name,
         { opsPerSecond, rounds: perRound.map((r) => r.perSecond), p99Ms: mean(perRound.map((r) => r.p99Ms)), toBare: opsPerSecond / bareOps },

@@ -30,7 +30,21 @@ describe('npm run bench (a short run on SQLite)', () => {
       rawFirst: ['select[key]', 'begin', 'insert[key]', 'insert', 'insert', 'insert', 'update[key]', 'commit'],
       rawLast: ['select[key]', 'begin', 'insert', 'insert', 'insert', 'insert[key]', 'commit'],
     })
-    expect(Object.keys(paths)).toEqual(['bare', 'first', 'inside', 'replay', 'rawFirst', 'rawLast'])
+    expect(Object.keys(paths)).toEqual([
+      'bare',
+      'first',
+      'inside',
+      'replay',
+      'insideReplay',
+      'mix1',
+      'mix1Inside',
+      'mix10',
+      'mix10Inside',
+      'mix50',
+      'mix50Inside',
+      'rawFirst',
+      'rawLast',
+    ])
     for (const path of Object.values<{ opsPerSecond: number; p99Ms: number }>(paths)) {
       expect(path.opsPerSecond).toBeGreaterThan(0)
       expect(path.p99Ms).toBeGreaterThan(0)
