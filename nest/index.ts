@@ -207,7 +207,9 @@ function serving<Req extends object>(
     if (metadataOf(SERVED, descriptor.value as object) !== undefined) {
       throw new IdempotencySetupError(`${where} has two of @Idempotent() and @IdempotentFlow(): keep one.`)
     }
-    const declared = Object.keys(metadataOf<Record<string, unknown>>(ROUTE_ARGS_METADATA, target.constructor, property) ?? {})
+    const declared = Object.entries(metadataOf<Record<string, object>>(ROUTE_ARGS_METADATA, target.constructor, property) ?? {})
+      .filter(([, entry]) => !hiddenResponses.has(entry))
+      .map(([key]) => key)
     if (declared.some((key) => answersItself(key))) {
       throw new IdempotencySetupError(
         `${where} takes @Res() or @Next(), so it answers by itself and its answer cannot be stored: return the body, or answer({ status, body, headers }).`,
@@ -221,10 +223,19 @@ function serving<Req extends object>(
     // (a parameter with a default value is not counted by `length`, hence the floor).
     const last = Math.max(-1, ...declared.map((key) => Number(key.slice(key.lastIndexOf(':') + 1))))
     const method = descriptor.value as unknown as (...args: unknown[]) => unknown
-    Res()(target, property, Math.max(last + 1, method.length, HIDDEN_RESPONSE))
+    const index = Math.max(last + 1, method.length, HIDDEN_RESPONSE)
+    Res()(target, property, index)
+    const entry = metadataOf<Record<string, object>>(ROUTE_ARGS_METADATA, target.constructor, property)?.[`${RouteParamtypes.RESPONSE}:${index}`]
+    if (entry) hiddenResponses.add(entry)
     return descriptor
   }
 }
+
+/**
+ * The response parameters the decorators added, told apart from a method's own `@Res()`: a
+ * subclass that decorates an override again sees its parent's (Nest copies the entries).
+ */
+const hiddenResponses = new WeakSet<object>()
 
 /** The least index of the hidden response parameter: past any parameter list written by hand. */
 const HIDDEN_RESPONSE = 32

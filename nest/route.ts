@@ -134,9 +134,10 @@ export class IdempotentInterceptor implements NestInterceptor {
   }
 }
 
-/** The names of the method's `@Header()` headers, which Nest set on the response before the method ran. */
+/** The names of the method's `@Header()` headers (once each, as headers are named in any case), which Nest set before the method ran. */
 function declaredHeaders(context: ExecutionContext): readonly string[] {
-  return (metadataOf<{ name: string }[]>(HEADERS_METADATA, context.getHandler()) ?? []).map(({ name }) => name)
+  const names = (metadataOf<{ name: string }[]>(HEADERS_METADATA, context.getHandler()) ?? []).map(({ name }) => name.toLowerCase())
+  return [...new Set(names)]
 }
 
 /**
@@ -173,16 +174,21 @@ function resultOf(value: unknown, call: Call): HttpResult {
 /** The depth {@link classOf} looks to: deeper values are left to JSON. */
 const SHAPE_DEPTH = 32
 
-/** The kind of the first value in `value` that is an instance of a class a serializer would shape, if any. */
-function classOf(value: unknown, depth: number): string | undefined {
-  if (typeof value !== 'object' || value === null || depth > SHAPE_DEPTH) return undefined
-  if (value instanceof Date || value instanceof Uint8Array) return undefined
+/**
+ * The kind of the first value in `value` that is an instance of a class a serializer would
+ * shape, if any. Values that say how they are JSON (`toJSON`: dates, decimals, object ids) and
+ * binary ones pass; each object is looked at once, so shared and cyclic values cost no more.
+ */
+function classOf(value: unknown, depth: number, seen = new WeakSet<object>()): string | undefined {
+  if (typeof value !== 'object' || value === null || depth > SHAPE_DEPTH || seen.has(value)) return undefined
+  seen.add(value)
+  if (ArrayBuffer.isView(value) || typeof (value as { toJSON?: unknown }).toJSON === 'function') return undefined
   const prototype: unknown = Object.getPrototypeOf(value)
   if (!Array.isArray(value) && prototype !== Object.prototype && prototype !== null) {
     return `an instance of ${(value as { constructor?: { name?: string } }).constructor?.name || 'a class'}`
   }
   for (const item of Object.values(value)) {
-    const found = classOf(item, depth + 1)
+    const found = classOf(item, depth + 1, seen)
     if (found !== undefined) return found
   }
   return undefined
@@ -192,7 +198,7 @@ function classOf(value: unknown, depth: number): string | undefined {
 interface Platform {
   readonly facts: RequestFacts
   /** The `@Header()` headers, with the values Nest set. */
-  declared(): Record<string, string>
+  declared(): Record<string, string | readonly string[]>
   /** A value the platform sends as text, as that text and its type; `undefined` for one it sends as JSON. */
   text(value: unknown): { readonly body: string; readonly type: string } | undefined
   /** Sends the answer, in place of the `@Header()` headers: a stored answer carries its own. */
@@ -217,7 +223,9 @@ function platformOf(request: object, response: object, declared: readonly string
       Object.fromEntries(
         declared.flatMap((name) => {
           const value = headed.getHeader(name)
-          return value === undefined ? [] : [[name, String(value)]]
+          if (value === undefined) return []
+          // Set-Cookie given twice, or once more than a hook set it, is a list of lines.
+          return [[name, Array.isArray(value) ? value.map(String) : String(value)]]
         }),
       ),
     unset: () => {

@@ -43,6 +43,14 @@ class Receipt {
   constructor(readonly item: string | undefined) {}
 }
 
+/** A value that says how it is JSON, as decimals and object ids do. */
+class Money {
+  constructor(readonly cents: number) {}
+  toJSON() {
+    return (this.cents / 100).toFixed(2)
+  }
+}
+
 const scope = (req: { headers: IncomingHttpHeaders }) => (req.headers['x-user'] as string | undefined) ?? 'anonymous'
 const options = { scope, required: true }
 
@@ -158,6 +166,7 @@ for (const target of targetsFor('nest adapter', ['statement-paths'])) {
         async instance(@Body() order: Order, @Trx() trx: Transaction<any>) {
           await fx.effect(trx, `instance:${order.item}`)
           const receipt = new Receipt(order.item)
+          if (order.item === 'money') return { price: new Money(150) }
           return order.item === 'wrapped' ? answer({ status: 201, body: receipt }) : { receipts: [receipt] }
         }
 
@@ -294,6 +303,8 @@ for (const target of targetsFor('nest adapter', ['statement-paths'])) {
         expect(await fx.rows()).toBe(0)
         const wrapped = await post('/instance', { item: 'wrapped' }, 'w')
         expect([wrapped.status, await wrapped.json()]).toEqual([201, { item: 'wrapped' }])
+        const money = await post('/instance', { item: 'money' }, 'm')
+        expect([money.status, await money.json()]).toEqual([201, { price: '1.50' }])
       })
 
       it('sends a returned number as the platform does: text on Express, JSON on Fastify', async () => {
@@ -389,6 +400,23 @@ describe('nest adapter: setup', () => {
         on(prototype, IdempotentFlow(options))
       }),
     ).toThrow(/Answers\.x has two of @Idempotent\(\) and @IdempotentFlow\(\)/)
+  })
+
+  it('lets a subclass decorate its override of an idempotent method again', () => {
+    const on = (prototype: object, decorator: MethodDecorator) =>
+      decorator(prototype, 'x', Object.getOwnPropertyDescriptor(prototype, 'x') as TypedPropertyDescriptor<unknown>)
+    class Base {
+      x() {
+        return {}
+      }
+    }
+    on(Base.prototype, Idempotent(options))
+    class Child extends Base {
+      override x() {
+        return { child: true }
+      }
+    }
+    expect(() => on(Child.prototype, Idempotent(options))).not.toThrow()
   })
 
   it('fails at bootstrap, naming the missing provider, in an app without IdempotencyModule', async () => {
