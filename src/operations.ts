@@ -38,6 +38,10 @@ export interface KeyInspection {
   readonly createdAt: Date
   /** When an attempt last claimed, recorded or finished it. */
   readonly lastRunAt: Date
+  /**
+   * When the key expires: `ttl` after it finished (a single-transaction key stored soon after its
+   * claim: up to 1% of `ttl` later, a second at most), or after the lock of the attempt holding it.
+   */
   readonly expiresAt: Date
   /** When the lock of the attempt that holds it runs out; `null` when none does. */
   readonly lockedUntil: Date | null

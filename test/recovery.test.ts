@@ -294,7 +294,10 @@ for (const target of targetsFor('recovery worker')) {
         lockedUntil: null,
       })
       expect(Math.abs(seen!.createdAt.getTime() - Date.now())).toBeLessThan(5000)
-      expect(seen!.expiresAt.getTime() - seen!.lastRunAt.getTime()).toBe(24 * 3600 * 1000)
+      // ttl from the store, plus at most the claim's slack (1% of ttl, a second at most), which a quick store keeps.
+      const lived = seen!.expiresAt.getTime() - seen!.lastRunAt.getTime()
+      expect(lived).toBeGreaterThanOrEqual(24 * 3600 * 1000)
+      expect(lived).toBeLessThanOrEqual(24 * 3600 * 1000 + 1000)
       expect(await idempotency.inspect({ key: 'done' })).toBeUndefined()
       expect(await idempotency.forget({ key: 'done', scope: 'acct' })).toBe(true)
       expect(await idempotency.transaction({ key: 'done', scope: 'acct', request: 1 }, async () => 'again')).toBe('again')
