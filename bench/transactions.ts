@@ -9,15 +9,17 @@ import { KEYS_TABLE, placeOrder, throughput, type Bench, type BenchDB } from './
 export const PATHS = {
   bare: 'a: bare transaction',
   first: 'b: first execution, idempotency.transaction',
+  firstClaim: 'b+: the same, claimFirst: true',
   inside: "b': first execution, withIdempotency in your transaction",
   replay: 'c: replay, idempotency.transaction',
+  replayClaim: 'c+: the same, claimFirst: true',
   insideReplay: "c': replay, withIdempotency in your transaction",
-  mix1: 'm1: 1% replays, 99% new keys, transaction() (read first)',
-  mix1Inside: "m1': the same, withIdempotency (claim first)",
-  mix10: 'm10: 10% replays, transaction() (read first)',
-  mix10Inside: "m10': the same, withIdempotency (claim first)",
-  mix50: 'm50: 50% replays, transaction() (read first)',
-  mix50Inside: "m50': the same, withIdempotency (claim first)",
+  mix1: 'm1: 1% replays, 99% new keys, transaction()',
+  mix1Claim: 'm1+: the same, claimFirst: true',
+  mix10: 'm10: 10% replays, transaction()',
+  mix10Claim: 'm10+: the same, claimFirst: true',
+  mix50: 'm50: 50% replays, transaction()',
+  mix50Claim: 'm50+: the same, claimFirst: true',
   rawFirst: "r: raw SQL, b's statements (claim first)",
   rawLast: "r': raw SQL, claim last (writes, then finished key)",
   dbosFirst: 'DBOS workflow (ID = key), first execution',
@@ -27,7 +29,7 @@ export const PATHS = {
 } as const
 export type PathName = keyof typeof PATHS
 /** The paths whose statements the benchmark counts (the peers' go through other clients). */
-type CountedPath = 'bare' | 'first' | 'inside' | 'replay' | 'rawFirst' | 'rawLast'
+type CountedPath = 'bare' | 'first' | 'firstClaim' | 'inside' | 'replay' | 'replayClaim' | 'rawFirst' | 'rawLast'
 
 export interface PathFigures {
   /** Calls per second, the median of the rounds. */
@@ -86,9 +88,10 @@ export async function measureTransactions(
     redis.handle({ headers: { 'idempotency-key': key }, path: '/orders', method: 'POST', body: { amount: AMOUNT } }, bare)
   const replayKey = (client: number, n: number) => `replay-${run}-${(client * 7919 + n) % REPLAY_KEYS}`
   const first = (key: string) => idempotency.transaction(key, order)
+  const firstClaim = (key: string) => idempotency.transaction(key, order, { claimFirst: true })
   const inside = (key: string) => db.transaction().execute((trx) => idempotency.withIdempotency(trx, key, order))
-  // Every (100/percent)th call of a client replays a finished key; the others use new keys. Both
-  // sequences answer either: read first (transaction()) and claim first (withIdempotency).
+  // Every (100/percent)th call of a client replays a finished key; the others use new keys, so
+  // that read first (the default) and claim first meet the mixes they are chosen by.
   const mixed =
     (percent: number, sequence: (key: string) => Promise<unknown>) =>
     (key: string, client: number, n: number): Promise<unknown> =>
@@ -96,15 +99,17 @@ export async function measureTransactions(
   const ops: Partial<Record<PathName, (key: string, client: number, n: number) => Promise<unknown>>> = {
     bare: () => bare(),
     first,
+    firstClaim,
     inside,
     replay: (_key, client, n) => first(replayKey(client, n)),
+    replayClaim: (_key, client, n) => firstClaim(replayKey(client, n)),
     insideReplay: (_key, client, n) => inside(replayKey(client, n)),
     mix1: mixed(1, first),
-    mix1Inside: mixed(1, inside),
+    mix1Claim: mixed(1, firstClaim),
     mix10: mixed(10, first),
-    mix10Inside: mixed(10, inside),
+    mix10Claim: mixed(10, firstClaim),
     mix50: mixed(50, first),
-    mix50Inside: mixed(50, inside),
+    mix50Claim: mixed(50, firstClaim),
     rawFirst: (key) => raw.claimFirst(key, order),
     rawLast: (key) => raw.claimLast(key, order),
     ...(peers && {
@@ -178,11 +183,13 @@ async function countStatements(target: Target, run: string, mariadb: boolean): P
     // version once); count a later call, as a running application sends it.
     await idempotency.transaction(`count-${run}-warm`, order)
     const first = await record(() => idempotency.transaction(`count-${run}-first`, order))
+    const firstClaim = await record(() => idempotency.transaction(`count-${run}-first-claim`, order, { claimFirst: true }))
     const inside = await record(() => db.transaction().execute((trx) => idempotency.withIdempotency(trx, `count-${run}-inside`, order)))
     const replay = await record(() => idempotency.transaction(`count-${run}-first`, order))
+    const replayClaim = await record(() => idempotency.transaction(`count-${run}-first`, order, { claimFirst: true }))
     const rawFirst = await record(() => raw.claimFirst(`count-${run}-raw-first`, order))
     const rawLast = await record(() => raw.claimLast(`count-${run}-raw-last`, order))
-    const texts = { bare, first, inside, replay, rawFirst, rawLast }
+    const texts = { bare, first, firstClaim, inside, replay, replayClaim, rawFirst, rawLast }
     return {
       statements: Object.fromEntries(Object.entries(texts).map(([name, sent]) => [name, sent.map(label)])) as Record<CountedPath, string[]>,
       rawIsLibrarySql: rawFirst.length === first.length && rawFirst.every((text, i) => text === first[i]),

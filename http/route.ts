@@ -9,7 +9,7 @@ import type { Execution, Idempotency } from '../src/api.js'
 import { MAX_DEPTH, nestsDeeper } from '../src/codec/values.js'
 import { IdempotencySetupError, InvalidIdempotencyKeyError } from '../src/errors.js'
 import type { Flow } from '../src/flow/handle.js'
-import { bounded, DEFAULTS, resolveSettings, type RunOptions, type TransactionOptions } from '../src/options.js'
+import { bounded, DEFAULTS, flag, resolveSettings, type RunOptions, type TransactionOptions } from '../src/options.js'
 import { internalsOf, type DefinedFlow, type DefinedRunOptions, type Finisher } from '../src/recovery/registry.js'
 import { LEFT_BEHIND, markedReplayed, problemOf, Refused, render, renderStored, sent, Unstored, type Answer, type HttpResult } from './answer.js'
 import { parseKeyHeader } from './headers.js'
@@ -181,6 +181,7 @@ export class IdempotentRoute<Req> {
     // The call options, checked now: a mistake must not wait for the first request with a key.
     resolveSettings(DEFAULTS, options)
     if (options.lockTimeout !== undefined) bounded('lockTimeout', options.lockTimeout)
+    if (options.claimFirst !== undefined) flag('claimFirst', options.claimFirst)
     this.maxRequestBytes = bytesOption('maxRequestBytes', options.maxRequestBytes)
     this.bodyTimeout = options.bodyTimeout ?? DEFAULT_BODY_TIMEOUT
     if (!Number.isSafeInteger(this.bodyTimeout) || this.bodyTimeout <= 0 || this.bodyTimeout > HOUR) {
@@ -200,8 +201,8 @@ export class IdempotentRoute<Req> {
     idempotency: Idempotency<DB>,
     handler: (req: Req, trx: Transaction<DB>) => Promise<HttpResult>,
   ): (req: Req, facts: RequestFacts) => Promise<Outcome> {
-    const { ttl, conflictWait, isolationLevel, reuse } = this.#options
-    const settings: TransactionOptions = { ttl, conflictWait, isolationLevel, reuse }
+    const { ttl, conflictWait, isolationLevel, reuse, claimFirst } = this.#options
+    const settings: TransactionOptions = { ttl, conflictWait, isolationLevel, reuse, claimFirst }
     const left = LEFT_BEHIND.transaction
     return this.#route(
       'transaction',

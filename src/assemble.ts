@@ -23,6 +23,7 @@ import {
   bounded,
   checkDefineOptions,
   DEFAULTS,
+  flag,
   resolveSettings,
   type CallOptions,
   type IdempotencyOptions,
@@ -85,9 +86,15 @@ export function assembleIdempotency<DB>(options: IdempotencyOptions<DB>, parts: 
   const base = resolveSettings(DEFAULTS, options)
   const lockTimeout = bounded('lockTimeout', options.lockTimeout ?? DEFAULTS.lockTimeout)
   // Most calls pass no options (`undefined`, or `null` from plain JavaScript): their settings are the instance's, resolved once.
-  const defaults: Settings = { ...base, isolationLevel: undefined }
+  const defaults: Settings = { ...base, isolationLevel: undefined, claimFirst: flag('claimFirst', options.claimFirst ?? false) }
   const settings = (call: TransactionOptions | undefined): Settings =>
-    call == null ? defaults : { ...resolveSettings(base, call), isolationLevel: call.isolationLevel }
+    call == null
+      ? defaults
+      : {
+          ...resolveSettings(base, call),
+          isolationLevel: call.isolationLevel,
+          claimFirst: flag('claimFirst', call.claimFirst ?? defaults.claimFirst),
+        }
   // Every method is async, so that bad input (a missing key, a bad option) rejects instead of throwing.
   const outcome = <T>(result: Outcome<T>) =>
     'error' in result ? failureOf(result.error) : { type: result.value.replayed ? ('replayed' as const) : ('executed' as const) }

@@ -21,6 +21,8 @@ export interface Settings {
   /** What a finished key gives a new call with the same request: its answer, or `IdempotencyKeyUsedError`. */
   readonly reuse: Reuse
   readonly isolationLevel?: IsolationLevel
+  /** `transaction()` claims the key first in its transaction, rather than reading it before. */
+  readonly claimFirst?: boolean
 }
 
 /** Claim rounds before giving up when rows keep vanishing or being reclaimed under us. */

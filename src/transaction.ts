@@ -33,12 +33,16 @@ export class TransactionPath {
     this.#verdicts = verdicts
   }
 
-  /** Runs `fn` once per key inside `trx`, or returns the stored result. */
+  /**
+   * Runs `fn` once per key inside `trx`, or returns the stored result. `claimed` is told when the
+   * key is claimed, before `fn` runs.
+   */
   async inTransaction<T, DB>(
     trx: Transaction<DB>,
     key: NormalizedKey,
     fn: (trx: Transaction<DB>) => Promise<T>,
     settings: Settings,
+    claimed?: () => void,
   ): Promise<Execution<T>> {
     const table = this.#table
     const db = trx.withoutPlugins() as unknown as Kysely<unknown>
@@ -57,6 +61,7 @@ export class TransactionPath {
         }
       }
       if (id !== null) {
+        claimed?.()
         const entry = this.#coalescer.entry(key)
         try {
           const value = await runningFunction(
@@ -75,8 +80,12 @@ export class TransactionPath {
   }
 
   /**
-   * Answers a replay with one read, else opens a transaction and runs {@link inTransaction} in it,
-   * retrying races (serialization failures, deadlocks) with jittered back-off.
+   * Opens a transaction and runs {@link inTransaction} in it, retrying races (serialization
+   * failures, deadlocks) with jittered back-off. A read before it answers a finished key with no
+   * transaction; with `claimFirst` the claim comes first and the key is read only when it
+   * exists. Duplicates in this instance learn that the attempt claims the key (and so get 409
+   * when out of time, rather than wait for its answer) once the read found the key unfinished,
+   * or with `claimFirst` once the claim succeeded: an attempt that replays is waited for either way.
    */
   async inOwnTransaction<T, DB>(
     db: Kysely<DB>,
@@ -85,17 +94,20 @@ export class TransactionPath {
     settings: Settings,
     slot: Pick<AttemptSlot, 'claiming'>,
   ): Promise<Execution<T>> {
-    const plain = db.withoutPlugins() as unknown as Kysely<unknown>
-    const s = await this.#table.statements(plain)
-    const row = await this.#table.translated(settings, () => s.lookup(plain, key.scope, key.key))
-    if (row) {
-      const verdict = await this.#verdicts.on(plain, s, row, key, settings)
-      if (verdict !== EXPIRED) return { value: verdict.value as T, replayed: true }
+    if (!settings.claimFirst) {
+      const plain = db.withoutPlugins() as unknown as Kysely<unknown>
+      const s = await this.#table.statements(plain)
+      const row = await this.#table.translated(settings, () => s.lookup(plain, key.scope, key.key))
+      if (row) {
+        const verdict = await this.#verdicts.on(plain, s, row, key, settings)
+        if (verdict !== EXPIRED) return { value: verdict.value as T, replayed: true }
+      }
+      slot.claiming()
     }
-    slot.claiming()
+    const claimed = settings.claimFirst ? () => slot.claiming() : undefined
     return this.#table.retrying(settings, () => {
       const builder = settings.isolationLevel ? db.transaction().setIsolationLevel(settings.isolationLevel) : db.transaction()
-      return builder.execute((trx) => this.inTransaction(trx, key, fn, settings))
+      return builder.execute((trx) => this.inTransaction(trx, key, fn, settings, claimed))
     })
   }
 }

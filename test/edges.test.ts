@@ -309,6 +309,47 @@ for (const target of targetsFor('edges')) {
       })
     })
 
+    describe("transaction()'s sequence", () => {
+      it('answers a replay with one read before any transaction; with claimFirst, claims first in the transaction', async () => {
+        const sent: string[] = []
+        const logged = openDatabase(target.driver, fx.location, 2, 5000, (event) => {
+          sent.push(/^\s*(\w+)/.exec(event.query.sql)?.[1]?.toLowerCase() ?? '?')
+        })
+        try {
+          const make = (claimFirst: boolean) =>
+            createIdempotency({ db: logged, tableName: fx.table, claimFirst, ...(target.dialect ? { dialect: target.dialect() } : {}) })
+          const [readFirst, claimFirst] = [make(false), make(true)]
+          // The first call of an instance compiles its statements (and asks MySQL its version).
+          await readFirst.transaction('warm', async () => 0)
+          await claimFirst.transaction('warm-too', async () => 0)
+          const call = async (idempotency: typeof readFirst, key: string, value: string) => {
+            sent.length = 0
+            const execution = await idempotency.executeTransaction(key, async () => value)
+            return { execution, sent: [...sent] }
+          }
+          // postgres.js opens and ends transactions itself, out of Kysely's log: count statements alone.
+          const statements = (sent: string[]) => sent.filter((verb) => verb !== 'begin' && verb !== 'commit')
+          const first = await call(readFirst, 'read', 'a')
+          expect(first.execution).toEqual({ value: 'a', replayed: false })
+          expect(first.sent[0]).toBe('select')
+          const replay = await call(readFirst, 'read', 'b')
+          expect(replay).toEqual({ execution: { value: 'a', replayed: true }, sent: ['select'] })
+          const claimed = await call(claimFirst, 'claim', 'a')
+          expect(claimed.execution).toEqual({ value: 'a', replayed: false })
+          expect(statements(claimed.sent)[0]).not.toBe('select')
+          expect(statements(claimed.sent)).toHaveLength(statements(first.sent).length - 1)
+          const claimedReplay = await call(claimFirst, 'claim', 'b')
+          expect(claimedReplay.execution).toEqual({ value: 'a', replayed: true })
+          expect(statements(claimedReplay.sent)[0]).not.toBe('select')
+          await expect(claimFirst.transaction('claim', async () => 'c', { claimFirst: 'yes' as never })).rejects.toThrow(
+            /claimFirst must be true or false/,
+          )
+        } finally {
+          await logged.destroy()
+        }
+      })
+    })
+
     describe('a finished key lives ttl from when it finished', () => {
       it('is replayed until ttl has passed and is new soon after: the claim outlives ttl by 1% of it at most', async () => {
         const short = fx.with({ ttl: 1000 })

@@ -14,13 +14,14 @@ async function timed<T>(since: number, call: Promise<T>): Promise<{ at: number; 
   }
 }
 
-for (const target of targetsFor('in-flight duplicates')) {
+// Both sequences of transaction(): in-flight duplicates must be answered alike (SPEC §4).
+for (const [target, claimFirst] of targetsFor('in-flight duplicates').flatMap((t) => [[t, false] as const, [t, true] as const])) {
   const serverPool = target.lacks.pool === undefined
 
-  describe(`in-flight duplicates: ${target.id}`, () => {
+  describe(`in-flight duplicates: ${target.id}${claimFirst ? ', claimFirst' : ''}`, () => {
     let fx: Fixture
     beforeEach(async () => {
-      fx = await openFixture(target)
+      fx = await openFixture(target, { claimFirst })
     })
     afterEach(async () => {
       await fx.close()
@@ -29,7 +30,13 @@ for (const target of targetsFor('in-flight duplicates')) {
     /** An instance on a pool of `size` connections, as a small app server has. */
     const onPool = (size: number, options: { conflictWait?: number } = {}) => {
       const db = openDatabase(target.driver, fx.location, size)
-      const idempotency = createIdempotency({ db, tableName: fx.table, ...(target.dialect ? { dialect: target.dialect() } : {}), ...options })
+      const idempotency = createIdempotency({
+        db,
+        tableName: fx.table,
+        claimFirst,
+        ...(target.dialect ? { dialect: target.dialect() } : {}),
+        ...options,
+      })
       return { db, idempotency }
     }
 
@@ -181,7 +188,7 @@ for (const target of targetsFor('in-flight duplicates')) {
       )
       await expect(nested).rejects.toMatchObject({ reason: 'nested' })
       // Another instance on the same table is the same key: it must not wait for its caller either.
-      const other = fx.with({})
+      const other = fx.with({ claimFirst })
       const across = fx.idempotency.transaction({ key: 'across', request: 1 }, () =>
         other.transaction({ key: 'across', request: 1 }, async () => 'inner'),
       )
@@ -194,7 +201,7 @@ for (const target of targetsFor('in-flight duplicates')) {
     })
 
     it('with conflictWait 0, replays a finished key to concurrent retries, and answers another request 422, never 409', async () => {
-      const idempotency = fx.with({ conflictWait: 0 })
+      const idempotency = fx.with({ claimFirst, conflictWait: 0 })
       const runs = { n: 0 }
       const charge = (request: unknown) =>
         idempotency.executeTransaction({ key: 'done', request }, async () => {
@@ -320,7 +327,7 @@ for (const target of targetsFor('in-flight duplicates')) {
     })
 
     it('with conflictWait 0, replays a finished flow to 20 concurrent retries', async () => {
-      const idempotency = fx.with({ conflictWait: 0 })
+      const idempotency = fx.with({ claimFirst, conflictWait: 0 })
       await idempotency.run({ key: 'finished-flow', request: 1 }, async (f) => f.phase('only', async () => 'ran'))
       const retries = await Promise.allSettled(
         Array.from({ length: 20 }, () => idempotency.executeRun({ key: 'finished-flow', request: 1 }, async () => 'again')),
@@ -424,7 +431,7 @@ for (const target of targetsFor('in-flight duplicates')) {
     itIf(target.driver === 'better-sqlite3', 'two databases with one table name need two SQLite files')(
       'does not count a call with the same key and table on another database as nested',
       async () => {
-        const elsewhere = await openFixture(target)
+        const elsewhere = await openFixture(target, { claimFirst })
         try {
           const other = createIdempotency({ db: elsewhere.db, tableName: fx.table })
           await other.migrate()
