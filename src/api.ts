@@ -65,7 +65,8 @@ export interface Idempotency<DB> {
 
   /**
    * Like {@link withIdempotency} in a transaction the library opens: a replay is answered by
-   * one read before any transaction starts; serialization failures and deadlocks are retried
+   * one read before any transaction starts (with the option `claimFirst`, the claim comes first
+   * in the transaction instead); serialization failures and deadlocks are retried
    * with jittered back-off (so `fn` may run more than once, each time in a transaction that
    * was rolled back: keep its side effects inside the database).
    *
