@@ -170,6 +170,28 @@ for (const target of targetsFor('nest adapter', ['statement-paths'])) {
           return order.item === 'wrapped' ? answer({ status: 201, body: receipt }) : { receipts: [receipt] }
         }
 
+        @Post('cookies')
+        @Header('Set-Cookie', 'a=1')
+        @Header('Set-Cookie', 'b=2')
+        @Header('X-Kind', 'first')
+        @Header('x-kind', 'second')
+        @Idempotent(options)
+        async cookies(@Trx() trx: Transaction<any>) {
+          await fx.effect(trx, 'cookies')
+          return { ok: true }
+        }
+
+        @Post('cyclic')
+        @Idempotent(options)
+        async cyclic(@Trx() trx: Transaction<any>) {
+          await fx.effect(trx, 'cyclic')
+          // A tree whose nodes point back at their parent: a walk that does not remember where it
+          // has been visits it exponentially often.
+          const root: { kids: object[] } = { kids: [] }
+          for (let i = 0; i < 6; i++) root.kids.push({ parent: root, kids: [] })
+          return root
+        }
+
         @Post('count')
         @Idempotent(options)
         async count(@Trx() trx: Transaction<any>) {
@@ -315,6 +337,20 @@ for (const target of targetsFor('nest adapter', ['statement-paths'])) {
         }
         expect(await fx.effects('count')).toBe(1)
       })
+
+      it('sends @Header() values as Nest set them: a Set-Cookie list stays lines, one name in two cases is one header', async () => {
+        const sent = await post('/cookies', {}, 'h')
+        expect(sent.status).toBe(201)
+        expect(sent.headers.getSetCookie().length).toBeGreaterThan(0)
+        for (const cookie of sent.headers.getSetCookie()) expect(cookie).toMatch(/^[ab]=\d$/)
+        expect(sent.headers.get('x-kind')).toMatch(/^(first|second)$/)
+        expect(await fx.effects('cookies')).toBe(1)
+      })
+
+      it('answers a cyclic value at once with a 500, storing nothing', async () => {
+        expect((await post('/cyclic', {}, 'y')).status).toBe(500)
+        expect(await fx.rows()).toBe(0)
+      }, 5000)
 
       it('leaves a parameter with a default value to its default', async () => {
         expect(await (await post('/defaulted', { item: 'd' }, 'd')).json()).toEqual({ limit: 5 })
