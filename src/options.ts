@@ -195,6 +195,7 @@ export function bounded(name: keyof typeof BOUNDS, value: unknown): number {
   return value
 }
 
+/** A boolean option, checked: a string or a number is refused rather than taken for true. */
 export function flag(name: string, value: unknown): boolean {
   if (typeof value !== 'boolean') throw new RangeError(`The option ${name} must be true or false, got ${given(value)}.`)
   return value

@@ -16,6 +16,7 @@ import {
   withIdempotency,
   type Flow,
 } from '../index.js'
+import { idempotent, UNSCOPED } from '../fetch/index.js'
 import { openDatabase } from './support/databases.js'
 import { gate, itIf, openFixture, targetsFor, type Fixture } from './support/harness.js'
 import { sleep } from './support/util.js'
@@ -344,6 +345,15 @@ for (const target of targetsFor('edges')) {
           await expect(claimFirst.transaction('claim', async () => 'c', { claimFirst: 'yes' as never })).rejects.toThrow(
             /claimFirst must be true or false/,
           )
+          // An HTTP route passes the option on (the Fetch adapter: no server needed).
+          const route = idempotent(readFirst, { scope: UNSCOPED, claimFirst: true }, async () => ({ status: 201, body: { ok: true } }))
+          const request = () => new Request('http://x/orders', { method: 'POST', headers: { 'idempotency-key': 'route' } })
+          sent.length = 0
+          expect((await route(request())).status).toBe(201)
+          expect(statements(sent)[0]).not.toBe('select')
+          sent.length = 0
+          expect((await route(request())).headers.get('idempotency-replayed')).toBe('true')
+          expect(statements(sent)[0]).not.toBe('select')
         } finally {
           await logged.destroy()
         }

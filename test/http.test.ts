@@ -409,7 +409,14 @@ for (const target of targetsFor('HTTP conformance', ['statement-paths'])) {
       })
 
       it('refuses call options a route cannot run with when the route is made, not at its first request with a key', async () => {
-        for (const bad of [{ reuse: 'rejected' }, { ttl: 0 }, { conflictWait: -1 }, { lockTimeout: 0 }, { oversized: 'truncate' }]) {
+        for (const bad of [
+          { reuse: 'rejected' },
+          { ttl: 0 },
+          { conflictWait: -1 },
+          { lockTimeout: 0 },
+          { oversized: 'truncate' },
+          { claimFirst: 'yes' },
+        ]) {
           await expect(startApp(adapter, fx.idempotency, bad as never, { orders: async () => ({ status: 201 }) })).rejects.toThrow(RangeError)
         }
       })
