@@ -20,7 +20,7 @@ export const PATHS = {
   mix10Claim: 'm10+: the same, claimFirst: true',
   mix50: 'm50: 50% replays, transaction()',
   mix50Claim: 'm50+: the same, claimFirst: true',
-  rawFirst: "r: raw SQL, b's statements (claim first)",
+  rawFirst: "r: raw SQL, b's statements (claim before the writes)",
   rawLast: "r': raw SQL, claim last (writes, then finished key)",
   dbosFirst: 'DBOS workflow (ID = key), first execution',
   dbosReplay: 'DBOS workflow (ID = key), replay',
